@@ -1,0 +1,116 @@
+//! The command line (CONTRACT §2). Each subcommand's arguments live beside the
+//! code that runs it; this module only dispatches and maps errors to exit
+//! codes.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+
+mod engine;
+
+pub use engine::{PlanArgs, RunStageArgs, StatusArgs, SweepArgs, GcArgs};
+
+/// ecic: compare vision-language captioners for e-commerce products.
+///
+/// Write one TOML spec naming the backbones, PEFT methods, fusion strategies and
+/// hyperparameters to compare, then `ecic sweep SPEC.toml`: ecic expands the grid
+/// into a DAG of shared, cached stages (preprocess -> pretrain-align ->
+/// domain-adapt -> cider-optimize -> evaluate), trains the models, records every
+/// metric in SQLite and writes an HTML report.
+#[derive(Debug, Parser)]
+#[command(name = "ecic", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Expand, plan, run what is not cached, record and report.
+    Sweep(SweepArgs),
+    /// Show the stage DAG with each stage's cache key and hit/miss; runs nothing.
+    Plan(PlanArgs),
+    /// Show recorded sweeps, cells and stages with their state and timings.
+    Status(StatusArgs),
+    /// Write the HTML + PNG report of a sweep from the store alone.
+    Report(crate::report::cmd::ReportArgs),
+    /// Compare two cells of a sweep: metric deltas with paired-bootstrap p-values.
+    Compare(crate::report::cmd::CompareArgs),
+    /// Score predicted captions against references (BLEU-1..4, ROUGE-L, CIDEr-D).
+    Eval(crate::metrics::cmd::EvalArgs),
+    /// Generate or check data sets in MUGE ECommerce-IC format.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Remove cached stage outputs that no recorded sweep references.
+    Gc(GcArgs),
+    /// Run one planned stage by key (used by cluster executors).
+    #[command(hide = true)]
+    RunStage(RunStageArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the embedded default (synthetic) data set in MUGE format.
+    Synth(crate::data::cmd::SynthArgs),
+    /// Counts, caption-length statistics and every bad record of a data directory.
+    Inspect(crate::data::cmd::InspectArgs),
+}
+
+/// Parse the command line, run it, and turn the outcome into an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing();
+    let outcome = match &cli.command {
+        Command::Sweep(a) => engine::sweep(a),
+        Command::Plan(a) => engine::plan(a),
+        Command::Status(a) => engine::status(a),
+        Command::Gc(a) => engine::gc(a),
+        Command::RunStage(a) => engine::run_stage(a),
+        Command::Report(a) => crate::report::cmd::run_report(a),
+        Command::Compare(a) => crate::report::cmd::run_compare(a),
+        Command::Eval(a) => crate::metrics::cmd::run(a),
+        Command::Data(DataCommand::Synth(a)) => crate::data::cmd::run_synth(a),
+        Command::Data(DataCommand::Inspect(a)) => crate::data::cmd::run_inspect(a),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn report_error(e: &CliError) {
+    match e {
+        CliError::Other(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+        }
+        other => eprintln!("error: {other}"),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ECIC_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}

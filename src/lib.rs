@@ -1,0 +1,41 @@
+//! ecic: ablation sweeps for e-commerce image captioning.
+//!
+//! # Architecture
+//!
+//! A researcher's TOML spec flows through the tree in the order of the modules
+//! below:
+//!
+//! - [`spec`]: raw TOML (figment) -> validated spec -> expanded grid cells.
+//! - [`plan`]: stage descriptions, cache keys (fingerprints), the sealed DAG.
+//! - [`cache`]: content-addressed stage outputs, atomic publish, locks.
+//! - [`exec`]: the executor seam (local, slurm) and run events.
+//! - [`store`]: SQLite: schema, migrations, writes, queries, the `results` view.
+//! - [`data`]: MUGE reader/writer, synthetic data, preprocessing, tokenizer.
+//! - [`model`]: the linear seam (plain / LoRA / QLoRA / adapter), ViT, LM,
+//!   Q-Former, fusion, backbones.
+//! - [`train`]: training loop, schedules, checkpoints, SCST.
+//! - [`decode`]: greedy, beam, nucleus.
+//! - [`metrics`]: tokenization, BLEU, ROUGE-L, CIDEr-D, bootstrap.
+//! - [`stages`]: one file per stage kind, each a short composition of the above.
+//! - [`report`]: terminal tables, plots, HTML.
+//!
+//! Dependencies point one way: `stages` uses `model/train/data/metrics`;
+//! `plan/exec/cache/store` know stages only through one trait and one enum;
+//! `report` reads `store`. Nothing below imports [`cli`].
+
+pub mod cache;
+pub mod cli;
+pub mod data;
+pub mod decode;
+pub mod error;
+pub mod exec;
+pub mod metrics;
+pub mod model;
+pub mod plan;
+pub mod report;
+pub mod spec;
+pub mod stages;
+pub mod store;
+pub mod train;
+
+pub use error::{CliError, CliResult};

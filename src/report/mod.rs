@@ -1,0 +1,2 @@
+//! Reports (being written): terminal tables, plots, HTML.
+pub mod cmd;
