@@ -1,0 +1,1 @@
+//! Losses the training stages share, built only from differentiable candle ops.
