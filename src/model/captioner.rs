@@ -1,0 +1,367 @@
+//! [`Captioner`]: one built model (backbone x fusion x PEFT, for one phase) with its parameter
+//! store: the training interface (loss, sequence log-probs, trainable variables, checkpoints)
+//! and the decoding interface (`begin` / `step` over a KV cache).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{Fusion, ModelConfig, PeftConfig, Phase};
+use super::connector::Visual;
+use super::lm::{Lm, LmState};
+use super::ops::{self, Fwd};
+use super::params::{Builder, Component, ParamStore, Policy, Slot};
+use super::ModelError;
+
+/// A trainable tensor with what the optimiser needs to group it.
+#[derive(Debug, Clone)]
+pub struct TrainableVar {
+    pub name: String,
+    pub var: Var,
+    pub component: Component,
+    /// Weight decay applies (matrices of linears only; not norms, biases, embeddings, gates).
+    pub decay: bool,
+}
+
+/// Parameter and memory accounting.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParamCounts {
+    pub trainable: usize,
+    pub total: usize,
+    /// Bytes of the frozen tensors as held (4-bit where QLoRA quantized them).
+    pub frozen_bytes: usize,
+    /// Bytes the same frozen tensors would take in f32.
+    pub frozen_f32_bytes: usize,
+    /// component -> (trainable, total).
+    pub by_component: BTreeMap<Component, (usize, usize)>,
+}
+
+#[derive(Debug, Clone)]
+struct Net {
+    visual: Visual,
+    lm: Lm,
+    nv: usize,
+}
+
+pub struct Captioner {
+    cfg: ModelConfig,
+    policy: Policy,
+    store: Mutex<ParamStore>,
+    net: Net,
+    device: Device,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+impl std::fmt::Debug for Captioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Captioner").field("cfg", &self.cfg).field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+fn build(store: &Mutex<ParamStore>, policy: &Policy, cfg: &ModelConfig) -> Result<Net, ModelError> {
+    let vision = Builder::root(store, policy, Component::Vision).pp("vision");
+    let conn = Builder::root(store, policy, Component::Connector).pp("connector");
+    let visual = Visual::new(&vision, &conn, cfg)?;
+    let nv = visual.num_tokens(cfg);
+    let prefix = if cfg.fusion == Fusion::Early { nv } else { 0 };
+    let lm = Lm::new(&Builder::root(store, policy, Component::Lm).pp("lm"), cfg, prefix + cfg.max_caption_len + 2)?;
+    Ok(Net { visual, lm, nv })
+}
+
+impl Captioner {
+    pub fn new(cfg: &ModelConfig, peft: &PeftConfig, phase: Phase, device: &Device) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        peft.validate()?;
+        let policy = Policy { phase, peft: peft.clone(), pretrained: cfg.pretrained, inference: false };
+        let store = Mutex::new(ParamStore::new(device, cfg.seed));
+        let net = build(&store, &policy, cfg)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            policy,
+            store,
+            net,
+            device: device.clone(),
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(cfg.seed)),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn peft(&self) -> &PeftConfig {
+        &self.policy.peft
+    }
+    pub fn phase(&self) -> Phase {
+        self.policy.phase
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn is_inference(&self) -> bool {
+        self.policy.inference
+    }
+    /// Visual tokens per image.
+    pub fn num_visual_tokens(&self) -> usize {
+        self.net.nv
+    }
+
+    /// Reseeds the LoRA-dropout generator (the trainer calls this per stage for determinism).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParamStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy for decoding: every tensor a detached constant sharing storage with this model
+    /// (so no autograd graph is recorded), LoRA merged into its base, QLoRA bases dequantized.
+    pub fn inference(&self) -> Result<Captioner, ModelError> {
+        let policy = Policy { inference: true, ..self.policy.clone() };
+        let store = Mutex::new(self.lock().detached());
+        let net = build(&store, &policy, &self.cfg)?;
+        Ok(Captioner {
+            cfg: self.cfg.clone(),
+            policy,
+            store,
+            net,
+            device: self.device.clone(),
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(self.cfg.seed)),
+        })
+    }
+
+    /// All trainable tensors, in name order.
+    pub fn trainable_vars(&self) -> Vec<TrainableVar> {
+        self.lock()
+            .entries
+            .iter()
+            .filter_map(|(name, e)| {
+                e.var().map(|v| TrainableVar { name: name.clone(), var: v.clone(), component: e.component, decay: e.decay })
+            })
+            .collect()
+    }
+
+    pub fn counts(&self) -> ParamCounts {
+        let store = self.lock();
+        let mut c = ParamCounts { trainable: 0, total: 0, frozen_bytes: 0, frozen_f32_bytes: 0, by_component: BTreeMap::new() };
+        for e in store.entries.values() {
+            let n = e.elem_count();
+            c.total += n;
+            let slot = c.by_component.entry(e.component).or_insert((0, 0));
+            slot.1 += n;
+            if e.var().is_some() {
+                c.trainable += n;
+                slot.0 += n;
+            } else {
+                c.frozen_bytes += e.bytes();
+                c.frozen_f32_bytes += 4 * n;
+            }
+        }
+        c
+    }
+
+    /// Writes the trainable tensors (only) as safetensors.
+    pub fn save_trained(&self, path: &Path) -> Result<(), ModelError> {
+        let map: HashMap<String, Tensor> =
+            self.trainable_vars().into_iter().map(|t| (t.name, t.var.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&map, path)
+            .map_err(|source| ModelError::Checkpoint { path: path.to_path_buf(), source })
+    }
+
+    /// Loads the frozen base written by an earlier stage; every base tensor must be present.
+    pub fn load_base(&mut self, path: &Path) -> Result<usize, ModelError> {
+        self.load(path, true)
+    }
+
+    /// Loads tensors trained by an earlier stage (PEFT and/or base tensors of this model).
+    pub fn load_trained(&mut self, path: &Path) -> Result<usize, ModelError> {
+        self.load(path, false)
+    }
+
+    fn load(&mut self, path: &Path, base_only: bool) -> Result<usize, ModelError> {
+        let err = |source| ModelError::Checkpoint { path: path.to_path_buf(), source };
+        let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
+        {
+            let mut store = self.lock();
+            for (name, t) in &tensors {
+                let Some(e) = store.entries.get_mut(name).filter(|e| e.base || !base_only) else {
+                    let what = if base_only { "base" } else { "known" };
+                    return Err(ModelError::UnknownTensor { path: path.to_path_buf(), name: name.clone(), what });
+                };
+                let t = t.to_dtype(DType::F32).map_err(err)?;
+                let expected = match &e.slot {
+                    Slot::Var(v) => v.dims().to_vec(),
+                    Slot::Const(c) => c.dims().to_vec(),
+                    Slot::Quant(q) => q.shape().dims().to_vec(),
+                };
+                if t.dims() != expected.as_slice() {
+                    return Err(ModelError::Shape { name: name.clone(), expected, found: t.dims().to_vec() });
+                }
+                match &e.slot {
+                    Slot::Var(v) => v.set(&t).map_err(err)?,
+                    _ => e.slot = Slot::Const(t),
+                }
+            }
+            if base_only {
+                let missing: Vec<&String> =
+                    store.entries.iter().filter(|(k, e)| e.base && !tensors.contains_key(*k)).map(|(k, _)| k).collect();
+                if let Some(first) = missing.first() {
+                    return Err(ModelError::MissingTensors {
+                        path: path.to_path_buf(),
+                        count: missing.len(),
+                        example: (*first).clone(),
+                    });
+                }
+            }
+        }
+        // Rebuild so constants (and 4-bit copies) pick up the loaded values.
+        self.net = build(&self.store, &self.policy, &self.cfg)?;
+        Ok(tensors.len())
+    }
+
+    fn fwd(&self, train: bool) -> Fwd<'_> {
+        Fwd { train: train && !self.policy.inference, rng: Some(&self.dropout_rng) }
+    }
+
+    fn check_images(&self, images: &Tensor) -> Result<usize, ModelError> {
+        let s = self.cfg.input_size();
+        match images.dims() {
+            [b, 3, h, w] if *h == s && *w == s => Ok(*b),
+            d => Err(ModelError::Input(format!("images must be (B,3,{s},{s}) f32, got {d:?}"))),
+        }
+    }
+
+    /// Visual tokens (B, Nv, D_lm).
+    pub fn visual_tokens(&self, images: &Tensor, train: bool) -> Result<Tensor, ModelError> {
+        self.check_images(images)?;
+        Ok(self.net.visual.forward(images, self.fwd(train))?)
+    }
+
+    /// Text-position logits (B,T,V) for teacher-forced `input_ids` (B,T) given visual tokens.
+    fn text_logits(&self, vis: &Tensor, input_ids: &Tensor, train: bool) -> Result<Tensor, ModelError> {
+        let fwd = self.fwd(train);
+        let t = input_ids.dim(1)?;
+        let emb = self.net.lm.embed(input_ids)?;
+        let hidden = if self.cfg.fusion == Fusion::Early {
+            let x = Tensor::cat(&[vis, &emb], 1)?;
+            self.net.lm.forward(&x, &[], None, fwd)?.narrow(1, self.net.nv, t)?
+        } else {
+            let mem = self.net.lm.memory(vis, fwd)?;
+            self.net.lm.forward(&emb, &mem, None, fwd)?
+        };
+        Ok(self.net.lm.logits(&hidden, fwd)?)
+    }
+
+    /// Full-recompute logits (B,T,V) (evaluation mode); decoding tests compare the KV cache to it.
+    pub fn logits(&self, images: &Tensor, input_ids: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_ids(input_ids)?;
+        let vis = self.visual_tokens(images, false)?;
+        self.text_logits(&vis, input_ids, false)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(), ModelError> {
+        let (_, t) = ids.dims2().map_err(|_| ModelError::Input(format!("token ids must be (B,T), got {:?}", ids.dims())))?;
+        if t > self.cfg.max_caption_len + 2 {
+            return Err(ModelError::Input(format!("{t} tokens exceed max_caption_len + 2 = {}", self.cfg.max_caption_len + 2)));
+        }
+        if ids.dtype() != DType::U32 {
+            return Err(ModelError::Input(format!("token ids must be u32, got {:?}", ids.dtype())));
+        }
+        Ok(())
+    }
+
+    /// Teacher-forced cross-entropy: `input_ids`/`target_ids` (B,T) u32, `mask` (B,T) (1 = scored).
+    pub fn loss(
+        &self,
+        images: &Tensor,
+        input_ids: &Tensor,
+        target_ids: &Tensor,
+        mask: &Tensor,
+        label_smoothing: f64,
+    ) -> Result<Tensor, ModelError> {
+        self.check_ids(input_ids)?;
+        if target_ids.dims() != input_ids.dims() || mask.dims() != input_ids.dims() {
+            return Err(ModelError::Input("input_ids, target_ids and mask must have one shape".into()));
+        }
+        let vis = self.visual_tokens(images, true)?;
+        let logits = self.text_logits(&vis, input_ids, true)?;
+        let v = logits.dim(D::Minus1)?;
+        Ok(ops::cross_entropy(&logits.reshape(((), v))?, &target_ids.flatten_all()?, &mask.flatten_all()?, label_smoothing)?)
+    }
+
+    /// Sum of token log-probs (with gradient) of each caption given its image, EOS included.
+    /// `seqs` holds `per_image` captions per image, image-major; tokens exclude BOS/EOS.
+    pub fn log_probs(&self, images: &Tensor, seqs: &[Vec<u32>], per_image: usize) -> Result<Tensor, ModelError> {
+        let b = self.check_images(images)?;
+        if per_image == 0 || seqs.len() != b * per_image {
+            return Err(ModelError::Input(format!("{} sequences for {b} images x {per_image}", seqs.len())));
+        }
+        let maxc = self.cfg.max_caption_len;
+        let t = seqs.iter().map(|s| s.len().min(maxc)).max().unwrap_or(0) + 1;
+        let (mut inp, mut tgt, mut msk) = (Vec::new(), Vec::new(), Vec::new());
+        for s in seqs {
+            let s = &s[..s.len().min(maxc)];
+            for j in 0..t {
+                inp.push(if j == 0 { self.cfg.bos_id } else { s.get(j - 1).copied().unwrap_or(self.cfg.pad_id) });
+                tgt.push(if j < s.len() { s[j] } else if j == s.len() { self.cfg.eos_id } else { self.cfg.pad_id });
+                msk.push(if j <= s.len() { 1f32 } else { 0.0 });
+            }
+        }
+        let n = seqs.len();
+        let inp = Tensor::from_vec(inp, (n, t), &self.device)?;
+        let tgt = Tensor::from_vec(tgt, (n * t, 1), &self.device)?;
+        let msk = Tensor::from_vec(msk, (n, t), &self.device)?;
+        let vis = self.visual_tokens(images, true)?;
+        let vis = repeat_rows(&vis, per_image)?;
+        let logits = self.text_logits(&vis, &inp, true)?;
+        let v = logits.dim(D::Minus1)?;
+        let lp = ops::log_softmax_last(&logits.reshape((n * t, v))?)?.gather(&tgt, 1)?.reshape((n, t))?;
+        Ok((lp * msk)?.sum(1)?)
+    }
+
+    /// Starts decoding: encodes `images`, repeats each `repeat` times (image-major), feeds the
+    /// visual prefix (early fusion) and BOS; returns next-token logits (N,V) and the cache.
+    pub fn begin(&self, images: &Tensor, repeat: usize) -> Result<(Tensor, LmState), ModelError> {
+        let vis = repeat_rows(&self.visual_tokens(images, false)?, repeat.max(1))?;
+        let n = vis.dim(0)?;
+        let fwd = self.fwd(false);
+        let bos = Tensor::full(self.cfg.bos_id, (n, 1), &self.device)?;
+        let emb = self.net.lm.embed(&bos)?;
+        let (x, mem) = if self.cfg.fusion == Fusion::Early {
+            (Tensor::cat(&[&vis, &emb], 1)?, Vec::new())
+        } else {
+            (emb, self.net.lm.memory(&vis, fwd)?)
+        };
+        let mut state = self.net.lm.new_state(if mem.is_empty() { vec![None; self.cfg.lm.depth] } else { mem });
+        let h = self.net.lm.forward(&x, &[], Some(&mut state), fwd)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+        Ok((self.net.lm.logits(&last, fwd)?.squeeze(1)?, state))
+    }
+
+    /// Feeds one token per row; returns next-token logits (N,V).
+    pub fn step(&self, tokens: &[u32], state: &mut LmState) -> Result<Tensor, ModelError> {
+        let fwd = self.fwd(false);
+        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?;
+        let h = self.net.lm.forward(&self.net.lm.embed(&ids)?, &[], Some(state), fwd)?;
+        Ok(self.net.lm.logits(&h, fwd)?.squeeze(1)?)
+    }
+
+    /// Largest number of generated tokens the position table allows after BOS.
+    pub fn max_new_tokens(&self) -> usize {
+        self.cfg.max_caption_len + 1
+    }
+}
+
+/// Repeats each row `k` times consecutively (image-major expansion for k samples / beams).
+pub fn repeat_rows(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    if k == 1 {
+        return Ok(x.clone());
+    }
+    let n = x.dim(0)?;
+    let idx: Vec<u32> = (0..n as u32).flat_map(|i| std::iter::repeat_n(i, k)).collect();
+    x.index_select(&Tensor::from_vec(idx, n * k, x.device())?, 0)
+}

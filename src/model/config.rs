@@ -1,0 +1,331 @@
+//! Model and PEFT configuration: the serde forms the spec resolves into, with named presets.
+//!
+//! `ModelConfig::tiny` is what the CPU sweeps train; `ModelConfig::real` documents the GPU-size
+//! shapes of each family (not trained here, kept so the code paths are shaped for them).
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+/// Vision-language architecture family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backbone {
+    /// ViT -> Q-Former (learned queries) -> linear -> LM.
+    Blip2,
+    /// ViT penultimate patch features -> 2-layer MLP projector -> LM.
+    Llava,
+    /// HD transform (global view + grid of local crops, separator tokens) -> projector -> LM.
+    Phi3v,
+}
+
+/// Where the visual tokens enter the language model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// Visual tokens are prepended to the text sequence.
+    Early,
+    /// Only the top decoder layers cross-attend to the visual tokens.
+    Late,
+    /// Several encoder depths, pooled by learned attention over levels, injected into several
+    /// decoder layers through zero-initialised gated cross-attention.
+    Multilevel,
+}
+
+/// ViT encoder shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionConfig {
+    /// Side of the square image the encoder sees (one view).
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+}
+
+/// Causal decoder shape (Phi-3 / LLaMA style).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmConfig {
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// SwiGLU hidden size.
+    pub mlp_hidden: usize,
+    pub rope_theta: f64,
+}
+
+/// Q-Former shape (used by `blip2` only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QFormerConfig {
+    pub queries: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+}
+
+/// Fusion placement knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionConfig {
+    /// `late`: how many top decoder layers get cross-attention.
+    pub late_layers: usize,
+    /// `multilevel`: encoder depths (1-based block outputs) pooled; empty = every block.
+    pub levels: Vec<usize>,
+    /// `multilevel`: decoder layers (0-based) with gated cross-attention; empty = every layer.
+    pub inject: Vec<usize>,
+}
+
+/// Everything that fixes the network's shape and initialisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub backbone: Backbone,
+    pub fusion: Fusion,
+    pub vision: VisionConfig,
+    pub lm: LmConfig,
+    pub qformer: QFormerConfig,
+    pub fusion_opts: FusionConfig,
+    /// `phi3v`: local crops per side; the input image is `image_size * hd_grid` pixels.
+    pub hd_grid: usize,
+    pub vocab_size: usize,
+    /// Longest caption in tokens, without BOS/EOS.
+    pub max_caption_len: usize,
+    pub pad_id: u32,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    /// True when encoder and LM start from pretrained weights: `align` then trains the
+    /// connector only. The tiny presets have none, so `align` trains everything from scratch.
+    pub pretrained: bool,
+    /// Seed of the deterministic initialisation (each tensor draws from `(seed, name)`).
+    pub seed: u64,
+}
+
+impl ModelConfig {
+    /// The CPU preset the sweeps train: ViT 64 px / patch 8, width 96, depth 2; LM width 128,
+    /// 2 layers, 4 heads. `phi3v` reads a 128 px image (global view = 64 px, 2x2 crops of 64 px).
+    pub fn tiny(backbone: Backbone, fusion: Fusion, vocab_size: usize, pad: u32, bos: u32, eos: u32) -> Self {
+        Self {
+            backbone,
+            fusion,
+            vision: VisionConfig { image_size: 64, patch_size: 8, width: 96, depth: 2, heads: 4, mlp_ratio: 2 },
+            lm: LmConfig { width: 128, depth: 2, heads: 4, mlp_hidden: 256, rope_theta: 10_000.0 },
+            qformer: QFormerConfig { queries: 16, width: 96, depth: 1, heads: 4 },
+            fusion_opts: FusionConfig { late_layers: 1, levels: Vec::new(), inject: Vec::new() },
+            hd_grid: 2,
+            vocab_size,
+            max_caption_len: 32,
+            pad_id: pad,
+            bos_id: bos,
+            eos_id: eos,
+            pretrained: false,
+            seed: 0,
+        }
+    }
+
+    /// Real-size shapes of each family (documentation and GPU use; not trained in CI):
+    /// blip2 ~ ViT-g/14 224 + 32-query Q-Former + 2.7B-class LM; llava ~ CLIP ViT-L/14 336 +
+    /// 7B-class LM; phi3v ~ CLIP ViT-L/14 336 with a 4x4 HD grid + Phi-3-mini (3072 wide, 32 layers).
+    pub fn real(backbone: Backbone, fusion: Fusion, vocab_size: usize, pad: u32, bos: u32, eos: u32) -> Self {
+        let mut c = Self::tiny(backbone, fusion, vocab_size, pad, bos, eos);
+        c.pretrained = true;
+        c.max_caption_len = 96;
+        c.fusion_opts.late_layers = 8;
+        match backbone {
+            Backbone::Blip2 => {
+                c.vision = VisionConfig { image_size: 224, patch_size: 14, width: 1408, depth: 39, heads: 16, mlp_ratio: 4 };
+                c.qformer = QFormerConfig { queries: 32, width: 768, depth: 12, heads: 12 };
+                c.lm = LmConfig { width: 2560, depth: 32, heads: 32, mlp_hidden: 6912, rope_theta: 10_000.0 };
+            }
+            Backbone::Llava => {
+                c.vision = VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
+                c.lm = LmConfig { width: 4096, depth: 32, heads: 32, mlp_hidden: 11008, rope_theta: 10_000.0 };
+            }
+            Backbone::Phi3v => {
+                c.vision = VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
+                c.lm = LmConfig { width: 3072, depth: 32, heads: 32, mlp_hidden: 8192, rope_theta: 10_000.0 };
+                c.hd_grid = 4;
+            }
+        }
+        c
+    }
+
+    /// Side in pixels of the (square) image tensor the model expects.
+    pub fn input_size(&self) -> usize {
+        match self.backbone {
+            Backbone::Phi3v => self.vision.image_size * self.hd_grid,
+            _ => self.vision.image_size,
+        }
+    }
+
+    /// Encoder block outputs (1-based) pooled by `multilevel`.
+    pub fn levels(&self) -> Vec<usize> {
+        if self.fusion_opts.levels.is_empty() { (1..=self.vision.depth).collect() } else { self.fusion_opts.levels.clone() }
+    }
+
+    /// Decoder layers (0-based) that cross-attend to visual tokens; empty for `early`.
+    pub fn xattn_layers(&self) -> Vec<usize> {
+        let d = self.lm.depth;
+        match self.fusion {
+            Fusion::Early => Vec::new(),
+            Fusion::Late => (d.saturating_sub(self.fusion_opts.late_layers)..d).collect(),
+            Fusion::Multilevel => {
+                if self.fusion_opts.inject.is_empty() { (0..d).collect() } else { self.fusion_opts.inject.clone() }
+            }
+        }
+    }
+
+    /// Checks every constraint at once and reports all violations together.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let mut errs = Vec::new();
+        let v = &self.vision;
+        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+            errs.push(format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size));
+        }
+        if v.heads == 0 || v.width % v.heads != 0 {
+            errs.push(format!("vision.width {} is not divisible by vision.heads {}", v.width, v.heads));
+        }
+        if v.depth == 0 {
+            errs.push("vision.depth must be at least 1".into());
+        }
+        let l = &self.lm;
+        if l.heads == 0 || l.width % l.heads != 0 || (l.width / l.heads.max(1)) % 2 != 0 {
+            errs.push(format!("lm.width {} must split into lm.heads {} of even size", l.width, l.heads));
+        }
+        if l.depth == 0 {
+            errs.push("lm.depth must be at least 1".into());
+        }
+        let q = &self.qformer;
+        if self.backbone == Backbone::Blip2 && (q.heads == 0 || q.width % q.heads != 0 || q.queries == 0) {
+            errs.push(format!("qformer.width {} must split into qformer.heads {} and queries > 0", q.width, q.heads));
+        }
+        if self.backbone == Backbone::Phi3v && ((v.image_size / v.patch_size.max(1)) % 2 != 0 || self.hd_grid == 0) {
+            errs.push("phi3v needs an even patch grid (2x2 token merge) and hd_grid >= 1".into());
+        }
+        if self.backbone == Backbone::Llava && self.fusion != Fusion::Multilevel && v.depth < 2 {
+            errs.push("llava reads the penultimate encoder block: vision.depth must be at least 2".into());
+        }
+        for &lv in &self.fusion_opts.levels {
+            if lv == 0 || lv > v.depth {
+                errs.push(format!("fusion_opts.levels entry {lv} is outside 1..={}", v.depth));
+            }
+        }
+        for &i in &self.fusion_opts.inject {
+            if i >= l.depth {
+                errs.push(format!("fusion_opts.inject entry {i} is outside 0..{}", l.depth));
+            }
+        }
+        if self.fusion == Fusion::Late && (self.fusion_opts.late_layers == 0 || self.fusion_opts.late_layers > l.depth) {
+            errs.push(format!("fusion_opts.late_layers {} is outside 1..={}", self.fusion_opts.late_layers, l.depth));
+        }
+        for (name, id) in [("pad_id", self.pad_id), ("bos_id", self.bos_id), ("eos_id", self.eos_id)] {
+            if id as usize >= self.vocab_size {
+                errs.push(format!("{name} {id} is not below vocab_size {}", self.vocab_size));
+            }
+        }
+        if self.max_caption_len == 0 {
+            errs.push("max_caption_len must be at least 1".into());
+        }
+        if errs.is_empty() { Ok(()) } else { Err(ModelError::Config { problems: errs }) }
+    }
+}
+
+/// Parameter-efficient fine-tuning method of the `adapt` phase (and SCST after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftMethod {
+    /// The LM is fully trained (the reference).
+    Full,
+    /// Low-rank deltas on the target linears of a frozen f32 base.
+    Lora,
+    /// LoRA on a frozen base stored 4-bit (Q4_0, blocks of 32).
+    Qlora,
+    /// Bottleneck adapters after each attention and MLP sublayer of the LM.
+    Adapter,
+}
+
+/// What happens to the vision encoder in the `adapt` phase (whatever the PEFT method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VisionPolicy {
+    Frozen,
+    /// LoRA (same rank/alpha) on the encoder's attention projections.
+    Lora,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeftConfig {
+    pub method: PeftMethod,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// LM linear names that get LoRA: any of `qkv_proj o_proj gate_up_proj down_proj lm_head`.
+    pub targets: Vec<String>,
+    /// Bottleneck width of the adapters.
+    pub adapter_dim: usize,
+    pub vision: VisionPolicy,
+}
+
+impl Default for PeftConfig {
+    fn default() -> Self {
+        Self {
+            method: PeftMethod::Lora,
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"].map(String::from).to_vec(),
+            adapter_dim: 16,
+            vision: VisionPolicy::Frozen,
+        }
+    }
+}
+
+impl PeftConfig {
+    pub fn full() -> Self {
+        Self { method: PeftMethod::Full, ..Self::default() }
+    }
+    pub fn lora(rank: usize, alpha: f64) -> Self {
+        Self { method: PeftMethod::Lora, rank, alpha, ..Self::default() }
+    }
+    pub fn qlora(rank: usize, alpha: f64) -> Self {
+        Self { method: PeftMethod::Qlora, rank, alpha, ..Self::default() }
+    }
+    pub fn adapter(dim: usize) -> Self {
+        Self { method: PeftMethod::Adapter, adapter_dim: dim, ..Self::default() }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let mut errs = Vec::new();
+        let lora = matches!(self.method, PeftMethod::Lora | PeftMethod::Qlora) || self.vision == VisionPolicy::Lora;
+        if lora && self.rank == 0 {
+            errs.push("peft.rank must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            errs.push(format!("peft.dropout {} is outside [0, 1)", self.dropout));
+        }
+        const KNOWN: [&str; 5] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"];
+        for t in &self.targets {
+            if !KNOWN.contains(&t.as_str()) {
+                errs.push(format!("peft.targets entry {t:?} is not one of {KNOWN:?}"));
+            }
+        }
+        if self.method == PeftMethod::Adapter && self.adapter_dim == 0 {
+            errs.push("peft.adapter_dim must be at least 1".into());
+        }
+        if errs.is_empty() { Ok(()) } else { Err(ModelError::Config { problems: errs }) }
+    }
+}
+
+/// Training phase the model is built for; decides which tensors are trainable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Connector only with pretrained weights; everything (from scratch) otherwise. No PEFT params.
+    Align,
+    /// Frozen align base + PEFT params + connector (also used by SCST).
+    Adapt,
+}

@@ -1,0 +1,182 @@
+//! The one linear seam: every linear layer of every model is built here.
+//!
+//! `Builder::linear(name, in, out, bias)` reads the policy (phase, PEFT method, component,
+//! target name) and returns a [`Linear`] that is plain, LoRA-wrapped, or a 4-bit QLoRA base
+//! with an f32 LoRA path. `Builder::adapter` returns a bottleneck adapter where the policy
+//! asks for one. Model code never knows which.
+//!
+//! QLoRA forward: the frozen base is stored as a Q4_0 `QTensor` and dequantized for each
+//! forward pass. candle's `QMatMul` gives no gradient to its input; dequantize-per-forward
+//! does (the weight is a constant of the graph), and at the tiny sizes it was the faster of
+//! the two options measured in issue 5. Only the dequantized copy is transient.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Result as CResult, Tensor};
+
+use super::ops::{self, Fwd};
+use super::params::{Builder, Init};
+use super::ModelError;
+
+#[derive(Debug, Clone)]
+enum Base {
+    Dense(Tensor),
+    Quant(Arc<QTensor>),
+}
+
+#[derive(Debug, Clone)]
+struct Lora {
+    /// (r, in)
+    a: Tensor,
+    /// (out, r), zero at init so the wrapped layer starts equal to its base.
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    base: Base,
+    bias: Option<Tensor>,
+    lora: Option<Lora>,
+}
+
+/// `x @ w^T` for x of any rank >= 2, flattening leading dims so candle runs one GEMM.
+fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    let dims = x.dims();
+    let inp = dims[dims.len() - 1];
+    let rows = x.elem_count() / inp;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        let mut y = match &self.base {
+            Base::Dense(w) => matmul_t(x, w)?,
+            Base::Quant(q) => matmul_t(x, &q.dequantize(x.device())?)?,
+        };
+        if let Some(l) = &self.lora {
+            let xd = ops::dropout(x, l.dropout, fwd)?;
+            let delta = matmul_t(&matmul_t(&xd, &l.a)?, &l.b)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Whether the base is held 4-bit.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.base, Base::Quant(_))
+    }
+}
+
+/// Houlsby-style bottleneck: `h + up(gelu(down(h)))`, `up` zero-initialised (starts as identity).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    down: Linear,
+    up: Linear,
+}
+
+impl Adapter {
+    pub fn forward(&self, h: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        let z = self.down.forward(h, fwd)?.gelu()?;
+        h + self.up.forward(&z, fwd)?
+    }
+}
+
+fn plain(w: Tensor, bias: Option<Tensor>) -> Linear {
+    Linear { base: Base::Dense(w), bias, lora: None }
+}
+
+impl Builder<'_> {
+    /// Builds the linear `name` (also its LoRA target name) under this builder's prefix.
+    pub fn linear(&self, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear, ModelError> {
+        let b = self.pp(name);
+        let bound = 1.0 / (inp as f32).sqrt();
+        let policy = self.policy;
+        let bias = if bias { Some(b.base("bias", &[out], Init::Zeros, false)?) } else { None };
+        if policy.quantize(self.component) && inp % 32 == 0 {
+            let q = b.base_quantized("weight", &[out, inp], Init::Uniform(bound))?;
+            let lora = if policy.lora(self.component, name) { Some(b.lora(name, inp, out)?) } else { None };
+            return Ok(Linear { base: Base::Quant(q), bias, lora });
+        }
+        let w = b.base("weight", &[out, inp], Init::Uniform(bound), true)?;
+        if !policy.lora(self.component, name) {
+            return Ok(plain(w, bias));
+        }
+        let l = b.lora(name, inp, out)?;
+        if policy.inference {
+            // Merge for inference: one GEMM per layer and no autograd state.
+            let merged = (w + (l.b.matmul(&l.a)? * l.scale)?)?;
+            return Ok(plain(merged, bias));
+        }
+        Ok(Linear { base: Base::Dense(w), bias, lora: Some(l) })
+    }
+
+    fn lora(&self, _name: &str, inp: usize, out: usize) -> Result<Lora, ModelError> {
+        let policy = self.policy;
+        let bound = 1.0 / (inp as f32).sqrt();
+        let r = policy.peft.rank;
+        let a = self.peft("lora_a", &[r, inp], Init::Uniform(bound), true)?;
+        let b = self.peft("lora_b", &[out, r], Init::Zeros, true)?;
+        Ok(Lora { a, b, scale: policy.peft.alpha / r as f64, dropout: policy.peft.dropout })
+    }
+
+    /// A bottleneck adapter named `name` of width `dim`, or `None` where the policy has none.
+    pub fn adapter(&self, name: &str, dim: usize) -> Result<Option<Adapter>, ModelError> {
+        if !self.policy.adapters(self.component) {
+            return Ok(None);
+        }
+        let b = self.pp(name);
+        let k = self.policy.peft.adapter_dim;
+        let down = b.pp("down");
+        let up = b.pp("up");
+        let bound = 1.0 / (dim as f32).sqrt();
+        let dw = down.peft("weight", &[k, dim], Init::Uniform(bound), true)?;
+        let db = down.peft("bias", &[k], Init::Zeros, false)?;
+        let uw = up.peft("weight", &[dim, k], Init::Zeros, true)?;
+        let ub = up.peft("bias", &[dim], Init::Zeros, false)?;
+        Ok(Some(Adapter { down: plain(dw, Some(db)), up: plain(uw, Some(ub)) }))
+    }
+
+    /// LayerNorm weights (w, b) named `name`.
+    pub fn layer_norm(&self, name: &str, dim: usize) -> Result<LayerNorm, ModelError> {
+        let b = self.pp(name);
+        Ok(LayerNorm { w: b.base("weight", &[dim], Init::Ones, false)?, b: b.base("bias", &[dim], Init::Zeros, false)? })
+    }
+
+    pub fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm { w: self.pp(name).base("weight", &[dim], Init::Ones, false)? })
+    }
+}
+
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        ops::layer_norm(x, &self.w, &self.b, 1e-5)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    w: Tensor,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        ops::rms_norm(x, &self.w, 1e-5)
+    }
+}

@@ -1,0 +1,244 @@
+//! Causal language-model decoder in the LLaMA / Phi-3 style (Touvron et al. 2023; Abdin et
+//! al., "Phi-3 Technical Report", 2024): RMSNorm, rotary positions, fused `qkv_proj`, SwiGLU
+//! `gate_up_proj`/`down_proj`, untied `lm_head`, and a KV cache for decoding.
+//!
+//! Fusion hooks: decoder layers listed by [`ModelConfig::xattn_layers`] carry a cross-attention
+//! sublayer onto the visual tokens (connector component): plain for `late`, tanh-gated with the
+//! gate initialised to zero for `multilevel` (Flamingo-style), so training starts from the
+//! text-only decoder. Bottleneck adapters sit after the attention and MLP sublayers when the
+//! PEFT method asks for them.
+
+use candle_core::{Result as CResult, Tensor, D};
+
+use super::config::{Fusion, ModelConfig};
+use super::linear::{Adapter, Linear, RmsNorm};
+use super::ops::{self, Fwd, Rope};
+use super::params::{Builder, Component, Init};
+use super::ModelError;
+
+/// Multi-head attention from queries of width `dq` onto a memory of width `dkv`.
+#[derive(Debug, Clone)]
+pub(crate) struct CrossAttention {
+    q_proj: Linear,
+    kv_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    width: usize,
+}
+
+impl CrossAttention {
+    pub(crate) fn new(b: &Builder<'_>, dq: usize, dkv: usize, heads: usize, bias: bool) -> Result<Self, ModelError> {
+        Ok(Self {
+            q_proj: b.linear("q_proj", dq, dq, bias)?,
+            kv_proj: b.linear("kv_proj", dkv, 2 * dq, bias)?,
+            o_proj: b.linear("o_proj", dq, dq, bias)?,
+            heads,
+            width: dq,
+        })
+    }
+
+    /// Keys and values of the memory, (B,H,S,d) each; computed once per image when decoding.
+    pub fn memory(&self, mem: &Tensor, fwd: Fwd<'_>) -> CResult<(Tensor, Tensor)> {
+        let kv = self.kv_proj.forward(mem, fwd)?;
+        let k = ops::split_heads(&kv.narrow(2, 0, self.width)?, self.heads)?;
+        let v = ops::split_heads(&kv.narrow(2, self.width, self.width)?, self.heads)?;
+        Ok((k, v))
+    }
+
+    pub fn forward(&self, x: &Tensor, k: &Tensor, v: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        let q = ops::split_heads(&self.q_proj.forward(x, fwd)?, self.heads)?;
+        let a = ops::merge_heads(&ops::attention(&q, k, v, None)?)?;
+        self.o_proj.forward(&a, fwd)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct XAttn {
+    norm: RmsNorm,
+    attn: CrossAttention,
+    /// `multilevel` only: scalar gate, output scaled by tanh(gate), zero at init.
+    gate: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    ln1: RmsNorm,
+    qkv_proj: Linear,
+    o_proj: Linear,
+    ad_attn: Option<Adapter>,
+    xattn: Option<XAttn>,
+    ln2: RmsNorm,
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    ad_mlp: Option<Adapter>,
+    heads: usize,
+    width: usize,
+}
+
+/// Per-layer self-attention cache plus the visual keys/values of cross-attention layers.
+#[derive(Debug, Clone)]
+pub struct LmState {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    vis_kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions already in the cache.
+    pub pos: usize,
+}
+
+impl LmState {
+    /// Keeps rows `idx` (beam reordering / sample expansion) of every cached tensor.
+    pub fn select(&self, idx: &Tensor) -> CResult<Self> {
+        let pick = |v: &Vec<Option<(Tensor, Tensor)>>| -> CResult<Vec<Option<(Tensor, Tensor)>>> {
+            v.iter()
+                .map(|e| e.as_ref().map(|(k, v)| Ok((k.index_select(idx, 0)?, v.index_select(idx, 0)?))).transpose())
+                .collect()
+        };
+        Ok(Self { kv: pick(&self.kv)?, vis_kv: pick(&self.vis_kv)?, pos: self.pos })
+    }
+}
+
+impl Layer {
+    fn new(b: &Builder<'_>, cfg: &ModelConfig, xattn: bool) -> Result<Self, ModelError> {
+        let (w, h) = (cfg.lm.width, cfg.lm.mlp_hidden);
+        let xattn = if xattn {
+            let c = b.with_component(Component::Connector).pp("xattn");
+            let gate = if cfg.fusion == Fusion::Multilevel { Some(c.base("gate", &[1], Init::Zeros, false)?) } else { None };
+            Some(XAttn { norm: c.rms_norm("norm", w)?, attn: CrossAttention::new(&c, w, w, cfg.lm.heads, false)?, gate })
+        } else {
+            None
+        };
+        Ok(Self {
+            ln1: b.rms_norm("input_layernorm", w)?,
+            qkv_proj: b.pp("self_attn").linear("qkv_proj", w, 3 * w, false)?,
+            o_proj: b.pp("self_attn").linear("o_proj", w, w, false)?,
+            ad_attn: b.adapter("adapter_attn", w)?,
+            xattn,
+            ln2: b.rms_norm("post_attention_layernorm", w)?,
+            gate_up_proj: b.pp("mlp").linear("gate_up_proj", w, 2 * h, false)?,
+            down_proj: b.pp("mlp").linear("down_proj", h, w, false)?,
+            ad_mlp: b.adapter("adapter_mlp", w)?,
+            heads: cfg.lm.heads,
+            width: w,
+        })
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the layer's inputs")]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        offset: usize,
+        vis: Option<&(Tensor, Tensor)>,
+        fwd: Fwd<'_>,
+    ) -> CResult<Tensor> {
+        let w = self.width;
+        let qkv = self.qkv_proj.forward(&self.ln1.forward(x)?, fwd)?;
+        let q = rope.apply(&ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?, offset)?;
+        let mut k = rope.apply(&ops::split_heads(&qkv.narrow(2, w, w)?, self.heads)?, offset)?;
+        let mut v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, self.heads)?;
+        if let Some(c) = cache {
+            if let Some((pk, pv)) = c.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *c = Some((k.clone(), v.clone()));
+        }
+        let a = ops::merge_heads(&ops::attention(&q, &k, &v, mask)?)?;
+        let mut a = self.o_proj.forward(&a, fwd)?;
+        if let Some(ad) = &self.ad_attn {
+            a = ad.forward(&a, fwd)?;
+        }
+        let mut x = (x + a)?;
+        if let (Some(xa), Some((vk, vv))) = (&self.xattn, vis) {
+            let mut c = xa.attn.forward(&xa.norm.forward(&x)?, vk, vv, fwd)?;
+            if let Some(g) = &xa.gate {
+                c = c.broadcast_mul(&g.tanh()?)?;
+            }
+            x = (x + c)?;
+        }
+        let gu = self.gate_up_proj.forward(&self.ln2.forward(&x)?, fwd)?;
+        let h = gu.dim(D::Minus1)? / 2;
+        let m = (gu.narrow(D::Minus1, 0, h)?.silu()? * gu.narrow(D::Minus1, h, h)?)?;
+        let mut m = self.down_proj.forward(&m, fwd)?;
+        if let Some(ad) = &self.ad_mlp {
+            m = ad.forward(&m, fwd)?;
+        }
+        x + m
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lm {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl Lm {
+    /// `max_pos`: longest sequence (visual prefix + caption + BOS/EOS) the RoPE table covers.
+    pub(crate) fn new(b: &Builder<'_>, cfg: &ModelConfig, max_pos: usize) -> Result<Self, ModelError> {
+        let xl = cfg.xattn_layers();
+        let w = cfg.lm.width;
+        let layers =
+            (0..cfg.lm.depth).map(|i| Layer::new(&b.pp("layers").pp(i), cfg, xl.contains(&i))).collect::<Result<_, _>>()?;
+        let dev = b.device();
+        Ok(Self {
+            embed: b.pp("embed_tokens").base("weight", &[cfg.vocab_size, w], Init::Normal(0.02), false)?,
+            layers,
+            norm: b.rms_norm("norm", w)?,
+            lm_head: b.linear("lm_head", w, cfg.vocab_size, false)?,
+            rope: Rope::new(w / cfg.lm.heads, max_pos, cfg.lm.rope_theta, &dev)?,
+        })
+    }
+
+    /// Token embeddings (B,T) u32 -> (B,T,D).
+    pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+    }
+
+    /// Visual keys/values of each cross-attention layer.
+    pub fn memory(&self, vis: &Tensor, fwd: Fwd<'_>) -> CResult<Vec<Option<(Tensor, Tensor)>>> {
+        self.layers.iter().map(|l| l.xattn.as_ref().map(|xa| xa.attn.memory(vis, fwd)).transpose()).collect()
+    }
+
+    pub fn new_state(&self, vis_kv: Vec<Option<(Tensor, Tensor)>>) -> LmState {
+        LmState { kv: vec![None; self.layers.len()], vis_kv, pos: 0 }
+    }
+
+    /// Runs embeddings `x` (B,T,D) through the decoder; with `state`, appends to its cache.
+    /// Without a state, `vis_kv` supplies the cross-attention memory.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        vis_kv: &[Option<(Tensor, Tensor)>],
+        mut state: Option<&mut LmState>,
+        fwd: Fwd<'_>,
+    ) -> CResult<Tensor> {
+        let t = x.dim(1)?;
+        let offset = state.as_ref().map_or(0, |s| s.pos);
+        if offset + t > self.rope.max_pos() {
+            candle_core::bail!("sequence of {} positions exceeds the model's {}", offset + t, self.rope.max_pos());
+        }
+        let mask = if t > 1 { Some(ops::causal_mask(t, offset + t, x.device())?) } else { None };
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (cache, vis) = match state.as_deref_mut() {
+                Some(s) => (Some(&mut s.kv[i]), s.vis_kv[i].clone()),
+                None => (None, vis_kv.get(i).cloned().flatten()),
+            };
+            x = layer.forward(&x, &self.rope, mask.as_ref(), cache, offset, vis.as_ref(), fwd)?;
+        }
+        if let Some(s) = state {
+            s.pos += t;
+        }
+        Ok(x)
+    }
+
+    pub fn logits(&self, hidden: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?, fwd)
+    }
+}

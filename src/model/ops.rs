@@ -1,0 +1,148 @@
+//! Differentiable building-block ops.
+//!
+//! candle's fused ops (`softmax_last_dim`, `ops::layer_norm`, `rms_norm`, `rotary_emb`) have
+//! no backward pass and silently cut gradients, so every op the model trains through is
+//! written here from basic tensor ops. Maxima subtracted for stability are detached: they do
+//! not change the result, and keeping them out of the graph saves backward work.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Per-forward context: training mode and the seeded dropout generator.
+#[derive(Clone, Copy)]
+pub struct Fwd<'a> {
+    pub train: bool,
+    pub rng: Option<&'a Mutex<ChaCha8Rng>>,
+}
+
+impl Fwd<'_> {
+    pub const EVAL: Fwd<'static> = Fwd { train: false, rng: None };
+}
+
+/// Inverted dropout with a mask drawn from the seeded generator (candle's own `rand` is
+/// not seedable, which would break run-to-run determinism).
+pub fn dropout(x: &Tensor, p: f64, fwd: Fwd<'_>) -> Result<Tensor> {
+    let Some(rng) = fwd.rng.filter(|_| fwd.train && p > 0.0) else { return Ok(x.clone()) };
+    let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale }).collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}
+
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let d = x.broadcast_sub(&m)?;
+    let lse = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    d.broadcast_sub(&lse)
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    xc.broadcast_mul(&inv)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// Rotary position embedding, GPT-NeoX / LLaMA "rotate half" layout, from basic ops.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    /// `[-sin, sin]` so that `rope(x) = x*cos + swap_halves(x)*sin_signed`.
+    sin_signed: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * head_dim);
+        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        for p in 0..max_pos {
+            let angles: Vec<f64> =
+                (0..half).map(|i| p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+            cos.extend(angles.iter().chain(angles.iter()).map(|a| a.cos() as f32));
+            sin.extend(angles.iter().map(|a| -a.sin() as f32));
+            sin.extend(angles.iter().map(|a| a.sin() as f32));
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?,
+            sin_signed: Tensor::from_vec(sin, (max_pos, head_dim), device)?,
+        })
+    }
+
+    pub fn max_pos(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// `x`: (B, H, T, head_dim) at positions `offset..offset+T`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        let half = d / 2;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin_signed.narrow(0, offset, t)?;
+        let swapped = Tensor::cat(&[x.narrow(D::Minus1, half, half)?, x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+        x.broadcast_mul(&cos)?.add(&swapped.broadcast_mul(&sin)?)
+    }
+}
+
+/// Additive causal mask (T, S) for queries at positions `S-T..S` over keys `0..S`.
+pub fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let off = s - t;
+    let data: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(data, (t, s), device)
+}
+
+/// Scaled dot-product attention; q (B,H,T,d), k/v (B,H,S,d), mask broadcastable to (T,S).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let mut s = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(m) = mask {
+        s = s.broadcast_add(m)?;
+    }
+    softmax_last(&s)?.matmul(v)
+}
+
+/// (B, T, H*d) -> (B, H, T, d), contiguous for the batched matmul.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// (B, H, T, d) -> (B, T, H*d).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Mean cross-entropy over masked positions with optional label smoothing.
+/// `logits` (N, V), `targets` (N,) u32, `mask` (N,) f32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = log_softmax_last(logits)?;
+    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let per_tok = if smoothing > 0.0 {
+        let smooth = logp.mean(D::Minus1)?.neg()?;
+        ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?
+    } else {
+        nll
+    };
+    let mask = mask.to_dtype(DType::F32)?;
+    let denom = mask.sum_all()?.maximum(1.0)?;
+    (per_tok * mask)?.sum_all()?.div(&denom)
+}

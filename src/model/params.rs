@@ -1,0 +1,289 @@
+//! The parameter store and the builder every module is constructed through.
+//!
+//! Each tensor is named like a checkpoint key (`lm.layers.0.qkv_proj.weight`), tagged with the
+//! component it belongs to, and initialised deterministically from `(seed, name)`, so building
+//! the same config twice gives the same weights whatever the construction order. A trainable
+//! tensor is a `Var`; a frozen one is a plain tensor and never enters the gradient store.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{PeftConfig, PeftMethod, Phase, VisionPolicy};
+use super::ModelError;
+
+/// Which part of the model a tensor belongs to (per-group learning rates key on this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Component {
+    Vision,
+    /// Q-Former, projectors, separator tokens, level pooling, cross-attention layers.
+    Connector,
+    Lm,
+    /// PEFT parameters: LoRA A/B and bottleneck adapters.
+    Adapter,
+}
+
+/// How a fresh tensor is initialised.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Init {
+    Zeros,
+    Ones,
+    Normal(f32),
+    Uniform(f32),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Slot {
+    Var(Var),
+    Const(Tensor),
+    /// A frozen base weight held only in 4-bit form (QLoRA); the f32 copy is dropped.
+    Quant(Arc<QTensor>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub slot: Slot,
+    pub component: Component,
+    /// Part of the base the align checkpoint holds (false: PEFT parameter).
+    pub base: bool,
+    pub decay: bool,
+}
+
+impl Entry {
+    /// The f32 value (a quantized entry is dequantized).
+    pub fn tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match &self.slot {
+            Slot::Var(v) => Ok(v.as_tensor().clone()),
+            Slot::Const(t) => Ok(t.clone()),
+            Slot::Quant(q) => q.dequantize(device),
+        }
+    }
+
+    pub fn elem_count(&self) -> usize {
+        match &self.slot {
+            Slot::Var(v) => v.elem_count(),
+            Slot::Const(t) => t.elem_count(),
+            Slot::Quant(q) => q.shape().elem_count(),
+        }
+    }
+
+    /// Bytes this entry occupies as stored.
+    pub fn bytes(&self) -> usize {
+        match &self.slot {
+            Slot::Quant(q) => q.storage_size_in_bytes(),
+            _ => 4 * self.elem_count(),
+        }
+    }
+
+    pub fn var(&self) -> Option<&Var> {
+        match &self.slot {
+            Slot::Var(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// All named tensors of one model, plus the bytes of the quantized copies the factory made.
+#[derive(Debug)]
+pub(crate) struct ParamStore {
+    pub entries: BTreeMap<String, Entry>,
+    pub device: Device,
+    pub seed: u64,
+}
+
+impl ParamStore {
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Self { entries: BTreeMap::new(), device: device.clone(), seed }
+    }
+
+    /// A copy whose tensors are detached constants sharing storage (no autograd recording).
+    pub fn detached(&self) -> Self {
+        let entries = self
+            .entries
+            .iter()
+            .map(|(k, e)| {
+                let slot = match &e.slot {
+                    Slot::Var(v) => Slot::Const(v.as_tensor().detach()),
+                    other => other.clone(),
+                };
+                (k.clone(), Entry { slot, ..e.clone() })
+            })
+            .collect();
+        Self { entries, device: self.device.clone(), seed: self.seed }
+    }
+
+    fn init(&self, name: &str, shape: &[usize], init: Init) -> candle_core::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) | Init::Uniform(std) => {
+                let mut h = blake3::Hasher::new();
+                h.update(&self.seed.to_le_bytes());
+                h.update(name.as_bytes());
+                let mut rng = ChaCha8Rng::from_seed(*h.finalize().as_bytes());
+                if let Init::Uniform(b) = init {
+                    (0..n).map(|_| rng.gen_range(-b..b)).collect()
+                } else {
+                    (0..n)
+                        .map(|_| {
+                            // Box-Muller: rand 0.8 has no normal distribution without rand_distr.
+                            let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+                            let u2: f32 = rng.gen();
+                            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                        })
+                        .collect()
+                }
+            }
+        };
+        Tensor::from_vec(data, shape, &self.device)
+    }
+}
+
+/// Which tensors the current phase trains, and how linears are wrapped.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub phase: Phase,
+    pub peft: PeftConfig,
+    pub pretrained: bool,
+    /// Inference build: everything constant, LoRA merged, no quantized forward.
+    pub inference: bool,
+}
+
+impl Policy {
+    pub fn base_trainable(&self, c: Component) -> bool {
+        if self.inference {
+            return false;
+        }
+        match (self.phase, c) {
+            (_, Component::Connector) | (_, Component::Adapter) => true,
+            (Phase::Align, _) => !self.pretrained,
+            (Phase::Adapt, Component::Lm) => self.peft.method == PeftMethod::Full,
+            (Phase::Adapt, Component::Vision) => false,
+        }
+    }
+
+    /// Whether the linear `target` of component `c` carries LoRA.
+    pub fn lora(&self, c: Component, target: &str) -> bool {
+        if self.phase != Phase::Adapt {
+            return false;
+        }
+        match c {
+            Component::Lm => {
+                matches!(self.peft.method, PeftMethod::Lora | PeftMethod::Qlora)
+                    && self.peft.targets.iter().any(|t| t == target)
+            }
+            Component::Vision => self.peft.vision == VisionPolicy::Lora && matches!(target, "qkv" | "proj"),
+            _ => false,
+        }
+    }
+
+    pub fn quantize(&self, c: Component) -> bool {
+        !self.inference
+            && self.phase == Phase::Adapt
+            && self.peft.method == PeftMethod::Qlora
+            && matches!(c, Component::Lm | Component::Vision)
+            && !self.base_trainable(c)
+    }
+
+    pub fn adapters(&self, c: Component) -> bool {
+        self.phase == Phase::Adapt && self.peft.method == PeftMethod::Adapter && c == Component::Lm
+    }
+}
+
+/// A path-prefixed handle on the store, like candle's `VarBuilder`, that also carries the
+/// component and the policy so the linear factory can decide how to wrap each layer.
+pub(crate) struct Builder<'a> {
+    pub store: &'a Mutex<ParamStore>,
+    pub policy: &'a Policy,
+    pub prefix: String,
+    pub component: Component,
+}
+
+impl<'a> Builder<'a> {
+    pub fn root(store: &'a Mutex<ParamStore>, policy: &'a Policy, component: Component) -> Self {
+        Self { store, policy, prefix: String::new(), component }
+    }
+
+    pub fn pp(&self, name: impl std::fmt::Display) -> Builder<'a> {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Builder { store: self.store, policy: self.policy, prefix, component: self.component }
+    }
+
+    pub fn with_component(&self, component: Component) -> Builder<'a> {
+        Builder { store: self.store, policy: self.policy, prefix: self.prefix.clone(), component }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) }
+    }
+
+    pub fn device(&self) -> Device {
+        self.lock().device.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'a, ParamStore> {
+        // A poisoned lock only means another build panicked; the map itself is still sound.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A base tensor of this builder's component (trainable per the policy).
+    pub fn base(&self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor, ModelError> {
+        let trainable = self.policy.base_trainable(self.component);
+        self.get(name, shape, init, self.component, true, trainable, decay)
+    }
+
+    /// A PEFT tensor (always trainable outside inference).
+    pub fn peft(&self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor, ModelError> {
+        self.get(name, shape, init, Component::Adapter, false, !self.policy.inference, decay)
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "internal helper; the two public wrappers name the cases")]
+    fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        component: Component,
+        base: bool,
+        trainable: bool,
+        decay: bool,
+    ) -> Result<Tensor, ModelError> {
+        let full = self.path(name);
+        let mut store = self.lock();
+        if let Some(e) = store.entries.get(&full) {
+            let t = e.tensor(&store.device)?;
+            if t.dims() != shape {
+                return Err(ModelError::Shape { name: full, expected: shape.to_vec(), found: t.dims().to_vec() });
+            }
+            return Ok(t);
+        }
+        let t = store.init(&full, shape, init)?.to_dtype(DType::F32)?;
+        let slot = if trainable { Slot::Var(Var::from_tensor(&t)?) } else { Slot::Const(t.clone()) };
+        store.entries.insert(full, Entry { slot, component, base, decay });
+        Ok(t)
+    }
+
+    /// A frozen base weight kept only in Q4_0 form: quantized on first use (or after a base
+    /// load replaced it with f32 values), reused as is afterwards.
+    pub fn base_quantized(&self, name: &str, shape: &[usize], init: Init) -> Result<Arc<QTensor>, ModelError> {
+        let full = self.path(name);
+        if let Some(Slot::Quant(q)) = self.lock().entries.get(&full).map(|e| e.slot.clone()) {
+            if q.shape().dims() != shape {
+                return Err(ModelError::Shape { name: full, expected: shape.to_vec(), found: q.shape().dims().to_vec() });
+            }
+            return Ok(q);
+        }
+        let w = self.get(name, shape, init, self.component, true, false, true)?;
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0)?);
+        if let Some(e) = self.lock().entries.get_mut(&full) {
+            e.slot = Slot::Quant(q.clone());
+        }
+        Ok(q)
+    }
+}
