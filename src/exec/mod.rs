@@ -1,1 +1,122 @@
-//! (being written)
+//! Executors: where planned stages run.
+//!
+//! The dispatcher (in [`crate::cli`]'s sweep) hands an executor the stages that
+//! are not cached, in topological order with their dependencies among
+//! themselves, and consumes the [`Event`]s it sends. Every executor runs a stage
+//! the same way — the hidden `ecic run-stage --runs DIR KEY` command, which
+//! reads the stage's description from `runs/stages/KEY.json`, computes, and
+//! publishes the output into the cache — so a stage's result never depends on
+//! where it ran. Workers never write the SQLite store; the orchestrator ingests
+//! each finished stage's manifest.
+
+pub mod local;
+pub mod slurm;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One stage handed to an executor.
+#[derive(Debug, Clone)]
+pub struct StageJob {
+    /// The stage's cache key (hex).
+    pub key: String,
+    /// Stage kind name (`preprocess`, `pretrain-align`, ...).
+    pub kind: String,
+    /// A short human label, e.g. `domain-adapt blip2/lora/early s0`.
+    pub label: String,
+    /// Keys of the jobs in the same batch that must finish first (cached inputs
+    /// are not listed: they are already complete).
+    pub deps: Vec<String>,
+    /// Threads this stage may use (rayon / candle).
+    pub threads: usize,
+    /// Cluster resources for this stage's kind.
+    pub resources: Resources,
+}
+
+/// Resources a stage asks a cluster scheduler for (from the spec's
+/// `[resources.<kind>]`); the local executor only uses `cpus` as a hint.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    pub cpus: Option<u32>,
+    /// Memory, Slurm syntax (`4G`).
+    pub mem: Option<String>,
+    /// Generic resources, Slurm syntax (`gpu:1`).
+    pub gres: Option<String>,
+    pub partition: Option<String>,
+    /// Time limit, Slurm syntax (`01:00:00`).
+    pub time: Option<String>,
+    /// Extra `sbatch` flags, passed as they are.
+    pub extra: Vec<String>,
+}
+
+/// How a stage ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Published into the cache (by this run, or found complete when started).
+    Done,
+    /// Failed; the message says why (last lines of its log, or the scheduler's reason).
+    Failed(String),
+    /// Not run because a dependency failed.
+    Skipped { because_of: String },
+    /// Stopped by the user (Ctrl-C) or cancelled by the scheduler.
+    Interrupted(String),
+}
+
+/// What executors report while they work.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The stage started (on `host`, as `job_id` where a scheduler gave one).
+    Started { key: String, host: Option<String>, job_id: Option<String> },
+    /// Progress inside a stage: `step` of `total` (training steps, images...).
+    Progress { key: String, step: u64, total: u64, note: Option<String> },
+    /// The stage ended.
+    Finished { key: String, outcome: Outcome, wall: Duration },
+}
+
+/// The seam between the dispatcher and the places stages run.
+pub trait Executor {
+    /// Run `jobs` (topologically ordered; `deps` name earlier jobs), sending an
+    /// [`Event`] per start, progress and end to `events`. Returns when every job
+    /// has finished, failed, been skipped, or the run was interrupted.
+    /// `keep_going = false` stops starting new jobs after the first failure.
+    fn execute(
+        &mut self,
+        jobs: &[StageJob],
+        keep_going: bool,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), ExecError>;
+}
+
+/// Where a run-stage command finds things.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// The `ecic` binary to run (the current executable by default).
+    pub program: PathBuf,
+    /// The runs directory (absolute), shared with workers.
+    pub runs: PathBuf,
+}
+
+impl Worker {
+    pub fn current(runs: PathBuf) -> Result<Self, ExecError> {
+        let program = std::env::current_exe().map_err(|e| ExecError::Io {
+            what: "finding the ecic executable".into(),
+            source: e,
+        })?;
+        let runs = std::path::absolute(&runs).map_err(|e| ExecError::Io {
+            what: format!("resolving {}", runs.display()),
+            source: e,
+        })?;
+        Ok(Worker { program, runs })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{what}: {source}")]
+    Io { what: String, #[source] source: std::io::Error },
+    #[error("{tool} failed: {message}")]
+    Scheduler { tool: String, message: String },
+    #[error("unknown executor `{0}` (expected `local` or `slurm`)")]
+    Unknown(String),
+}

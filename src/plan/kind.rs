@@ -1,0 +1,183 @@
+//! Stage kinds and what each one's key depends on.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::spec::Cell;
+
+/// The five stage kinds of CONTRACT §5, in pipeline order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageKind {
+    Preprocess,
+    PretrainAlign,
+    DomainAdapt,
+    CiderOptimize,
+    Evaluate,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 5] = [
+        StageKind::Preprocess,
+        StageKind::PretrainAlign,
+        StageKind::DomainAdapt,
+        StageKind::CiderOptimize,
+        StageKind::Evaluate,
+    ];
+
+    /// The kind's name in keys, the store and the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Preprocess => "preprocess",
+            StageKind::PretrainAlign => "pretrain-align",
+            StageKind::DomainAdapt => "domain-adapt",
+            StageKind::CiderOptimize => "cider-optimize",
+            StageKind::Evaluate => "evaluate",
+        }
+    }
+
+    /// The kind's table name in specs (`[stages.pretrain_align]`).
+    pub fn spec_name(self) -> &'static str {
+        match self {
+            StageKind::Preprocess => "preprocess",
+            StageKind::PretrainAlign => "pretrain_align",
+            StageKind::DomainAdapt => "domain_adapt",
+            StageKind::CiderOptimize => "cider_optimize",
+            StageKind::Evaluate => "evaluate",
+        }
+    }
+
+    /// Per-kind output format version: bump to invalidate every cached output
+    /// of this kind (and, through the Merkle chain, everything downstream).
+    pub fn version(self) -> u32 {
+        match self {
+            StageKind::Preprocess => 1,
+            StageKind::PretrainAlign => 1,
+            StageKind::DomainAdapt => 1,
+            StageKind::CiderOptimize => 1,
+            StageKind::Evaluate => 1,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StageKind> {
+        StageKind::ALL.into_iter().find(|k| k.name() == s || k.spec_name() == s)
+    }
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Image side for a backbone at a preset.
+pub fn image_size(backbone: &str, preset: &str) -> u32 {
+    match (preset, backbone) {
+        ("tiny", "phi3v") => 128,
+        ("tiny", _) => 64,
+        (_, "blip2") => 224,
+        (_, "llava") => 336,
+        (_, "phi3v") => 336,
+        _ => 224,
+    }
+}
+
+/// CLIP's normalisation, used by all three backbone families.
+pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// The parameters a stage of `kind` depends on, for `cell`: exactly what
+/// enters its key. Anything not listed here cannot change the stage's output.
+pub fn params(kind: StageKind, cell: &Cell) -> Value {
+    let c = &cell.config;
+    match kind {
+        StageKind::Preprocess => {
+            let p = &c.stages.preprocess;
+            let size = if p.image_size != 0 { p.image_size } else { image_size(&cell.backbone, &c.model.preset) };
+            json!({
+                "image_size": size,
+                "mean": CLIP_MEAN,
+                "std": CLIP_STD,
+                "augment_copies": p.augment_copies,
+                "flip": p.flip,
+                "crop_scale": p.crop_scale,
+                "jitter": p.jitter,
+                "tokenizer": p.tokenizer,
+                "min_freq": p.min_freq,
+                "policy": c.data.policy,
+                "max_len": c.model.max_len,
+            })
+        }
+        StageKind::PretrainAlign => json!({
+            "backbone": cell.backbone,
+            "fusion": cell.fusion,
+            "preset": c.model.preset,
+            "checkpoint": c.model.checkpoint,
+            "max_len": c.model.max_len,
+            "train": c.stages.pretrain_align,
+        }),
+        StageKind::DomainAdapt => {
+            let peft = match cell.peft.as_str() {
+                "lora" => serde_json::to_value(&c.peft.lora).unwrap_or(Value::Null),
+                "qlora" => serde_json::to_value(&c.peft.qlora).unwrap_or(Value::Null),
+                "adapter" => serde_json::to_value(&c.peft.adapter).unwrap_or(Value::Null),
+                _ => Value::Null,
+            };
+            json!({
+                "peft": cell.peft,
+                "peft_params": peft,
+                "vision": c.model.vision,
+                "train": c.stages.domain_adapt,
+            })
+        }
+        StageKind::CiderOptimize => {
+            let mut v = serde_json::to_value(&c.stages.cider_optimize).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.remove("enabled");
+            }
+            v
+        }
+        StageKind::Evaluate => {
+            let e = &c.stages.evaluate;
+            let mut v = json!({
+                "split": e.split,
+                "tokenize": e.tokenize,
+                "predict_test": e.predict_test,
+            });
+            let m = v.as_object_mut().expect("object literal");
+            if cell.is_baseline() {
+                m.insert("baseline".into(), json!(cell.backbone));
+            } else {
+                m.insert("method".into(), json!(e.method));
+                m.insert("max_len".into(), json!(e.max_len));
+                m.insert("repetition_penalty".into(), json!(e.repetition_penalty));
+                match e.method.as_str() {
+                    "beam" => {
+                        m.insert("beam_width".into(), json!(e.beam_width));
+                        m.insert("length_penalty".into(), json!(e.length_penalty));
+                    }
+                    "nucleus" => {
+                        m.insert("top_p".into(), json!(e.top_p));
+                        m.insert("temperature".into(), json!(e.temperature));
+                    }
+                    _ => {}
+                }
+            }
+            v
+        }
+    }
+}
+
+/// The kinds a cell runs, in order (baselines: preprocess then evaluate;
+/// cider-optimize only when enabled).
+pub fn chain(cell: &Cell) -> Vec<StageKind> {
+    if cell.is_baseline() {
+        return vec![StageKind::Preprocess, StageKind::Evaluate];
+    }
+    let mut v = vec![StageKind::Preprocess, StageKind::PretrainAlign, StageKind::DomainAdapt];
+    if cell.config.stages.cider_optimize.enabled {
+        v.push(StageKind::CiderOptimize);
+    }
+    v.push(StageKind::Evaluate);
+    v
+}

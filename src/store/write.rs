@@ -1,0 +1,243 @@
+//! Write-side operations, called by the orchestrator only.
+
+use rusqlite::{params, OptionalExtension};
+use serde_json::Value;
+
+use super::{now, Store, StoreError};
+
+/// A sweep as recorded when it starts.
+#[derive(Debug, Clone)]
+pub struct SweepRow {
+    pub name: String,
+    pub spec_path: String,
+    pub spec_text: String,
+    pub sets: Vec<String>,
+    pub spec_hash: String,
+    pub axes: Vec<String>,
+    pub data_dir: String,
+    pub data_digest: String,
+    pub executor: String,
+    pub jobs: usize,
+    pub git_commit: Option<String>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CellRow {
+    pub name: String,
+    pub backbone: String,
+    pub peft: String,
+    pub fusion: String,
+    pub seed: u64,
+    pub overrides: Value,
+    /// (kind, key) of the cell's stages.
+    pub stages: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageRow {
+    pub key: String,
+    pub kind: String,
+    pub label: String,
+    pub params: Value,
+    pub inputs: Vec<String>,
+    pub reused: bool,
+}
+
+impl Store {
+    /// Record the start of a sweep (replacing the cells of an earlier run of the
+    /// same experiment name) with its cells and planned stages, in one transaction.
+    pub fn begin_sweep(&mut self, sweep: &SweepRow, cells: &[CellRow], stages: &[StageRow]) -> Result<i64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        let existing: Option<i64> =
+            tx.query_row("SELECT id FROM sweeps WHERE name = ?1", [&sweep.name], |r| r.get(0)).optional().map_err(err)?;
+        let sets = serde_json::to_string(&sweep.sets).unwrap_or_default();
+        let axes = serde_json::to_string(&sweep.axes).unwrap_or_default();
+        let id = match existing {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE sweeps SET spec_path=?2, spec_text=?3, sets=?4, spec_hash=?5, axes=?6, data_dir=?7,
+                     data_digest=?8, executor=?9, jobs=?10, git_commit=?11, host=?12, ecic_version=?13,
+                     started_at=?14, finished_at=NULL, status='running' WHERE id=?1",
+                    params![
+                        id, sweep.spec_path, sweep.spec_text, sets, sweep.spec_hash, axes, sweep.data_dir,
+                        sweep.data_digest, sweep.executor, sweep.jobs as i64, sweep.git_commit, sweep.host,
+                        env!("CARGO_PKG_VERSION"), now()
+                    ],
+                )
+                .map_err(err)?;
+                tx.execute("DELETE FROM cells WHERE sweep_id = ?1", [id]).map_err(err)?;
+                tx.execute("DELETE FROM sweep_stages WHERE sweep_id = ?1", [id]).map_err(err)?;
+                id
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO sweeps (name, spec_path, spec_text, sets, spec_hash, axes, data_dir, data_digest,
+                     executor, jobs, git_commit, host, ecic_version, started_at, status)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'running')",
+                    params![
+                        sweep.name, sweep.spec_path, sweep.spec_text, sets, sweep.spec_hash, axes, sweep.data_dir,
+                        sweep.data_digest, sweep.executor, sweep.jobs as i64, sweep.git_commit, sweep.host,
+                        env!("CARGO_PKG_VERSION"), now()
+                    ],
+                )
+                .map_err(err)?;
+                tx.last_insert_rowid()
+            }
+        };
+        {
+            let mut ins_stage = tx
+                .prepare(
+                    "INSERT INTO stages (key, kind, label, params, inputs, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(key) DO UPDATE SET status = CASE WHEN stages.status = 'done' THEN 'done'
+                       WHEN excluded.status = 'done' THEN 'done' ELSE 'planned' END, error = CASE WHEN
+                       excluded.status = 'done' OR stages.status = 'done' THEN stages.error ELSE NULL END",
+                )
+                .map_err(err)?;
+            let mut ins_ss =
+                tx.prepare("INSERT OR REPLACE INTO sweep_stages (sweep_id, key, reused) VALUES (?1, ?2, ?3)").map_err(err)?;
+            for s in stages {
+                let status = if s.reused { "done" } else { "planned" };
+                ins_stage
+                    .execute(params![
+                        s.key,
+                        s.kind,
+                        s.label,
+                        s.params.to_string(),
+                        serde_json::to_string(&s.inputs).unwrap_or_default(),
+                        status
+                    ])
+                    .map_err(err)?;
+                ins_ss.execute(params![id, s.key, s.reused as i64]).map_err(err)?;
+            }
+            let mut ins_cell = tx
+                .prepare(
+                    "INSERT INTO cells (sweep_id, name, backbone, peft, fusion, seed, overrides, position)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(err)?;
+            let mut ins_cs =
+                tx.prepare("INSERT OR REPLACE INTO cell_stages (cell_id, kind, key) VALUES (?1, ?2, ?3)").map_err(err)?;
+            for (pos, c) in cells.iter().enumerate() {
+                ins_cell
+                    .execute(params![
+                        id,
+                        c.name,
+                        c.backbone,
+                        c.peft,
+                        c.fusion,
+                        c.seed as i64,
+                        c.overrides.to_string(),
+                        pos as i64
+                    ])
+                    .map_err(err)?;
+                let cell_id = tx.last_insert_rowid();
+                for (kind, key) in &c.stages {
+                    ins_cs.execute(params![cell_id, kind, key]).map_err(err)?;
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    pub fn finish_sweep(&self, id: i64, status: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE sweeps SET finished_at = ?2, status = ?3 WHERE id = ?1", params![id, now(), status])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn stage_started(&self, key: &str, host: Option<&str>, job_id: Option<&str>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE stages SET status='running', started_at=?2, host=COALESCE(?3, host), job_id=?4, error=NULL
+                 WHERE key=?1",
+                params![key, now(), host, job_id],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Mark a stage failed / skipped / interrupted.
+    pub fn stage_ended(&self, key: &str, status: &str, error: Option<&str>, wall_s: Option<f64>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE stages SET status=?2, error=?3, finished_at=?4, wall_s=COALESCE(?5, wall_s) WHERE key=?1",
+                params![key, status, error, now(), wall_s],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn log_event(&self, sweep: i64, key: Option<&str>, what: &str, detail: Option<&str>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (sweep_id, at, key, what, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sweep, now(), key, what, detail],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Ingest a completed stage: its manifest's timings, its metrics, curves and
+    /// captions, in one transaction (idempotent: re-ingesting replaces).
+    pub fn ingest(&mut self, out: &crate::cache::StageOutputs) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let m = &out.manifest;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        tx.execute(
+            "UPDATE stages SET status='done', error=NULL, host=?2, started_at=?3, finished_at=?4, wall_s=?5, cpu_s=?6,
+             peak_rss_kb=?7, trainable_params=?8, total_params=?9, log_path=?10 WHERE key=?1",
+            params![
+                m.key,
+                m.host,
+                m.started_at,
+                m.finished_at,
+                m.wall_s,
+                m.cpu_s,
+                m.peak_rss_kb.map(|v| v as i64),
+                m.trainable_params.map(|v| v as i64),
+                m.total_params.map(|v| v as i64),
+                out.log_path.as_ref().map(|p| p.display().to_string()),
+            ],
+        )
+        .map_err(err)?;
+        tx.execute("DELETE FROM metrics WHERE stage_key = ?1", [&m.key]).map_err(err)?;
+        tx.execute("DELETE FROM curves WHERE stage_key = ?1", [&m.key]).map_err(err)?;
+        tx.execute("DELETE FROM captions WHERE stage_key = ?1", [&m.key]).map_err(err)?;
+        {
+            let mut ins = tx
+                .prepare("INSERT OR REPLACE INTO metrics (stage_key, split, metric, value) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(err)?;
+            for (split, metric, value) in &out.metrics {
+                if value.is_finite() {
+                    ins.execute(params![m.key, split, metric, value]).map_err(err)?;
+                }
+            }
+            let mut ins = tx
+                .prepare("INSERT OR REPLACE INTO curves (stage_key, step, name, value) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(err)?;
+            for (step, name, value) in &out.curves {
+                if value.is_finite() {
+                    ins.execute(params![m.key, *step as i64, name, value]).map_err(err)?;
+                }
+            }
+            let mut ins = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO captions (stage_key, split, image_id, caption, scores)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(err)?;
+            for c in &out.captions {
+                ins.execute(params![m.key, c.split, c.image_id, c.caption, c.scores.as_ref().map(|s| s.to_string())])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(())
+    }
+}
