@@ -7,6 +7,7 @@
 //! `docs/store.md` documents it; the `results` view is CONTRACT §6.
 
 pub mod read;
+pub mod report_queries;
 mod schema;
 mod write;
 

@@ -1,0 +1,1 @@
+//! Queries for reports and comparisons (owned by the report module's author).
