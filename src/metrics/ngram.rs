@@ -1,0 +1,216 @@
+//! Interned tokens and packed n-gram keys: the representation BLEU, ROUGE-L
+//! and CIDEr-D work on once tokenization is done. Tokens become `u32` ids and
+//! an n-gram (n <= 4) becomes one `u128` holding its ids, so counting and
+//! matching never hash or compare strings.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use super::tokenize::{is_py_space, Tokenize};
+
+/// Highest n-gram order of BLEU and CIDEr-D.
+pub const MAX_N: usize = 4;
+
+/// An n-gram of token ids: each 32-bit limb holds `id + 1`, lowest limb last
+/// token, so limbs of shorter n-grams are zero and orders never collide.
+pub type Key = u128;
+
+/// The order (1..=4) of a key.
+pub fn order(key: Key) -> usize {
+    (128 - key.leading_zeros() as usize).div_ceil(32)
+}
+
+/// A small multiply-rotate hasher with a splitmix finalizer: the keys here
+/// are short and trusted, so SipHash's DoS resistance buys nothing.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(buf));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// Token string -> id, built from the reference corpus.
+#[derive(Debug, Clone, Default)]
+pub struct Vocab {
+    ids: FastMap<Box<str>, u32>,
+}
+
+impl Vocab {
+    pub fn intern(&mut self, token: &str) -> u32 {
+        if let Some(&id) = self.ids.get(token) {
+            return id;
+        }
+        let id = u32::try_from(self.ids.len()).unwrap_or(u32::MAX - 1);
+        self.ids.insert(token.into(), id);
+        id
+    }
+
+    pub fn get(&self, token: &str) -> Option<u32> {
+        self.ids.get(token).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Ids for tokens of one candidate that the reference vocabulary lacks: each
+/// distinct unknown string gets its own id past the vocabulary, so repeated
+/// unknown tokens still count as repeats.
+pub struct Unknowns<'a> {
+    base: usize,
+    seen: Vec<&'a str>,
+}
+
+impl<'a> Unknowns<'a> {
+    pub fn new(vocab: &Vocab) -> Self {
+        Unknowns { base: vocab.len(), seen: Vec::new() }
+    }
+
+    pub fn id(&mut self, vocab: &Vocab, token: &'a str) -> u32 {
+        if let Some(id) = vocab.get(token) {
+            return id;
+        }
+        let pos = match self.seen.iter().position(|s| *s == token) {
+            Some(p) => p,
+            None => {
+                self.seen.push(token);
+                self.seen.len() - 1
+            }
+        };
+        u32::try_from(self.base + pos).unwrap_or(u32::MAX - 1)
+    }
+}
+
+/// One caption as pycocoevalcap sees it, as token ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caption {
+    /// `str.split()` of the fed string: BLEU and CIDEr-D.
+    pub words: Vec<u32>,
+    /// `str.split(" ")` of the fed string where it differs from `words`
+    /// (an empty caption is one empty token; `space` mode keeps empty tokens).
+    pub rouge: Option<Vec<u32>>,
+}
+
+impl Caption {
+    /// Ids of `tokens` (as [`super::tokenize_into`] gives them).
+    pub fn encode<'a>(
+        tokens: &[&'a str],
+        mode: Tokenize,
+        mut id: impl FnMut(&'a str) -> u32,
+    ) -> Caption {
+        if tokens.is_empty() {
+            return Caption { words: Vec::new(), rouge: Some(vec![id("")]) };
+        }
+        let rouge: Vec<u32> = tokens.iter().map(|t| id(*t)).collect();
+        if mode != Tokenize::Space {
+            // char and jieba tokens are never empty and hold no whitespace
+            return Caption { words: rouge, rouge: None };
+        }
+        let clean = tokens.iter().all(|t| !t.is_empty() && !t.contains(is_py_space));
+        if clean {
+            return Caption { words: rouge, rouge: None };
+        }
+        let words = tokens
+            .iter()
+            .flat_map(|t| t.split(is_py_space))
+            .filter(|w| !w.is_empty())
+            .map(&mut id)
+            .collect();
+        Caption { words, rouge: Some(rouge) }
+    }
+
+    pub fn rouge_tokens(&self) -> &[u32] {
+        self.rouge.as_deref().unwrap_or(&self.words)
+    }
+}
+
+/// All 1..=4-grams of `words` with their counts, sorted by key, into `out`.
+pub fn count_ngrams(words: &[u32], out: &mut Vec<(Key, u32)>) {
+    out.clear();
+    let mut keys: Vec<Key> = Vec::with_capacity(words.len() * MAX_N);
+    for start in 0..words.len() {
+        let mut key: Key = 0;
+        for &w in words[start..].iter().take(MAX_N) {
+            key = (key << 32) | Key::from(w + 1);
+            keys.push(key);
+        }
+    }
+    keys.sort_unstable();
+    for key in keys {
+        match out.last_mut() {
+            Some((k, c)) if *k == key => *c += 1,
+            _ => out.push((key, 1)),
+        }
+    }
+}
+
+/// Bigram count of a caption: pycocoevalcap's CIDEr-D "length" (its
+/// `if n == 1: length += term_freq` sums the 2-gram counts).
+pub fn cider_length(words: &[u32]) -> i64 {
+    words.len().saturating_sub(1) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_know_their_order_and_counts_are_sorted() {
+        let mut out = Vec::new();
+        count_ngrams(&[0, 1, 0, 1], &mut out);
+        let by_order = |n| out.iter().filter(|(k, _)| order(*k) == n).count();
+        assert_eq!([by_order(1), by_order(2), by_order(3), by_order(4)], [2, 2, 2, 1]);
+        assert!(out.windows(2).all(|w| w[0].0 < w[1].0));
+        let unigram_zero = out.iter().find(|(k, _)| *k == 1).map(|e| e.1);
+        assert_eq!(unigram_zero, Some(2));
+    }
+
+    #[test]
+    fn space_mode_keeps_empty_tokens_for_rouge_only() {
+        let mut v = Vocab::default();
+        let c = Caption::encode(&["a", "", "b"], Tokenize::Space, |t| v.intern(t));
+        assert_eq!(c.words.len(), 2);
+        assert_eq!(c.rouge_tokens().len(), 3);
+        let e = Caption::encode(&[], Tokenize::Char, |t| v.intern(t));
+        assert!(e.words.is_empty());
+        assert_eq!(e.rouge_tokens(), &[v.intern("")]);
+    }
+}
