@@ -1,17 +1,90 @@
-//! `ecic data synth|inspect` (being written).
+//! `ecic data synth|inspect`: the command-line face of the data module.
+
+use std::path::PathBuf;
+
 use crate::error::{CliError, CliResult};
+
+use super::inspect;
+use super::synth::{self, SynthConfig};
+
+/// `ecic data synth`: write the embedded default data set.
 #[derive(Debug, clap::Args)]
 pub struct SynthArgs {
+    /// Directory to write the MUGE files into (created if needed).
     #[arg(long)]
-    pub out: std::path::PathBuf,
+    pub out: PathBuf,
+    /// Seed of the generator; the same seed gives the same bytes.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images in IC_train.
+    #[arg(long)]
+    pub train: Option<usize>,
+    /// Images in IC_valid.
+    #[arg(long)]
+    pub valid: Option<usize>,
+    /// Images in IC_test.
+    #[arg(long)]
+    pub test: Option<usize>,
+    /// Images in ALIGN_train (generic-domain captions).
+    #[arg(long)]
+    pub align: Option<usize>,
 }
+
+/// `ecic data inspect`: statistics and bad records of a data directory.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    pub dir: std::path::PathBuf,
+    /// A directory in MUGE layout (IC_*.tsv/jsonl, optionally ALIGN_*).
+    pub dir: PathBuf,
 }
-pub fn run_synth(_a: &SynthArgs) -> CliResult {
-    Err(CliError::failed("data synth: being written"))
+
+pub fn run_synth(a: &SynthArgs) -> CliResult {
+    let d = SynthConfig::default();
+    let cfg = SynthConfig {
+        seed: a.seed.unwrap_or(d.seed),
+        train: a.train.unwrap_or(d.train),
+        valid: a.valid.unwrap_or(d.valid),
+        test: a.test.unwrap_or(d.test),
+        align: a.align.unwrap_or(d.align),
+        ..d
+    };
+    let t = std::time::Instant::now();
+    let summary = synth::generate(&a.out, &cfg).map_err(|e| match e {
+        synth::SynthError::Config(_) => CliError::usage(e.to_string()),
+        _ => CliError::failed(e.to_string()),
+    })?;
+    for (prefix, n) in &summary.splits {
+        println!("{prefix}: {n} images");
+    }
+    println!(
+        "wrote {} in {:.1}s (seed {})",
+        a.out.display(),
+        t.elapsed().as_secs_f64(),
+        cfg.seed
+    );
+    Ok(())
 }
-pub fn run_inspect(_a: &InspectArgs) -> CliResult {
-    Err(CliError::failed("data inspect: being written"))
+
+pub fn run_inspect(a: &InspectArgs) -> CliResult {
+    if !a.dir.is_dir() {
+        return Err(CliError::usage(format!(
+            "{}: not a directory",
+            a.dir.display()
+        )));
+    }
+    let report = inspect::inspect(&a.dir).map_err(|e| CliError::usage(e.to_string()))?;
+    if report.splits.is_empty() {
+        return Err(CliError::usage(format!(
+            "{}: no IC_*.tsv or ALIGN_*.tsv files",
+            a.dir.display()
+        )));
+    }
+    print!("{}", report.render());
+    let bad: usize = report.splits.iter().map(|s| s.bad.len()).sum();
+    if bad > 0 {
+        return Err(CliError::usage(format!(
+            "{bad} bad record(s) in {}",
+            a.dir.display()
+        )));
+    }
+    Ok(())
 }
