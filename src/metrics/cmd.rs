@@ -64,7 +64,11 @@ struct Scored {
 pub fn run(args: &EvalArgs) -> CliResult {
     let (refs, pred) =
         rayon::join(|| jsonl::read_references(&args.refs), || jsonl::read_predictions(&args.pred));
-    let (refs, pred) = (refs.map_err(usage)?, pred.map_err(usage)?);
+    let (refs, pred) = match (refs, pred) {
+        (Ok(r), Ok(p)) => (r, p),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(usage(e)),
+        (Err(a), Err(b)) => return Err(CliError::Usage(format!("{a}\n{b}"))),
+    };
     let pred_b = args.compare.as_deref().map(jsonl::read_predictions).transpose().map_err(usage)?;
     let aligned = jsonl::align(&refs, &args.refs, &pred, &args.pred, args.allow_missing).map_err(usage)?;
     let aligned_b = match (&pred_b, &args.compare) {
@@ -193,7 +197,7 @@ fn table_report(args: &EvalArgs, resamples: usize, a: &Scored, b: Option<&Scored
     };
     match (b, paired) {
         (Some(b), Some(paired)) => {
-            table.set_header(vec!["metric (×100)", "A", "B", "A − B", "95% CI of A − B", "p (A not better)"]);
+            table.set_header(vec!["metric (×100)", "A", "B", "A − B", "95% CI of A − B", "p-value (A ≤ B)"]);
             for p in paired {
                 table.add_row(vec![
                     Cell::new(p.metric.label()),
