@@ -18,11 +18,13 @@
 //! - `data/`: materialised data sets (the synthetic default)
 //! - `ecic.sqlite`: the store
 
+mod digest;
 mod entry;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub use digest::data_digest;
 pub use entry::{CaptionRecord, Manifest, StageOutputs};
 
 /// Bump to start a fresh object root (old entries are then ignored and gc'able).

@@ -1,26 +1,38 @@
-//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`.
+//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`: the
+//! dispatcher that owns run state. Executors send events; the sinks here (the
+//! store, progress bars, plain log lines) consume them.
 
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::cache::Cache;
 use crate::error::{CliError, CliResult};
+use crate::exec::{Event, Executor, Outcome, StageJob};
+use crate::plan::{Plan, Sealed};
+use crate::spec::Spec;
+use crate::store::{CellRow, StageRow, Store, SweepRow};
 
 #[derive(Debug, Args)]
 pub struct SweepArgs {
     /// The experiment spec (TOML).
     pub spec: PathBuf,
-    /// Override a spec value: `--set stages.domain_adapt.lr=1e-4` (TOML value syntax).
+    /// Override a spec value: `--set stages.domain_adapt.lr=1e-4` (TOML value syntax; repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Stages to run at once (default: as many as the cores allow).
+    /// Stages to run at once (default: one per core, one thread each).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Where stages run.
+    /// Where stages run: `local` or `slurm`.
     #[arg(long, default_value = "local")]
     pub executor: String,
     /// The runs directory (cache + SQLite store).
-    #[arg(long, default_value = "runs")]
+    #[arg(long, default_value = "runs", env = "ECIC_RUNS")]
     pub runs: PathBuf,
     /// Go on with independent stages after a failure.
     #[arg(long)]
@@ -28,29 +40,37 @@ pub struct SweepArgs {
     /// Show what would run, run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Do not write the HTML report at the end.
+    #[arg(long)]
+    pub no_report: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
+    /// The experiment spec (TOML).
     pub spec: PathBuf,
+    /// Override a spec value (TOML value syntax; repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// `table`, `dot` (Graphviz) or `json`.
     #[arg(long, default_value = "table")]
     pub format: String,
-    #[arg(long, default_value = "runs")]
+    /// The runs directory whose cache decides hit or miss.
+    #[arg(long, default_value = "runs", env = "ECIC_RUNS")]
     pub runs: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    #[arg(long, default_value = "runs")]
+    #[arg(long, default_value = "runs", env = "ECIC_RUNS")]
     pub runs: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    #[arg(long, default_value = "runs")]
+    #[arg(long, default_value = "runs", env = "ECIC_RUNS")]
     pub runs: PathBuf,
+    /// List what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -59,21 +79,436 @@ pub struct GcArgs {
 pub struct RunStageArgs {
     #[arg(long, default_value = "runs")]
     pub runs: PathBuf,
+    /// Report progress as JSON lines on stdout.
+    #[arg(long)]
+    pub progress: bool,
+    /// The stage's cache key.
     pub key: String,
 }
 
-pub fn sweep(_a: &SweepArgs) -> CliResult {
-    Err(CliError::failed("sweep: being written"))
+fn usage<E: std::fmt::Display>(e: E) -> CliError {
+    CliError::Usage(e.to_string())
 }
-pub fn plan(_a: &PlanArgs) -> CliResult {
-    Err(CliError::failed("plan: being written"))
+
+fn other<E: Into<anyhow::Error>>(e: E) -> CliError {
+    CliError::Other(e.into())
 }
-pub fn status(_a: &StatusArgs) -> CliResult {
-    Err(CliError::failed("status: being written"))
+
+/// Load the spec, materialise its data, and build the sealed plan.
+fn prepare(spec_path: &Path, sets: &[String], runs: &Path) -> CliResult<(Spec, Cache, Plan<Sealed>)> {
+    let spec = Spec::load(spec_path, sets).map_err(usage)?;
+    let cache = Cache::open(runs).map_err(other)?;
+    let data_dir = materialise_data(&spec, runs)?;
+    let digest = crate::cache::data_digest(&data_dir, &runs.join("data").join("digests.json")).map_err(usage)?;
+    let data_dir = std::path::absolute(&data_dir).map_err(other)?;
+    let plan = Plan::of_spec(&spec, data_dir, digest).map_err(other)?;
+    Ok((spec, cache, plan))
 }
-pub fn gc(_a: &GcArgs) -> CliResult {
-    Err(CliError::failed("gc: being written"))
+
+/// The data directory of a spec: a MUGE directory, or the synthetic default
+/// generated once under `runs/data/synth-<hash>/`.
+fn materialise_data(spec: &Spec, runs: &Path) -> CliResult<PathBuf> {
+    let d = &spec.config.data;
+    if d.source != "synth" {
+        return Ok(spec.dir().join(&d.source));
+    }
+    let cfg = crate::data::synth::SynthConfig {
+        seed: d.synth.seed,
+        train: d.synth.train,
+        valid: d.synth.valid,
+        test: d.synth.test,
+        align: d.synth.align,
+        ..Default::default()
+    };
+    let id = crate::plan::hash_value(&serde_json::to_value(&cfg).map_err(other)?);
+    let dir = runs.join("data").join(format!("synth-{}", &id[..16]));
+    if dir.join(".complete").is_file() {
+        return Ok(dir);
+    }
+    let cache = Cache::open(runs).map_err(other)?;
+    let _lock = cache.lock(&format!("data-{}", &id[..16])).map_err(other)?;
+    if dir.join(".complete").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("generating the synthetic data set into {} ...", dir.display());
+    let tmp = runs.join("data").join(format!(".synth-{}.{}", &id[..16], std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    crate::data::synth::generate(&tmp, &cfg).map_err(other)?;
+    std::fs::write(tmp.join(".complete"), b"").map_err(other)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(other)?;
+    Ok(dir)
 }
-pub fn run_stage(_a: &RunStageArgs) -> CliResult {
-    Err(CliError::failed("run-stage: being written"))
+
+pub fn plan(a: &PlanArgs) -> CliResult {
+    let format: crate::plan::Format = a.format.parse().map_err(CliError::Usage)?;
+    let (_spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
+    let cached = |k: &str| cache.is_complete(k);
+    print!("{}", plan.render(format, &cached));
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+pub fn sweep(a: &SweepArgs) -> CliResult {
+    if a.jobs == Some(0) {
+        return Err(CliError::usage("--jobs must be at least 1"));
+    }
+    if !matches!(a.executor.as_str(), "local" | "slurm") {
+        return Err(CliError::usage(format!("unknown executor `{}` (expected `local` or `slurm`)", a.executor)));
+    }
+    let (spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
+    let cached: HashSet<String> =
+        plan.stages().filter(|s| cache.is_complete(&s.desc.key)).map(|s| s.desc.key.clone()).collect();
+    if a.dry_run {
+        print!("{}", plan.render(crate::plan::Format::Table, &|k| cached.contains(k)));
+        return Ok(());
+    }
+    let jobs = a.jobs.unwrap_or_else(cores).max(1);
+    let threads = (cores() / jobs).max(1);
+    let mut store = Store::open(&a.runs).map_err(other)?;
+    let sweep_id = record_sweep(&mut store, &spec, &plan, &cached, &a.executor, jobs)?;
+    ingest_missing(&mut store, &cache, &plan, &cached)?;
+
+    let to_run: Vec<StageJob> = plan
+        .stages()
+        .filter(|s| !cached.contains(&s.desc.key))
+        .map(|s| StageJob {
+            key: s.desc.key.clone(),
+            kind: s.desc.kind.name().to_string(),
+            label: s.desc.label.clone(),
+            deps: s.desc.inputs.iter().map(|(_, k)| k.clone()).filter(|k| !cached.contains(k)).collect(),
+            threads,
+            resources: s.resources.clone(),
+        })
+        .collect();
+    for job in &to_run {
+        let node = plan.get(&job.key).expect("job from plan");
+        cache.write_desc(&node.desc).map_err(other)?;
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted twice: exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to exit at once)");
+        });
+    }
+    let worker = crate::exec::Worker::current(a.runs.clone()).map_err(other)?;
+    let mut executor: Box<dyn Executor> = match a.executor.as_str() {
+        "local" => Box::new(crate::exec::local::LocalExecutor { worker, jobs, interrupted: interrupted.clone() }),
+        other_name => return Err(CliError::usage(format!("executor `{other_name}` is not available in this build"))),
+    };
+    let mut sink = Sink::new(&to_run, plan.len(), cached.len());
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut ingest_errors = Vec::new();
+    let t0 = std::time::Instant::now();
+    executor
+        .execute(&to_run, a.keep_going, &mut |ev| {
+            sink.event(&ev);
+            let r = match &ev {
+                Event::Started { key, host, job_id } => store.stage_started(key, host.as_deref(), job_id.as_deref()),
+                Event::Progress { .. } => Ok(()),
+                Event::Finished { key, outcome, wall } => match outcome {
+                    Outcome::Done => match cache.outputs(key) {
+                        Ok(out) => store.ingest(&out),
+                        Err(e) => {
+                            ingest_errors.push(format!("{key}: {e}"));
+                            Ok(())
+                        }
+                    },
+                    Outcome::Failed(msg) => {
+                        let reason = failure_reason(&cache, key, msg);
+                        failures.push((key.clone(), reason.clone()));
+                        store.stage_ended(key, "failed", Some(&reason), Some(wall.as_secs_f64()))
+                    }
+                    Outcome::Skipped { because_of } => {
+                        let why = format!("skipped: input {} failed", &because_of[..12.min(because_of.len())]);
+                        store.stage_ended(key, "skipped", Some(&why), None)
+                    }
+                    Outcome::Interrupted(why) => store.stage_ended(key, "interrupted", Some(why), None),
+                },
+            };
+            if let Err(e) = r {
+                ingest_errors.push(e.to_string());
+            }
+        })
+        .map_err(other)?;
+    sink.finish();
+    let was_interrupted = interrupted.load(Ordering::SeqCst);
+    let status = if was_interrupted {
+        "interrupted"
+    } else if failures.is_empty() && ingest_errors.is_empty() {
+        "done"
+    } else {
+        "failed"
+    };
+    store.finish_sweep(sweep_id, status).map_err(other)?;
+    print_summary(&store, sweep_id);
+    eprintln!(
+        "{} stages run, {} reused from the cache, in {:.1} s",
+        to_run.len(),
+        cached.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if !a.no_report && !was_interrupted {
+        write_report(&spec, &a.runs);
+    }
+    for (key, reason) in &failures {
+        let label = plan.get(key).map(|n| n.desc.label.clone()).unwrap_or_default();
+        eprintln!("failed: {label} [{}]: {reason}", &key[..12]);
+        eprintln!("  log: {}", cache.log_path(key).display());
+    }
+    for e in &ingest_errors {
+        eprintln!("error recording results: {e}");
+    }
+    match status {
+        "done" => Ok(()),
+        "interrupted" => Err(CliError::failed("interrupted; run the same command again to resume")),
+        _ => Err(CliError::failed(format!("{} stage(s) failed", failures.len().max(ingest_errors.len())))),
+    }
+}
+
+/// The failure marker's error if the stage wrote one, else the executor's
+/// message, with the log's last lines.
+fn failure_reason(cache: &Cache, key: &str, fallback: &str) -> String {
+    let marker = std::fs::read(cache.failed_marker(key))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+    marker.unwrap_or_else(|| {
+        let tail = std::fs::read_to_string(cache.log_path(key))
+            .map(|s| s.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
+            .unwrap_or_default();
+        if tail.is_empty() {
+            fallback.to_string()
+        } else {
+            format!("{fallback}: {tail}")
+        }
+    })
+}
+
+fn record_sweep(
+    store: &mut Store,
+    spec: &Spec,
+    plan: &Plan<Sealed>,
+    cached: &HashSet<String>,
+    executor: &str,
+    jobs: usize,
+) -> CliResult<i64> {
+    let spec_hash = crate::plan::hash_value(&spec.base);
+    let row = SweepRow {
+        name: spec.config.name.clone(),
+        spec_path: spec.path.display().to_string(),
+        spec_text: spec.text.clone(),
+        sets: spec.sets.clone(),
+        spec_hash,
+        axes: spec.axes.clone(),
+        data_dir: plan.data_dir().display().to_string(),
+        data_digest: plan.data_digest().to_string(),
+        executor: executor.to_string(),
+        jobs,
+        git_commit: crate::stages::git_commit(),
+        host: crate::stages::hostname(),
+    };
+    let cells: Vec<CellRow> = plan
+        .cells
+        .iter()
+        .map(|c| CellRow {
+            name: c.cell.name.clone(),
+            backbone: c.cell.backbone.clone(),
+            peft: c.cell.peft.clone(),
+            fusion: c.cell.fusion.clone(),
+            seed: c.cell.seed,
+            overrides: serde_json::Value::Object(c.cell.overrides.iter().cloned().collect()),
+            stages: c.stages.iter().map(|(k, key)| (k.name().to_string(), key.clone())).collect(),
+        })
+        .collect();
+    let stages: Vec<StageRow> = plan
+        .stages()
+        .map(|s| StageRow {
+            key: s.desc.key.clone(),
+            kind: s.desc.kind.name().to_string(),
+            label: s.desc.label.clone(),
+            params: s.desc.fingerprint.params.clone(),
+            inputs: s.desc.fingerprint.inputs.clone(),
+            reused: cached.contains(&s.desc.key),
+        })
+        .collect();
+    store.begin_sweep(&row, &cells, &stages).map_err(other)
+}
+
+/// Cached stages the store has no results for (a deleted or fresh store, or a
+/// stage computed by another sweep process): ingest them from the cache.
+fn ingest_missing(store: &mut Store, cache: &Cache, plan: &Plan<Sealed>, cached: &HashSet<String>) -> CliResult {
+    let ingested: HashSet<String> = {
+        let mut st = store
+            .conn()
+            .prepare("SELECT key FROM stages WHERE status = 'done' AND finished_at IS NOT NULL")
+            .map_err(other)?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(other)?;
+        rows.collect::<Result<_, _>>().map_err(other)?
+    };
+    for s in plan.stages() {
+        let key = &s.desc.key;
+        if cached.contains(key) && !ingested.contains(key) {
+            let out = cache.outputs(key).map_err(other)?;
+            store.ingest(&out).map_err(other)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(store: &Store, sweep_id: i64) {
+    match crate::report::terminal::sweep_summary(store, sweep_id) {
+        Ok(table) => println!("{table}"),
+        Err(e) => eprintln!("could not print the summary: {e}"),
+    }
+}
+
+fn write_report(spec: &Spec, runs: &Path) {
+    // Build the report command's own arguments, as a user would type them.
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: crate::report::cmd::ReportArgs,
+    }
+    let argv = ["report".to_string(), spec.config.name.clone(), "--runs".into(), runs.display().to_string()];
+    match <Wrap as clap::Parser>::try_parse_from(argv) {
+        Ok(w) => {
+            if let Err(e) = crate::report::cmd::run_report(&w.args) {
+                eprintln!("could not write the report: {e}");
+            }
+        }
+        Err(e) => eprintln!("could not write the report: {e}"),
+    }
+}
+
+/// Progress: bars on a terminal, one line per finished stage otherwise.
+struct Sink {
+    mp: MultiProgress,
+    overall: ProgressBar,
+    bars: HashMap<String, ProgressBar>,
+    labels: HashMap<String, String>,
+    tty: bool,
+    finished: usize,
+    total: usize,
+}
+
+impl Sink {
+    fn new(jobs: &[StageJob], plan_len: usize, reused: usize) -> Sink {
+        let tty = std::io::stderr().is_terminal();
+        let mp = MultiProgress::with_draw_target(if tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let overall = mp.add(ProgressBar::new(jobs.len() as u64));
+        overall.set_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} stages  {elapsed_precise}  {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        overall.set_prefix("sweep");
+        overall.set_message(format!("{reused} of {plan_len} reused from the cache"));
+        let labels = jobs.iter().map(|j| (j.key.clone(), j.label.clone())).collect();
+        Sink { mp, overall, bars: HashMap::new(), labels, tty, finished: 0, total: jobs.len() }
+    }
+
+    fn event(&mut self, ev: &Event) {
+        match ev {
+            Event::Started { key, host, .. } => {
+                let bar = self.mp.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:>8} {msg:40} [{bar:20}] {pos}/{len} {per_sec}")
+                        .expect("template")
+                        .progress_chars("=> "),
+                );
+                bar.set_prefix(key[..8].to_string());
+                bar.set_message(self.labels.get(key).cloned().unwrap_or_default());
+                self.bars.insert(key.clone(), bar);
+                if !self.tty {
+                    let on = host.as_ref().map(|h| format!(" on {h}")).unwrap_or_default();
+                    eprintln!("started  {}{on}", self.labels.get(key).map(String::as_str).unwrap_or(key));
+                }
+            }
+            Event::Progress { key, step, total, .. } => {
+                if let Some(b) = self.bars.get(key) {
+                    b.set_length(*total);
+                    b.set_position(*step);
+                }
+            }
+            Event::Finished { key, outcome, wall } => {
+                if let Some(b) = self.bars.remove(key) {
+                    b.finish_and_clear();
+                    self.mp.remove(&b);
+                }
+                self.finished += 1;
+                self.overall.inc(1);
+                let label = self.labels.get(key).map(String::as_str).unwrap_or(key);
+                let what = match outcome {
+                    Outcome::Done => format!("done     {label} ({:.1} s)", wall.as_secs_f64()),
+                    Outcome::Failed(m) => format!("FAILED   {label}: {m}"),
+                    Outcome::Skipped { .. } => format!("skipped  {label} (an input failed)"),
+                    Outcome::Interrupted(_) => format!("stopped  {label}"),
+                };
+                let line = format!("[{}/{}] {what}", self.finished, self.total);
+                if self.tty {
+                    self.mp.suspend(|| eprintln!("{line}"));
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.overall.finish_and_clear();
+    }
+}
+
+pub fn status(a: &StatusArgs) -> CliResult {
+    let Some(store) = Store::open_existing(&a.runs).map_err(other)? else {
+        println!("no sweeps recorded in {} yet", a.runs.display());
+        return Ok(());
+    };
+    let text = crate::report::terminal::status(&store).map_err(other)?;
+    println!("{text}");
+    Ok(())
+}
+
+pub fn gc(a: &GcArgs) -> CliResult {
+    let Some(store) = Store::open_existing(&a.runs).map_err(other)? else {
+        println!("nothing to collect: no store in {}", a.runs.display());
+        return Ok(());
+    };
+    let keep = store.referenced_keys().map_err(other)?;
+    let cache = Cache::open(&a.runs).map_err(other)?;
+    let removed = cache.gc(&keep, a.dry_run).map_err(other)?;
+    for p in &removed {
+        println!("{} {}", if a.dry_run { "would remove" } else { "removed" }, p.display());
+    }
+    println!("{} entr{} {}", removed.len(), if removed.len() == 1 { "y" } else { "ies" }, if a.dry_run { "to remove" } else { "removed" });
+    Ok(())
+}
+
+pub fn run_stage(a: &RunStageArgs) -> CliResult {
+    let progress = a.progress;
+    let report = move |step: u64, total: u64| {
+        if progress {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{{\"progress\":[{step},{total}]}}");
+            let _ = out.flush();
+        }
+    };
+    match crate::stages::run_stage(&a.runs, &a.key, &report) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(CliError::failed(crate::stages::error_chain(&e))),
+    }
 }

@@ -48,12 +48,18 @@ pub(super) fn expand(
     spec_dir: &Path,
     issues: &mut Issues,
 ) -> Option<(Config, Vec<String>, Vec<Cell>)> {
-    let config = validate::sections(base, issues)?;
-    if !issues.is_empty() {
-        return None;
+    // Type errors do not stop the grid checks: report everything at once.
+    let config = validate::sections(base, issues);
+    if let Some(config) = &config {
+        validate::semantics(config, spec_dir, "", issues);
     }
-    validate::semantics(&config, spec_dir, "", issues);
-    let defaults = serde_json::to_value(&config).expect("config serializes");
+    let defaults = match &config {
+        Some(c) => serde_json::to_value(c).expect("config serializes"),
+        None => serde_json::to_value(
+            serde_json::from_value::<Config>(serde_json::json!({"name": "-"})).expect("defaults deserialize"),
+        )
+        .expect("config serializes"),
+    };
 
     let mut groups: Vec<Group> = Vec::new();
     let grid = base.get("grid").cloned().unwrap_or(Value::Object(Map::new()));
@@ -116,6 +122,7 @@ pub(super) fn expand(
     if !issues.is_empty() {
         return None;
     }
+    let config = config?;
 
     let mut cells = Vec::new();
     let mut seen = BTreeSet::new();

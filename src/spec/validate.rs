@@ -48,10 +48,12 @@ fn explain_unknown_field(msg: &str, key: &mut String) -> String {
         return msg.to_string();
     };
     let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
-    if !key.is_empty() {
-        key.push('.');
+    if !key.ends_with(field) {
+        if !key.is_empty() {
+            key.push('.');
+        }
+        key.push_str(field);
     }
-    key.push_str(field);
     let hint = did_you_mean(field, expected.iter().copied()).unwrap_or_default();
     format!("unknown key{hint}; known keys here: {}", expected.join(", "))
 }

@@ -1,1 +1,223 @@
-//! (being written)
+//! Stage kinds: one file each, a short composition of `data`, `model`,
+//! `train`, `decode` and `metrics`; and [`run_stage`], the one visible function
+//! per node: key -> complete? done : (lock -> run -> publish), used by every
+//! executor through `ecic run-stage`.
+
+mod baseline;
+mod cider_optimize;
+mod domain_adapt;
+mod evaluate;
+mod outputs;
+mod preprocess;
+mod pretrain_align;
+mod training;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cache::{Cache, CacheError, Manifest};
+use crate::plan::{StageDesc, StageKind};
+
+pub use outputs::Outputs;
+
+/// What a stage kind gets to work with.
+pub struct StageCtx<'a> {
+    pub desc: &'a StageDesc,
+    /// Where to write outputs (a temporary directory published on success).
+    pub out: &'a Path,
+    /// Survives failed attempts of this key (training checkpoints).
+    pub scratch: &'a Path,
+    /// Complete input entries, in the description's input order.
+    pub inputs: Vec<(StageKind, PathBuf)>,
+    pub threads: usize,
+    progress: &'a dyn Fn(u64, u64),
+}
+
+impl StageCtx<'_> {
+    pub fn progress(&self, step: u64, total: u64) {
+        (self.progress)(step, total)
+    }
+
+    /// The complete entry of the (first) input of `kind`.
+    pub fn input(&self, kind: StageKind) -> Result<&Path, StageError> {
+        self.inputs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| StageError::msg(format!("this stage has no {kind} input")))
+    }
+
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
+        serde_json::from_value(self.desc.fingerprint.params.clone())
+            .map_err(|e| StageError::msg(format!("stage parameters: {e}")))
+    }
+}
+
+/// Figures a stage reports about itself.
+#[derive(Debug, Default, Clone)]
+pub struct StageReport {
+    pub trainable_params: Option<u64>,
+    pub total_params: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Message(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{context}: {source}")]
+    Other { context: String, #[source] source: anyhow::Error },
+}
+
+impl StageError {
+    pub fn msg(m: impl Into<String>) -> Self {
+        StageError::Message(m.into())
+    }
+    pub fn ctx<E: Into<anyhow::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StageError {
+        let context = context.into();
+        move |e| StageError::Other { context, source: e.into() }
+    }
+}
+
+/// How `run_stage` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Computed and published now.
+    Computed,
+    /// Found complete (another process computed it first).
+    AlreadyComplete,
+}
+
+/// Run one stage by key: the body of `ecic run-stage`.
+pub fn run_stage(runs: &Path, key: &str, progress: &dyn Fn(u64, u64)) -> Result<RunOutcome, StageError> {
+    let cache = Cache::open(runs)?;
+    let desc = cache.read_desc(key)?;
+    if cache.is_complete(key) {
+        return Ok(RunOutcome::AlreadyComplete);
+    }
+    let _lock = cache.lock(key)?;
+    if cache.is_complete(key) {
+        return Ok(RunOutcome::AlreadyComplete);
+    }
+    let _ = std::fs::remove_file(cache.failed_marker(key));
+    let result = compute(&cache, &desc, progress);
+    if let Err(e) = &result {
+        let marker = serde_json::json!({
+            "key": key,
+            "error": error_chain(e),
+            "host": hostname(),
+            "at": crate::store::now(),
+        });
+        let _ = crate::cache::write_atomic(&cache.failed_marker(key), marker.to_string().as_bytes());
+    }
+    result
+}
+
+fn compute(cache: &Cache, desc: &StageDesc, progress: &dyn Fn(u64, u64)) -> Result<RunOutcome, StageError> {
+    let started_at = crate::store::now();
+    let t0 = Instant::now();
+    let mut inputs = Vec::new();
+    for (kind, k) in &desc.inputs {
+        if !cache.is_complete(k) {
+            return Err(StageError::msg(format!("input {kind} {} is not complete in the cache", &k[..12])));
+        }
+        inputs.push((*kind, cache.entry(k)));
+    }
+    let scratch = cache.scratch(&desc.key);
+    std::fs::create_dir_all(&scratch).map_err(crate::cache::io(&scratch))?;
+    let pending = cache.begin(&desc.key)?;
+    let threads = std::env::var("ECIC_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+    let ctx = StageCtx { desc, out: pending.dir(), scratch: &scratch, inputs, threads, progress };
+    let report = match desc.kind {
+        StageKind::Preprocess => preprocess::run(&ctx)?,
+        StageKind::PretrainAlign => pretrain_align::run(&ctx)?,
+        StageKind::DomainAdapt => domain_adapt::run(&ctx)?,
+        StageKind::CiderOptimize => cider_optimize::run(&ctx)?,
+        StageKind::Evaluate => evaluate::run(&ctx)?,
+    };
+    // Keep a copy of the log so far beside the outputs.
+    let log = cache.log_path(&desc.key);
+    if log.is_file() {
+        let _ = std::fs::copy(&log, pending.dir().join("stage.log"));
+    }
+    let (cpu_s, peak_rss_kb) = rusage();
+    let mut files = Vec::new();
+    list_files(pending.dir(), pending.dir(), &mut files);
+    let manifest = Manifest {
+        key: desc.key.clone(),
+        kind: desc.kind.name().to_string(),
+        label: desc.label.clone(),
+        params: desc.fingerprint.params.clone(),
+        inputs: desc.fingerprint.inputs.clone(),
+        kind_version: desc.kind.version(),
+        ecic_version: env!("CARGO_PKG_VERSION").to_string(),
+        data_digest: desc.fingerprint.data_digest.clone(),
+        seed: desc.fingerprint.seed,
+        started_at,
+        finished_at: crate::store::now(),
+        wall_s: t0.elapsed().as_secs_f64(),
+        cpu_s,
+        peak_rss_kb,
+        git_commit: git_commit(),
+        host: hostname(),
+        threads,
+        trainable_params: report.trainable_params,
+        total_params: report.total_params,
+        files,
+    };
+    pending.publish(&manifest)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(RunOutcome::Computed)
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                list_files(root, &p, out);
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+pub fn hostname() -> Option<String> {
+    hostname::get().ok().map(|h| h.to_string_lossy().to_string())
+}
+
+/// The commit ecic was built from, if known.
+pub fn git_commit() -> Option<String> {
+    option_env!("ECIC_GIT_COMMIT").filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// CPU seconds and peak RSS (KiB) of this process.
+fn rusage() -> (Option<f64>, Option<u64>) {
+    #[cfg(unix)]
+    {
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes into the struct we own.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let cpu = u.ru_utime.tv_sec as f64
+                + u.ru_utime.tv_usec as f64 / 1e6
+                + u.ru_stime.tv_sec as f64
+                + u.ru_stime.tv_usec as f64 / 1e6;
+            return (Some(cpu), Some(u.ru_maxrss as u64));
+        }
+    }
+    (None, None)
+}

@@ -1,0 +1,5 @@
+//! (being written)
+use super::{StageCtx, StageError, StageReport};
+pub fn run(_ctx: &StageCtx) -> Result<StageReport, StageError> {
+    Err(StageError::msg("cider_optimize: not available in this build yet"))
+}
