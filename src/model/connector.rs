@@ -138,7 +138,6 @@ pub struct Visual {
 impl Visual {
     /// `vision` builds the encoder (vision component), `conn` the connector.
     pub(crate) fn new(vision: &Builder<'_>, conn: &Builder<'_>, cfg: &ModelConfig) -> Result<Self, ModelError> {
-        let vit = Vit::new(vision, &cfg.vision)?;
         let dv = cfg.vision.width;
         let dl = cfg.lm.width;
         let levels = match (cfg.fusion, cfg.backbone) {
@@ -146,6 +145,7 @@ impl Visual {
             (_, Backbone::Llava) => vec![cfg.vision.depth - 1],
             _ => vec![cfg.vision.depth],
         };
+        let vit = Vit::new(vision, &cfg.vision, levels.iter().copied().max().unwrap_or(1))?;
         let pool = if levels.len() > 1 { Some(LevelPool::new(&conn.pp("level_pool"), dv, levels.len())?) } else { None };
         let head = match cfg.backbone {
             Backbone::Blip2 => Head::Blip2 {

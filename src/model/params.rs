@@ -264,9 +264,15 @@ impl<'a> Builder<'a> {
             return Ok(t);
         }
         let t = store.init(&full, shape, init)?.to_dtype(DType::F32)?;
-        let slot = if trainable { Slot::Var(Var::from_tensor(&t)?) } else { Slot::Const(t.clone()) };
+        let (slot, out) = if trainable {
+            let v = Var::from_tensor(&t)?;
+            let out = v.as_tensor().clone();
+            (Slot::Var(v), out)
+        } else {
+            (Slot::Const(t.clone()), t)
+        };
         store.entries.insert(full, Entry { slot, component, base, decay });
-        Ok(t)
+        Ok(out)
     }
 
     /// A frozen base weight kept only in Q4_0 form: quantized on first use (or after a base

@@ -59,10 +59,12 @@ pub struct Vit {
 }
 
 impl Vit {
-    pub(crate) fn new(b: &Builder<'_>, cfg: &VisionConfig) -> Result<Self, ModelError> {
+    /// Builds the first `blocks` blocks only: deeper ones would never be read (llava stops at
+    /// the penultimate block) and would sit in the store as parameters without gradients.
+    pub(crate) fn new(b: &Builder<'_>, cfg: &VisionConfig, blocks: usize) -> Result<Self, ModelError> {
         let p = cfg.patch_size;
         let n = (cfg.image_size / p).pow(2);
-        let blocks = (0..cfg.depth).map(|i| Block::new(&b.pp("blocks").pp(i), cfg)).collect::<Result<_, _>>()?;
+        let blocks = (0..blocks.min(cfg.depth)).map(|i| Block::new(&b.pp("blocks").pp(i), cfg)).collect::<Result<_, _>>()?;
         Ok(Self {
             patch: b.linear("patch_embed", 3 * p * p, cfg.width, true)?,
             pos: b.base("pos_embed", &[n, cfg.width], Init::Normal(0.02), false)?,
