@@ -130,7 +130,8 @@ pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Linear layers to wrap, by module name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
+    /// LM linear layers to wrap, by module name: `qkv_proj`, `o_proj`,
+    /// `gate_up_proj`, `down_proj`, `lm_head`.
     pub targets: Vec<String>,
 }
 
@@ -140,7 +141,7 @@ impl Default for LoraSpec {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            targets: ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect(),
+            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"].iter().map(|s| s.to_string()).collect(),
         }
     }
 }

@@ -170,7 +170,7 @@ fn lora(issues: &mut Issues, at: &str, l: &LoraSpec) {
         issues.at(format!("{at}.targets"), "name at least one linear layer to wrap");
     }
     for t in &l.targets {
-        one_of(issues, &format!("{at}.targets"), t, &["q", "k", "v", "o", "gate", "up", "down"]);
+        one_of(issues, &format!("{at}.targets"), t, &["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]);
     }
 }
 

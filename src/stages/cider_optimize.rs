@@ -1,5 +1,137 @@
-//! (being written)
-use super::{StageCtx, StageError, StageReport};
-pub fn run(_ctx: &StageCtx) -> Result<StageReport, StageError> {
-    Err(StageError::msg("cider_optimize: not available in this build yet"))
+//! `cider-optimize`: self-critical sequence training (Rennie et al. 2017) of
+//! the domain-adapt stage's trainable parameters. Reward: CIDEr-D of each
+//! sampled caption against its image's references, with document frequencies
+//! from the training references; baseline: the greedy caption's reward or the
+//! mean of the other samples.
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+
+use crate::data::preprocess::Split;
+use crate::decode::{self, DecodeConfig, Strategy};
+use crate::metrics::{References, Tokenize};
+use crate::model::{Captioner, Phase};
+use crate::plan::StageKind;
+use crate::train::{Baseline, BoxError, Policy, SampleOpts, ScstConfig};
+
+use super::baseline::clean_rows;
+use super::training::{self, Lineage};
+use super::{Outputs, StageCtx, StageError, StageReport};
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    steps: u64,
+    batch_size: usize,
+    lr: f64,
+    warmup: u64,
+    grad_clip: f64,
+    samples: usize,
+    baseline: Baseline,
+    temperature: f64,
+    diversity: f64,
+    ckpt_every: u64,
+}
+
+/// The captioner over the clean training images, as SCST's policy.
+struct CaptionPolicy<'a> {
+    model: &'a Captioner,
+    train: &'a Split,
+    rows: &'a [usize],
+}
+
+impl CaptionPolicy<'_> {
+    fn images(&self, images: &[usize]) -> Result<Tensor, BoxError> {
+        let idx: Vec<u32> = images.iter().map(|&i| self.rows[i] as u32).collect();
+        let idx = Tensor::new(idx, &Device::Cpu)?;
+        Ok(self.train.images.index_select(&idx, 0)?)
+    }
+}
+
+impl Policy for CaptionPolicy<'_> {
+    fn sample(&mut self, images: &[usize], opts: &SampleOpts, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<Vec<u32>>>, BoxError> {
+        let cfg = DecodeConfig {
+            strategy: Strategy::Nucleus,
+            top_p: 1.0,
+            temperature: opts.temperature,
+            max_len: opts.max_len,
+            ..DecodeConfig::default()
+        };
+        let seed: u64 = rng.gen();
+        Ok(decode::sample(self.model, &self.images(images)?, opts.k, &cfg, seed)?)
+    }
+
+    fn greedy(&mut self, images: &[usize], max_len: usize) -> Result<Vec<Vec<u32>>, BoxError> {
+        let cfg = DecodeConfig { strategy: Strategy::Greedy, max_len, ..DecodeConfig::default() };
+        Ok(decode::generate(self.model, &self.images(images)?, &cfg, 0)?)
+    }
+
+    fn log_probs(&mut self, images: &[usize], seqs: &[Vec<u32>]) -> Result<Tensor, BoxError> {
+        let per_image = seqs.len() / images.len().max(1);
+        Ok(self.model.log_probs(&self.images(images)?, seqs, per_image)?)
+    }
+}
+
+pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
+    let p: Params = ctx.params()?;
+    let adapt = ctx.input(StageKind::DomainAdapt)?;
+    let lineage = Lineage::read(adapt)?;
+    let model = lineage.build(ctx, Phase::Adapt)?;
+    let pre = ctx.entry(&lineage.preprocess);
+    let tok = training::load_tokenizer(&pre)?;
+    let train = training::load_split(&pre, "train")?;
+    let rows = clean_rows(&train);
+    let refs: Vec<(String, Vec<String>)> = rows.iter().map(|&r| (train.ids[r].clone(), train.captions[r].clone())).collect();
+    let references =
+        References::new(&refs, Tokenize::Char).map_err(|e| StageError::msg(format!("training references: {e}")))?;
+    let cider = references.cider();
+    let cfg = ScstConfig {
+        samples: p.samples,
+        baseline: p.baseline,
+        temperature: p.temperature,
+        max_len: lineage.model.max_caption_len,
+        diversity_weight: p.diversity,
+        steps: p.steps as usize,
+        batch_size: p.batch_size,
+        lr: p.lr,
+        warmup: p.warmup as usize,
+        grad_clip: p.grad_clip,
+        ckpt_every: p.ckpt_every as usize,
+        ..ScstConfig::default()
+    };
+    let seed = ctx.desc.fingerprint.seed;
+    model.set_dropout_seed(seed ^ 0x5c57);
+    let mut trainer = crate::train::Trainer::new(training::param_specs(&model), &cfg.train_config(), seed)
+        .map_err(StageError::ctx("setting up SCST"))?
+        .with_checkpoints(ctx.scratch.join("ckpt"));
+    trainer.resume().map_err(StageError::ctx("resuming from a checkpoint"))?;
+    let mut policy = CaptionPolicy { model: &model, train: &train, rows: &rows };
+    let reward = |i: usize, seq: &[u32]| cider.score_text(i, &tok.decode(seq)).unwrap_or(0.0);
+    let mut records = Vec::new();
+    let summary = {
+        let mut hooks = crate::train::Hooks::new()
+            .record(|r: &crate::train::CurveRecord| records.push(r.clone()))
+            .progress(|d, t| ctx.progress(d as u64, t as u64));
+        let closure = crate::train::scst_closure(&mut policy, rows.len(), &cfg, reward);
+        trainer.fit(closure, &mut hooks).map_err(StageError::ctx("self-critical training"))?
+    };
+    let mut out = Outputs::default();
+    training::record_curves(&records, &mut out);
+    if let Some(r) = summary.last_reward {
+        out.metric("", "final_reward", r);
+    }
+    let first: Vec<f64> = records.iter().take(5).filter_map(|r| r.reward).collect();
+    let last: Vec<f64> = records.iter().rev().take(5).filter_map(|r| r.reward).collect();
+    if !first.is_empty() && !last.is_empty() {
+        out.metric("", "reward_first5", first.iter().sum::<f64>() / first.len() as f64);
+        out.metric("", "reward_last5", last.iter().sum::<f64>() / last.len() as f64);
+    }
+    out.metric("", "samples_per_s", summary.mean_samples_per_s);
+    let report = training::counts(&model, &mut out);
+    let mut lineage = lineage;
+    lineage.weights.push(ctx.desc.key.clone());
+    training::publish_model(ctx, &model, &lineage)?;
+    out.write(ctx.out)?;
+    Ok(report)
 }

@@ -1,5 +1,181 @@
-//! (being written)
-use super::{StageCtx, StageError, StageReport};
-pub fn run(_ctx: &StageCtx) -> Result<StageReport, StageError> {
-    Err(StageError::msg("evaluate: not available in this build yet"))
+//! `evaluate`: caption the evaluated split (valid by default) with the cell's
+//! model (or baseline), score it with pycocoevalcap-exact metrics, and write
+//! the test split's predictions as a MUGE submission file
+//! (`caption_gen.jsonl`). Decoding settings are this stage's parameters only,
+//! so a decoding grid reuses every trained stage.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::cache::CaptionRecord;
+use crate::data::preprocess::Split;
+use crate::decode::{self, DecodeConfig, Strategy};
+use crate::metrics::{References, Tokenize};
+use crate::model::Phase;
+use crate::plan::StageKind;
+
+use super::training::{self, Lineage};
+use super::{baseline, Outputs, StageCtx, StageError, StageReport};
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    split: String,
+    tokenize: Tokenize,
+    predict_test: bool,
+    baseline: Option<String>,
+    method: Option<Strategy>,
+    max_len: Option<usize>,
+    repetition_penalty: Option<f64>,
+    beam_width: Option<usize>,
+    length_penalty: Option<f64>,
+    top_p: Option<f64>,
+    temperature: Option<f64>,
+}
+
+/// Something that captions a split.
+enum Captioner<'a> {
+    Nn(&'a Split),
+    Mfc(String),
+    Model { model: crate::model::Captioner, tok: crate::data::tokenizer::CaptionTokenizer, cfg: DecodeConfig, seed: u64 },
+}
+
+impl Captioner<'_> {
+    fn caption(&self, split: &Split, progress: &dyn Fn(u64, u64)) -> Result<Vec<String>, StageError> {
+        match self {
+            Captioner::Nn(train) => baseline::nearest_neighbour(train, split, progress),
+            Captioner::Mfc(c) => Ok(vec![c.clone(); split.len()]),
+            Captioner::Model { model, tok, cfg, seed } => {
+                let inference = model.inference().map_err(StageError::ctx("preparing the model for decoding"))?;
+                let n = split.len();
+                let bs = 64;
+                let mut out = Vec::with_capacity(n);
+                for start in (0..n).step_by(bs) {
+                    let len = bs.min(n - start);
+                    let images = split.images.narrow(0, start, len).map_err(StageError::ctx("batching images"))?;
+                    let ids = decode::generate(&inference, &images, cfg, seed.wrapping_add(start as u64))
+                        .map_err(StageError::ctx("decoding"))?;
+                    out.extend(ids.iter().map(|s| tok.decode(s)));
+                    progress((start + len) as u64, n as u64);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Keep one row per image (the clean view).
+fn clean(split: Split) -> Result<Split, StageError> {
+    if split.copies.iter().all(|&c| c == 0) {
+        return Ok(split);
+    }
+    let rows = baseline::clean_rows(&split);
+    let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu).map_err(StageError::ctx("index"))?;
+    Ok(Split {
+        name: split.name.clone(),
+        ids: rows.iter().map(|&r| split.ids[r].clone()).collect(),
+        copies: vec![0; rows.len()],
+        images: split.images.index_select(&idx, 0).map_err(StageError::ctx("selecting rows"))?,
+        captions: rows.iter().map(|&r| split.captions[r].clone()).collect(),
+        tokens: rows.iter().map(|&r| split.tokens[r].clone()).collect(),
+    })
+}
+
+pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
+    let p: Params = ctx.params()?;
+    let pre = ctx.input(StageKind::Preprocess)?.to_path_buf();
+    let mut report = StageReport::default();
+    let mut out = Outputs::default();
+    let train_split;
+    let captioner = match p.baseline.as_deref() {
+        Some("nn") => {
+            train_split = training::load_split(&pre, "train")?;
+            Captioner::Nn(&train_split)
+        }
+        Some("mfc") => {
+            let train = training::load_split(&pre, "train")?;
+            Captioner::Mfc(baseline::most_frequent_caption(&train))
+        }
+        Some(other) => return Err(StageError::msg(format!("unknown baseline `{other}`"))),
+        None => {
+            let model_entry = ctx
+                .inputs
+                .iter()
+                .find(|(k, _)| *k != StageKind::Preprocess)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| StageError::msg("evaluate has no trained input"))?;
+            let lineage = Lineage::read(&model_entry)?;
+            let model = lineage.build(ctx, Phase::Adapt)?;
+            report = training::counts(&model, &mut out);
+            let tok = training::load_tokenizer(&pre)?;
+            let cfg = DecodeConfig {
+                strategy: p.method.unwrap_or(Strategy::Greedy),
+                beam_width: p.beam_width.unwrap_or(1),
+                length_penalty: p.length_penalty.unwrap_or(1.0),
+                top_p: p.top_p.unwrap_or(1.0),
+                temperature: p.temperature.unwrap_or(1.0),
+                repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+                max_len: p.max_len.unwrap_or(32) + 1,
+                kv_cache: true,
+            };
+            Captioner::Model { model, tok, cfg, seed: ctx.desc.fingerprint.seed }
+        }
+    };
+    let mut splits = vec![p.split.clone()];
+    if p.predict_test && p.split != "test" {
+        splits.push("test".into());
+    }
+    let total_t0 = Instant::now();
+    let mut captioned = 0usize;
+    for name in &splits {
+        let split = match training::load_split(&pre, name) {
+            Ok(s) => clean(s)?,
+            Err(e) if name != &p.split => {
+                eprintln!("no {name} split to predict: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let preds = captioner.caption(&split, &|a, b| ctx.progress(a, b))?;
+        captioned += preds.len();
+        let has_refs = split.captions.iter().all(|c| !c.is_empty()) && !split.captions.is_empty();
+        let mut scores: Vec<Option<serde_json::Value>> = vec![None; preds.len()];
+        if has_refs {
+            let refs: Vec<(String, Vec<String>)> =
+                split.ids.iter().cloned().zip(split.captions.iter().cloned()).collect();
+            let references =
+                References::new(&refs, p.tokenize).map_err(|e| StageError::msg(format!("{name} references: {e}")))?;
+            let eval = references.evaluate_in_order(&preds).map_err(|e| StageError::msg(format!("scoring {name}: {e}")))?;
+            let s = &eval.scores;
+            for (m, v) in [
+                ("bleu1", s.bleu1),
+                ("bleu2", s.bleu2),
+                ("bleu3", s.bleu3),
+                ("bleu4", s.bleu4),
+                ("rouge_l", s.rouge_l),
+                ("cider_d", s.cider_d),
+                ("images", s.images as f64),
+            ] {
+                out.metric(name, m, v);
+            }
+            for (slot, img) in scores.iter_mut().zip(&eval.images) {
+                *slot = serde_json::to_value(img).ok();
+            }
+        } else if name == &p.split {
+            return Err(StageError::msg(format!("the {name} split has no references to score against")));
+        }
+        for ((id, caption), scores) in split.ids.iter().zip(&preds).zip(scores) {
+            out.captions.push(CaptionRecord { split: name.clone(), image_id: id.clone(), caption: caption.clone(), scores });
+        }
+        if name == "test" {
+            let path = ctx.out.join("caption_gen.jsonl");
+            crate::data::muge::write_predictions(&path, split.ids.iter().map(String::as_str).zip(preds.iter().map(String::as_str)))
+                .map_err(StageError::ctx("writing caption_gen.jsonl"))?;
+        }
+    }
+    let secs = total_t0.elapsed().as_secs_f64();
+    out.metric("", "captions_per_s", captioned as f64 / secs.max(1e-9));
+    out.write(ctx.out)?;
+    Ok(report)
 }

@@ -30,6 +30,8 @@ pub struct StageCtx<'a> {
     /// Complete input entries, in the description's input order.
     pub inputs: Vec<(StageKind, PathBuf)>,
     pub threads: usize,
+    /// The cache's object root (to resolve lineage keys).
+    pub objects: PathBuf,
     progress: &'a dyn Fn(u64, u64),
 }
 
@@ -128,7 +130,8 @@ fn compute(cache: &Cache, desc: &StageDesc, progress: &dyn Fn(u64, u64)) -> Resu
     std::fs::create_dir_all(&scratch).map_err(crate::cache::io(&scratch))?;
     let pending = cache.begin(&desc.key)?;
     let threads = std::env::var("ECIC_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
-    let ctx = StageCtx { desc, out: pending.dir(), scratch: &scratch, inputs, threads, progress };
+    let objects = cache.runs().join(crate::cache::OBJECTS);
+    let ctx = StageCtx { desc, out: pending.dir(), scratch: &scratch, inputs, threads, objects, progress };
     let report = match desc.kind {
         StageKind::Preprocess => preprocess::run(&ctx)?,
         StageKind::PretrainAlign => pretrain_align::run(&ctx)?,

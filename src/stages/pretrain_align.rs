@@ -1,5 +1,56 @@
-//! (being written)
-use super::{StageCtx, StageError, StageReport};
-pub fn run(_ctx: &StageCtx) -> Result<StageReport, StageError> {
-    Err(StageError::msg("pretrain_align: not available in this build yet"))
+//! `pretrain-align`: cross-entropy on the generic-domain corpus (`ALIGN_*`).
+//! With real pretrained weights only the connector trains; the tiny presets
+//! have none, so here the encoder and LM are trained from scratch as well. One
+//! pretrain-align serves every PEFT variant of its backbone x fusion pair.
+
+use serde::Deserialize;
+
+use crate::model::{Backbone, Fusion, ModelConfig, PeftConfig, Phase};
+use crate::plan::StageKind;
+use crate::spec::params::TrainSpec;
+
+use super::training::{self, Lineage};
+use super::{Outputs, StageCtx, StageError, StageReport};
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    backbone: Backbone,
+    fusion: Fusion,
+    preset: String,
+    checkpoint: Option<std::path::PathBuf>,
+    max_len: usize,
+    train: TrainSpec,
+}
+
+pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
+    let p: Params = ctx.params()?;
+    if p.checkpoint.is_some() {
+        return Err(StageError::msg(
+            "loading real pretrained checkpoints is not supported by this build yet; remove `model.checkpoint`",
+        ));
+    }
+    let pre = ctx.input(StageKind::Preprocess)?;
+    let tok = training::load_tokenizer(pre)?;
+    let (v, pad, bos, eos) = (tok.vocab_size(), tok.pad_id(), tok.bos_id(), tok.eos_id());
+    let mut cfg = match p.preset.as_str() {
+        "tiny" => ModelConfig::tiny(p.backbone, p.fusion, v, pad, bos, eos),
+        _ => ModelConfig::real(p.backbone, p.fusion, v, pad, bos, eos),
+    };
+    cfg.max_caption_len = p.max_len;
+    cfg.seed = ctx.desc.fingerprint.seed;
+    let lineage = Lineage {
+        model: cfg,
+        peft: PeftConfig::default(),
+        preprocess: ctx.desc.inputs[0].1.clone(),
+        weights: vec![ctx.desc.key.clone()],
+    };
+    let model = crate::model::Captioner::new(&lineage.model, &lineage.peft, Phase::Align, &candle_core::Device::Cpu)
+        .map_err(StageError::ctx("building the model"))?;
+    let train = training::load_split(pre, "align_train")?;
+    let valid = training::load_split(pre, "align_valid").ok();
+    let mut out = Outputs::default();
+    let report = training::train_ce(ctx, &model, &train, valid.as_ref(), &p.train, &mut out)?;
+    training::publish_model(ctx, &model, &lineage)?;
+    out.write(ctx.out)?;
+    Ok(report)
 }

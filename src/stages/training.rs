@@ -1,1 +1,280 @@
-//! (being written)
+//! What the three training stages share: the model lineage (which entries'
+//! weights rebuild a model), batches of (image, caption) pairs, the
+//! translation of spec settings into `train` configurations, and curve
+//! recording.
+//!
+//! A training stage publishes `weights.safetensors` with only what it trained
+//! and `lineage.json`, naming the model configuration and, in order, the
+//! entries whose weights rebuild it: the pretrain-align base first, then the
+//! PEFT stages' deltas.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::preprocess::Split;
+use crate::data::tokenizer::CaptionTokenizer;
+use crate::model::{Captioner, Component, ModelConfig, PeftConfig, Phase};
+use crate::spec::params::TrainSpec;
+use crate::train::{CurveRecord, GroupLr, Group, ParamSpec, TrainConfig};
+
+use super::{Outputs, StageCtx, StageError, StageReport};
+
+pub const WEIGHTS: &str = "weights.safetensors";
+pub const LINEAGE: &str = "lineage.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lineage {
+    pub model: ModelConfig,
+    pub peft: PeftConfig,
+    /// Key of the preprocess entry (data tensors and tokenizer).
+    pub preprocess: String,
+    /// Keys of the entries whose `weights.safetensors` rebuild the model, base first.
+    pub weights: Vec<String>,
+}
+
+impl Lineage {
+    pub fn read(entry: &Path) -> Result<Lineage, StageError> {
+        let p = entry.join(LINEAGE);
+        let bytes = std::fs::read(&p).map_err(StageError::ctx(format!("reading {}", p.display())))?;
+        serde_json::from_slice(&bytes).map_err(StageError::ctx(format!("parsing {}", p.display())))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<(), StageError> {
+        let p = dir.join(LINEAGE);
+        std::fs::write(&p, serde_json::to_vec_pretty(self).expect("json"))
+            .map_err(StageError::ctx(format!("writing {}", p.display())))
+    }
+
+    /// Build the model for `phase` and load every weight file of the lineage.
+    pub fn build(&self, ctx: &StageCtx, phase: Phase) -> Result<Captioner, StageError> {
+        let mut model = Captioner::new(&self.model, &self.peft, phase, &Device::Cpu).map_err(StageError::ctx("building the model"))?;
+        for (i, key) in self.weights.iter().enumerate() {
+            let path = ctx.entry(key).join(WEIGHTS);
+            if i == 0 {
+                model.load_base(&path).map_err(StageError::ctx("loading the pretrain-align weights"))?;
+            } else {
+                model.load_trained(&path).map_err(StageError::ctx("loading trained weights"))?;
+            }
+        }
+        Ok(model)
+    }
+}
+
+impl StageCtx<'_> {
+    /// A complete entry by key (lineage references).
+    pub fn entry(&self, key: &str) -> PathBuf {
+        self.objects.join(key)
+    }
+}
+
+pub fn load_tokenizer(preprocess: &Path) -> Result<CaptionTokenizer, StageError> {
+    CaptionTokenizer::load(&preprocess.join("tokenizer.json")).map_err(StageError::ctx("loading the tokenizer"))
+}
+
+pub fn load_split(preprocess: &Path, name: &str) -> Result<Split, StageError> {
+    Split::load(preprocess, name).map_err(StageError::ctx(format!("loading the {name} split")))
+}
+
+pub fn group(c: Component) -> Group {
+    match c {
+        Component::Vision => Group::Vision,
+        Component::Connector => Group::Connector,
+        Component::Lm => Group::Lm,
+        Component::Adapter => Group::Adapter,
+    }
+}
+
+pub fn param_specs(model: &Captioner) -> Vec<ParamSpec> {
+    model
+        .trainable_vars()
+        .into_iter()
+        .map(|t| ParamSpec::new(t.name, t.var, group(t.component)).with_decay(t.decay))
+        .collect()
+}
+
+pub fn lr_mult(m: &std::collections::BTreeMap<String, f64>) -> GroupLr {
+    let mut g = GroupLr::default();
+    for (k, v) in m {
+        match k.as_str() {
+            "vision" => g.vision = *v,
+            "connector" => g.connector = *v,
+            "lm" => g.lm = *v,
+            "adapter" => g.adapter = *v,
+            _ => {}
+        }
+    }
+    g
+}
+
+pub fn train_config(t: &TrainSpec) -> TrainConfig {
+    TrainConfig {
+        steps: t.steps as usize,
+        batch_size: t.batch_size,
+        lr: t.lr,
+        warmup: t.warmup as usize,
+        min_lr_ratio: t.min_lr_ratio,
+        weight_decay: t.weight_decay,
+        grad_clip: t.grad_clip,
+        accum: t.accum as usize,
+        lr_mult: lr_mult(&t.lr_mult),
+        label_smoothing: t.label_smoothing,
+        ckpt_every: t.ckpt_every as usize,
+        val_every: t.val_every as usize,
+        ..TrainConfig::default()
+    }
+}
+
+/// Teacher-forcing tensors for `rows` of a split, one caption each
+/// (`pick(row)` chooses which): input `[BOS] + tokens`, target `tokens + [EOS]`.
+pub struct Batch {
+    pub images: Tensor,
+    pub input: Tensor,
+    pub target: Tensor,
+    pub mask: Tensor,
+}
+
+pub fn batch(
+    split: &Split,
+    rows: &[usize],
+    pick: &mut dyn FnMut(usize) -> usize,
+    cfg: &ModelConfig,
+) -> Result<Batch, StageError> {
+    let maxc = cfg.max_caption_len;
+    let caps: Vec<&[u32]> = rows
+        .iter()
+        .map(|&r| {
+            let toks = &split.tokens[r];
+            let i = pick(toks.len().max(1)).min(toks.len().saturating_sub(1));
+            toks.get(i).map(|t| &t[..t.len().min(maxc)]).unwrap_or(&[])
+        })
+        .collect();
+    let t = caps.iter().map(|c| c.len()).max().unwrap_or(0) + 1;
+    let (mut inp, mut tgt, mut msk) = (Vec::new(), Vec::new(), Vec::new());
+    for c in &caps {
+        for j in 0..t {
+            inp.push(if j == 0 { cfg.bos_id } else { c.get(j - 1).copied().unwrap_or(cfg.pad_id) });
+            tgt.push(if j < c.len() { c[j] } else if j == c.len() { cfg.eos_id } else { cfg.pad_id });
+            msk.push(if j <= c.len() { 1f32 } else { 0.0 });
+        }
+    }
+    let n = rows.len();
+    let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu).map_err(StageError::ctx("index"))?;
+    let images = split.images.index_select(&idx, 0).map_err(StageError::ctx("selecting images"))?;
+    let (input, target, mask) = (
+        Tensor::from_vec(inp, (n, t), &Device::Cpu),
+        Tensor::from_vec(tgt, (n, t), &Device::Cpu),
+        Tensor::from_vec(msk, (n, t), &Device::Cpu),
+    );
+    Ok(Batch {
+        images,
+        input: input.map_err(StageError::ctx("batch input"))?,
+        target: target.map_err(StageError::ctx("batch target"))?,
+        mask: mask.map_err(StageError::ctx("batch mask"))?,
+    })
+}
+
+/// Cross-entropy training of `model`'s trainable variables on `train`, with
+/// validation loss on (up to 64 rows of) `valid`. Curves go to `out`.
+pub fn train_ce(
+    ctx: &StageCtx,
+    model: &Captioner,
+    train: &Split,
+    valid: Option<&Split>,
+    spec: &TrainSpec,
+    out: &mut Outputs,
+) -> Result<StageReport, StageError> {
+    let cfg = train_config(spec);
+    let seed = ctx.desc.fingerprint.seed;
+    model.set_dropout_seed(seed ^ 0x5eed);
+    let mut trainer = crate::train::Trainer::new(param_specs(model), &cfg, seed)
+        .map_err(StageError::ctx("setting up training"))?
+        .with_checkpoints(ctx.scratch.join("ckpt"));
+    if let Some(step) = trainer.resume().map_err(StageError::ctx("resuming from a checkpoint"))? {
+        eprintln!("resumed from the checkpoint at step {step}");
+    }
+    let mcfg = model.config().clone();
+    let n = train.len();
+    let bs = cfg.batch_size.min(n).max(1);
+    let label_smoothing = cfg.label_smoothing;
+    let val_rows: Vec<usize> = valid.map(|v| (0..v.len().min(64)).collect()).unwrap_or_default();
+    let mut records: Vec<CurveRecord> = Vec::new();
+    let summary = {
+        let mut hooks = crate::train::Hooks::new()
+            .record(|r: &CurveRecord| records.push(r.clone()))
+            .progress(|done, total| ctx.progress(done as u64, total as u64));
+        if let Some(v) = valid.filter(|_| !val_rows.is_empty()) {
+            let mcfg = mcfg.clone();
+            let rows = val_rows.clone();
+            hooks = hooks.validate(move |_step| {
+                let b = batch(v, &rows, &mut |_| 0, &mcfg)?;
+                let l = model.loss(&b.images, &b.input, &b.target, &b.mask, 0.0)?;
+                Ok(l.to_scalar::<f32>()? as f64)
+            });
+        }
+        trainer
+            .fit(
+                |sc| {
+                    let rows: Vec<usize> = (0..bs).map(|_| sc.rng.gen_range(0..n)).collect();
+                    let mut picks: Vec<usize> = Vec::with_capacity(bs);
+                    for _ in 0..bs {
+                        picks.push(sc.rng.gen_range(0..1000));
+                    }
+                    let mut it = picks.into_iter();
+                    let b = batch(train, &rows, &mut |k| it.next().unwrap_or(0) % k, &mcfg)?;
+                    let loss = model.loss(&b.images, &b.input, &b.target, &b.mask, label_smoothing)?;
+                    Ok(crate::train::Micro::new(loss, bs))
+                },
+                &mut hooks,
+            )
+            .map_err(StageError::ctx("training"))?
+    };
+    record_curves(&records, out);
+    if let Some(l) = summary.last_loss {
+        out.metric("", "final_loss", l);
+    }
+    if let Some(l) = summary.last_val_loss {
+        out.metric("", "final_val_loss", l);
+    }
+    out.metric("", "samples_per_s", summary.mean_samples_per_s);
+    if !summary.missing_grads.is_empty() {
+        return Err(StageError::msg(format!(
+            "{} trainable tensors received no gradient (e.g. {}): the model cuts its gradient somewhere",
+            summary.missing_grads.len(),
+            summary.missing_grads[0]
+        )));
+    }
+    Ok(counts(model, out))
+}
+
+pub fn record_curves(records: &[CurveRecord], out: &mut Outputs) {
+    for r in records {
+        let s = r.step as u64;
+        out.curve(s, "loss", r.loss);
+        out.curve(s, "lr", r.lr);
+        out.curve(s, "grad_norm", r.grad_norm);
+        out.curve(s, "samples_per_s", r.samples_per_s);
+        if let Some(v) = r.reward {
+            out.curve(s, "reward", v);
+        }
+        if let Some(v) = r.val_loss {
+            out.curve(s, "val_loss", v);
+        }
+    }
+}
+
+pub fn counts(model: &Captioner, out: &mut Outputs) -> StageReport {
+    let c = model.counts();
+    out.metric("", "trainable_params", c.trainable as f64);
+    out.metric("", "total_params", c.total as f64);
+    out.metric("", "frozen_bytes", c.frozen_bytes as f64);
+    StageReport { trainable_params: Some(c.trainable as u64), total_params: Some(c.total as u64) }
+}
+
+/// Save what the model trained, and the lineage that rebuilds it.
+pub fn publish_model(ctx: &StageCtx, model: &Captioner, lineage: &Lineage) -> Result<(), StageError> {
+    model.save_trained(&ctx.out.join(WEIGHTS)).map_err(StageError::ctx("saving the trained weights"))?;
+    lineage.write(ctx.out)
+}
