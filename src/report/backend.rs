@@ -15,11 +15,19 @@ use super::font::Fonts;
 pub struct CjkText<'f, B> {
     inner: B,
     fonts: &'f Fonts,
+    /// Rasterise text here (bitmaps) or leave it to the inner backend (SVG).
+    raster: bool,
 }
 
 impl<'f, B> CjkText<'f, B> {
+    /// Text rasterised with `fonts`.
     pub fn new(inner: B, fonts: &'f Fonts) -> Self {
-        CjkText { inner, fonts }
+        CjkText { inner, fonts, raster: true }
+    }
+
+    /// Text kept as text (SVG), measured with `fonts` so layout matches.
+    pub fn vector(inner: B, fonts: &'f Fonts) -> Self {
+        CjkText { inner, fonts, raster: false }
     }
 }
 
@@ -101,6 +109,9 @@ impl<B: DrawingBackend> DrawingBackend for CjkText<'_, B> {
         style: &S,
         pos: BackendCoord,
     ) -> Result<(), DrawingErrorKind<B::ErrorType>> {
+        if !self.raster {
+            return self.inner.draw_text(text, style, pos);
+        }
         let color = style.color();
         if color.alpha == 0.0 {
             return Ok(());

@@ -9,6 +9,10 @@ mod backend;
 pub mod cmd;
 pub mod data;
 pub mod font;
+pub mod gallery;
+pub mod html;
+pub mod plots;
+pub mod significance;
 pub mod stats;
 pub mod terminal;
 
@@ -39,4 +43,57 @@ pub enum ReportError {
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ReportError {
     let path = path.into();
     move |source| ReportError::Io { path, source }
+}
+
+/// `reports/<name>` with the name reduced to a safe single path component
+/// (letters, digits, `-`, `_`, `.`; no leading dot), so a sweep named
+/// `../../x` cannot write outside `reports/`.
+pub fn default_dir(name: &str) -> PathBuf {
+    PathBuf::from("reports").join(safe_name(name))
+}
+
+pub fn safe_name(name: &str) -> String {
+    let s: String = name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() {
+        "sweep".to_string()
+    } else {
+        s
+    }
+}
+
+/// Write the report of a sweep into `dir` (created; earlier charts and
+/// thumbnails there are replaced) and return the path of `index.html`.
+pub fn write_report(store: &crate::store::Store, sweep_id: i64, dir: &std::path::Path, svg: bool) -> Result<PathBuf, ReportError> {
+    let data = data::SweepData::load(store, sweep_id)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if plots::is_chart_file(&name) || (name.starts_with("sample-") && name.ends_with(".png")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let plots = plots::write_all(&data, dir, svg)?;
+    let sig = significance::against_best(store, &data)?;
+    let gallery = gallery::build(store, &data, dir)?;
+    let fonts = font::Fonts::shared();
+    let font_note = match &fonts.fallback {
+        Some(p) => format!("bundled WenQuanYi Micro Hei subset, fallback {}", p.display()),
+        None => "bundled WenQuanYi Micro Hei subset (GB 2312)".to_string(),
+    };
+    let page = html::Page {
+        data: &data,
+        plots: &plots,
+        significance: sig.as_ref(),
+        gallery: &gallery,
+        generated_at: crate::store::now(),
+        font_note,
+    };
+    let index = dir.join("index.html");
+    let tmp = dir.join(".index.html.tmp");
+    std::fs::write(&tmp, html::render(&page)).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &index).map_err(io(&index))?;
+    Ok(index)
 }
