@@ -22,6 +22,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use config::Baseline;
+pub use loss::smoothed_cross_entropy;
 pub use scst::{draw_images, scst_closure, scst_loss, Policy, SampleOpts, ScstStats};
 pub use config::{Group, GroupLr, ScstConfig, TrainConfig};
 pub use optim::{AdamW, ParamSpec};
