@@ -63,7 +63,15 @@ impl Spec {
         let mut issues = Issues::default();
         let mut figment = Figment::new()
             .merge(Toml::string(&text))
-            .merge(Env::prefixed("ECIC_").split("__").ignore(&["log"]));
+            .merge(
+                // Only variables naming spec keys: ECIC_RUNS, ECIC_LOG ... are not spec values.
+                Env::prefixed("ECIC_")
+                    .filter(|k| {
+                        let first = k.as_str().split("__").next().unwrap_or_default().to_ascii_lowercase();
+                        validate::TOP_KEYS.contains(&first.as_str())
+                    })
+                    .split("__"),
+            );
         for set in sets {
             match parse_set(set) {
                 Ok((key, value)) => figment = figment.merge(Serialized::global(&key, value)),

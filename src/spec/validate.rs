@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::error::{did_you_mean, Issues};
 use super::params::*;
 
-const TOP_KEYS: &[&str] =
+pub(super) const TOP_KEYS: &[&str] =
     &["name", "description", "seeds", "data", "model", "peft", "stages", "resources", "grid", "exclude"];
 const STAGE_KINDS: &[&str] = &["preprocess", "pretrain_align", "domain_adapt", "cider_optimize", "evaluate"];
 
