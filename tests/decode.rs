@@ -35,8 +35,10 @@ fn beam_width_one_equals_greedy() {
             let m = model(b, f, seed);
             let img = images(&m, 3, seed);
             for rep in [1.0, 1.3] {
-                let g = generate(&m, &img, &DecodeConfig { repetition_penalty: rep, ..cfg(Strategy::Greedy) }, 0).unwrap();
-                let bm = DecodeConfig { beam_width: 1, length_penalty: 0.7, repetition_penalty: rep, ..cfg(Strategy::Beam) };
+                let g =
+                    generate(&m, &img, &DecodeConfig { repetition_penalty: rep, ..cfg(Strategy::Greedy) }, 0).unwrap();
+                let bm =
+                    DecodeConfig { beam_width: 1, length_penalty: 0.7, repetition_penalty: rep, ..cfg(Strategy::Beam) };
                 assert_eq!(g, generate(&m, &img, &bm, 0).unwrap(), "{b:?}/{f:?} seed {seed} rep {rep}");
             }
         }
@@ -67,7 +69,8 @@ fn kv_cache_equals_full_recompute() {
         let (mut step, mut st) = inf.begin(&img, 1).unwrap();
         for j in 0..t {
             let want = full.narrow(1, j, 1).unwrap().squeeze(1).unwrap();
-            let d: f32 = (&want - &step).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let d: f32 =
+                (&want - &step).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
             assert!(d < 1e-4, "{b:?}/{f:?} position {j}: {d}");
             if j + 1 < t {
                 step = inf.step(&[ids[j + 1], ids[t + j + 1]], &mut st).unwrap();
@@ -103,7 +106,8 @@ fn beam_search_never_scores_below_greedy() {
         let m = model(b, f, 8);
         let img = images(&m, 3, 9);
         let g = generate(&m, &img, &cfg(Strategy::Greedy), 0).unwrap();
-        let bm = generate(&m, &img, &DecodeConfig { beam_width: 4, length_penalty: 0.0, ..cfg(Strategy::Beam) }, 0).unwrap();
+        let bm =
+            generate(&m, &img, &DecodeConfig { beam_width: 4, length_penalty: 0.0, ..cfg(Strategy::Beam) }, 0).unwrap();
         let inf = m.inference().unwrap();
         let lg: Vec<f32> = inf.log_probs(&img, &g, 1).unwrap().to_vec1().unwrap();
         let lb: Vec<f32> = inf.log_probs(&img, &bm, 1).unwrap().to_vec1().unwrap();

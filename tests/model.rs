@@ -105,9 +105,9 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
                         _ => false,
                     };
                     assert!(ok, "{what}: {} ({:?}) should be frozen", tv.name, tv.component);
-                    let matrix = tv.var.rank() == 2 && tv.name.ends_with(".weight") && !tv.name.contains("embed_tokens");
-                    assert_eq!(tv.decay, matrix || tv.name.contains("lora_"),
-                        "{what}: decay flag of {}", tv.name);
+                    let matrix =
+                        tv.var.rank() == 2 && tv.name.ends_with(".weight") && !tv.name.contains("embed_tokens");
+                    assert_eq!(tv.decay, matrix || tv.name.contains("lora_"), "{what}: decay flag of {}", tv.name);
                 }
                 let comps: Vec<Component> = m.trainable_vars().iter().map(|t| t.component).collect();
                 assert!(comps.contains(&Component::Connector), "{what}: connector must train");
@@ -133,7 +133,8 @@ fn vision_lora_policy_adds_lora_to_encoder_attention_only() {
     let (_, base) = align_ckpt(&c, &dir);
     let peft = PeftConfig { vision: ecic::model::VisionPolicy::Lora, ..PeftConfig::lora(4, 8.0) };
     let m = adapt(&c, &peft, &base);
-    let vis: Vec<String> = m.trainable_vars().into_iter().map(|t| t.name).filter(|n| n.starts_with("vision.")).collect();
+    let vis: Vec<String> =
+        m.trainable_vars().into_iter().map(|t| t.name).filter(|n| n.starts_with("vision.")).collect();
     assert!(!vis.is_empty());
     assert!(vis.iter().all(|n| n.contains(".attn.") && n.contains(".lora_")), "{vis:?}");
     let img = images(&c, 2, 1);
@@ -144,7 +145,9 @@ fn vision_lora_policy_adds_lora_to_encoder_attention_only() {
 #[test]
 fn lora_with_zero_b_equals_base_and_merged_equals_unmerged() {
     let dir = tempfile::tempdir().unwrap();
-    for (b, f) in [(Backbone::Blip2, Fusion::Late), (Backbone::Phi3v, Fusion::Multilevel), (Backbone::Llava, Fusion::Early)] {
+    for (b, f) in
+        [(Backbone::Blip2, Fusion::Late), (Backbone::Phi3v, Fusion::Multilevel), (Backbone::Llava, Fusion::Early)]
+    {
         let c = cfg(b, f);
         let (align, base) = align_ckpt(&c, &dir);
         let img = images(&c, 2, 3);
@@ -206,7 +209,12 @@ fn save_then_load_rebuilds_identical_outputs() {
         again.load_trained(&p).unwrap();
         let img = images(&c, 2, 12);
         let (inp, _, _) = batch(2, 6, 13);
-        assert_eq!(max_abs_diff(&m.logits(&img, &inp).unwrap(), &again.logits(&img, &inp).unwrap()), 0.0, "{:?}", peft.method);
+        assert_eq!(
+            max_abs_diff(&m.logits(&img, &inp).unwrap(), &again.logits(&img, &inp).unwrap()),
+            0.0,
+            "{:?}",
+            peft.method
+        );
     }
 }
 

@@ -54,7 +54,9 @@ fn print_training_and_decoding_rates() {
             let base = dir.path().join("base.safetensors");
             align.save_trained(&base).unwrap();
             let mut line = format!("{b:?}/{f:?}: align {a:.0} samples/s");
-            for peft in [PeftConfig::full(), PeftConfig::lora(8, 16.0), PeftConfig::qlora(8, 16.0), PeftConfig::adapter(16)] {
+            for peft in
+                [PeftConfig::full(), PeftConfig::lora(8, 16.0), PeftConfig::qlora(8, 16.0), PeftConfig::adapter(16)]
+            {
                 let mut m = Captioner::new(&c, &peft, Phase::Adapt, &Device::Cpu).unwrap();
                 m.load_base(&base).unwrap();
                 line += &format!(", {:?} {:.0}", peft.method, train_rate(&m, 5));
@@ -64,7 +66,10 @@ fn print_training_and_decoding_rates() {
             let inf = align.inference().unwrap();
             for (name, dc) in [
                 ("greedy", DecodeConfig { max_len: T, ..DecodeConfig::default() }),
-                ("beam3", DecodeConfig { strategy: Strategy::Beam, beam_width: 3, max_len: T, ..DecodeConfig::default() }),
+                (
+                    "beam3",
+                    DecodeConfig { strategy: Strategy::Beam, beam_width: 3, max_len: T, ..DecodeConfig::default() },
+                ),
             ] {
                 let t0 = Instant::now();
                 let out = generate(&inf, &img, &dc, 0).unwrap();

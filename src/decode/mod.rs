@@ -83,7 +83,11 @@ impl DecodeConfig {
         if self.max_len == 0 {
             errs.push("max_len must be at least 1".to_string());
         }
-        if errs.is_empty() { Ok(()) } else { Err(DecodeError::Config(errs.join("; "))) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Config(errs.join("; ")))
+        }
     }
 }
 
@@ -97,7 +101,12 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn begin(model: &'a Captioner, images: &Tensor, repeat: usize, cache: bool) -> Result<(Self, Vec<Vec<f32>>), DecodeError> {
+    fn begin(
+        model: &'a Captioner,
+        images: &Tensor,
+        repeat: usize,
+        cache: bool,
+    ) -> Result<(Self, Vec<Vec<f32>>), DecodeError> {
         let images = repeat_rows(images, repeat)?;
         let n = images.dim(0)?;
         let hist = vec![Vec::new(); n];
@@ -181,7 +190,12 @@ fn inference(model: &Captioner) -> Result<Option<Captioner>, DecodeError> {
 }
 
 /// Generates one caption per image (token ids without BOS/EOS).
-pub fn generate(model: &Captioner, images: &Tensor, cfg: &DecodeConfig, seed: u64) -> Result<Vec<Vec<u32>>, DecodeError> {
+pub fn generate(
+    model: &Captioner,
+    images: &Tensor,
+    cfg: &DecodeConfig,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, DecodeError> {
     cfg.validate()?;
     let owned = inference(model)?;
     let m = owned.as_ref().unwrap_or(model);
@@ -227,7 +241,11 @@ fn greedy(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<
             log_softmax(l);
             let t = argmax(l);
             if !done[i] {
-                if t == eos { done[i] = true } else { out[i].push(t) }
+                if t == eos {
+                    done[i] = true
+                } else {
+                    out[i].push(t)
+                }
             }
             next.push(if done[i] { eos } else { t });
         }
@@ -239,7 +257,13 @@ fn greedy(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<
     Ok(out)
 }
 
-fn sample_rows(m: &Captioner, images: &Tensor, k: usize, cfg: &DecodeConfig, seed: u64) -> Result<Vec<Vec<u32>>, DecodeError> {
+fn sample_rows(
+    m: &Captioner,
+    images: &Tensor,
+    k: usize,
+    cfg: &DecodeConfig,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, DecodeError> {
     let eos = m.config().eos_id;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut s, mut logits) = Session::begin(m, images, k, cfg.kv_cache)?;
@@ -256,7 +280,11 @@ fn sample_rows(m: &Captioner, images: &Tensor, k: usize, cfg: &DecodeConfig, see
             }
             penalize(l, &out[i], cfg.repetition_penalty);
             let t = nucleus(l, cfg.top_p, cfg.temperature, &mut rng);
-            if t == eos { done[i] = true } else { out[i].push(t) }
+            if t == eos {
+                done[i] = true
+            } else {
+                out[i].push(t)
+            }
             next.push(t);
         }
         if done.iter().all(|&d| d) || step + 1 == ml {
@@ -271,7 +299,8 @@ fn sample_rows(m: &Captioner, images: &Tensor, k: usize, cfg: &DecodeConfig, see
 fn nucleus(logits: &[f32], top_p: f64, temperature: f64, rng: &mut ChaCha8Rng) -> u32 {
     let t = temperature as f32;
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - m) / t) as f64).exp())).collect();
+    let mut p: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - m) / t) as f64).exp())).collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut cum = 0.0;
@@ -378,6 +407,8 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
     }
     Ok(finished
         .into_iter()
-        .map(|f| f.into_iter().reduce(|a, c| if c.score > a.score { c } else { a }).map(|h| h.tokens).unwrap_or_default())
+        .map(|f| {
+            f.into_iter().reduce(|a, c| if c.score > a.score { c } else { a }).map(|h| h.tokens).unwrap_or_default()
+        })
         .collect())
 }

@@ -140,14 +140,20 @@ impl Captioner {
             .entries
             .iter()
             .filter_map(|(name, e)| {
-                e.var().map(|v| TrainableVar { name: name.clone(), var: v.clone(), component: e.component, decay: e.decay })
+                e.var().map(|v| TrainableVar {
+                    name: name.clone(),
+                    var: v.clone(),
+                    component: e.component,
+                    decay: e.decay,
+                })
             })
             .collect()
     }
 
     pub fn counts(&self) -> ParamCounts {
         let store = self.lock();
-        let mut c = ParamCounts { trainable: 0, total: 0, frozen_bytes: 0, frozen_f32_bytes: 0, by_component: BTreeMap::new() };
+        let mut c =
+            ParamCounts { trainable: 0, total: 0, frozen_bytes: 0, frozen_f32_bytes: 0, by_component: BTreeMap::new() };
         for e in store.entries.values() {
             let n = e.elem_count();
             c.total += n;
@@ -264,9 +270,13 @@ impl Captioner {
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(), ModelError> {
-        let (_, t) = ids.dims2().map_err(|_| ModelError::Input(format!("token ids must be (B,T), got {:?}", ids.dims())))?;
+        let (_, t) =
+            ids.dims2().map_err(|_| ModelError::Input(format!("token ids must be (B,T), got {:?}", ids.dims())))?;
         if t > self.cfg.max_caption_len + 2 {
-            return Err(ModelError::Input(format!("{t} tokens exceed max_caption_len + 2 = {}", self.cfg.max_caption_len + 2)));
+            return Err(ModelError::Input(format!(
+                "{t} tokens exceed max_caption_len + 2 = {}",
+                self.cfg.max_caption_len + 2
+            )));
         }
         if ids.dtype() != DType::U32 {
             return Err(ModelError::Input(format!("token ids must be u32, got {:?}", ids.dtype())));
@@ -290,7 +300,12 @@ impl Captioner {
         let vis = self.visual_tokens(images, true)?;
         let logits = self.text_logits(&vis, input_ids, true)?;
         let v = logits.dim(D::Minus1)?;
-        Ok(ops::cross_entropy(&logits.reshape(((), v))?, &target_ids.flatten_all()?, &mask.flatten_all()?, label_smoothing)?)
+        Ok(ops::cross_entropy(
+            &logits.reshape(((), v))?,
+            &target_ids.flatten_all()?,
+            &mask.flatten_all()?,
+            label_smoothing,
+        )?)
     }
 
     /// Sum of token log-probs (with gradient) of each caption given its image, EOS included.
@@ -307,7 +322,13 @@ impl Captioner {
             let s = &s[..s.len().min(maxc)];
             for j in 0..t {
                 inp.push(if j == 0 { self.cfg.bos_id } else { s.get(j - 1).copied().unwrap_or(self.cfg.pad_id) });
-                tgt.push(if j < s.len() { s[j] } else if j == s.len() { self.cfg.eos_id } else { self.cfg.pad_id });
+                tgt.push(if j < s.len() {
+                    s[j]
+                } else if j == s.len() {
+                    self.cfg.eos_id
+                } else {
+                    self.cfg.pad_id
+                });
                 msk.push(if j <= s.len() { 1f32 } else { 0.0 });
             }
         }

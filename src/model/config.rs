@@ -136,16 +136,19 @@ impl ModelConfig {
         c.fusion_opts.late_layers = 8;
         match backbone {
             Backbone::Blip2 => {
-                c.vision = VisionConfig { image_size: 224, patch_size: 14, width: 1408, depth: 39, heads: 16, mlp_ratio: 4 };
+                c.vision =
+                    VisionConfig { image_size: 224, patch_size: 14, width: 1408, depth: 39, heads: 16, mlp_ratio: 4 };
                 c.qformer = QFormerConfig { queries: 32, width: 768, depth: 12, heads: 12 };
                 c.lm = LmConfig { width: 2560, depth: 32, heads: 32, mlp_hidden: 6912, rope_theta: 10_000.0 };
             }
             Backbone::Llava => {
-                c.vision = VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
+                c.vision =
+                    VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
                 c.lm = LmConfig { width: 4096, depth: 32, heads: 32, mlp_hidden: 11008, rope_theta: 10_000.0 };
             }
             Backbone::Phi3v => {
-                c.vision = VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
+                c.vision =
+                    VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
                 c.lm = LmConfig { width: 3072, depth: 32, heads: 32, mlp_hidden: 8192, rope_theta: 10_000.0 };
                 c.hd_grid = 4;
             }
@@ -163,7 +166,11 @@ impl ModelConfig {
 
     /// Encoder block outputs (1-based) pooled by `multilevel`.
     pub fn levels(&self) -> Vec<usize> {
-        if self.fusion_opts.levels.is_empty() { (1..=self.vision.depth).collect() } else { self.fusion_opts.levels.clone() }
+        if self.fusion_opts.levels.is_empty() {
+            (1..=self.vision.depth).collect()
+        } else {
+            self.fusion_opts.levels.clone()
+        }
     }
 
     /// Decoder layers (0-based) that cross-attend to visual tokens; empty for `early`.
@@ -173,7 +180,11 @@ impl ModelConfig {
             Fusion::Early => Vec::new(),
             Fusion::Late => (d.saturating_sub(self.fusion_opts.late_layers)..d).collect(),
             Fusion::Multilevel => {
-                if self.fusion_opts.inject.is_empty() { (0..d).collect() } else { self.fusion_opts.inject.clone() }
+                if self.fusion_opts.inject.is_empty() {
+                    (0..d).collect()
+                } else {
+                    self.fusion_opts.inject.clone()
+                }
             }
         }
     }
@@ -183,7 +194,10 @@ impl ModelConfig {
         let mut errs = Vec::new();
         let v = &self.vision;
         if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-            errs.push(format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size));
+            errs.push(format!(
+                "vision.image_size {} is not a multiple of vision.patch_size {}",
+                v.image_size, v.patch_size
+            ));
         }
         if v.heads == 0 || v.width % v.heads != 0 {
             errs.push(format!("vision.width {} is not divisible by vision.heads {}", v.width, v.heads));
@@ -218,7 +232,8 @@ impl ModelConfig {
                 errs.push(format!("fusion_opts.inject entry {i} is outside 0..{}", l.depth));
             }
         }
-        if self.fusion == Fusion::Late && (self.fusion_opts.late_layers == 0 || self.fusion_opts.late_layers > l.depth) {
+        if self.fusion == Fusion::Late && (self.fusion_opts.late_layers == 0 || self.fusion_opts.late_layers > l.depth)
+        {
             errs.push(format!("fusion_opts.late_layers {} is outside 1..={}", self.fusion_opts.late_layers, l.depth));
         }
         for (name, id) in [("pad_id", self.pad_id), ("bos_id", self.bos_id), ("eos_id", self.eos_id)] {
@@ -229,7 +244,11 @@ impl ModelConfig {
         if self.max_caption_len == 0 {
             errs.push("max_caption_len must be at least 1".into());
         }
-        if errs.is_empty() { Ok(()) } else { Err(ModelError::Config { problems: errs }) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Config { problems: errs })
+        }
     }
 }
 
@@ -316,7 +335,11 @@ impl PeftConfig {
         if self.method == PeftMethod::Adapter && self.adapter_dim == 0 {
             errs.push("peft.adapter_dim must be at least 1".into());
         }
-        if errs.is_empty() { Ok(()) } else { Err(ModelError::Config { problems: errs }) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Config { problems: errs })
+        }
     }
 }
 

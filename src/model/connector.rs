@@ -146,7 +146,8 @@ impl Visual {
             _ => vec![cfg.vision.depth],
         };
         let vit = Vit::new(vision, &cfg.vision, levels.iter().copied().max().unwrap_or(1))?;
-        let pool = if levels.len() > 1 { Some(LevelPool::new(&conn.pp("level_pool"), dv, levels.len())?) } else { None };
+        let pool =
+            if levels.len() > 1 { Some(LevelPool::new(&conn.pp("level_pool"), dv, levels.len())?) } else { None };
         let head = match cfg.backbone {
             Backbone::Blip2 => Head::Blip2 {
                 qformer: QFormer::new(&conn.pp("qformer"), cfg)?,
@@ -212,20 +213,24 @@ impl Visual {
                 }
                 // Views: the global image (average-pooled to one crop) then the g*g crops, row-major.
                 let global = if g > 1 { images.avg_pool2d(g)? } else { images.clone() };
-                let crops = images
-                    .reshape((bsz, c, g, s, g, s))?
-                    .permute((0, 2, 4, 1, 3, 5))?
-                    .reshape((bsz * g * g, c, s, s))?;
+                let crops = images.reshape((bsz, c, g, s, g, s))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
+                    bsz * g * g,
+                    c,
+                    s,
+                    s,
+                ))?;
                 let views = Tensor::cat(&[global, crops], 0)?;
                 let f = self.features(&views, fwd)?; // (B*(1+g²), n, dv)
                 let side = s / self.vit_patch();
                 let m = side / 2;
                 let dv = f.dim(2)?;
                 // 2x2 token merge: (V, side, side, dv) -> (V, m, m, 4dv).
-                let merged = f
-                    .reshape((f.dim(0)?, m, 2, m, 2, dv))?
-                    .permute((0, 1, 3, 2, 4, 5))?
-                    .reshape((f.dim(0)?, m, m, 4 * dv))?;
+                let merged = f.reshape((f.dim(0)?, m, 2, m, 2, dv))?.permute((0, 1, 3, 2, 4, 5))?.reshape((
+                    f.dim(0)?,
+                    m,
+                    m,
+                    4 * dv,
+                ))?;
                 let tok = fc2.forward(&fc1.forward(&merged, fwd)?.gelu()?, fwd)?; // (V, m, m, dl)
                 let dl = self.lm_width;
                 let glb = tok.narrow(0, 0, bsz)?;

@@ -149,14 +149,16 @@ impl Builder<'_> {
     /// LayerNorm weights (w, b) named `name`.
     pub fn layer_norm(&self, name: &str, dim: usize) -> Result<LayerNorm, ModelError> {
         let b = self.pp(name);
-        Ok(LayerNorm { w: b.base("weight", &[dim], Init::Ones, false)?, b: b.base("bias", &[dim], Init::Zeros, false)? })
+        Ok(LayerNorm {
+            w: b.base("weight", &[dim], Init::Ones, false)?,
+            b: b.base("bias", &[dim], Init::Zeros, false)?,
+        })
     }
 
     pub fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm, ModelError> {
         Ok(RmsNorm { w: self.pp(name).base("weight", &[dim], Init::Ones, false)? })
     }
 }
-
 
 #[derive(Debug, Clone)]
 pub struct LayerNorm {

@@ -101,8 +101,13 @@ impl Layer {
         let (w, h) = (cfg.lm.width, cfg.lm.mlp_hidden);
         let xattn = if xattn {
             let c = b.with_component(Component::Connector).pp("xattn");
-            let gate = if cfg.fusion == Fusion::Multilevel { Some(c.base("gate", &[1], Init::Zeros, false)?) } else { None };
-            Some(XAttn { norm: c.rms_norm("norm", w)?, attn: CrossAttention::new(&c, w, w, cfg.lm.heads, false)?, gate })
+            let gate =
+                if cfg.fusion == Fusion::Multilevel { Some(c.base("gate", &[1], Init::Zeros, false)?) } else { None };
+            Some(XAttn {
+                norm: c.rms_norm("norm", w)?,
+                attn: CrossAttention::new(&c, w, w, cfg.lm.heads, false)?,
+                gate,
+            })
         } else {
             None
         };
@@ -182,8 +187,9 @@ impl Lm {
     pub(crate) fn new(b: &Builder<'_>, cfg: &ModelConfig, max_pos: usize) -> Result<Self, ModelError> {
         let xl = cfg.xattn_layers();
         let w = cfg.lm.width;
-        let layers =
-            (0..cfg.lm.depth).map(|i| Layer::new(&b.pp("layers").pp(i), cfg, xl.contains(&i))).collect::<Result<_, _>>()?;
+        let layers = (0..cfg.lm.depth)
+            .map(|i| Layer::new(&b.pp("layers").pp(i), cfg, xl.contains(&i)))
+            .collect::<Result<_, _>>()?;
         let dev = b.device();
         Ok(Self {
             embed: b.pp("embed_tokens").base("weight", &[cfg.vocab_size, w], Init::Normal(0.02), false)?,

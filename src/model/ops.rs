@@ -74,8 +74,7 @@ impl Rope {
         let mut cos = Vec::with_capacity(max_pos * head_dim);
         let mut sin = Vec::with_capacity(max_pos * head_dim);
         for p in 0..max_pos {
-            let angles: Vec<f64> =
-                (0..half).map(|i| p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+            let angles: Vec<f64> = (0..half).map(|i| p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
             cos.extend(angles.iter().chain(angles.iter()).map(|a| a.cos() as f32));
             sin.extend(angles.iter().map(|a| -a.sin() as f32));
             sin.extend(angles.iter().map(|a| a.sin() as f32));

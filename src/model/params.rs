@@ -220,7 +220,11 @@ impl<'a> Builder<'a> {
     }
 
     pub fn path(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -281,7 +285,11 @@ impl<'a> Builder<'a> {
         let full = self.path(name);
         if let Some(Slot::Quant(q)) = self.lock().entries.get(&full).map(|e| e.slot.clone()) {
             if q.shape().dims() != shape {
-                return Err(ModelError::Shape { name: full, expected: shape.to_vec(), found: q.shape().dims().to_vec() });
+                return Err(ModelError::Shape {
+                    name: full,
+                    expected: shape.to_vec(),
+                    found: q.shape().dims().to_vec(),
+                });
             }
             return Ok(q);
         }
