@@ -8,6 +8,8 @@
 mod backend;
 pub mod cmd;
 pub mod data;
+#[doc(hidden)]
+pub mod fixture;
 pub mod font;
 pub mod gallery;
 pub mod html;
