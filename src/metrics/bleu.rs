@@ -81,8 +81,8 @@ fn bleu_from(testlen: f64, reflen: f64, correct: &[f64; MAX_N], guess: &[f64; MA
 
 /// Per n-gram, the highest count in any single reference (sorted by key):
 /// the clipping ceiling for the candidate.
-pub fn reference_max(refs: &[Vec<(Key, u32)>]) -> Vec<(Key, u32)> {
-    let mut all: Vec<(Key, u32)> = refs.iter().flatten().copied().collect();
+pub fn reference_max<'a>(refs: impl Iterator<Item = &'a [(Key, u32)]>) -> Vec<(Key, u32)> {
+    let mut all: Vec<(Key, u32)> = refs.flatten().copied().collect();
     all.sort_unstable();
     let mut out: Vec<(Key, u32)> = Vec::with_capacity(all.len());
     for (key, count) in all {

@@ -29,11 +29,38 @@ struct RefVec {
 pub struct CiderD {
     mode: Tokenize,
     vocab: Vocab,
-    /// `ln N - ln max(1, df)` for every n-gram seen in some reference; an
-    /// n-gram seen in none weighs `ln N`.
-    idf: FastMap<Key, f64>,
+    df: DocFreq,
     log_n: f64,
     images: Vec<Vec<RefVec>>,
+}
+
+/// Shards of the document-frequency table. Built in parallel, one shard per
+/// task, each small enough to stay in cache while it is filled.
+const SHARDS: usize = 256;
+
+/// Document frequencies: n-gram -> number of images with it in a reference,
+/// sharded by a hash independent of the one inside each map.
+#[derive(Debug, Clone)]
+struct DocFreq {
+    shards: Vec<FastMap<Key, u32>>,
+    /// `ln(max(1, df))` for every possible df (0..=N).
+    ln: Vec<f64>,
+}
+
+impl DocFreq {
+    fn shard(key: Key) -> usize {
+        let x = (key as u64) ^ ((key >> 64) as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % SHARDS
+    }
+
+    fn get(&self, key: Key) -> u32 {
+        self.shards[Self::shard(key)].get(&key).copied().unwrap_or(0)
+    }
+
+    /// `ln N - ln max(1, df)`: the idf factor of a weight.
+    fn idf(&self, log_n: f64, df: u32) -> f64 {
+        log_n - self.ln.get(df as usize).copied().unwrap_or_else(|| f64::from(df.max(1)).ln())
+    }
 }
 
 /// N-gram counts of one reference caption, as the corpus builder keeps them.
@@ -76,28 +103,37 @@ impl CiderD {
             .par_iter()
             .map(|caps| caps.iter().map(RefCounts::of).collect())
             .collect();
-        Self::from_counts(vocab, mode, &counts)
+        Self::from_counts(vocab, mode, counts)
     }
 
-    pub(crate) fn from_counts(vocab: Vocab, mode: Tokenize, images: &[Vec<RefCounts>]) -> Self {
+    /// Consumes the counts: at 10k images they are hundreds of MB.
+    pub(crate) fn from_counts(vocab: Vocab, mode: Tokenize, images: Vec<Vec<RefCounts>>) -> Self {
         let log_n = (images.len() as f64).ln();
-        let df = document_frequency(images);
-        let idf: FastMap<Key, f64> = df
-            .into_iter()
-            .map(|(k, d)| (k, log_n - f64::from(d.max(1)).ln()))
-            .collect();
-        let images = images
+        // per image, the n-grams of all its references, sorted and distinct
+        let unions: Vec<Vec<Key>> = images
             .par_iter()
             .map(|refs| {
-                refs.iter()
+                let mut keys: Vec<Key> = refs.iter().flat_map(|r| r.counts.iter().map(|e| e.0)).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            })
+            .collect();
+        let (df, dfs) = document_frequency(&unions, images.len());
+        let images = images
+            .into_par_iter()
+            .zip(unions)
+            .zip(dfs)
+            .map(|((refs, union), dfs)| {
+                refs.into_iter()
                     .map(|r| {
-                        let (grams, norm) = weigh(&r.counts, &idf, log_n);
+                        let (grams, norm) = weigh_known(&r.counts, &union, &dfs, &df, log_n);
                         RefVec { grams, norm, length: r.length }
                     })
                     .collect()
             })
             .collect();
-        CiderD { mode, vocab, idf, log_n, images }
+        CiderD { mode, vocab, df, log_n, images }
     }
 
     /// Number of reference images (N).
@@ -138,7 +174,7 @@ impl CiderD {
             .images
             .get(image)
             .ok_or(MetricsError::ImageIndex { index: image, images: self.images.len() })?;
-        let (grams, norm) = weigh(counts, &self.idf, self.log_n);
+        let (grams, norm) = weigh(counts, |k| self.df.idf(self.log_n, self.df.get(k)));
         let mut total = [0.0f64; MAX_N];
         for r in refs {
             let sim = similarity(&grams, &norm, length, r);
@@ -151,40 +187,91 @@ impl CiderD {
     }
 }
 
-/// Per n-gram, the number of images with it in at least one reference.
-fn document_frequency(images: &[Vec<RefCounts>]) -> FastMap<Key, u32> {
-    images
-        .par_iter()
-        .fold(FastMap::default, |mut df: FastMap<Key, u32>, refs| {
-            let mut keys: Vec<Key> = refs.iter().flat_map(|r| r.counts.iter().map(|e| e.0)).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            for k in keys {
-                *df.entry(k).or_insert(0) += 1;
+/// Per n-gram, the number of images with it in at least one reference
+/// (`unions`: each image's distinct reference n-grams), and that number for
+/// every entry of `unions`. Keys go to shards (in parallel, per chunk of
+/// images), each shard is counted on its own, and counts are written back
+/// to the union entries from the shard while it is hot in cache.
+fn document_frequency(unions: &[Vec<Key>], n_images: usize) -> (DocFreq, Vec<Vec<u32>>) {
+    let chunk = unions.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+    // per chunk and shard: keys, and where each came from (image, position)
+    type Bucket = (Vec<Key>, Vec<(u32, u32)>);
+    let buckets: Vec<Vec<Bucket>> = unions
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(c, part)| {
+            let mut b: Vec<Bucket> = vec![(Vec::new(), Vec::new()); SHARDS];
+            for (i, union) in part.iter().enumerate() {
+                let image = (c * chunk + i) as u32;
+                for (pos, &k) in union.iter().enumerate() {
+                    let s = &mut b[DocFreq::shard(k)];
+                    s.0.push(k);
+                    s.1.push((image, pos as u32));
+                }
             }
-            df
+            b
         })
-        .reduce(FastMap::default, |mut a, b| {
-            let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
-            for (k, d) in small {
-                *big.entry(k).or_insert(0) += d;
+        .collect();
+    let counted: Vec<(FastMap<Key, u32>, Vec<((u32, u32), u32)>)> = (0..SHARDS)
+        .into_par_iter()
+        .map(|s| {
+            let cap = buckets.iter().map(|b| b[s].0.len()).sum();
+            let mut map: FastMap<Key, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
+            for &k in buckets.iter().flat_map(|b| &b[s].0) {
+                *map.entry(k).or_insert(0) += 1;
             }
-            big
+            let back = buckets
+                .iter()
+                .flat_map(|b| b[s].0.iter().zip(&b[s].1))
+                .map(|(k, &at)| (at, map.get(k).copied().unwrap_or(0)))
+                .collect();
+            (map, back)
         })
+        .collect();
+    drop(buckets);
+    let mut dfs: Vec<Vec<u32>> = unions.iter().map(|u| vec![0; u.len()]).collect();
+    let mut shards = Vec::with_capacity(SHARDS);
+    for (map, back) in counted {
+        for ((image, pos), d) in back {
+            dfs[image as usize][pos as usize] = d;
+        }
+        shards.push(map);
+    }
+    let ln = (0..=n_images).map(|d| (d.max(1) as f64).ln()).collect();
+    (DocFreq { shards, ln }, dfs)
 }
 
 /// tf-idf weights (sorted like `counts`) and per-order norms.
-fn weigh(counts: &[(Key, u32)], idf: &FastMap<Key, f64>, log_n: f64) -> (Vec<(Key, f64)>, [f64; MAX_N]) {
+fn weigh(counts: &[(Key, u32)], mut idf: impl FnMut(Key) -> f64) -> (Vec<(Key, f64)>, [f64; MAX_N]) {
     let mut norm = [0.0f64; MAX_N];
     let grams = counts
         .iter()
         .map(|&(key, tf)| {
-            let w = f64::from(tf) * idf.get(&key).copied().unwrap_or(log_n);
+            let w = f64::from(tf) * idf(key);
             norm[order(key) - 1] += w * w;
             (key, w)
         })
         .collect();
     (grams, norm.map(f64::sqrt))
+}
+
+/// [`weigh`] for a reference, whose n-grams all lie in the sorted `union`
+/// with known frequencies `dfs`: a merge instead of hash lookups.
+fn weigh_known(
+    counts: &[(Key, u32)],
+    union: &[Key],
+    dfs: &[u32],
+    df: &DocFreq,
+    log_n: f64,
+) -> (Vec<(Key, f64)>, [f64; MAX_N]) {
+    let mut j = 0;
+    weigh(counts, |key| {
+        while j < union.len() && union[j] < key {
+            j += 1;
+        }
+        let d = if union.get(j) == Some(&key) { dfs[j] } else { df.get(key) };
+        df.idf(log_n, d)
+    })
 }
 
 /// Clipped cosine per order with the length penalty, against one reference.

@@ -66,9 +66,8 @@ impl References {
             .into_par_iter()
             .map(|caps| {
                 let counts: Vec<RefCounts> = caps.iter().map(RefCounts::of).collect();
-                let per_ref: Vec<Vec<(Key, u32)>> = counts.iter().map(|c| c.counts.clone()).collect();
                 let image = RefImage {
-                    refmax: reference_max(&per_ref),
+                    refmax: reference_max(counts.iter().map(|c| c.counts.as_slice())),
                     lens: caps.iter().map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX)).collect(),
                     rouge: caps.iter().map(|c| c.rouge_tokens().to_vec()).collect(),
                 };
@@ -76,7 +75,7 @@ impl References {
             })
             .collect();
         let (images, counts): (Vec<RefImage>, Vec<Vec<RefCounts>>) = prepared.into_iter().unzip();
-        let cider = CiderD::from_counts(vocab, mode, &counts);
+        let cider = CiderD::from_counts(vocab, mode, counts);
         let ids = refs.iter().map(|(id, _)| id.clone()).collect();
         Ok(References { mode, ids, index, images, cider })
     }
