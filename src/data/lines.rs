@@ -5,11 +5,14 @@ use std::io::{self, BufRead};
 
 /// One physical line, its terminating `\n` removed (a `\r` before it kept, so
 /// the caller can report CRLF).
+#[derive(Clone, Copy)]
 pub(crate) enum RawLine<'a> {
     Line(&'a [u8]),
-    /// Longer than the cap; `len` is its full length in bytes.
+    /// Longer than the cap; `len` is its full length in bytes, `head` its
+    /// first `max` bytes (enough to name the record).
     TooLong {
         len: usize,
+        head: &'a [u8],
     },
 }
 
@@ -49,9 +52,8 @@ impl<R: BufRead> LineReader<R> {
                 Some(p) => (p, true),
                 None => (avail.len(), false),
             };
-            if len + take <= self.max {
-                self.buf.extend_from_slice(&avail[..take]);
-            }
+            let room = self.max.saturating_sub(len).min(take);
+            self.buf.extend_from_slice(&avail[..room]);
             len += take;
             let consumed = if done { take + 1 } else { take };
             self.inner.consume(consumed);
@@ -64,7 +66,10 @@ impl<R: BufRead> LineReader<R> {
         }
         self.line_no += 1;
         let line = if len > self.max {
-            RawLine::TooLong { len }
+            RawLine::TooLong {
+                len,
+                head: &self.buf,
+            }
         } else {
             RawLine::Line(&self.buf)
         };
@@ -84,7 +89,7 @@ mod tests {
                 n,
                 match l {
                     RawLine::Line(b) => Ok(b.to_vec()),
-                    RawLine::TooLong { len } => Err(len),
+                    RawLine::TooLong { len, .. } => Err(len),
                 },
             ));
         }

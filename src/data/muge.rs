@@ -193,7 +193,7 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
 /// Checks shared by both files; returns the line as text.
 fn check_line<'a>(raw: RawLine<'a>, line_no: usize, max: usize) -> Result<&'a str, BadReason> {
     let bytes = match raw {
-        RawLine::TooLong { len } => return Err(BadReason::TooLong { len, max }),
+        RawLine::TooLong { len, .. } => return Err(BadReason::TooLong { len, max }),
         RawLine::Line(b) => b,
     };
     if line_no == 1 && bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
@@ -208,6 +208,29 @@ fn check_line<'a>(raw: RawLine<'a>, line_no: usize, max: usize) -> Result<&'a st
     std::str::from_utf8(bytes).map_err(|e| BadReason::InvalidUtf8 {
         at: e.valid_up_to(),
     })
+}
+
+/// The id of a line that failed its checks, when one can still be read, so
+/// that one broken line is reported once rather than again as a missing
+/// partner in the other file.
+fn salvage_id(raw: RawLine<'_>, tsv: bool) -> Option<String> {
+    let bytes = match raw {
+        RawLine::Line(b) => b,
+        RawLine::TooLong { head, .. } if tsv => head,
+        RawLine::TooLong { .. } => return None,
+    };
+    let bytes = bytes.strip_prefix(&[0xEF, 0xBB, 0xBF][..]).unwrap_or(bytes);
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if tsv {
+        let id = bytes.split(|&b| b == b'\t').next()?;
+        let id = std::str::from_utf8(id).ok()?.trim();
+        return (!id.is_empty()).then(|| id.to_owned());
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("image_id")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 /// Captions per id, from the jsonl.
@@ -290,7 +313,13 @@ fn read_refs(path: &Path, opts: &ReadOptions) -> Result<Refs, MugeError> {
             reason,
         };
         match parsed {
-            Err(reason) => refs.bad.push(bad(reason)),
+            Err(reason) => {
+                if let Some(id) = salvage_id(raw, false) {
+                    // Known but unusable: its image is left out silently.
+                    refs.by_id.entry(id).or_insert((n, Vec::new()));
+                }
+                refs.bad.push(bad(reason));
+            }
             Ok((id, text)) => {
                 if let Some((first, _)) = refs.by_id.get(&id) {
                     refs.bad
@@ -396,11 +425,16 @@ where
                     Ok(p) => pending.push(p),
                     // Reported on its jsonl line already; the image is left out.
                     Err(BadReason::NoCaptions(id)) if refs.by_id.contains_key(&id) => {}
-                    Err(reason) => bad.push(BadRecord {
-                        file: tsv.clone(),
-                        line: n,
-                        reason,
-                    }),
+                    Err(reason) => {
+                        if let Some(id) = salvage_id(raw, true) {
+                            seen.entry(id).or_insert(n);
+                        }
+                        bad.push(BadRecord {
+                            file: tsv.clone(),
+                            line: n,
+                            reason,
+                        });
+                    }
                 }
             }
         }
@@ -523,4 +557,27 @@ where
         writeln!(w, "{rec}").map_err(io_err(path))?;
     }
     w.flush().map_err(io_err(path))
+}
+
+/// Every caption of the good lines of `PREFIX.jsonl`, in file order (for
+/// training a tokenizer before the validating pass; bad lines are left to
+/// [`read_split`] to report). A missing file gives no captions.
+pub fn caption_texts(
+    dir: &Path,
+    prefix: &str,
+    max_line_bytes: usize,
+) -> Result<Vec<String>, MugeError> {
+    let (_, path) = split_paths(dir, prefix);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let f = File::open(&path).map_err(io_err(&path))?;
+    let mut lines = LineReader::new(BufReader::with_capacity(1 << 16, f), max_line_bytes);
+    let mut out = Vec::new();
+    while let Some((n, raw)) = lines.next_line().map_err(io_err(&path))? {
+        if let Ok((_, text)) = check_line(raw, n, max_line_bytes).and_then(parse_jsonl_line) {
+            out.extend(text);
+        }
+    }
+    Ok(out)
 }
