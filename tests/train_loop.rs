@@ -323,6 +323,12 @@ fn duplicate_names_and_bad_configs_are_rejected_with_every_problem() {
         Trainer::new(specs, &cfg(5), 0),
         Err(TrainError::DuplicateParam { .. })
     ));
+    let mut specs = toy.specs();
+    specs.push(ParamSpec::new("toy.w_again", toy.w.clone(), Group::Lm));
+    assert!(matches!(
+        Trainer::new(specs, &cfg(5), 0),
+        Err(TrainError::DuplicateParam { .. })
+    ));
 
     let bad = TrainConfig {
         steps: 0,

@@ -37,7 +37,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum TrainError {
     #[error("invalid training configuration: {}", problems.join("; "))]
     InvalidConfig { problems: Vec<String> },
-    #[error("duplicate trainable variable name `{name}`")]
+    #[error("duplicate trainable variable `{name}` (name or variable listed twice)")]
     DuplicateParam { name: String },
     #[error("non-finite loss {value} at step {step} (micro-batch {micro})")]
     NonFiniteLoss {

@@ -69,6 +69,8 @@ pub(crate) struct Slot {
     /// Gradient summed over this step's micro-batches (already scaled by 1/accum).
     grad: Vec<f32>,
     has_grad: bool,
+    /// Sum of squares of `grad`, kept up to date by `accumulate` so the norm needs no extra pass.
+    sq: f64,
 }
 
 /// AdamW with per-group learning-rate multipliers, selective weight decay and global-norm clipping.
@@ -137,9 +139,11 @@ impl AdamW {
     pub fn new(params: Vec<ParamSpec>, cfg: &TrainConfig) -> Result<Self> {
         cfg.validate()?;
         let mut seen = BTreeSet::new();
+        // the same variable under two names would be updated twice per step
+        let mut ids = std::collections::HashSet::new();
         let mut slots = Vec::with_capacity(params.len());
         for mut spec in params {
-            if !seen.insert(spec.name.clone()) {
+            if !seen.insert(spec.name.clone()) || !ids.insert(spec.var.id()) {
                 return Err(TrainError::DuplicateParam { name: spec.name });
             }
             if cfg.decay_all {
@@ -153,6 +157,7 @@ impl AdamW {
                 t: 0,
                 grad: vec![0.0; n],
                 has_grad: false,
+                sq: 0.0,
             });
         }
         Ok(AdamW {
@@ -180,19 +185,34 @@ impl AdamW {
                 };
                 let first = !slot.has_grad;
                 slot.has_grad = true;
-                let add = |dst: &mut [f32], src: &[f32]| {
-                    if first {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
-                    } else {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s * scale);
+                let add = |dst: &mut [f32], src: &[f32]| -> f64 {
+                    let mut lanes = [0f64; 8];
+                    let mut dc = dst.chunks_exact_mut(8);
+                    let mut sc = src.chunks_exact(8);
+                    for (d, s) in (&mut dc).zip(&mut sc) {
+                        for l in 0..8 {
+                            let x = if first {
+                                s[l] * scale
+                            } else {
+                                d[l] + s[l] * scale
+                            };
+                            d[l] = x;
+                            lanes[l] += (x as f64) * (x as f64);
+                        }
                     }
+                    for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+                        let x = if first { s * scale } else { *d + s * scale };
+                        *d = x;
+                        lanes[0] += (x as f64) * (x as f64);
+                    }
+                    lanes.iter().sum()
                 };
                 let (st, layout) = g.storage_and_layout();
                 if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
                     (&*st, layout.contiguous_offsets())
                 {
                     if b - a == slot.grad.len() {
-                        add(&mut slot.grad, &data[a..b]);
+                        slot.sq = add(&mut slot.grad, &data[a..b]);
                         return Ok(());
                     }
                 }
@@ -207,26 +227,20 @@ impl AdamW {
                     ))
                     .into());
                 }
-                add(&mut slot.grad, &host);
+                slot.sq = add(&mut slot.grad, &host);
                 Ok(())
             })
     }
 
     /// Global L2 norm of the accumulated gradient (before clipping), in f64.
     pub fn grad_norm(&self) -> f64 {
-        let per: Vec<f64> = self
-            .slots
-            .par_iter()
-            .map(|s| {
-                if s.has_grad {
-                    s.grad.iter().map(|&g| (g as f64) * (g as f64)).sum()
-                } else {
-                    0.0
-                }
-            })
-            .collect();
         // summed in variable order so the result does not depend on thread scheduling
-        per.iter().sum::<f64>().sqrt()
+        self.slots
+            .iter()
+            .filter(|s| s.has_grad)
+            .map(|s| s.sq)
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// Names of variables that received no gradient since the last step.
