@@ -193,30 +193,30 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let mut errs = Vec::new();
         let v = &self.vision;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             errs.push(format!(
                 "vision.image_size {} is not a multiple of vision.patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if v.heads == 0 || v.width % v.heads != 0 {
+        if v.heads == 0 || !v.width.is_multiple_of(v.heads) {
             errs.push(format!("vision.width {} is not divisible by vision.heads {}", v.width, v.heads));
         }
         if v.depth == 0 {
             errs.push("vision.depth must be at least 1".into());
         }
         let l = &self.lm;
-        if l.heads == 0 || l.width % l.heads != 0 || (l.width / l.heads.max(1)) % 2 != 0 {
+        if l.heads == 0 || !l.width.is_multiple_of(l.heads) || !(l.width / l.heads.max(1)).is_multiple_of(2) {
             errs.push(format!("lm.width {} must split into lm.heads {} of even size", l.width, l.heads));
         }
         if l.depth == 0 {
             errs.push("lm.depth must be at least 1".into());
         }
         let q = &self.qformer;
-        if self.backbone == Backbone::Blip2 && (q.heads == 0 || q.width % q.heads != 0 || q.queries == 0) {
+        if self.backbone == Backbone::Blip2 && (q.heads == 0 || !q.width.is_multiple_of(q.heads) || q.queries == 0) {
             errs.push(format!("qformer.width {} must split into qformer.heads {} and queries > 0", q.width, q.heads));
         }
-        if self.backbone == Backbone::Phi3v && ((v.image_size / v.patch_size.max(1)) % 2 != 0 || self.hd_grid == 0) {
+        if self.backbone == Backbone::Phi3v && (!(v.image_size / v.patch_size.max(1)).is_multiple_of(2) || self.hd_grid == 0) {
             errs.push("phi3v needs an even patch grid (2x2 token merge) and hd_grid >= 1".into());
         }
         if self.backbone == Backbone::Llava && self.fusion != Fusion::Multilevel && v.depth < 2 {
