@@ -139,10 +139,11 @@ impl Chart for Marginals {
                 .margin(8)
                 .x_label_area_size(30)
                 .y_label_area_size(45)
-                .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..ymax)
+                .build_cartesian_2d((0..bars.len() - 1).into_segmented(), 0.0..ymax)
                 .map_err(e)?;
             chart
                 .configure_mesh()
+                .light_line_style(RGBColor(242, 242, 242))
                 .disable_x_mesh()
                 .x_label_style(font(13))
                 .y_label_style(font(12))
@@ -240,11 +241,12 @@ impl Chart for Heatmap {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(80)
-            .build_cartesian_2d((0..self.pefts.len()).into_segmented(), (0..self.backbones.len()).into_segmented())
+            .build_cartesian_2d((0..self.pefts.len() - 1).into_segmented(), (0..self.backbones.len() - 1).into_segmented())
             .map_err(e)?;
         let (pefts, backbones) = (&self.pefts, &self.backbones);
         chart
             .configure_mesh()
+                .light_line_style(RGBColor(242, 242, 242))
             .disable_mesh()
             .x_label_style(font(14))
             .y_label_style(font(14))
@@ -342,7 +344,7 @@ impl Chart for Curves {
                 .y_label_area_size(55)
                 .build_cartesian_2d(x0 as f64..x1 as f64, (y0 - pad)..(y1 + pad))
                 .map_err(e)?;
-            chart.configure_mesh().x_desc("step · 步数").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
+            chart.configure_mesh().light_line_style(RGBColor(242, 242, 242)).x_desc("step · 步数").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
             for (i, (label, points)) in lines.iter().enumerate() {
                 let c = color(i);
                 chart
@@ -441,7 +443,7 @@ impl Chart for Pareto {
         macro_rules! body {
             ($chart:expr) => {{
                 let mut chart = $chart;
-                chart.configure_mesh().x_desc(self.x_desc.as_str()).y_desc("CIDEr-D ×100").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
+                chart.configure_mesh().light_line_style(RGBColor(242, 242, 242)).x_labels(6).x_label_formatter(&|v: &f64| if self.log_x { super::terminal::count(*v) } else { format!("{v:.1}") }).x_desc(self.x_desc.as_str()).y_desc("CIDEr-D ×100").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
                 chart
                     .draw_series(LineSeries::new(front.iter().map(|&i| (self.points[i].1, self.points[i].2)), RED.stroke_width(2)))
                     .map_err(e)?;
@@ -504,10 +506,11 @@ impl Chart for Compute {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(55)
-            .build_cartesian_2d((0..self.kinds.len()).into_segmented(), 0.0..ymax)
+            .build_cartesian_2d((0..self.kinds.len() - 1).into_segmented(), 0.0..ymax)
             .map_err(e)?;
         chart
             .configure_mesh()
+                .light_line_style(RGBColor(242, 242, 242))
             .disable_x_mesh()
             .x_label_style(font(13))
             .y_label_style(font(12))
