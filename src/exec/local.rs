@@ -132,8 +132,21 @@ impl LocalExecutor {
     fn spawn(&self, job: &StageJob, tx: mpsc::Sender<Msg>) -> Result<Arc<std::sync::Mutex<Child>>, ExecError> {
         let log = self.worker.runs.join("logs").join(format!("{}.log", job.key));
         let io = |what: String| move |e| ExecError::Io { what: what.clone(), source: e };
-        let log_file = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
-        let mut cmd = Command::new(&self.worker.program);
+        // Append: a log keeps every attempt (a resumed stage shows where it resumed).
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("opening {}", log.display())))?;
+        // On Linux, /proc/self/exe is this very binary even if the file was
+        // replaced meanwhile (a rebuild during a long sweep).
+        let self_exe = std::path::Path::new("/proc/self/exe");
+        let program = if self_exe.exists() && self.worker.program == std::env::current_exe().unwrap_or_default() {
+            self_exe.to_path_buf()
+        } else {
+            self.worker.program.clone()
+        };
+        let mut cmd = Command::new(&program);
         cmd.arg("run-stage")
             .arg("--runs")
             .arg(&self.worker.runs)

@@ -103,6 +103,7 @@ pub fn run_stage(runs: &Path, key: &str, progress: &dyn Fn(u64, u64)) -> Result<
         return Ok(RunOutcome::AlreadyComplete);
     }
     let _ = std::fs::remove_file(cache.failed_marker(key));
+    eprintln!("computing {} {} (pid {})", desc.label, key, std::process::id());
     let result = compute(&cache, &desc, progress);
     if let Err(e) = &result {
         let marker = serde_json::json!({

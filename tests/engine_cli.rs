@@ -1,0 +1,236 @@
+//! The engine through the `ecic` binary: bad specs, caching, re-runs, a kill -9
+//! in the middle of a training stage, determinism, and two concurrent sweeps.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+
+fn ecic() -> Command {
+    let mut c = Command::cargo_bin("ecic").unwrap();
+    c.env("NO_COLOR", "1");
+    c
+}
+
+const TINY: &str = r#"
+name = "tiny"
+seeds = [0]
+[data]
+synth = { train = 24, valid = 8, test = 4, align = 24 }
+[grid]
+backbone = ["llava", "nn"]
+peft = ["lora"]
+fusion = ["early"]
+[stages.preprocess]
+augment_copies = 0
+[stages.pretrain_align]
+steps = 4
+batch_size = 4
+[stages.domain_adapt]
+steps = 40
+batch_size = 4
+ckpt_every = 4
+[stages.cider_optimize]
+steps = 2
+batch_size = 2
+samples = 2
+[stages.evaluate]
+predict_test = false
+"#;
+
+fn spec(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("spec.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// (cell, metric, value) rows of the evaluate stage, from the results view.
+fn results(runs: &Path) -> Vec<(String, String, f64)> {
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let mut st = conn
+        .prepare("SELECT cell, metric, value FROM results WHERE stage = 'evaluate' AND split = 'valid' ORDER BY cell, metric")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_specs_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("name = \"x\"\n[grid\n", "spec.toml:2", "TOML syntax error"),
+        ("name = \"x\"\n[model]\npresett = \"tiny\"\n", "model.presett", "did you mean `preset`"),
+        ("name = \"x\"\n[stages.domain_adapt]\nsteps = \"ten\"\n", "stages.domain_adapt.steps", "invalid type"),
+        ("name = \"x\"\n[grid]\npeft = []\n", "grid.peft", "empty axis"),
+        ("name = \"x\"\n[grid]\nbackbone = [\"blip3\"]\n", "grid.backbone", "unknown backbone `blip3`"),
+        ("name = \"x\"\n[stages.domain_adapt]\nlr = -1e-3\n", "stages.domain_adapt.lr", "positive"),
+    ];
+    for (text, key, msg) in cases {
+        let p = spec(dir.path(), text);
+        let out = ecic().args(["plan"]).arg(&p).arg("--runs").arg(dir.path().join("runs")).output().unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(key) && err.contains(msg), "{text}: expected {key} / {msg} in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Several problems are reported at once.
+    let p = spec(dir.path(), "name = \"x\"\n[grid]\npeft = []\n[stages.domain_adapt]\nlr = -1\n[stages.evaluat]\n");
+    let out = ecic().arg("sweep").arg(&p).arg("--runs").arg(dir.path().join("runs")).output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("grid.peft") && err.contains("stages.evaluat"), "{err}");
+    // A bad --set is a usage error too.
+    let p = spec(dir.path(), TINY);
+    let out = ecic().arg("plan").arg(&p).args(["--set", "stages.evaluate.method=\"bem\""]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("did you mean `beam`"), "{}", stderr_of(&out));
+}
+
+fn sweep(spec: &Path, runs: &Path, extra: &[&str]) -> std::process::Output {
+    ecic().arg("sweep").arg(spec).arg("--runs").arg(runs).arg("--no-report").args(extra).output().unwrap()
+}
+
+fn computed(runs: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(runs.join("logs")).unwrap().flatten() {
+        n += std::fs::read_to_string(e.path()).unwrap_or_default().matches("computing ").count();
+    }
+    n
+}
+
+#[test]
+fn cache_reruns_kill_and_determinism() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = spec(dir.path(), TINY);
+    // 1. An uninterrupted run.
+    let a = dir.path().join("a");
+    let out = sweep(&p, &a, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let ra = results(&a);
+    assert_eq!(ra.iter().filter(|r| r.1 == "cider_d").count(), 2, "{ra:?}");
+    let first = computed(&a);
+    assert_eq!(first, 6, "preprocess, align, adapt, cider, 2 x evaluate");
+
+    // 2. Again: nothing runs.
+    let out = sweep(&p, &a, &[]);
+    assert!(out.status.success());
+    assert!(stderr_of(&out).contains("0 stages run, 6 reused"), "{}", stderr_of(&out));
+    assert_eq!(computed(&a), first);
+
+    // 3. An evaluate-only change re-runs only the model cell's evaluate stage.
+    let out = sweep(&p, &a, &["--set", "stages.evaluate.method=\"beam\"", "--set", "stages.evaluate.beam_width=2"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("1 stages run, 5 reused"), "{}", stderr_of(&out));
+
+    // 4. A domain-adapt change re-runs adapt, cider and evaluate of the model cell.
+    let out = sweep(&p, &a, &["--set", "stages.domain_adapt.lr=0.0005"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("3 stages run, 3 reused"), "{}", stderr_of(&out));
+
+    // 5. kill -9 the whole sweep in the middle of domain-adapt (after its first
+    //    checkpoint), then the same command finishes with the same results.
+    let b = dir.path().join("b");
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("ecic"));
+        c.arg("sweep").arg(&p).arg("--runs").arg(&b).arg("--no-report").arg("--jobs").arg("1");
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.process_group(0);
+        c.spawn().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ckpt_seen = loop {
+        let found = std::fs::read_dir(b.join("scratch")).ok().into_iter().flatten().flatten().any(|e| {
+            // A published checkpoint (not one being written).
+            std::fs::read_dir(e.path().join("ckpt"))
+                .map(|d| d.flatten().any(|f| !f.file_name().to_string_lossy().starts_with('.')))
+                .unwrap_or(false)
+                && std::fs::read_to_string(b.join("logs").join(format!("{}.log", e.file_name().to_string_lossy())))
+                    .map(|l| l.contains("domain-adapt"))
+                    .unwrap_or(false)
+        });
+        if found {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break false;
+        }
+        std::thread::yield_now();
+    };
+    assert!(ckpt_seen, "the sweep ended before domain-adapt wrote a checkpoint");
+    // kill -9 the sweep and its stage processes (they run in their own
+    // process groups, so find them by their runs directory).
+    // SAFETY: signalling processes this test started.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    kill_all_with_arg(&b);
+    let _ = child.wait();
+    // Nothing half-written looks complete.
+    for e in std::fs::read_dir(b.join("objects-v1")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != ".tmp" {
+            assert!(e.path().join("manifest.json").is_file(), "{name} is in the cache without a manifest");
+        }
+    }
+    let out = sweep(&p, &b, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let logs: String = std::fs::read_dir(b.join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("resumed from the checkpoint at step"), "{logs}");
+    // 6. Identical metrics to the uninterrupted run (and so: same spec + seed ->
+    //    same numbers after clearing the cache).
+    let rb = results(&b);
+    let ra_first: Vec<_> = ra.clone();
+    assert_eq!(ra_first, rb);
+}
+
+fn kill_all_with_arg(runs: &Path) {
+    let needle = runs.display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("run-stage") && cmd.contains(&needle) {
+            // SAFETY: a stage process of this test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn concurrent_sweeps_compute_each_stage_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY.replace("backbone = [\"llava\", \"nn\"]", "backbone = [\"nn\", \"mfc\"]");
+    let p = spec(dir.path(), &text);
+    let runs = dir.path().join("runs");
+    // Materialise the data first so both start planning at once.
+    assert!(ecic().arg("plan").arg(&p).arg("--runs").arg(&runs).output().unwrap().status.success());
+    let spawn = || {
+        StdCommand::new(assert_cmd::cargo::cargo_bin("ecic"))
+            .arg("sweep")
+            .arg(&p)
+            .arg("--runs")
+            .arg(&runs)
+            .arg("--no-report")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (x, y) = (spawn(), spawn());
+    let (ox, oy) = (x.wait_with_output().unwrap(), y.wait_with_output().unwrap());
+    assert!(ox.status.success(), "{}", stderr_of(&ox));
+    assert!(oy.status.success(), "{}", stderr_of(&oy));
+    assert_eq!(computed(&runs), 3, "preprocess + 2 evaluate, each computed once");
+    let r = results(&runs);
+    assert_eq!(r.iter().filter(|r| r.1 == "cider_d").count(), 2, "{r:?}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(ok, "ok");
+}
