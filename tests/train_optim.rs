@@ -17,7 +17,7 @@ fn init(pid: usize, i: usize) -> f32 {
 }
 
 fn grad(step: usize, micro: usize, pid: usize, i: usize) -> f32 {
-    let scale = if step % 2 == 0 { 8.0 } else { 0.1 };
+    let scale = if step.is_multiple_of(2) { 8.0 } else { 0.1 };
     (scale * (1.0 + 7.0 * step as f64 + 3.0 * micro as f64 + 0.5 * i as f64 + pid as f64).sin())
         as f32
 }

@@ -72,14 +72,17 @@ pub struct CurveRecord {
 }
 
 type ValidateFn<'a> = dyn FnMut(usize) -> std::result::Result<f64, BoxError> + 'a;
+type RecordFn<'a> = dyn FnMut(&CurveRecord) + 'a;
+type ProgressFn<'a> = dyn FnMut(usize, usize) + 'a;
+type CheckpointFn<'a> = dyn FnMut(usize, &Path) + 'a;
 
 /// Optional callbacks: validation loss, a curve sink, progress, checkpoint notices.
 #[derive(Default)]
 pub struct Hooks<'a> {
     validate: Option<Box<ValidateFn<'a>>>,
-    record: Option<Box<dyn FnMut(&CurveRecord) + 'a>>,
-    progress: Option<Box<dyn FnMut(usize, usize) + 'a>>,
-    checkpoint: Option<Box<dyn FnMut(usize, &Path) + 'a>>,
+    record: Option<Box<RecordFn<'a>>>,
+    progress: Option<Box<ProgressFn<'a>>>,
+    checkpoint: Option<Box<CheckpointFn<'a>>>,
 }
 
 impl<'a> Hooks<'a> {
@@ -286,14 +289,14 @@ impl Trainer {
             };
             rate_sum += rate;
 
-            if self.cfg.ckpt_every > 0 && self.step % self.cfg.ckpt_every == 0 {
+            if self.cfg.ckpt_every > 0 && self.step.is_multiple_of(self.cfg.ckpt_every) {
                 if let Some(path) = self.save_checkpoint()? {
                     if let Some(f) = hooks.checkpoint.as_mut() {
                         f(self.step, &path);
                     }
                 }
             }
-            let due = (self.cfg.val_every > 0 && self.step % self.cfg.val_every == 0)
+            let due = (self.cfg.val_every > 0 && self.step.is_multiple_of(self.cfg.val_every))
                 || self.step == total;
             let val_loss = match hooks.validate.as_mut() {
                 Some(f) if due => Some(
