@@ -29,6 +29,9 @@ case "$key" in
     exit 1 ;;
   sleep*)
     sleep 120 ;;
+  wait*)
+    # Held until the test releases it (at most a minute).
+    i=0; while [ ! -e "$runs/release" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done ;;
 esac
 mkdir -p "$runs/objects-v1/$key"
 echo "{\"key\": \"$key\"}" > "$runs/objects-v1/$key/manifest.json"
@@ -206,4 +209,46 @@ fn detach_then_attach_picks_the_batch_up() {
     assert_eq!(out["e1"], Outcome::Done);
     assert!(matches!(out["fail-e2"], Outcome::Failed(_)));
     assert_eq!(out["e3"], Outcome::Done);
+}
+
+#[test]
+fn first_failure_cancels_unstarted_jobs_without_keep_going() {
+    let Some(fx) = cluster() else { return };
+    let runs = fx.runs();
+    // Release the held stage only once Slurm shows its dependent cancelled, so
+    // the dependent cannot have started before the executor cancelled it.
+    let watcher = {
+        let runs = runs.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut cancelled = false;
+            while !cancelled && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                let Ok(batches) = SlurmExecutor::batches(&runs) else { continue };
+                let Some(id) = batches.iter().flat_map(|b| &b.jobs).find(|j| j.key == "k3") else { continue };
+                let out = std::process::Command::new("squeue")
+                    .args(["-h", "-t", "all", "-o", "%T", "-j", &id.job_id])
+                    .output();
+                cancelled = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("CANCELLED"));
+            }
+            std::fs::write(runs.join("release"), "").expect("writing the release file");
+            cancelled
+        })
+    };
+    let mut ex = fx.executor();
+    let jobs = [job("fail-k1", &[]), job("wait-k2", &[]), job("k3", &["wait-k2"])];
+    let mut events = Vec::new();
+    ex.execute(&jobs, false, &mut |e| events.push(e)).expect("execute");
+    assert!(watcher.join().expect("watcher"), "k3 was never cancelled");
+    let out = outcomes(&events);
+    assert!(matches!(out["fail-k1"], Outcome::Failed(_)), "{out:?}");
+    // A stage already running is left to finish; one not yet started is not
+    // run. wait-k2 may be either, depending on when the 2-core node had room.
+    match &out["wait-k2"] {
+        Outcome::Done => assert!(runs.join("objects-v1/wait-k2/manifest.json").is_file()),
+        Outcome::Skipped { because_of } => assert_eq!(because_of, "fail-k1"),
+        other => panic!("wait-k2: {other:?}"),
+    }
+    assert_eq!(out["k3"], Outcome::Skipped { because_of: "fail-k1".into() });
+    assert!(!runs.join("logs/k3.log").exists());
 }
