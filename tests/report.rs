@@ -10,7 +10,11 @@ use ecic::store::Store;
 
 fn png_ok(path: &Path) {
     let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(img.width() > 100 && img.height() > 100, "{}", path.display());
+    assert!(
+        img.width() > 100 && img.height() > 100,
+        "{}",
+        path.display()
+    );
 }
 
 #[test]
@@ -31,7 +35,16 @@ fn full_grid_report_has_every_section_and_escapes_user_text() {
     let out = tmp.path().join("reports").join(safe_name(&f.name));
     let index = write_report(&store, id, &out, false).unwrap();
     let html = std::fs::read_to_string(&index).unwrap();
-    for section in ["id=\"summary\"", "id=\"ablations\"", "id=\"curves\"", "id=\"pareto\"", "id=\"significance\"", "id=\"compute\"", "id=\"gallery\"", "id=\"provenance\""] {
+    for section in [
+        "id=\"summary\"",
+        "id=\"ablations\"",
+        "id=\"curves\"",
+        "id=\"pareto\"",
+        "id=\"significance\"",
+        "id=\"compute\"",
+        "id=\"gallery\"",
+        "id=\"provenance\"",
+    ] {
         assert!(html.contains(section), "missing {section}");
     }
     assert!(!html.contains("<script>"), "unescaped script tag");
@@ -51,12 +64,22 @@ fn full_grid_report_has_every_section_and_escapes_user_text() {
     let data = SweepData::load(&store, id).unwrap();
     assert_eq!(data.groups.len(), 4);
     let g = &data.groups[0];
-    let v: Vec<f64> = g.cells.iter().map(|&i| data.cells[i].metrics["cider_d"] * 100.0).collect();
+    let v: Vec<f64> = g
+        .cells
+        .iter()
+        .map(|&i| data.cells[i].metrics["cider_d"] * 100.0)
+        .collect();
     let mean = (v[0] + v[1]) / 2.0;
     let half = 12.706 * ((v[0] - v[1]).abs() / 2.0_f64.sqrt()) / 2.0_f64.sqrt();
-    assert!(html.contains(&format!("{mean:.2} ± {half:.2}")), "expected {mean:.2} ± {half:.2}");
+    assert!(
+        html.contains(&format!("{mean:.2} ± {half:.2}")),
+        "expected {mean:.2} ± {half:.2}"
+    );
     // 2 cells of 4 stages shared per (backbone, fusion, seed) + preprocess
-    assert!(html.contains("Naive (every cell runs its own chain): <b>40</b>"), "naive count");
+    assert!(
+        html.contains("Naive (every cell runs its own chain): <b>40</b>"),
+        "naive count"
+    );
     let table = terminal::summary_table(&data);
     assert!(table.contains("blip2-lora-early") && table.contains(" ± "));
 }
@@ -64,13 +87,21 @@ fn full_grid_report_has_every_section_and_escapes_user_text() {
 #[test]
 fn baseline_only_sweep_reports_without_curves() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = Fixture { name: "baselines".into(), baseline_only: true, images: 12, ..Fixture::default() };
+    let f = Fixture {
+        name: "baselines".into(),
+        baseline_only: true,
+        images: 12,
+        ..Fixture::default()
+    };
     let (runs, id) = build(tmp.path(), &f).unwrap();
     let store = Store::open(&runs).unwrap();
     let index = write_report(&store, id, &tmp.path().join("r"), false).unwrap();
     let html = std::fs::read_to_string(index).unwrap();
     assert!(html.contains("No training curves recorded"));
-    assert!(html.contains("<td class=\"l\">nn</td>") || html.contains(">nn<"), "nn row");
+    assert!(
+        html.contains("<td class=\"l\">nn</td>") || html.contains(">nn<"),
+        "nn row"
+    );
     assert!(html.contains("mfc"));
     assert!(!html.contains("heatmap-"), "no heatmap without PEFT/fusion");
     let status = terminal::status(&store).unwrap();
@@ -79,9 +110,20 @@ fn baseline_only_sweep_reports_without_curves() {
 
 #[test]
 fn names_cannot_escape_the_reports_dir() {
-    for bad in ["../../x", "..", "/etc/passwd", "a/../../b", ".hidden", "", "名字 with space"] {
+    for bad in [
+        "../../x",
+        "..",
+        "/etc/passwd",
+        "a/../../b",
+        ".hidden",
+        "",
+        "名字 with space",
+    ] {
         let s = safe_name(bad);
-        assert!(!s.is_empty() && !s.contains('/') && !s.contains('\\') && !s.starts_with('.'), "{bad:?} -> {s:?}");
+        assert!(
+            !s.is_empty() && !s.contains('/') && !s.contains('\\') && !s.starts_with('.'),
+            "{bad:?} -> {s:?}"
+        );
         let p = ecic::report::default_dir(bad);
         assert_eq!(p.parent(), Some(Path::new("reports")), "{bad:?}");
     }
@@ -91,7 +133,12 @@ fn names_cannot_escape_the_reports_dir() {
 #[test]
 fn cli_report_writes_under_reports_for_a_traversal_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = Fixture { name: "../../x".into(), baseline_only: true, images: 8, ..Fixture::default() };
+    let f = Fixture {
+        name: "../../x".into(),
+        baseline_only: true,
+        images: 8,
+        ..Fixture::default()
+    };
     let (runs, _) = build(tmp.path(), &f).unwrap();
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -105,5 +152,10 @@ fn cli_report_writes_under_reports_for_a_traversal_name() {
     assert!(work.join("reports/_.._x/index.html").is_file());
     assert!(!tmp.path().join("x").exists());
     // unknown sweep: usage error, exit 2
-    assert_cmd::Command::cargo_bin("ecic").unwrap().args(["report", "nope", "--runs"]).arg(&runs).assert().code(2);
+    assert_cmd::Command::cargo_bin("ecic")
+        .unwrap()
+        .args(["report", "nope", "--runs"])
+        .arg(&runs)
+        .assert()
+        .code(2);
 }

@@ -48,8 +48,19 @@ fn chromium() -> Option<PathBuf> {
 fn run(browser: &Path, profile: &Path, extra: &[String], page: &Path) -> std::process::Output {
     let url = format!("file://{}", page.display());
     Command::new(browser)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        .args(["--disable-component-update", "--disable-sync", "--hide-scrollbars", "--virtual-time-budget=10000"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+        ])
+        .args([
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--virtual-time-budget=10000",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(url)
@@ -62,7 +73,9 @@ fn report_renders_in_headless_chromium() {
     let required = std::env::var("ECIC_BROWSER").is_ok_and(|v| v == "1");
     let Some(browser) = chromium() else {
         assert!(!required, "ECIC_BROWSER=1 but no chromium on PATH");
-        println!("report_renders_in_headless_chromium: not run (no chromium; set ECIC_BROWSER=1 in CI)");
+        println!(
+            "report_renders_in_headless_chromium: not run (no chromium; set ECIC_BROWSER=1 in CI)"
+        );
         return;
     };
     if !required {
@@ -86,18 +99,36 @@ fn report_renders_in_headless_chromium() {
     let index = write_report(&store, id, &dir, false).unwrap();
     let html = std::fs::read_to_string(&index).unwrap();
     let check_page = dir.join("check.html");
-    std::fs::write(&check_page, html.replacen("<head>", &format!("<head>{CHECK}"), 1)).unwrap();
+    std::fs::write(
+        &check_page,
+        html.replacen("<head>", &format!("<head>{CHECK}"), 1),
+    )
+    .unwrap();
 
-    let out = run(&browser, &tmp.path().join("profile-dom"), &["--dump-dom".into()], &check_page);
+    let out = run(
+        &browser,
+        &tmp.path().join("profile-dom"),
+        &["--dump-dom".into()],
+        &check_page,
+    );
     let dom = String::from_utf8_lossy(&out.stdout);
     let line = dom
         .rsplit("ECIC-CHECK ")
         .next()
         .filter(|s| s.starts_with("images="))
         .and_then(|s| s.split(" END").next())
-        .unwrap_or_else(|| panic!("no check output; stderr:\n{}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no check output; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     println!("browser check: {line}");
-    let n: usize = line.strip_prefix("images=").and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap();
+    let n: usize = line
+        .strip_prefix("images=")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
     assert!(n >= 10, "only {n} images on the page");
     assert!(line.contains("broken=[]"), "images failed to load: {line}");
     assert!(line.contains("errors=[]"), "errors on the page: {line}");
@@ -107,12 +138,22 @@ fn report_renders_in_headless_chromium() {
     let out = run(
         &browser,
         &tmp.path().join("profile-shot"),
-        &[format!("--screenshot={}", shot.display()), "--window-size=1280,5200".into()],
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,5200".into(),
+        ],
         &index,
     );
-    assert!(shot.is_file(), "no screenshot; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        shot.is_file(),
+        "no screenshot; stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let img = image::open(&shot).unwrap().to_rgb8();
     // a rendered page, not a blank one: many distinct non-white pixels
-    let ink = img.pixels().filter(|p| p.0.iter().any(|&c| c < 200)).count();
+    let ink = img
+        .pixels()
+        .filter(|p| p.0.iter().any(|&c| c < 200))
+        .count();
     assert!(ink > 50_000, "screenshot looks blank ({ink} dark pixels)");
 }

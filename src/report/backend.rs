@@ -22,12 +22,20 @@ pub struct CjkText<'f, B> {
 impl<'f, B> CjkText<'f, B> {
     /// Text rasterised with `fonts`.
     pub fn new(inner: B, fonts: &'f Fonts) -> Self {
-        CjkText { inner, fonts, raster: true }
+        CjkText {
+            inner,
+            fonts,
+            raster: true,
+        }
     }
 
     /// Text kept as text (SVG), measured with `fonts` so layout matches.
     pub fn vector(inner: B, fonts: &'f Fonts) -> Self {
-        CjkText { inner, fonts, raster: false }
+        CjkText {
+            inner,
+            fonts,
+            raster: false,
+        }
     }
 }
 
@@ -43,7 +51,11 @@ impl<B: DrawingBackend> DrawingBackend for CjkText<'_, B> {
     fn present(&mut self) -> Result<(), DrawingErrorKind<B::ErrorType>> {
         self.inner.present()
     }
-    fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> Result<(), DrawingErrorKind<B::ErrorType>> {
+    fn draw_pixel(
+        &mut self,
+        point: BackendCoord,
+        color: BackendColor,
+    ) -> Result<(), DrawingErrorKind<B::ErrorType>> {
         self.inner.draw_pixel(point, color)
     }
     fn draw_line<S: BackendStyle>(
@@ -139,7 +151,13 @@ impl<B: DrawingBackend> DrawingBackend for CjkText<'_, B> {
             }
         });
         for (p, cov) in pixels {
-            self.inner.draw_pixel(p, BackendColor { alpha: color.alpha * cov as f64, rgb: color.rgb })?;
+            self.inner.draw_pixel(
+                p,
+                BackendColor {
+                    alpha: color.alpha * cov as f64,
+                    rgb: color.rgb,
+                },
+            )?;
         }
         Ok(())
     }

@@ -41,16 +41,19 @@ pub struct CompareArgs {
 fn open(runs: &std::path::Path) -> CliResult<Store> {
     match Store::open_existing(runs) {
         Ok(Some(s)) => Ok(s),
-        Ok(None) => Err(CliError::usage(format!("no store in {} (run `ecic sweep` first, or pass --runs)", runs.display()))),
+        Ok(None) => Err(CliError::usage(format!(
+            "no store in {} (run `ecic sweep` first, or pass --runs)",
+            runs.display()
+        ))),
         Err(e) => Err(CliError::failed(e.to_string())),
     }
 }
 
 fn usage_or_failed(e: ReportError) -> CliError {
     match e {
-        ReportError::Store(StoreError::NoSweep(_)) | ReportError::NoCell { .. } | ReportError::NoScores { .. } => {
-            CliError::usage(e.to_string())
-        }
+        ReportError::Store(StoreError::NoSweep(_))
+        | ReportError::NoCell { .. }
+        | ReportError::NoScores { .. } => CliError::usage(e.to_string()),
         other => CliError::failed(other.to_string()),
     }
 }
@@ -64,7 +67,9 @@ pub fn run_report(a: &ReportArgs) -> CliResult {
         a.target.clone()
     };
     let store = open(&a.runs)?;
-    let id = store.sweep_id(&name).map_err(|e| usage_or_failed(e.into()))?;
+    let id = store
+        .sweep_id(&name)
+        .map_err(|e| usage_or_failed(e.into()))?;
     let out = a.out.clone().unwrap_or_else(|| super::default_dir(&name));
     let index = super::write_report(&store, id, &out, a.svg).map_err(usage_or_failed)?;
     println!("report: {}", index.display());
@@ -87,26 +92,40 @@ pub fn run_compare(a: &CompareArgs) -> CliResult {
                 .filter(|(d, _)| *d <= 3)
                 .map(|(_, s)| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();
-            usage_or_failed(ReportError::NoCell { cell: name.to_string(), sweep: data.meta.name.clone(), hint })
+            usage_or_failed(ReportError::NoCell {
+                cell: name.to_string(),
+                sweep: data.meta.name.clone(),
+                hint,
+            })
         })
     };
     let (ca, cb) = (find(&a.cell_a)?, find(&a.cell_b)?);
     let sa = significance::image_scores(&store, ca, &data.split).map_err(usage_or_failed)?;
     let sb = significance::image_scores(&store, cb, &data.split).map_err(usage_or_failed)?;
-    let rows = crate::metrics::bootstrap::paired(&sa, &sb, significance::RESAMPLES, significance::SEED)
-        .map_err(|e| CliError::failed(format!("compare {} and {}: {e}", ca.name, cb.name)))?;
-    print!("{}", terminal::compare_table(&ca.name, &cb.name, &data.split, sa.len(), &rows));
+    let rows =
+        crate::metrics::bootstrap::paired(&sa, &sb, significance::RESAMPLES, significance::SEED)
+            .map_err(|e| CliError::failed(format!("compare {} and {}: {e}", ca.name, cb.name)))?;
+    print!(
+        "{}",
+        terminal::compare_table(&ca.name, &cb.name, &data.split, sa.len(), &rows)
+    );
     Ok(())
 }
 
 /// The most recent sweep with cells named `a` and `b`.
 fn latest_with(store: &Store, a: &str, b: &str) -> CliResult<i64> {
-    let sweeps = store.sweeps().map_err(|e| CliError::failed(e.to_string()))?;
+    let sweeps = store
+        .sweeps()
+        .map_err(|e| CliError::failed(e.to_string()))?;
     for s in sweeps.iter().rev() {
-        let cells = store.cells_with_stages(s.id).map_err(|e| CliError::failed(e.to_string()))?;
+        let cells = store
+            .cells_with_stages(s.id)
+            .map_err(|e| CliError::failed(e.to_string()))?;
         if cells.iter().any(|c| c.name == a) && cells.iter().any(|c| c.name == b) {
             return Ok(s.id);
         }
     }
-    Err(CliError::usage(format!("no recorded sweep has both cells `{a}` and `{b}` (see `ecic status`; pass --sweep)")))
+    Err(CliError::usage(format!(
+        "no recorded sweep has both cells `{a}` and `{b}` (see `ecic status`; pass --sweep)"
+    )))
 }

@@ -11,7 +11,11 @@ use super::stats::Stat;
 use super::ReportError;
 
 /// The headline metrics, in table order: (store key, label).
-pub const HEADLINE: [(&str, &str); 3] = [("cider_d", "CIDEr-D"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L")];
+pub const HEADLINE: [(&str, &str); 3] = [
+    ("cider_d", "CIDEr-D"),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+];
 
 /// Stage kinds that train (their wall time is "training time").
 pub const TRAINING_KINDS: [&str; 3] = ["pretrain-align", "domain-adapt", "cider-optimize"];
@@ -46,7 +50,10 @@ pub struct CellResult {
 
 impl CellResult {
     pub fn stage_key(&self, kind: &str) -> Option<&str> {
-        self.stages.iter().find(|(k, _)| k == kind).map(|(_, key)| key.as_str())
+        self.stages
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, key)| key.as_str())
     }
 }
 
@@ -99,27 +106,42 @@ impl SweepData {
         let curve_rows = store.sweep_curves(sweep_id)?;
         let events = store.event_counts(sweep_id)?;
 
-        let by_key: HashMap<&str, &StageInfo> = stages.iter().map(|s| (s.key.as_str(), s)).collect();
+        let by_key: HashMap<&str, &StageInfo> =
+            stages.iter().map(|s| (s.key.as_str(), s)).collect();
         let mut metrics: HashMap<&str, BTreeMap<&str, BTreeMap<&str, f64>>> = HashMap::new();
         for m in &metric_rows {
-            metrics.entry(m.key.as_str()).or_default().entry(m.split.as_str()).or_default().insert(&m.metric, m.value);
+            metrics
+                .entry(m.key.as_str())
+                .or_default()
+                .entry(m.split.as_str())
+                .or_default()
+                .insert(&m.metric, m.value);
         }
         let split = pick_split(&raw_cells, &metrics);
 
         let mut cells = Vec::with_capacity(raw_cells.len());
         for c in &raw_cells {
-            let eval_key = c.stages.iter().find(|(k, _)| k == "evaluate").map(|(_, key)| key.as_str());
+            let eval_key = c
+                .stages
+                .iter()
+                .find(|(k, _)| k == "evaluate")
+                .map(|(_, key)| key.as_str());
             let eval = eval_key.and_then(|k| metrics.get(k));
             let headline: BTreeMap<String, f64> = eval
                 .and_then(|e| e.get(split.as_str()))
                 .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default();
-            let captions_per_s = eval.and_then(|e| e.get("")).and_then(|m| m.get("captions_per_s")).copied();
+            let captions_per_s = eval
+                .and_then(|e| e.get(""))
+                .and_then(|m| m.get("captions_per_s"))
+                .copied();
             let mut trainable: Option<f64> = None;
             let (mut train_s, mut wall_s, mut run, mut reused) = (0.0, 0.0, 0, 0);
             let mut statuses = Vec::new();
             for (kind, key) in &c.stages {
-                let Some(s) = by_key.get(key.as_str()) else { continue };
+                let Some(s) = by_key.get(key.as_str()) else {
+                    continue;
+                };
                 let w = s.wall_s.unwrap_or(0.0);
                 wall_s += w;
                 if TRAINING_KINDS.contains(&kind.as_str()) {
@@ -131,8 +153,15 @@ impl SweepData {
                     run += 1;
                 }
                 statuses.push(s.status.as_str());
-                let stage_level = metrics.get(key.as_str()).and_then(|m| m.get("")).and_then(|m| m.get("trainable_params"));
-                if let Some(t) = s.trainable_params.map(|t| t as f64).or(stage_level.copied()) {
+                let stage_level = metrics
+                    .get(key.as_str())
+                    .and_then(|m| m.get(""))
+                    .and_then(|m| m.get("trainable_params"));
+                if let Some(t) = s
+                    .trainable_params
+                    .map(|t| t as f64)
+                    .or(stage_level.copied())
+                {
                     trainable = Some(trainable.map_or(t, |old: f64| old.max(t)));
                 }
             }
@@ -158,10 +187,29 @@ impl SweepData {
         let groups = group_cells(&cells);
 
         let mut curves: BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>> = BTreeMap::new();
-        for CurvePoint { key, name, step, value } in curve_rows {
-            curves.entry(key).or_default().entry(name).or_default().push((step, value));
+        for CurvePoint {
+            key,
+            name,
+            step,
+            value,
+        } in curve_rows
+        {
+            curves
+                .entry(key)
+                .or_default()
+                .entry(name)
+                .or_default()
+                .push((step, value));
         }
-        Ok(SweepData { meta, split, cells, groups, stages, curves, events })
+        Ok(SweepData {
+            meta,
+            split,
+            cells,
+            groups,
+            stages,
+            curves,
+            events,
+        })
     }
 
     /// The group with the highest mean CIDEr-D (ties: first in grid order).
@@ -208,7 +256,9 @@ fn pick_split(
 
 /// A cell name without its `-s<seed>` suffix.
 pub fn group_name(name: &str, seed: i64) -> String {
-    name.strip_suffix(&format!("-s{seed}")).unwrap_or(name).to_string()
+    name.strip_suffix(&format!("-s{seed}"))
+        .unwrap_or(name)
+        .to_string()
 }
 
 /// `{"a.b": 1, "c": "x"}` -> `a.b=1 c=x`.
@@ -258,13 +308,17 @@ fn group_cells(cells: &[CellResult]) -> Vec<GroupResult> {
         .map(|name| {
             let idx = members[name.as_str()].clone();
             let first = &cells[idx[0]];
-            let mut keys: Vec<&String> = idx.iter().flat_map(|&i| cells[i].metrics.keys()).collect();
+            let mut keys: Vec<&String> =
+                idx.iter().flat_map(|&i| cells[i].metrics.keys()).collect();
             keys.sort();
             keys.dedup();
             let metrics = keys
                 .into_iter()
                 .filter_map(|k| {
-                    let v: Vec<f64> = idx.iter().filter_map(|&i| cells[i].metrics.get(k).copied()).collect();
+                    let v: Vec<f64> = idx
+                        .iter()
+                        .filter_map(|&i| cells[i].metrics.get(k).copied())
+                        .collect();
                     Stat::of(&v).map(|s| (k.clone(), s))
                 })
                 .collect();
@@ -302,7 +356,10 @@ mod tests {
         assert_eq!(group_name("blip2-lora-early-s12", 12), "blip2-lora-early");
         assert_eq!(group_name("nn", 0), "nn");
         assert_eq!(group_name("x-s1", 0), "x-s1");
-        assert_eq!(overrides_text(r#"{"stages.domain_adapt.lr":0.0005}"#), "stages.domain_adapt.lr=0.0005");
+        assert_eq!(
+            overrides_text(r#"{"stages.domain_adapt.lr":0.0005}"#),
+            "stages.domain_adapt.lr=0.0005"
+        );
         assert_eq!(overrides_text(r#"{"m":"beam"}"#), "m=beam");
     }
 }

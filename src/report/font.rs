@@ -50,7 +50,11 @@ impl Fonts {
         }
         let env = std::env::var_os("ECIC_CJK_FONT").map(PathBuf::from);
         let mut fallback = None;
-        for path in env.iter().map(PathBuf::as_path).chain(SYSTEM_CANDIDATES.iter().map(Path::new)) {
+        for path in env
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(SYSTEM_CANDIDATES.iter().map(Path::new))
+        {
             if let Some(face) = load_file(path) {
                 faces.push(face);
                 fallback = Some(path.to_path_buf());
@@ -62,8 +66,13 @@ impl Fonts {
 
     /// Only the bundled face (tests: results must not depend on the machine).
     pub fn bundled_only() -> Fonts {
-        let faces = ab_glyph::FontRef::try_from_slice(BUNDLED).map(|f| vec![FontArc::new(f)]).unwrap_or_default();
-        Fonts { faces, fallback: None }
+        let faces = ab_glyph::FontRef::try_from_slice(BUNDLED)
+            .map(|f| vec![FontArc::new(f)])
+            .unwrap_or_default();
+        Fonts {
+            faces,
+            fallback: None,
+        }
     }
 
     /// The face and glyph that draw `c` (glyph 0, the empty box, when none has it).
@@ -85,20 +94,33 @@ impl Fonts {
 
     /// Line box of `text` at `px` pixels: (width, height).
     pub fn measure(&self, text: &str, px: f32) -> (u32, u32) {
-        let Some(first) = self.faces.first() else { return (0, 0) };
+        let Some(first) = self.faces.first() else {
+            return (0, 0);
+        };
         let line = first.as_scaled(PxScale::from(px));
-        let w: f32 = text.chars().filter_map(|c| self.glyph(c)).map(|(f, id)| f.as_scaled(PxScale::from(px)).h_advance(id)).sum();
-        (w.ceil() as u32, (line.ascent() - line.descent()).ceil() as u32)
+        let w: f32 = text
+            .chars()
+            .filter_map(|c| self.glyph(c))
+            .map(|(f, id)| f.as_scaled(PxScale::from(px)).h_advance(id))
+            .sum();
+        (
+            w.ceil() as u32,
+            (line.ascent() - line.descent()).ceil() as u32,
+        )
     }
 
     /// Rasterise `text` with its line box's top-left at (0, 0); `put(x, y,
     /// coverage)` receives every covered pixel.
     pub fn draw(&self, text: &str, px: f32, mut put: impl FnMut(i32, i32, f32)) {
-        let Some(first) = self.faces.first() else { return };
+        let Some(first) = self.faces.first() else {
+            return;
+        };
         let ascent = first.as_scaled(PxScale::from(px)).ascent();
         let mut x = 0.0f32;
         for c in text.chars() {
-            let Some((face, id)) = self.glyph(c) else { continue };
+            let Some((face, id)) = self.glyph(c) else {
+                continue;
+            };
             let scaled = face.as_scaled(PxScale::from(px));
             let glyph = id.with_scale_and_position(PxScale::from(px), ab_glyph::point(x, ascent));
             x += scaled.h_advance(id);
@@ -106,7 +128,11 @@ impl Fonts {
                 let b = outline.px_bounds();
                 outline.draw(|gx, gy, cov| {
                     if cov > 0.0 {
-                        put(b.min.x as i32 + gx as i32, b.min.y as i32 + gy as i32, cov.min(1.0));
+                        put(
+                            b.min.x as i32 + gx as i32,
+                            b.min.y as i32 + gy as i32,
+                            cov.min(1.0),
+                        );
                     }
                 });
             }
@@ -118,7 +144,9 @@ fn load_file(path: &Path) -> Option<FontArc> {
     let bytes = std::fs::read(path).ok()?;
     // collections (.ttc): the first face is the Simplified Chinese or
     // regular one in the Debian packages listed above
-    ab_glyph::FontVec::try_from_vec_and_index(bytes, 0).ok().map(FontArc::new)
+    ab_glyph::FontVec::try_from_vec_and_index(bytes, 0)
+        .ok()
+        .map(FontArc::new)
 }
 
 #[cfg(test)]

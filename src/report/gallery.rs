@@ -43,7 +43,11 @@ fn data_dir(data: &SweepData) -> PathBuf {
     if d.is_absolute() || d.exists() {
         return d;
     }
-    Path::new(&data.meta.spec_path).parent().map(|p| p.join(&d)).filter(|p| p.exists()).unwrap_or(d)
+    Path::new(&data.meta.spec_path)
+        .parent()
+        .map(|p| p.join(&d))
+        .filter(|p| p.exists())
+        .unwrap_or(d)
 }
 
 pub fn build(store: &Store, data: &SweepData, out_dir: &Path) -> Result<Gallery, ReportError> {
@@ -64,9 +68,16 @@ pub fn build(store: &Store, data: &SweepData, out_dir: &Path) -> Result<Gallery,
     for (name, key) in &firsts {
         let rows = store.stage_captions(key, &data.split)?;
         if ids.is_empty() {
-            ids = rows.iter().take(SAMPLES).map(|r| r.image_id.clone()).collect();
+            ids = rows
+                .iter()
+                .take(SAMPLES)
+                .map(|r| r.image_id.clone())
+                .collect();
         }
-        by_group.push((name.clone(), rows.into_iter().map(|r| (r.image_id, r.caption)).collect()));
+        by_group.push((
+            name.clone(),
+            rows.into_iter().map(|r| (r.image_id, r.caption)).collect(),
+        ));
     }
     if ids.is_empty() {
         return Ok(Gallery::default());
@@ -77,10 +88,11 @@ pub fn build(store: &Store, data: &SweepData, out_dir: &Path) -> Result<Gallery,
         notes.push(e);
         BTreeMap::new()
     });
-    let images = read_images(&dir.join(format!("IC_{}.tsv", data.split)), &ids).unwrap_or_else(|e| {
-        notes.push(e);
-        BTreeMap::new()
-    });
+    let images =
+        read_images(&dir.join(format!("IC_{}.tsv", data.split)), &ids).unwrap_or_else(|e| {
+            notes.push(e);
+            BTreeMap::new()
+        });
     let mut samples = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let thumb = match images.get(id) {
@@ -101,7 +113,10 @@ pub fn build(store: &Store, data: &SweepData, out_dir: &Path) -> Result<Gallery,
             }
             None => None,
         };
-        let captions = by_group.iter().filter_map(|(g, m)| m.get(id).map(|c| (g.clone(), c.clone()))).collect();
+        let captions = by_group
+            .iter()
+            .filter_map(|(g, m)| m.get(id).map(|c| (g.clone(), c.clone())))
+            .collect();
         samples.push(Sample {
             image_id: id.clone(),
             thumb,
@@ -124,7 +139,9 @@ fn read_refs(path: &Path, ids: &[String]) -> Result<BTreeMap<String, Vec<String>
     let mut out = BTreeMap::new();
     for line in std::io::BufReader::new(f).lines() {
         let Ok(line) = line else { break };
-        let Ok(l) = serde_json::from_str::<Line>(&line) else { continue };
+        let Ok(l) = serde_json::from_str::<Line>(&line) else {
+            continue;
+        };
         let id = match l.image_id {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
@@ -146,18 +163,26 @@ fn read_images(path: &Path, ids: &[String]) -> Result<BTreeMap<String, Decoded>,
     let mut out = BTreeMap::new();
     for line in std::io::BufReader::new(f).split(b'\n') {
         let Ok(line) = line else { break };
-        let Some(tab) = line.iter().position(|&b| b == b'\t') else { continue };
+        let Some(tab) = line.iter().position(|&b| b == b'\t') else {
+            continue;
+        };
         let id = String::from_utf8_lossy(&line[..tab]).trim().to_string();
         if !ids.contains(&id) || out.contains_key(&id) {
             continue;
         }
-        let b64: Vec<u8> = line[tab + 1..].iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+        let b64: Vec<u8> = line[tab + 1..]
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&b64)
             .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&b64))
             .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&b64))
             .map_err(|e| format!("bad base64: {e}"));
-        let img = bytes.and_then(|b| image::load_from_memory(&b).map_err(|e| format!("undecodable image: {e}")));
+        let img = bytes.and_then(|b| {
+            image::load_from_memory(&b).map_err(|e| format!("undecodable image: {e}"))
+        });
         out.insert(id, img);
         if out.len() == ids.len() {
             break;

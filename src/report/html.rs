@@ -33,7 +33,7 @@ h1{margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;marg
 .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;vertical-align:top}
-th{background:#f4f6f8}td.l,th.l{text-align:left}
+th{background:#f4f6f8}td{white-space:nowrap}td.l,th.l{text-align:left}
 tr.best td{background:#fff7d6;font-weight:600}
 .sig{color:#b00020;font-weight:600}.muted{color:#888}
 figure{display:inline-block;margin:.4rem .8rem .8rem 0;vertical-align:top}
@@ -81,7 +81,11 @@ pub fn render(page: &Page) -> String {
          <title>ecic report · {}</title><style>{CSS}</style></head><body>\n",
         esc(&m.name)
     );
-    let split = if d.split.is_empty() { "no evaluation recorded".to_string() } else { format!("{} split", d.split) };
+    let split = if d.split.is_empty() {
+        "no evaluation recorded".to_string()
+    } else {
+        format!("{} split", d.split)
+    };
     let _ = write!(
         o,
         "<h1>{}</h1><p class=\"sub\">sweep {} · {} cells · {} · metrics ×100 (MUGE leaderboard scale)</p>\n",
@@ -107,20 +111,34 @@ pub fn render(page: &Page) -> String {
         let _ = write!(
             o,
             "<tr{}><td class=\"l\">{}{}</td><td>{}</td>",
-            if Some(i) == best { " class=\"best\"" } else { "" },
+            if Some(i) == best {
+                " class=\"best\""
+            } else {
+                ""
+            },
             esc(&g.name),
-            if g.overrides.is_empty() { String::new() } else { format!(" <span class=\"muted\">{}</span>", esc(&g.overrides)) },
+            if g.overrides.is_empty() {
+                String::new()
+            } else {
+                format!(" <span class=\"muted\">{}</span>", esc(&g.overrides))
+            },
             g.cells.len()
         );
         for (k, _) in HEADLINE {
-            let _ = write!(o, "<td>{}</td>", g.metric(k).map(|s| s.show(SCALE, 2)).unwrap_or_else(dash));
+            let _ = write!(
+                o,
+                "<td>{}</td>",
+                g.metric(k).map(|s| s.show(SCALE, 2)).unwrap_or_else(dash)
+            );
         }
         let _ = write!(
             o,
             "<td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td class=\"l\">{}</td></tr>\n",
             g.trainable_params.map(count).unwrap_or_else(dash),
             g.train_s.map(|s| duration(s.mean)).unwrap_or_else(dash),
-            g.captions_per_s.map(|s| s.show(1.0, 1)).unwrap_or_else(dash),
+            g.captions_per_s
+                .map(|s| s.show(1.0, 1))
+                .unwrap_or_else(dash),
             g.stages_run,
             g.stages_reused,
             esc(&g.status)
@@ -187,7 +205,12 @@ fn significance(o: &mut String, sig: Option<&(String, Vec<SigRow>)>, d: &SweepDa
     for r in rows {
         let _ = write!(o, "<tr><td class=\"l\">{}</td>", esc(&r.cell));
         if let Some(note) = &r.note {
-            let _ = write!(o, "<td class=\"l muted\" colspan=\"{}\">{}</td></tr>\n", 2 * HEADLINE.len(), esc(note));
+            let _ = write!(
+                o,
+                "<td class=\"l muted\" colspan=\"{}\">{}</td></tr>\n",
+                2 * HEADLINE.len(),
+                esc(note)
+            );
             continue;
         }
         for (k, _) in HEADLINE {
@@ -198,7 +221,11 @@ fn significance(o: &mut String, sig: Option<&(String, Vec<SigRow>)>, d: &SweepDa
                         o,
                         "<td>{:+.2}</td><td{}>{:.3}{}</td>",
                         t.delta * SCALE,
-                        if mark.is_empty() { "" } else { " class=\"sig\"" },
+                        if mark.is_empty() {
+                            ""
+                        } else {
+                            " class=\"sig\""
+                        },
                         t.p_value,
                         mark
                     );
@@ -217,8 +244,18 @@ fn compute(o: &mut String, page: &Page) {
     let naive: usize = d.cells.iter().map(|c| c.stages.len()).sum();
     let actual = d.stages.len();
     let reused = d.stages.iter().filter(|s| s.reused).count();
-    let run_s: f64 = d.stages.iter().filter(|s| !s.reused).filter_map(|s| s.wall_s).sum();
-    let saved_s: f64 = d.stages.iter().filter(|s| s.reused).filter_map(|s| s.wall_s).sum();
+    let run_s: f64 = d
+        .stages
+        .iter()
+        .filter(|s| !s.reused)
+        .filter_map(|s| s.wall_s)
+        .sum();
+    let saved_s: f64 = d
+        .stages
+        .iter()
+        .filter(|s| s.reused)
+        .filter_map(|s| s.wall_s)
+        .sum();
     let _ = write!(
         o,
         "<p>Naive (every cell runs its own chain): <b>{naive}</b> stages. Actual, shared across cells: \
@@ -238,7 +275,12 @@ fn compute(o: &mut String, page: &Page) {
     for k in kinds {
         let of: Vec<_> = d.stages.iter().filter(|s| s.kind == k).collect();
         let hits = of.iter().filter(|s| s.reused).count();
-        let w = |r: bool| of.iter().filter(|s| s.reused == r).filter_map(|s| s.wall_s).sum::<f64>();
+        let w = |r: bool| {
+            of.iter()
+                .filter(|s| s.reused == r)
+                .filter_map(|s| s.wall_s)
+                .sum::<f64>()
+        };
         let _ = write!(
             o,
             "<tr><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
@@ -281,14 +323,28 @@ fn gallery(o: &mut String, g: &Gallery) {
     o.push_str("<table class=\"gallery\">\n");
     for s in &g.samples {
         let img = match &s.thumb {
-            Some(f) => format!("<img src=\"{}\" alt=\"image {}\">", esc(f), esc(&s.image_id)),
+            Some(f) => format!(
+                "<img src=\"{}\" alt=\"image {}\">",
+                esc(f),
+                esc(&s.image_id)
+            ),
             None => "<span class=\"muted\">(image unavailable)</span>".to_string(),
         };
-        let refs: String = s.references.iter().map(|r| format!("<li>{}</li>", esc(r))).collect();
+        let refs: String = s
+            .references
+            .iter()
+            .map(|r| format!("<li>{}</li>", esc(r)))
+            .collect();
         let caps: String = s
             .captions
             .iter()
-            .map(|(g, c)| format!("<tr><td class=\"l muted\">{}</td><td class=\"l\">{}</td></tr>", esc(g), esc(c)))
+            .map(|(g, c)| {
+                format!(
+                    "<tr><td class=\"l muted\">{}</td><td class=\"l\">{}</td></tr>",
+                    esc(g),
+                    esc(c)
+                )
+            })
             .collect();
         let _ = write!(
             o,
@@ -303,31 +359,56 @@ fn gallery(o: &mut String, g: &Gallery) {
 fn provenance(o: &mut String, page: &Page) {
     let m = &page.data.meta;
     o.push_str("<h2 id=\"provenance\">Provenance</h2>\n<dl>\n");
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let rows: Vec<(&str, String)> = vec![
         ("spec", m.spec_path.clone()),
         ("--set", m.sets.clone()),
         ("grid axes", m.axes.clone()),
         ("ecic version (sweep)", m.ecic_version.clone()),
-        ("ecic version (report)", env!("CARGO_PKG_VERSION").to_string()),
-        ("git commit", m.git_commit.clone().unwrap_or_else(|| "unknown".into())),
-        ("sweep host", m.host.clone().unwrap_or_else(|| "unknown".into())),
+        (
+            "ecic version (report)",
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        (
+            "git commit",
+            m.git_commit.clone().unwrap_or_else(|| "unknown".into()),
+        ),
+        (
+            "sweep host",
+            m.host.clone().unwrap_or_else(|| "unknown".into()),
+        ),
         ("executor", format!("{} ({} jobs)", m.executor, m.jobs)),
         ("data", format!("{} (digest {})", m.data_dir, m.data_digest)),
         (
             "started / finished",
-            format!("{} / {}", time_of_day(m.started_at), m.finished_at.map(time_of_day).unwrap_or_else(dash)),
+            format!(
+                "{} / {}",
+                time_of_day(m.started_at),
+                m.finished_at.map(time_of_day).unwrap_or_else(dash)
+            ),
         ),
         (
             "report machine",
-            format!("{} {} · {} CPUs · generated {}", std::env::consts::OS, std::env::consts::ARCH, cpus, time_of_day(page.generated_at)),
+            format!(
+                "{} {} · {} CPUs · generated {}",
+                std::env::consts::OS,
+                std::env::consts::ARCH,
+                cpus,
+                time_of_day(page.generated_at)
+            ),
         ),
         ("plot font", page.font_note.clone()),
     ];
     for (k, v) in rows {
         let _ = write!(o, "<dt>{}</dt><dd>{}</dd>\n", esc(k), esc(&v));
     }
-    let _ = write!(o, "</dl>\n<h3>Spec</h3>\n<pre>{}</pre>\n", esc(&m.spec_text));
+    let _ = write!(
+        o,
+        "</dl>\n<h3>Spec</h3>\n<pre>{}</pre>\n",
+        esc(&m.spec_text)
+    );
 }
 
 #[cfg(test)]
@@ -336,7 +417,10 @@ mod tests {
 
     #[test]
     fn escapes_markup_and_quotes() {
-        assert_eq!(esc("<script>alert(1)</script>"), "&lt;script&gt;alert(1)&lt;/script&gt;");
+        assert_eq!(
+            esc("<script>alert(1)</script>"),
+            "&lt;script&gt;alert(1)&lt;/script&gt;"
+        );
         assert_eq!(esc(r#"a"b'c&d"#), "a&quot;b&#39;c&amp;d");
         assert_eq!(esc("白色连衣裙"), "白色连衣裙");
     }

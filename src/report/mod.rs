@@ -26,17 +26,29 @@ pub enum ReportError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("plot {path}: {message}")]
     Plot { path: PathBuf, message: String },
     #[error("font {name}: {message}")]
     Font { name: String, message: String },
     #[error("cell `{cell}` is not in sweep `{sweep}`{hint}")]
-    NoCell { cell: String, sweep: String, hint: String },
+    NoCell {
+        cell: String,
+        sweep: String,
+        hint: String,
+    },
     #[error("cell `{cell}` has no per-image scores on the {split} split (its evaluate stage did not record them)")]
     NoScores { cell: String, split: String },
     #[error("cell `{cell}`: bad per-image score record for image {image}: {message}")]
-    BadScores { cell: String, image: String, message: String },
+    BadScores {
+        cell: String,
+        image: String,
+        message: String,
+    },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
 }
@@ -55,7 +67,16 @@ pub fn default_dir(name: &str) -> PathBuf {
 }
 
 pub fn safe_name(name: &str) -> String {
-    let s: String = name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let s = s.trim_start_matches('.').to_string();
     if s.is_empty() {
         "sweep".to_string()
@@ -66,13 +87,20 @@ pub fn safe_name(name: &str) -> String {
 
 /// Write the report of a sweep into `dir` (created; earlier charts and
 /// thumbnails there are replaced) and return the path of `index.html`.
-pub fn write_report(store: &crate::store::Store, sweep_id: i64, dir: &std::path::Path, svg: bool) -> Result<PathBuf, ReportError> {
+pub fn write_report(
+    store: &crate::store::Store,
+    sweep_id: i64,
+    dir: &std::path::Path,
+    svg: bool,
+) -> Result<PathBuf, ReportError> {
     let data = data::SweepData::load(store, sweep_id)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if plots::is_chart_file(&name) || (name.starts_with("sample-") && name.ends_with(".png")) {
+            if plots::is_chart_file(&name)
+                || (name.starts_with("sample-") && name.ends_with(".png"))
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -82,7 +110,10 @@ pub fn write_report(store: &crate::store::Store, sweep_id: i64, dir: &std::path:
     let gallery = gallery::build(store, &data, dir)?;
     let fonts = font::Fonts::shared();
     let font_note = match &fonts.fallback {
-        Some(p) => format!("bundled WenQuanYi Micro Hei subset, fallback {}", p.display()),
+        Some(p) => format!(
+            "bundled WenQuanYi Micro Hei subset, fallback {}",
+            p.display()
+        ),
         None => "bundled WenQuanYi Micro Hei subset (GB 2312)".to_string(),
     };
     let page = html::Page {

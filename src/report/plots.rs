@@ -67,7 +67,10 @@ pub fn write_chart<C: Chart>(
 ) -> Result<PlotFile, ReportError> {
     let file = format!("{stem}.{}", if svg { "svg" } else { "png" });
     let path = dir.join(&file);
-    let fail = |message: String| ReportError::Plot { path: path.clone(), message };
+    let fail = |message: String| ReportError::Plot {
+        path: path.clone(),
+        message,
+    };
     let fonts = Fonts::shared();
     if svg {
         let root = CjkText::vector(SVGBackend::new(&path, (w, h)), fonts).into_drawing_area();
@@ -80,7 +83,12 @@ pub fn write_chart<C: Chart>(
         chart.draw(&root).map_err(fail)?;
         root.present().map_err(|x| fail(e(x)))?;
     }
-    Ok(PlotFile { file, title: title.to_string(), width: w, height: h })
+    Ok(PlotFile {
+        file,
+        title: title.to_string(),
+        width: w,
+        height: h,
+    })
 }
 
 /// Bars with 95% error bars: one panel per axis.
@@ -102,7 +110,9 @@ impl Marginals {
         for (name, zh, get) in axes {
             let mut levels: Vec<(String, Vec<f64>)> = Vec::new();
             for g in &data.groups {
-                let (level, Some(s)) = (get(g), g.metric("cider_d")) else { continue };
+                let (level, Some(s)) = (get(g), g.metric("cider_d")) else {
+                    continue;
+                };
                 if level == "-" {
                     continue;
                 }
@@ -111,8 +121,10 @@ impl Marginals {
                     None => levels.push((level.to_string(), vec![s.mean * 100.0])),
                 }
             }
-            let bars: Vec<(String, Stat)> =
-                levels.into_iter().filter_map(|(l, v)| Stat::of(&v).map(|s| (l, s))).collect();
+            let bars: Vec<(String, Stat)> = levels
+                .into_iter()
+                .filter_map(|(l, v)| Stat::of(&v).map(|s| (l, s)))
+                .collect();
             if !bars.is_empty() {
                 panels.push((format!("{name} · {zh}"), bars));
             }
@@ -123,7 +135,9 @@ impl Marginals {
 
 impl Chart for Marginals {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
-        let root = root.titled("CIDEr-D ×100 各轴边际均值 (mean ± 95% CI)", font(20)).map_err(e)?;
+        let root = root
+            .titled("CIDEr-D ×100 各轴边际均值 (mean ± 95% CI)", font(20))
+            .map_err(e)?;
         let areas = root.split_evenly((1, self.panels.len()));
         let ymax = self
             .panels
@@ -148,7 +162,9 @@ impl Chart for Marginals {
                 .x_label_style(font(13))
                 .y_label_style(font(12))
                 .x_label_formatter(&|v| match v {
-                    SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => names.get(*i).unwrap_or(&"").to_string(),
+                    SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                        names.get(*i).unwrap_or(&"").to_string()
+                    }
                     SegmentValue::Last => String::new(),
                 })
                 .draw()
@@ -156,7 +172,10 @@ impl Chart for Marginals {
             chart
                 .draw_series(bars.iter().enumerate().map(|(i, (_, s))| {
                     let mut r = Rectangle::new(
-                        [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), s.mean)],
+                        [
+                            (SegmentValue::Exact(i), 0.0),
+                            (SegmentValue::Exact(i + 1), s.mean),
+                        ],
                         color(i).mix(0.75).filled(),
                     );
                     r.set_margin(0, 0, 12, 12);
@@ -166,7 +185,14 @@ impl Chart for Marginals {
             chart
                 .draw_series(bars.iter().enumerate().filter_map(|(i, (_, s))| {
                     s.half.map(|h| {
-                        ErrorBar::new_vertical(SegmentValue::CenterOf(i), s.mean - h, s.mean, s.mean + h, BLACK.stroke_width(2), 12)
+                        ErrorBar::new_vertical(
+                            SegmentValue::CenterOf(i),
+                            s.mean - h,
+                            s.mean,
+                            s.mean + h,
+                            BLACK.stroke_width(2),
+                            12,
+                        )
                     })
                 }))
                 .map_err(e)?;
@@ -195,7 +221,8 @@ impl Heatmap {
         fusions
             .into_iter()
             .map(|fusion| {
-                let groups: Vec<&GroupResult> = data.groups.iter().filter(|g| g.fusion == fusion).collect();
+                let groups: Vec<&GroupResult> =
+                    data.groups.iter().filter(|g| g.fusion == fusion).collect();
                 let mut backbones: Vec<String> = Vec::new();
                 let mut pefts: Vec<String> = Vec::new();
                 for g in &groups {
@@ -224,7 +251,12 @@ impl Heatmap {
                             .collect()
                     })
                     .collect();
-                Heatmap { fusion: fusion.to_string(), backbones, pefts, values }
+                Heatmap {
+                    fusion: fusion.to_string(),
+                    backbones,
+                    pefts,
+                    values,
+                }
             })
             .collect()
     }
@@ -241,12 +273,15 @@ impl Chart for Heatmap {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(80)
-            .build_cartesian_2d((0..self.pefts.len() - 1).into_segmented(), (0..self.backbones.len() - 1).into_segmented())
+            .build_cartesian_2d(
+                (0..self.pefts.len() - 1).into_segmented(),
+                (0..self.backbones.len() - 1).into_segmented(),
+            )
             .map_err(e)?;
         let (pefts, backbones) = (&self.pefts, &self.backbones);
         chart
             .configure_mesh()
-                .light_line_style(RGBColor(242, 242, 242))
+            .light_line_style(RGBColor(242, 242, 242))
             .disable_mesh()
             .x_label_style(font(14))
             .y_label_style(font(14))
@@ -276,13 +311,22 @@ impl Chart for Heatmap {
                 };
                 chart
                     .draw_series(std::iter::once(Rectangle::new(
-                        [(SegmentValue::Exact(p), SegmentValue::Exact(b)), (SegmentValue::Exact(p + 1), SegmentValue::Exact(b + 1))],
+                        [
+                            (SegmentValue::Exact(p), SegmentValue::Exact(b)),
+                            (SegmentValue::Exact(p + 1), SegmentValue::Exact(b + 1)),
+                        ],
                         fill.filled(),
                     )))
                     .map_err(e)?;
-                let style = font(16).color(if dark { &WHITE } else { &BLACK }).pos(Pos::new(HPos::Center, VPos::Center));
+                let style = font(16)
+                    .color(if dark { &WHITE } else { &BLACK })
+                    .pos(Pos::new(HPos::Center, VPos::Center));
                 chart
-                    .draw_series(std::iter::once(Text::new(label, (SegmentValue::CenterOf(p), SegmentValue::CenterOf(b)), style)))
+                    .draw_series(std::iter::once(Text::new(
+                        label,
+                        (SegmentValue::CenterOf(p), SegmentValue::CenterOf(b)),
+                        style,
+                    )))
                     .map_err(e)?;
             }
         }
@@ -303,17 +347,28 @@ impl Curves {
         for kind in TRAINING_KINDS {
             let mut by_name: BTreeMap<&str, Vec<(String, Vec<(i64, f64)>)>> = BTreeMap::new();
             for s in data.stages.iter().filter(|s| s.kind == kind) {
-                let Some(curves) = data.curves.get(&s.key) else { continue };
+                let Some(curves) = data.curves.get(&s.key) else {
+                    continue;
+                };
                 for name in ["loss", "reward", "val_loss"] {
                     if let Some(points) = curves.get(name).filter(|p| !p.is_empty()) {
-                        by_name.entry(name).or_default().push((s.label.clone(), points.clone()));
+                        by_name
+                            .entry(name)
+                            .or_default()
+                            .push((s.label.clone(), points.clone()));
                     }
                 }
             }
-            let mut panels: Vec<_> = by_name.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+            let mut panels: Vec<_> = by_name
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect();
             panels.sort_by_key(|(n, _)| ["loss", "val_loss", "reward"].iter().position(|x| x == n));
             if !panels.is_empty() {
-                out.push(Curves { kind: kind.to_string(), panels });
+                out.push(Curves {
+                    kind: kind.to_string(),
+                    panels,
+                });
             }
         }
         out
@@ -322,11 +377,17 @@ impl Curves {
 
 impl Chart for Curves {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
-        let root = root.titled(&format!("{} · 学习曲线 (learning curves)", self.kind), font(20)).map_err(e)?;
+        let root = root
+            .titled(
+                &format!("{} · 学习曲线 (learning curves)", self.kind),
+                font(20),
+            )
+            .map_err(e)?;
         let areas = root.split_evenly((1, self.panels.len()));
         for (area, (name, lines)) in areas.iter().zip(&self.panels) {
             let pts = lines.iter().flat_map(|(_, p)| p.iter());
-            let (mut x0, mut x1, mut y0, mut y1) = (i64::MAX, i64::MIN, f64::INFINITY, f64::NEG_INFINITY);
+            let (mut x0, mut x1, mut y0, mut y1) =
+                (i64::MAX, i64::MIN, f64::INFINITY, f64::NEG_INFINITY);
             for &(x, y) in pts {
                 x0 = x0.min(x);
                 x1 = x1.max(x);
@@ -344,14 +405,26 @@ impl Chart for Curves {
                 .y_label_area_size(55)
                 .build_cartesian_2d(x0 as f64..x1 as f64, (y0 - pad)..(y1 + pad))
                 .map_err(e)?;
-            chart.configure_mesh().light_line_style(RGBColor(242, 242, 242)).x_desc("step · 步数").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
+            chart
+                .configure_mesh()
+                .light_line_style(RGBColor(242, 242, 242))
+                .x_desc("step · 步数")
+                .x_label_style(font(12))
+                .y_label_style(font(12))
+                .draw()
+                .map_err(e)?;
             for (i, (label, points)) in lines.iter().enumerate() {
                 let c = color(i);
                 chart
-                    .draw_series(LineSeries::new(points.iter().map(|&(x, y)| (x as f64, y)), c.stroke_width(2)))
+                    .draw_series(LineSeries::new(
+                        points.iter().map(|&(x, y)| (x as f64, y)),
+                        c.stroke_width(2),
+                    ))
                     .map_err(e)?
                     .label(label.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                    });
             }
             if lines.len() <= 12 {
                 chart
@@ -381,7 +454,9 @@ impl Pareto {
         let mut params = Vec::new();
         let mut latency = Vec::new();
         for g in &data.groups {
-            let Some(c) = g.metric("cider_d") else { continue };
+            let Some(c) = g.metric("cider_d") else {
+                continue;
+            };
             if let Some(p) = g.trainable_params {
                 params.push((g.name.clone(), p.max(1.0), c.mean * 100.0));
             }
@@ -412,7 +487,12 @@ impl Pareto {
     /// Points no other point beats on both axes (lower cost, higher score).
     pub fn front(&self) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.points.len()).collect();
-        idx.sort_by(|&a, &b| self.points[a].1.total_cmp(&self.points[b].1).then(self.points[b].2.total_cmp(&self.points[a].2)));
+        idx.sort_by(|&a, &b| {
+            self.points[a]
+                .1
+                .total_cmp(&self.points[b].1)
+                .then(self.points[b].2.total_cmp(&self.points[a].2))
+        });
         let mut best = f64::NEG_INFINITY;
         idx.into_iter()
             .filter(|&i| {
@@ -430,12 +510,21 @@ impl Chart for Pareto {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let xs = self.points.iter().map(|p| p.1);
         let ys = self.points.iter().map(|p| p.2);
-        let (x0, x1) = (xs.clone().fold(f64::INFINITY, f64::min), xs.fold(f64::NEG_INFINITY, f64::max));
-        let (y0, y1) = (ys.clone().fold(f64::INFINITY, f64::min), ys.fold(f64::NEG_INFINITY, f64::max));
+        let (x0, x1) = (
+            xs.clone().fold(f64::INFINITY, f64::min),
+            xs.fold(f64::NEG_INFINITY, f64::max),
+        );
+        let (y0, y1) = (
+            ys.clone().fold(f64::INFINITY, f64::min),
+            ys.fold(f64::NEG_INFINITY, f64::max),
+        );
         let ypad = ((y1 - y0) * 0.1).max(0.5);
         let front = self.front();
         let builder = |b: &mut ChartBuilder<DB>| {
-            b.caption(&self.title, font(18)).margin(10).x_label_area_size(40).y_label_area_size(55);
+            b.caption(&self.title, font(18))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(55);
         };
         let mut cb = ChartBuilder::on(root);
         builder(&mut cb);
@@ -443,27 +532,66 @@ impl Chart for Pareto {
         macro_rules! body {
             ($chart:expr) => {{
                 let mut chart = $chart;
-                chart.configure_mesh().light_line_style(RGBColor(242, 242, 242)).x_labels(6).x_label_formatter(&|v: &f64| if self.log_x { super::terminal::count(*v) } else { format!("{v:.1}") }).x_desc(self.x_desc.as_str()).y_desc("CIDEr-D ×100").x_label_style(font(12)).y_label_style(font(12)).draw().map_err(e)?;
                 chart
-                    .draw_series(LineSeries::new(front.iter().map(|&i| (self.points[i].1, self.points[i].2)), RED.stroke_width(2)))
+                    .configure_mesh()
+                    .light_line_style(RGBColor(242, 242, 242))
+                    .x_labels(6)
+                    .x_label_formatter(&|v: &f64| {
+                        if self.log_x {
+                            super::terminal::count(*v)
+                        } else {
+                            format!("{v:.1}")
+                        }
+                    })
+                    .x_desc(self.x_desc.as_str())
+                    .y_desc("CIDEr-D ×100")
+                    .x_label_style(font(12))
+                    .y_label_style(font(12))
+                    .draw()
+                    .map_err(e)?;
+                chart
+                    .draw_series(LineSeries::new(
+                        front.iter().map(|&i| (self.points[i].1, self.points[i].2)),
+                        RED.stroke_width(2),
+                    ))
                     .map_err(e)?;
                 chart
                     .draw_series(self.points.iter().enumerate().map(|(i, p)| {
                         let (l, x, y) = label(p);
                         let on_front = front.contains(&i);
                         EmptyElement::at((x, y))
-                            + Circle::new((0, 0), 5, if on_front { RED.filled() } else { color(0).mix(0.7).filled() })
-                            + Text::new(if on_front || self.points.len() <= 12 { l } else { String::new() }, (7, -6), font(11))
+                            + Circle::new(
+                                (0, 0),
+                                5,
+                                if on_front {
+                                    RED.filled()
+                                } else {
+                                    color(0).mix(0.7).filled()
+                                },
+                            )
+                            + Text::new(
+                                if on_front || self.points.len() <= 12 {
+                                    l
+                                } else {
+                                    String::new()
+                                },
+                                (7, -6),
+                                font(11),
+                            )
                     }))
                     .map_err(e)?;
             }};
         }
         if self.log_x {
             let (a, b) = (x0 / 2.0, (x1 * 2.0).max(x0 * 4.0));
-            body!(cb.build_cartesian_2d((a..b).log_scale(), (y0 - ypad)..(y1 + ypad)).map_err(e)?);
+            body!(cb
+                .build_cartesian_2d((a..b).log_scale(), (y0 - ypad)..(y1 + ypad))
+                .map_err(e)?);
         } else {
             let pad = ((x1 - x0) * 0.1).max(x1.abs() * 0.05).max(1e-3);
-            body!(cb.build_cartesian_2d((x0 - pad).max(0.0)..(x1 + pad), (y0 - ypad)..(y1 + ypad)).map_err(e)?);
+            body!(cb
+                .build_cartesian_2d((x0 - pad).max(0.0)..(x1 + pad), (y0 - ypad)..(y1 + ypad))
+                .map_err(e)?);
         }
         Ok(())
     }
@@ -499,10 +627,19 @@ impl Compute {
 
 impl Chart for Compute {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
-        let ymax = self.kinds.iter().map(|k| k.1.max(k.2)).fold(0.0, f64::max).max(1e-3) * 1.15;
+        let ymax = self
+            .kinds
+            .iter()
+            .map(|k| k.1.max(k.2))
+            .fold(0.0, f64::max)
+            .max(1e-3)
+            * 1.15;
         let names: Vec<&str> = self.kinds.iter().map(|k| k.0.as_str()).collect();
         let mut chart = ChartBuilder::on(root)
-            .caption("各阶段耗时 · wall seconds per stage kind (run / reused)", font(18))
+            .caption(
+                "各阶段耗时 · wall seconds per stage kind (run / reused)",
+                font(18),
+            )
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(55)
@@ -510,7 +647,7 @@ impl Chart for Compute {
             .map_err(e)?;
         chart
             .configure_mesh()
-                .light_line_style(RGBColor(242, 242, 242))
+            .light_line_style(RGBColor(242, 242, 242))
             .disable_x_mesh()
             .x_label_style(font(13))
             .y_label_style(font(12))
@@ -521,11 +658,20 @@ impl Chart for Compute {
             })
             .draw()
             .map_err(e)?;
-        for (series, (label, c)) in [("run", color(0)), ("reused (cached)", color(2))].into_iter().enumerate() {
+        for (series, (label, c)) in [("run", color(0)), ("reused (cached)", color(2))]
+            .into_iter()
+            .enumerate()
+        {
             chart
                 .draw_series(self.kinds.iter().enumerate().map(|(i, k)| {
                     let v = if series == 0 { k.1 } else { k.2 };
-                    let mut r = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)], c.mix(0.8).filled());
+                    let mut r = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(i), 0.0),
+                            (SegmentValue::Exact(i + 1), v),
+                        ],
+                        c.mix(0.8).filled(),
+                    );
                     if series == 0 {
                         r.set_margin(0, 0, 10, 50);
                     } else {
@@ -537,7 +683,12 @@ impl Chart for Compute {
                 .label(label)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
         }
-        chart.configure_series_labels().label_font(font(12)).background_style(WHITE.mix(0.8)).draw().map_err(e)?;
+        chart
+            .configure_series_labels()
+            .label_font(font(12))
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(e)?;
         Ok(())
     }
 }
@@ -547,18 +698,49 @@ pub fn write_all(data: &SweepData, dir: &Path, svg: bool) -> Result<Plots, Repor
     let mut p = Plots::default();
     if let Some(m) = Marginals::new(data) {
         let w = 360 * m.panels.len() as u32;
-        p.marginals = Some(write_chart(&m, dir, "marginals", "per-axis marginals", (w.max(600), 380), svg)?);
+        p.marginals = Some(write_chart(
+            &m,
+            dir,
+            "marginals",
+            "per-axis marginals",
+            (w.max(600), 380),
+            svg,
+        )?);
     }
     for (i, h) in Heatmap::all(data).iter().enumerate() {
-        let size = (160 + 130 * h.pefts.len() as u32, 110 + 70 * h.backbones.len() as u32);
-        p.heatmaps.push(write_chart(h, dir, &format!("heatmap-{i}"), &format!("fusion = {}", h.fusion), size, svg)?);
+        let size = (
+            160 + 130 * h.pefts.len() as u32,
+            110 + 70 * h.backbones.len() as u32,
+        );
+        p.heatmaps.push(write_chart(
+            h,
+            dir,
+            &format!("heatmap-{i}"),
+            &format!("fusion = {}", h.fusion),
+            size,
+            svg,
+        )?);
     }
     for c in Curves::all(data) {
         let w = (420 * c.panels.len() as u32).max(600);
-        p.curves.push(write_chart(&c, dir, &format!("curves-{}", c.kind), &c.kind, (w, 360), svg)?);
+        p.curves.push(write_chart(
+            &c,
+            dir,
+            &format!("curves-{}", c.kind),
+            &c.kind,
+            (w, 360),
+            svg,
+        )?);
     }
     for (i, s) in Pareto::all(data).iter().enumerate() {
-        p.pareto.push(write_chart(s, dir, &format!("pareto-{i}"), &s.title, (620, 420), svg)?);
+        p.pareto.push(write_chart(
+            s,
+            dir,
+            &format!("pareto-{i}"),
+            &s.title,
+            (620, 420),
+            svg,
+        )?);
     }
     if let Some(c) = Compute::new(data) {
         p.compute = Some(write_chart(&c, dir, "compute", "compute", (640, 360), svg)?);
@@ -577,12 +759,20 @@ pub struct Plots {
 
 impl Plots {
     pub fn files(&self) -> Vec<&PlotFile> {
-        self.marginals.iter().chain(&self.heatmaps).chain(&self.curves).chain(&self.pareto).chain(&self.compute).collect()
+        self.marginals
+            .iter()
+            .chain(&self.heatmaps)
+            .chain(&self.curves)
+            .chain(&self.pareto)
+            .chain(&self.compute)
+            .collect()
     }
 }
 
 /// Paths of the chart files (for cleaning a previous report's leftovers).
 pub fn is_chart_file(name: &str) -> bool {
-    let stem_ok = ["marginals", "heatmap-", "curves-", "pareto-", "compute"].iter().any(|p| name.starts_with(p));
+    let stem_ok = ["marginals", "heatmap-", "curves-", "pareto-", "compute"]
+        .iter()
+        .any(|p| name.starts_with(p));
     stem_ok && (name.ends_with(".png") || name.ends_with(".svg"))
 }

@@ -17,8 +17,15 @@ pub const RESAMPLES: usize = 1000;
 pub const SEED: u64 = 20_240_601;
 
 /// The per-image records of a cell's evaluate stage on `split`.
-pub fn image_scores(store: &Store, cell: &CellResult, split: &str) -> Result<Vec<ImageScore>, ReportError> {
-    let no_scores = || ReportError::NoScores { cell: cell.name.clone(), split: split.to_string() };
+pub fn image_scores(
+    store: &Store,
+    cell: &CellResult,
+    split: &str,
+) -> Result<Vec<ImageScore>, ReportError> {
+    let no_scores = || ReportError::NoScores {
+        cell: cell.name.clone(),
+        split: split.to_string(),
+    };
     let key = cell.stage_key("evaluate").ok_or_else(no_scores)?;
     let rows = store.stage_captions(key, split)?;
     let mut out = Vec::with_capacity(rows.len());
@@ -62,8 +69,13 @@ pub fn best_cell(data: &SweepData) -> Option<usize> {
 }
 
 /// Every scored cell against the best: (best cell name, rows).
-pub fn against_best(store: &Store, data: &SweepData) -> Result<Option<(String, Vec<SigRow>)>, ReportError> {
-    let Some(b) = best_cell(data) else { return Ok(None) };
+pub fn against_best(
+    store: &Store,
+    data: &SweepData,
+) -> Result<Option<(String, Vec<SigRow>)>, ReportError> {
+    let Some(b) = best_cell(data) else {
+        return Ok(None);
+    };
     let best = &data.cells[b];
     let best_scores = match image_scores(store, best, &data.split) {
         Ok(s) => s,
@@ -82,9 +94,19 @@ pub fn against_best(store: &Store, data: &SweepData) -> Result<Option<(String, V
             .entry(key)
             .or_insert_with(|| image_scores(store, c, &data.split).map_err(|e| e.to_string()))
             .clone();
-        let row = match scores.and_then(|s| paired(&best_scores, &s, RESAMPLES, SEED).map_err(|e| e.to_string())) {
-            Ok(tests) => SigRow { cell: c.name.clone(), tests, note: None },
-            Err(note) => SigRow { cell: c.name.clone(), tests: Vec::new(), note: Some(note) },
+        let row = match scores
+            .and_then(|s| paired(&best_scores, &s, RESAMPLES, SEED).map_err(|e| e.to_string()))
+        {
+            Ok(tests) => SigRow {
+                cell: c.name.clone(),
+                tests,
+                note: None,
+            },
+            Err(note) => SigRow {
+                cell: c.name.clone(),
+                tests: Vec::new(),
+                note: Some(note),
+            },
         };
         rows.push(row);
     }

@@ -3,8 +3,9 @@
 
 /// Two-sided 97.5% quantiles of Student's t for 1..=30 degrees of freedom.
 const T975: [f64; 30] = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
 ];
 
 /// The 97.5% quantile of Student's t with `df` degrees of freedom (df ≥ 1).
@@ -45,7 +46,13 @@ impl Stat {
     /// `12.34` or `12.34 ± 0.56`, after multiplying by `scale`.
     pub fn show(&self, scale: f64, decimals: usize) -> String {
         match self.half {
-            Some(h) => format!("{:.*} ± {:.*}", decimals, self.mean * scale, decimals, h * scale),
+            Some(h) => format!(
+                "{:.*} ± {:.*}",
+                decimals,
+                self.mean * scale,
+                decimals,
+                h * scale
+            ),
             None => format!("{:.*}", decimals, self.mean * scale),
         }
     }

@@ -15,7 +15,9 @@ pub const SCALE: f64 = 100.0;
 
 fn new_table(header: Vec<&str>) -> Table {
     let mut t = Table::new();
-    t.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
+    t.load_style(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
     t
 }
 
@@ -30,6 +32,8 @@ fn right_align(t: &mut Table, from: usize) {
 
 /// Seconds as `12.3s`, `4m05s` or `1h02m`.
 pub fn duration(s: f64) -> String {
+    // an empty float sum is -0.0
+    let s = s + 0.0;
     if !s.is_finite() {
         return "–".into();
     }
@@ -38,7 +42,11 @@ pub fn duration(s: f64) -> String {
     } else if s < 3600.0 {
         format!("{}m{:02}s", (s / 60.0).floor(), (s % 60.0).floor())
     } else {
-        format!("{}h{:02}m", (s / 3600.0).floor(), ((s % 3600.0) / 60.0).floor())
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0).floor(),
+            ((s % 3600.0) / 60.0).floor()
+        )
     }
 }
 
@@ -83,16 +91,31 @@ pub fn summary_table(data: &SweepData) -> String {
             row.push(g.cells.len().to_string());
         }
         for (k, _) in HEADLINE {
-            row.push(g.metric(k).map(|s| s.show(SCALE, 2)).unwrap_or_else(|| "–".into()));
+            row.push(
+                g.metric(k)
+                    .map(|s| s.show(SCALE, 2))
+                    .unwrap_or_else(|| "–".into()),
+            );
         }
-        row.push(g.wall_s.map(|s| duration(s.mean)).unwrap_or_else(|| "–".into()));
+        row.push(
+            g.wall_s
+                .map(|s| duration(s.mean))
+                .unwrap_or_else(|| "–".into()),
+        );
         row.push(format!("{}/{}", g.stages_run, g.stages_reused));
         row.push(g.status.clone());
         t.add_row(row);
     }
     right_align(&mut t, 1);
-    let split = if data.split.is_empty() { "no evaluation yet".to_string() } else { format!("{} split", data.split) };
-    let mut out = format!("sweep `{}` ({}, {}; metrics ×100", data.meta.name, data.meta.status, split);
+    let split = if data.split.is_empty() {
+        "no evaluation yet".to_string()
+    } else {
+        format!("{} split", data.split)
+    };
+    let mut out = format!(
+        "sweep `{}` ({}, {}; metrics ×100",
+        data.meta.name, data.meta.status, split
+    );
     if seeds {
         out.push_str(", mean ± 95% CI over seeds");
     }
@@ -110,15 +133,25 @@ pub fn summary_table(data: &SweepData) -> String {
 pub fn status(store: &Store) -> Result<String, ReportError> {
     let sweeps = store.sweeps()?;
     if sweeps.is_empty() {
-        return Ok(format!("no sweeps recorded in {}\n", store.path().display()));
+        return Ok(format!(
+            "no sweeps recorded in {}\n",
+            store.path().display()
+        ));
     }
-    let mut t = new_table(vec!["sweep", "status", "cells", "done", "failed", "stages", "run", "reused", "wall", "started"]);
+    let mut t = new_table(vec![
+        "sweep", "status", "cells", "done", "failed", "stages", "run", "reused", "wall", "started",
+    ]);
     for s in &sweeps {
         let data = SweepData::load(store, s.id)?;
         let done = data.cells.iter().filter(|c| c.status == "done").count();
         let failed = data.cells.iter().filter(|c| c.status == "failed").count();
         let reused = data.stages.iter().filter(|st| st.reused).count();
-        let wall: f64 = data.stages.iter().filter(|st| !st.reused).filter_map(|st| st.wall_s).sum();
+        let wall: f64 = data
+            .stages
+            .iter()
+            .filter(|st| !st.reused)
+            .filter_map(|st| st.wall_s)
+            .sum();
         let wall = match s.finished_at {
             Some(f) if f >= s.started_at => duration(f - s.started_at),
             _ => duration(wall),
@@ -146,7 +179,16 @@ pub fn status(store: &Store) -> Result<String, ReportError> {
         if !pending.is_empty() {
             let mut t = new_table(vec!["stage", "kind", "state", "wall", "error"]);
             for s in pending {
-                let err = s.error.as_deref().unwrap_or("").lines().next().unwrap_or("").chars().take(80).collect::<String>();
+                let err = s
+                    .error
+                    .as_deref()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(80)
+                    .collect::<String>();
                 t.add_row(vec![
                     s.label.clone(),
                     s.kind.clone(),
@@ -178,7 +220,11 @@ pub fn time_of_day(unix: f64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
 }
 
 /// `ecic compare`: A vs B per metric (×100) with the paired-bootstrap p-value
@@ -219,6 +265,7 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(duration(5.04), "5.0s");
+        assert_eq!(duration(-0.0), "0.0s");
         assert_eq!(duration(125.0), "2m05s");
         assert_eq!(duration(3725.0), "1h02m");
         assert_eq!(count(1_234_567.0), "1.23M");

@@ -196,7 +196,12 @@ impl Store {
             .map_err(self.err())?;
         let rows = st
             .query_map([sweep_id], |r| {
-                Ok(MetricRow { key: r.get(0)?, split: r.get(1)?, metric: r.get(2)?, value: r.get(3)? })
+                Ok(MetricRow {
+                    key: r.get(0)?,
+                    split: r.get(1)?,
+                    metric: r.get(2)?,
+                    value: r.get(3)?,
+                })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -214,7 +219,12 @@ impl Store {
             .map_err(self.err())?;
         let rows = st
             .query_map([sweep_id], |r| {
-                Ok(CurvePoint { key: r.get(0)?, name: r.get(1)?, step: r.get(2)?, value: r.get(3)? })
+                Ok(CurvePoint {
+                    key: r.get(0)?,
+                    name: r.get(1)?,
+                    step: r.get(2)?,
+                    value: r.get(3)?,
+                })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -230,7 +240,13 @@ impl Store {
             )
             .map_err(self.err())?;
         let rows = st
-            .query_map(params![key, split], |r| Ok(CaptionRow { image_id: r.get(0)?, caption: r.get(1)?, scores: r.get(2)? }))
+            .query_map(params![key, split], |r| {
+                Ok(CaptionRow {
+                    image_id: r.get(0)?,
+                    caption: r.get(1)?,
+                    scores: r.get(2)?,
+                })
+            })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
@@ -239,9 +255,13 @@ impl Store {
     pub fn event_counts(&self, sweep_id: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT what, COUNT(*) FROM events WHERE sweep_id = ?1 GROUP BY what ORDER BY what")
+            .prepare(
+                "SELECT what, COUNT(*) FROM events WHERE sweep_id = ?1 GROUP BY what ORDER BY what",
+            )
             .map_err(self.err())?;
-        let rows = st.query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.err())?;
+        let rows = st
+            .query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
@@ -251,7 +271,9 @@ impl Store {
             .conn
             .prepare("SELECT status, COUNT(*) FROM stages GROUP BY status ORDER BY status")
             .map_err(self.err())?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 }
