@@ -43,6 +43,13 @@ pub struct SweepArgs {
     /// Do not write the HTML report at the end.
     #[arg(long)]
     pub no_report: bool,
+    /// Slurm: on Ctrl-C stop following but leave the submitted jobs running.
+    #[arg(long)]
+    pub detach: bool,
+    /// Slurm: follow the jobs an earlier (detached or interrupted) run of this
+    /// sweep submitted, instead of submitting again.
+    #[arg(long)]
+    pub attach: bool,
 }
 
 #[derive(Debug, Args)]
@@ -200,16 +207,29 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         });
     }
     let worker = crate::exec::Worker::current(a.runs.clone()).map_err(other)?;
+    if a.attach && a.executor != "slurm" {
+        return Err(CliError::usage("--attach needs --executor slurm"));
+    }
+    let mut attached: Option<crate::exec::slurm::SlurmExecutor> = None;
     let mut executor: Box<dyn Executor> = match a.executor.as_str() {
         "local" => Box::new(crate::exec::local::LocalExecutor { worker, jobs, interrupted: interrupted.clone() }),
-        other_name => return Err(CliError::usage(format!("executor `{other_name}` is not available in this build"))),
+        _ if a.attach => {
+            let ex = crate::exec::slurm::SlurmExecutor::attach(worker.clone(), &spec.config.name).map_err(usage)?;
+            attached = Some(ex.interrupt_flag(interrupted.clone(), a.detach));
+            Box::new(crate::exec::local::LocalExecutor { worker, jobs, interrupted: interrupted.clone() })
+        }
+        _ => Box::new(
+            crate::exec::slurm::SlurmExecutor::new(worker)
+                .batch_name(&spec.config.name)
+                .map_err(usage)?
+                .interrupt_flag(interrupted.clone(), a.detach),
+        ),
     };
     let mut sink = Sink::new(&to_run, plan.len(), cached.len());
     let mut failures: Vec<(String, String)> = Vec::new();
     let mut ingest_errors = Vec::new();
     let t0 = std::time::Instant::now();
-    executor
-        .execute(&to_run, a.keep_going, &mut |ev| {
+    let mut on_event = |ev: Event| {
             sink.event(&ev);
             let r = match &ev {
                 Event::Started { key, host, job_id } => store.stage_started(key, host.as_deref(), job_id.as_deref()),
@@ -237,8 +257,12 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
             if let Err(e) = r {
                 ingest_errors.push(e.to_string());
             }
-        })
-        .map_err(other)?;
+    };
+    match attached.as_mut() {
+        Some(ex) => ex.follow(a.keep_going, &mut on_event).map(|_| ()),
+        None => executor.execute(&to_run, a.keep_going, &mut on_event),
+    }
+    .map_err(other)?;
     sink.finish();
     let was_interrupted = interrupted.load(Ordering::SeqCst);
     let status = if was_interrupted {
