@@ -243,6 +243,14 @@ impl AdamW {
             .sqrt()
     }
 
+    /// Drops the gradients accumulated since the last step.
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.has_grad = false;
+            s.sq = 0.0;
+        }
+    }
+
     /// Names of variables that received no gradient since the last step.
     pub fn missing_grads(&self) -> Vec<String> {
         self.slots

@@ -134,6 +134,15 @@ pub struct FitSummary {
     pub resumed_from: Option<usize>,
 }
 
+/// Sums over the micro-batches of one step.
+struct StepGradients {
+    loss_sum: f64,
+    samples: usize,
+    reward_sum: f64,
+    rewards: usize,
+    norm: f64,
+}
+
 /// The training loop's state: optimizer, rng, step, checkpoint directory.
 #[derive(Debug)]
 pub struct Trainer {
@@ -201,6 +210,52 @@ impl Trainer {
         &self.optim
     }
 
+    /// Runs the `accum` micro-batches of step `s` and accumulates their gradients; checks the loss and
+    /// the gradient norm for NaN/inf.
+    fn gradients<F>(&mut self, s: usize, loss_fn: &mut F) -> Result<StepGradients>
+    where
+        F: FnMut(&mut StepCtx<'_>) -> std::result::Result<Micro, BoxError>,
+    {
+        let accum = self.cfg.accum;
+        let scale = 1.0 / accum as f32;
+        let (mut loss_sum, mut samples, mut reward_sum, mut rewards) = (0.0, 0usize, 0.0, 0usize);
+        for micro in 0..accum {
+            let mut ctx = StepCtx {
+                step: s,
+                micro,
+                rng: &mut self.rng,
+            };
+            let m = loss_fn(&mut ctx).map_err(|source| TrainError::Closure { step: s, source })?;
+            let value = m.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: s,
+                    micro,
+                    value,
+                });
+            }
+            let grads = m.loss.backward()?;
+            self.optim.accumulate(&grads, scale)?;
+            loss_sum += value;
+            samples += m.samples;
+            if let Some(r) = m.reward {
+                reward_sum += r;
+                rewards += 1;
+            }
+        }
+        let norm = self.optim.grad_norm();
+        if !norm.is_finite() {
+            return Err(TrainError::NonFiniteGrad { step: s, norm });
+        }
+        Ok(StepGradients {
+            loss_sum,
+            samples,
+            reward_sum,
+            rewards,
+            norm,
+        })
+    }
+
     /// Trains to `cfg.steps`.
     pub fn fit<F>(&mut self, loss_fn: F, hooks: &mut Hooks<'_>) -> Result<FitSummary>
     where
@@ -223,7 +278,6 @@ impl Trainer {
         let total = self.cfg.steps;
         let until = until.min(total);
         let accum = self.cfg.accum;
-        let scale = 1.0 / accum as f32;
         let mut summary = FitSummary {
             start_step: self.step,
             end_step: self.step,
@@ -245,37 +299,16 @@ impl Trainer {
                 self.cfg.lr,
                 self.cfg.min_lr_ratio,
             );
-            let (mut loss_sum, mut samples, mut reward_sum, mut rewards) =
-                (0.0, 0usize, 0.0, 0usize);
-            for micro in 0..accum {
-                let mut ctx = StepCtx {
-                    step: s,
-                    micro,
-                    rng: &mut self.rng,
-                };
-                let m =
-                    loss_fn(&mut ctx).map_err(|source| TrainError::Closure { step: s, source })?;
-                let value = m.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !value.is_finite() {
-                    return Err(TrainError::NonFiniteLoss {
-                        step: s,
-                        micro,
-                        value,
-                    });
+            let g = match self.gradients(s, &mut loss_fn) {
+                Ok(g) => g,
+                Err(e) => {
+                    // leave no half-accumulated gradient behind for a caller that carries on
+                    self.optim.zero_grad();
+                    return Err(e);
                 }
-                let grads = m.loss.backward()?;
-                self.optim.accumulate(&grads, scale)?;
-                loss_sum += value;
-                samples += m.samples;
-                if let Some(r) = m.reward {
-                    reward_sum += r;
-                    rewards += 1;
-                }
-            }
-            let norm = self.optim.grad_norm();
-            if !norm.is_finite() {
-                return Err(TrainError::NonFiniteGrad { step: s, norm });
-            }
+            };
+            let (loss_sum, samples, reward_sum, rewards, norm) =
+                (g.loss_sum, g.samples, g.reward_sum, g.rewards, g.norm);
             if s == summary.start_step {
                 summary.missing_grads = self.optim.missing_grads();
             }
