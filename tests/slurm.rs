@@ -44,7 +44,9 @@ fn cluster() -> Option<Fixture> {
         eprintln!("slurm tests not run: set ECIC_SLURM=1 after `scripts/slurm-local.sh start`");
         return None;
     }
-    let sinfo = std::process::Command::new("sinfo").args(["-h", "-o", "%t"]).output();
+    let sinfo = std::process::Command::new("sinfo")
+        .args(["-h", "-o", "%t"])
+        .output();
     match sinfo {
         Ok(o) if o.status.success() && !String::from_utf8_lossy(&o.stdout).trim().is_empty() => {}
         other => panic!("ECIC_SLURM=1 but no Slurm cluster answers `sinfo`: {other:?}"),
@@ -72,7 +74,10 @@ impl Fixture {
     }
 
     fn worker(&self) -> Worker {
-        Worker { program: self.program.clone(), runs: self.runs() }
+        Worker {
+            program: self.program.clone(),
+            runs: self.runs(),
+        }
     }
 
     fn executor(&self) -> SlurmExecutor {
@@ -87,7 +92,11 @@ fn job(key: &str, deps: &[&str]) -> StageJob {
         label: format!("test stage {key}"),
         deps: deps.iter().map(|d| d.to_string()).collect(),
         threads: 3,
-        resources: Resources { cpus: Some(1), time: Some("00:05:00".into()), ..Resources::default() },
+        resources: Resources {
+            cpus: Some(1),
+            time: Some("00:05:00".into()),
+            ..Resources::default()
+        },
     }
 }
 
@@ -95,7 +104,10 @@ fn outcomes(events: &[Event]) -> BTreeMap<String, Outcome> {
     let mut out = BTreeMap::new();
     for e in events {
         if let Event::Finished { key, outcome, .. } = e {
-            assert!(out.insert(key.clone(), outcome.clone()).is_none(), "{key} finished twice");
+            assert!(
+                out.insert(key.clone(), outcome.clone()).is_none(),
+                "{key} finished twice"
+            );
         }
     }
     out
@@ -122,9 +134,14 @@ fn read(path: &Path) -> String {
 fn chain_with_a_failing_middle_stage() {
     let Some(fx) = cluster() else { return };
     let mut ex = fx.executor();
-    let jobs = [job("a1", &[]), job("fail-b1", &["a1"]), job("c1", &["fail-b1"])];
+    let jobs = [
+        job("a1", &[]),
+        job("fail-b1", &["a1"]),
+        job("c1", &["fail-b1"]),
+    ];
     let mut events = Vec::new();
-    ex.execute(&jobs, true, &mut |e| events.push(e)).expect("execute");
+    ex.execute(&jobs, true, &mut |e| events.push(e))
+        .expect("execute");
     let out = outcomes(&events);
     assert_eq!(out.len(), 3, "{events:?}");
     assert_eq!(out["a1"], Outcome::Done);
@@ -132,7 +149,12 @@ fn chain_with_a_failing_middle_stage() {
         Outcome::Failed(m) => assert!(m.starts_with("stage fail-b1 failed on purpose"), "{m}"),
         other => panic!("fail-b1: {other:?}"),
     }
-    assert_eq!(out["c1"], Outcome::Skipped { because_of: "fail-b1".into() });
+    assert_eq!(
+        out["c1"],
+        Outcome::Skipped {
+            because_of: "fail-b1".into()
+        }
+    );
     // c1 never ran; a1 ran on this machine under a Slurm job id.
     assert!(!events.iter().any(started("c1")));
     let host = events.iter().find_map(|e| match e {
@@ -142,7 +164,10 @@ fn chain_with_a_failing_middle_stage() {
     let (host, job_id) = host.expect("a1 started");
     assert!(host.is_some() && job_id.is_some_and(|j| j.parse::<u64>().is_ok()));
     let log = read(&fx.runs().join("logs/a1.log"));
-    assert!(log.contains("stage a1 on") && log.contains("RAYON_NUM_THREADS=3"), "{log}");
+    assert!(
+        log.contains("stage a1 on") && log.contains("RAYON_NUM_THREADS=3"),
+        "{log}"
+    );
     assert!(read(&fx.runs().join("logs/fail-b1.log")).contains("failing on purpose"));
 }
 
@@ -150,13 +175,27 @@ fn chain_with_a_failing_middle_stage() {
 fn diamond_all_succeed_in_dependency_order() {
     let Some(fx) = cluster() else { return };
     let mut ex = fx.executor();
-    let jobs = [job("d1", &[]), job("d2", &["d1"]), job("d3", &["d1"]), job("d4", &["d2", "d3"])];
+    let jobs = [
+        job("d1", &[]),
+        job("d2", &["d1"]),
+        job("d3", &["d1"]),
+        job("d4", &["d2", "d3"]),
+    ];
     let mut events = Vec::new();
-    ex.execute(&jobs, false, &mut |e| events.push(e)).expect("execute");
+    ex.execute(&jobs, false, &mut |e| events.push(e))
+        .expect("execute");
     let out = outcomes(&events);
-    assert!(out.values().all(|o| *o == Outcome::Done) && out.len() == 4, "{out:?}");
+    assert!(
+        out.values().all(|o| *o == Outcome::Done) && out.len() == 4,
+        "{out:?}"
+    );
     for k in ["d1", "d2", "d3", "d4"] {
-        assert!(fx.runs().join("objects-v1").join(k).join("manifest.json").is_file());
+        assert!(fx
+            .runs()
+            .join("objects-v1")
+            .join(k)
+            .join("manifest.json")
+            .is_file());
     }
     assert!(position(&events, finished("d1")) < position(&events, started("d2")));
     assert!(position(&events, finished("d1")) < position(&events, started("d3")));
@@ -168,7 +207,10 @@ fn diamond_all_succeed_in_dependency_order() {
     let ids: Vec<&str> = batches[0].jobs.iter().map(|j| j.job_id.as_str()).collect();
     assert_eq!(ids.len(), 4);
     for e in &events {
-        if let Event::Started { job_id: Some(id), .. } = e {
+        if let Event::Started {
+            job_id: Some(id), ..
+        } = e
+        {
             assert!(ids.contains(&id.as_str()), "{id} not recorded");
         }
     }
@@ -190,21 +232,32 @@ fn interrupt_cancels_our_jobs() {
     })
     .expect("execute");
     let out = outcomes(&events);
-    assert!(matches!(out["sleep-i1"], Outcome::Interrupted(_)), "{out:?}");
-    assert!(matches!(out["i2"], Outcome::Interrupted(_) | Outcome::Skipped { .. }), "{out:?}");
+    assert!(
+        matches!(out["sleep-i1"], Outcome::Interrupted(_)),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out["i2"], Outcome::Interrupted(_) | Outcome::Skipped { .. }),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn detach_then_attach_picks_the_batch_up() {
     let Some(fx) = cluster() else { return };
     let mut first = fx.executor().batch_name("sweep-x").expect("batch name");
-    first.submit(&[job("e1", &[]), job("fail-e2", &["e1"]), job("e3", &["e1"])]).expect("submit");
+    first
+        .submit(&[job("e1", &[]), job("fail-e2", &["e1"]), job("e3", &["e1"])])
+        .expect("submit");
     drop(first); // the orchestrator goes away; Slurm runs the DAG on its own
     let mut again = SlurmExecutor::attach(fx.worker(), "sweep-x")
         .expect("attach")
         .poll_interval(Duration::from_millis(200));
     let mut events = Vec::new();
-    assert_eq!(again.follow(true, &mut |e| events.push(e)).expect("follow"), FollowEnd::Finished);
+    assert_eq!(
+        again.follow(true, &mut |e| events.push(e)).expect("follow"),
+        FollowEnd::Finished
+    );
     let out = outcomes(&events);
     assert_eq!(out["e1"], Outcome::Done);
     assert!(matches!(out["fail-e2"], Outcome::Failed(_)));
@@ -224,21 +277,31 @@ fn first_failure_cancels_unstarted_jobs_without_keep_going() {
             let mut cancelled = false;
             while !cancelled && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
-                let Ok(batches) = SlurmExecutor::batches(&runs) else { continue };
-                let Some(id) = batches.iter().flat_map(|b| &b.jobs).find(|j| j.key == "k3") else { continue };
+                let Ok(batches) = SlurmExecutor::batches(&runs) else {
+                    continue;
+                };
+                let Some(id) = batches.iter().flat_map(|b| &b.jobs).find(|j| j.key == "k3") else {
+                    continue;
+                };
                 let out = std::process::Command::new("squeue")
                     .args(["-h", "-t", "all", "-o", "%T", "-j", &id.job_id])
                     .output();
-                cancelled = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("CANCELLED"));
+                cancelled =
+                    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("CANCELLED"));
             }
             std::fs::write(runs.join("release"), "").expect("writing the release file");
             cancelled
         })
     };
     let mut ex = fx.executor();
-    let jobs = [job("fail-k1", &[]), job("wait-k2", &[]), job("k3", &["wait-k2"])];
+    let jobs = [
+        job("fail-k1", &[]),
+        job("wait-k2", &[]),
+        job("k3", &["wait-k2"]),
+    ];
     let mut events = Vec::new();
-    ex.execute(&jobs, false, &mut |e| events.push(e)).expect("execute");
+    ex.execute(&jobs, false, &mut |e| events.push(e))
+        .expect("execute");
     assert!(watcher.join().expect("watcher"), "k3 was never cancelled");
     let out = outcomes(&events);
     assert!(matches!(out["fail-k1"], Outcome::Failed(_)), "{out:?}");
@@ -249,6 +312,11 @@ fn first_failure_cancels_unstarted_jobs_without_keep_going() {
         Outcome::Skipped { because_of } => assert_eq!(because_of, "fail-k1"),
         other => panic!("wait-k2: {other:?}"),
     }
-    assert_eq!(out["k3"], Outcome::Skipped { because_of: "fail-k1".into() });
+    assert_eq!(
+        out["k3"],
+        Outcome::Skipped {
+            because_of: "fail-k1".into()
+        }
+    );
     assert!(!runs.join("logs/k3.log").exists());
 }

@@ -8,14 +8,29 @@
 use std::path::Path;
 use std::process::Command;
 
-type Row = (String, String, String, String, i64, String, String, String, f64);
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    f64,
+);
 
 fn slurm_wanted() -> bool {
     if std::env::var("ECIC_SLURM").map_or(true, |v| v != "1") {
-        eprintln!("slurm smoke test not run: set ECIC_SLURM=1 after `scripts/slurm-local.sh start`");
+        eprintln!(
+            "slurm smoke test not run: set ECIC_SLURM=1 after `scripts/slurm-local.sh start`"
+        );
         return false;
     }
-    let ok = Command::new("sinfo").arg("-h").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("sinfo")
+        .arg("-h")
+        .output()
+        .is_ok_and(|o| o.status.success());
     assert!(ok, "ECIC_SLURM=1 but no Slurm cluster answers `sinfo`");
     true
 }
@@ -23,7 +38,14 @@ fn slurm_wanted() -> bool {
 fn sweep(runs: &Path, executor: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_ecic"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["sweep", "experiments/smoke.toml", "--no-report", "--executor", executor, "--runs"])
+        .args([
+            "sweep",
+            "experiments/smoke.toml",
+            "--no-report",
+            "--executor",
+            executor,
+            "--runs",
+        ])
         .arg(runs)
         .output()
         .expect("running ecic");
@@ -46,10 +68,21 @@ fn results(runs: &Path) -> Vec<Row> {
         .expect("querying results");
     let rows = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
         })
         .expect("reading results");
-    rows.collect::<Result<Vec<Row>, _>>().expect("reading a row")
+    rows.collect::<Result<Vec<Row>, _>>()
+        .expect("reading a row")
 }
 
 #[test]
@@ -63,7 +96,10 @@ fn smoke_sweep_on_slurm_equals_local() {
     sweep(&local, "local");
     sweep(&slurm, "slurm");
     let (a, b) = (results(&local), results(&slurm));
-    assert!(a.iter().any(|r| r.7 == "cider_d"), "no CIDEr-D rows in the local run: {a:?}");
+    assert!(
+        a.iter().any(|r| r.7 == "cider_d"),
+        "no CIDEr-D rows in the local run: {a:?}"
+    );
     assert_eq!(a.len(), b.len(), "row counts differ");
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x, y, "local and slurm results differ");

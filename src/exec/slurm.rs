@@ -43,7 +43,10 @@ impl CliFailure {
                 format!("exited with {code}: {}", stderr.trim())
             }
         };
-        ExecError::Scheduler { tool: tool.to_string(), message }
+        ExecError::Scheduler {
+            tool: tool.to_string(),
+            message,
+        }
     }
 }
 
@@ -51,8 +54,12 @@ impl CliFailure {
 /// tested on captured outputs without a cluster.
 pub trait SlurmCli {
     /// Runs `program args` (feeding `stdin` if given) and returns its stdout.
-    fn run(&mut self, program: &str, args: &[String], stdin: Option<&str>)
-        -> Result<String, CliFailure>;
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> Result<String, CliFailure>;
 }
 
 /// The real tools, found on `PATH`.
@@ -69,15 +76,22 @@ impl SlurmCli for SystemSlurm {
         use std::io::Write;
         let mut child = Command::new(program)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| CliFailure::Spawn(format!("{program}: {e}")))?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes()).map_err(|e| CliFailure::Spawn(format!("{program}: {e}")))?;
+            pipe.write_all(text.as_bytes())
+                .map_err(|e| CliFailure::Spawn(format!("{program}: {e}")))?;
         }
-        let out = child.wait_with_output().map_err(|e| CliFailure::Spawn(format!("{program}: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| CliFailure::Spawn(format!("{program}: {e}")))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -199,7 +213,12 @@ impl SlurmExecutor {
 
     /// `scancel` every job of this batch.
     pub fn cancel_all(&mut self) -> Result<(), ExecError> {
-        let ids = self.submitted.ids.lock().map(|v| v.clone()).unwrap_or_default();
+        let ids = self
+            .submitted
+            .ids
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
         track::scancel(self.cli.as_mut(), &ids, false)
     }
 
@@ -231,7 +250,9 @@ impl SlurmExecutor {
         };
         let mut out = Vec::new();
         for entry in entries {
-            let path = entry.map_err(|e| io_err(format!("listing {}", dir.display()), e))?.path();
+            let path = entry
+                .map_err(|e| io_err(format!("listing {}", dir.display()), e))?
+                .path();
             if path.extension().is_some_and(|x| x == "json") {
                 out.push(read_record(&path)?);
             }
@@ -246,7 +267,8 @@ impl SlurmExecutor {
         let runs = self.worker.runs.clone();
         for dir in ["logs", "status", "slurm"] {
             let d = runs.join(dir);
-            std::fs::create_dir_all(&d).map_err(|e| io_err(format!("creating {}", d.display()), e))?;
+            std::fs::create_dir_all(&d)
+                .map_err(|e| io_err(format!("creating {}", d.display()), e))?;
         }
         let mut record = BatchRecord {
             version: RECORD_VERSION,
@@ -274,8 +296,10 @@ impl SlurmExecutor {
                 .run("sbatch", &args, Some(&script))
                 .map_err(|e| e.into_exec("sbatch"))
                 .and_then(|out| {
-                    parse::parse_sbatch(&out)
-                        .map_err(|message| ExecError::Scheduler { tool: "sbatch".into(), message })
+                    parse::parse_sbatch(&out).map_err(|message| ExecError::Scheduler {
+                        tool: "sbatch".into(),
+                        message,
+                    })
                 });
             let job_id = match submitted {
                 Ok(id) => id,
@@ -307,7 +331,9 @@ impl SlurmExecutor {
         keep_going: bool,
         events: &mut dyn FnMut(Event),
     ) -> Result<FollowEnd, ExecError> {
-        let Some(mut tracker) = self.tracker.take() else { return Ok(FollowEnd::Finished) };
+        let Some(mut tracker) = self.tracker.take() else {
+            return Ok(FollowEnd::Finished);
+        };
         let result = self.follow_tracker(&mut tracker, keep_going, events);
         self.tracker = Some(tracker);
         result
@@ -338,7 +364,8 @@ impl SlurmExecutor {
                     // Slurm has not confirmed the cancellation; report what we asked for.
                     for i in 0..tracker.jobs.len() {
                         if tracker.jobs[i].ended.is_none() {
-                            let o = Outcome::Interrupted("cancelled by the user (unconfirmed)".into());
+                            let o =
+                                Outcome::Interrupted("cancelled by the user (unconfirmed)".into());
                             tracker.finish(i, o, Duration::ZERO, events);
                         }
                     }
@@ -358,7 +385,10 @@ impl SlurmExecutor {
                 track::scancel(self.cli.as_mut(), &tracker.unstarted_ids(), true)?;
             }
         }
-        let interrupted = self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let interrupted = self
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
         if interrupted && !tracker.interrupted {
             if self.detach_on_interrupt {
                 return Ok(true);
@@ -412,7 +442,10 @@ pub fn sbatch_command(worker: &Worker, job: &StageJob, dep_ids: &[&str]) -> (Vec
         "--kill-on-invalid-dep=yes".into(),
         "--no-requeue".into(),
         format!("--job-name=ecic-{}-{short}", job.kind),
-        format!("--output={}", track::log_path(&worker.runs, &job.key).display()),
+        format!(
+            "--output={}",
+            track::log_path(&worker.runs, &job.key).display()
+        ),
     ];
     if !dep_ids.is_empty() {
         args.push(format!("--dependency=afterok:{}", dep_ids.join(":")));
@@ -421,7 +454,12 @@ pub fn sbatch_command(worker: &Worker, job: &StageJob, dep_ids: &[&str]) -> (Vec
     if let Some(c) = r.cpus {
         args.push(format!("--cpus-per-task={c}"));
     }
-    let flags = [("--mem", &r.mem), ("--gres", &r.gres), ("--partition", &r.partition), ("--time", &r.time)];
+    let flags = [
+        ("--mem", &r.mem),
+        ("--gres", &r.gres),
+        ("--partition", &r.partition),
+        ("--time", &r.time),
+    ];
     for (flag, value) in flags {
         if let Some(v) = value {
             args.push(format!("{flag}={v}"));
@@ -450,7 +488,9 @@ fn record_path(runs: &Path, batch: &str) -> PathBuf {
 fn validate_batch_name(name: &str) -> Result<(), ExecError> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -462,13 +502,20 @@ fn validate_batch_name(name: &str) -> Result<(), ExecError> {
 }
 
 fn read_record(path: &Path) -> Result<BatchRecord, ExecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(format!("reading {}", path.display()), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| io_err(format!("reading {}", path.display()), e))?;
     let record: BatchRecord = serde_json::from_str(&text).map_err(|e| {
-        io_err(format!("reading {}", path.display()), std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        io_err(
+            format!("reading {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
     })?;
     if record.version != RECORD_VERSION {
         let msg = format!("unsupported batch record version {}", record.version);
-        return Err(io_err(format!("reading {}", path.display()), std::io::Error::other(msg)));
+        return Err(io_err(
+            format!("reading {}", path.display()),
+            std::io::Error::other(msg),
+        ));
     }
     Ok(record)
 }
@@ -488,5 +535,8 @@ fn io_err(what: String, source: std::io::Error) -> ExecError {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

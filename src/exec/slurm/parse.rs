@@ -51,7 +51,10 @@ impl JobState {
 
     /// Whether the job has ended for good (with `--no-requeue`).
     pub fn is_final(&self) -> bool {
-        !matches!(self, JobState::Pending | JobState::Running | JobState::Other(_))
+        !matches!(
+            self,
+            JobState::Pending | JobState::Running | JobState::Other(_)
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -141,7 +144,9 @@ impl JobDetail {
 
     /// Job ids named in the `Dependency=` field (`afterok:8(failed),afterok:9(unfulfilled)`).
     pub fn dependency_ids(&self) -> Vec<String> {
-        let Some(dep) = self.get("Dependency") else { return Vec::new() };
+        let Some(dep) = self.get("Dependency") else {
+            return Vec::new();
+        };
         dep.split([',', '?'])
             .flat_map(|part| part.split(':').skip(1))
             .map(|id| id.split('(').next().unwrap_or("").to_string())
@@ -154,7 +159,11 @@ impl JobDetail {
 /// (paths, reasons), so a word that does not start a new `Key=` continues the
 /// previous value.
 pub fn parse_scontrol_job(out: &str) -> Result<JobDetail, String> {
-    let line = out.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let line = out
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
     let mut fields: BTreeMap<String, String> = BTreeMap::new();
     let mut last: Option<String> = None;
     for word in line.split(' ').filter(|w| !w.is_empty()) {
@@ -180,7 +189,11 @@ pub fn parse_scontrol_job(out: &str) -> Result<JobDetail, String> {
 
 /// Parses `sbatch --parsable` output: `ID` or `ID;CLUSTER`.
 pub fn parse_sbatch(out: &str) -> Result<String, String> {
-    let line = out.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let line = out
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
     let id = line.split(';').next().unwrap_or("");
     if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
         Ok(id.to_string())
@@ -306,7 +319,8 @@ mod tests {
 
     #[test]
     fn scontrol_values_with_spaces() {
-        let d = parse_scontrol_job("JobId=5 JobName=x WorkDir=/a b/c StdOut=/o Reason=None").unwrap();
+        let d =
+            parse_scontrol_job("JobId=5 JobName=x WorkDir=/a b/c StdOut=/o Reason=None").unwrap();
         assert_eq!(d.get("WorkDir"), Some("/a b/c"));
         assert!(parse_scontrol_job("slurm_load_jobs error: Invalid job id specified").is_err());
     }
@@ -316,7 +330,10 @@ mod tests {
         assert_eq!(parse_sbatch("42\n").unwrap(), "42");
         assert_eq!(parse_sbatch("42;cluster\n").unwrap(), "42");
         assert!(parse_sbatch("sbatch: error: Batch job submission failed").is_err());
-        assert_eq!(parse_duration("1-02:03:04"), Some(Duration::from_secs(93_784)));
+        assert_eq!(
+            parse_duration("1-02:03:04"),
+            Some(Duration::from_secs(93_784))
+        );
         assert_eq!(parse_duration("0:15"), Some(Duration::from_secs(15)));
         assert_eq!(parse_duration("UNLIMITED"), None);
     }

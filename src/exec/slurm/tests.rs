@@ -19,8 +19,16 @@ struct Fake {
 }
 
 impl SlurmCli for Fake {
-    fn run(&mut self, program: &str, args: &[String], stdin: Option<&str>) -> Result<String, CliFailure> {
-        self.calls.lock().unwrap().push((program.into(), args.to_vec(), stdin.map(str::to_string)));
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> Result<String, CliFailure> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((program.into(), args.to_vec(), stdin.map(str::to_string)));
         match program {
             "sbatch" => {
                 let mut n = self.next.lock().unwrap();
@@ -42,7 +50,10 @@ impl SlurmCli for Fake {
                 }
                 Ok(rows.concat())
             }
-            "scontrol" => Err(CliFailure::Exit { status: Some(1), stderr: "not scripted".into() }),
+            "scontrol" => Err(CliFailure::Exit {
+                status: Some(1),
+                stderr: "not scripted".into(),
+            }),
             _ => Ok(String::new()),
         }
     }
@@ -60,7 +71,10 @@ fn job(key: &str, deps: &[&str]) -> StageJob {
 }
 
 fn worker(runs: &Path) -> Worker {
-    Worker { program: PathBuf::from("/opt/ecic it's/ecic"), runs: runs.to_path_buf() }
+    Worker {
+        program: PathBuf::from("/opt/ecic it's/ecic"),
+        runs: runs.to_path_buf(),
+    }
 }
 
 fn publish(runs: &Path, key: &str) {
@@ -135,7 +149,9 @@ fn chain_with_a_failure_skips_the_rest_and_is_recorded() {
     let runs = dir.path();
     let fake = Fake::default();
     let mut ex = executor(runs, &fake);
-    let record = ex.submit(&[job("a", &[]), job("b", &["a"]), job("c", &["b"])]).unwrap();
+    let record = ex
+        .submit(&[job("a", &[]), job("b", &["a"]), job("c", &["b"])])
+        .unwrap();
     let ids: Vec<&str> = record.jobs.iter().map(|j| j.job_id.as_str()).collect();
     assert_eq!(ids, ["100", "101", "102"]);
     let sbatch_args: Vec<Vec<String>> = fake
@@ -156,14 +172,25 @@ fn chain_with_a_failure_skips_the_rest_and_is_recorded() {
         let mut q = fake.queue.lock().unwrap();
         q.insert("100".into(), "COMPLETED|None|n1|0:05".into());
         q.insert("101".into(), "FAILED|NonZeroExitCode|n2|0:01".into());
-        q.insert("102".into(), "CANCELLED|DependencyNeverSatisfied||0:00".into());
+        q.insert(
+            "102".into(),
+            "CANCELLED|DependencyNeverSatisfied||0:00".into(),
+        );
     }
     let mut events = Vec::new();
-    assert_eq!(ex.follow(true, &mut |e| events.push(e)).unwrap(), FollowEnd::Finished);
+    assert_eq!(
+        ex.follow(true, &mut |e| events.push(e)).unwrap(),
+        FollowEnd::Finished
+    );
     let out = outcomes(&events);
     assert_eq!(out["a"], Outcome::Done);
     assert!(matches!(&out["b"], Outcome::Failed(m) if m.starts_with("loss is nan at step 3")));
-    assert_eq!(out["c"], Outcome::Skipped { because_of: "b".into() });
+    assert_eq!(
+        out["c"],
+        Outcome::Skipped {
+            because_of: "b".into()
+        }
+    );
     let started: Vec<(&str, Option<&str>)> = events
         .iter()
         .filter_map(|e| match e {
@@ -185,7 +212,12 @@ fn markers_win_over_slurm_state() {
     let runs = dir.path();
     let fake = Fake::default();
     let mut ex = executor(runs, &fake);
-    ex.submit(&[job("ok0", &[]), job("nomanifest", &[]), job("failedbutpublished", &[])]).unwrap();
+    ex.submit(&[
+        job("ok0", &[]),
+        job("nomanifest", &[]),
+        job("failedbutpublished", &[]),
+    ])
+    .unwrap();
     publish(runs, "failedbutpublished");
     {
         let mut q = fake.queue.lock().unwrap();
@@ -197,7 +229,9 @@ fn markers_win_over_slurm_state() {
     // exited 0 without a manifest is given time for the file to show up.
     let mut events = Vec::new();
     let mut tracker = ex.tracker.take().unwrap();
-    tracker.step(&mut fake.clone(), &mut |e| events.push(e)).unwrap();
+    tracker
+        .step(&mut fake.clone(), &mut |e| events.push(e))
+        .unwrap();
     assert_eq!(outcomes(&events)["failedbutpublished"], Outcome::Done);
     assert!(!outcomes(&events).contains_key("nomanifest"));
     ex.tracker = Some(tracker);
@@ -227,14 +261,20 @@ fn stop_after_first_failure_cancels_unstarted_jobs() {
     }
     let mut events = Vec::new();
     let mut tracker = ex.tracker.take().unwrap();
-    tracker.step(&mut fake.clone(), &mut |e| events.push(e)).unwrap();
+    tracker
+        .step(&mut fake.clone(), &mut |e| events.push(e))
+        .unwrap();
     ex.tracker = Some(tracker);
     // What the scancel will have done by the next poll.
     let fake2 = fake.clone();
     let mut seen_cancel = false;
     let mut events2 = Vec::new();
     {
-        fake2.queue.lock().unwrap().insert("101".into(), "CANCELLED|Resources||0:00".into());
+        fake2
+            .queue
+            .lock()
+            .unwrap()
+            .insert("101".into(), "CANCELLED|Resources||0:00".into());
     }
     ex.follow(false, &mut |e| events2.push(e)).unwrap();
     for c in fake.calls.lock().unwrap().iter() {
@@ -244,8 +284,15 @@ fn stop_after_first_failure_cancels_unstarted_jobs() {
         }
     }
     assert!(seen_cancel);
-    assert!(matches!(&outcomes(&events)["x"], Outcome::Failed(m) if m.contains("exit") || m.contains("FAILED")));
-    assert_eq!(outcomes(&events2)["y"], Outcome::Skipped { because_of: "x".into() });
+    assert!(
+        matches!(&outcomes(&events)["x"], Outcome::Failed(m) if m.contains("exit") || m.contains("FAILED"))
+    );
+    assert_eq!(
+        outcomes(&events2)["y"],
+        Outcome::Skipped {
+            because_of: "x".into()
+        }
+    );
 }
 
 #[test]
@@ -253,7 +300,9 @@ fn attach_follows_a_recorded_batch() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path();
     let fake = Fake::default();
-    executor(runs, &fake).submit(&[job("p", &[]), job("q", &["p"])]).unwrap();
+    executor(runs, &fake)
+        .submit(&[job("p", &[]), job("q", &["p"])])
+        .unwrap();
     publish(runs, "p");
     publish(runs, "q");
     // Both purged from Slurm long ago: the manifests alone say they are done.
@@ -263,7 +312,10 @@ fn attach_follows_a_recorded_batch() {
     let mut events = Vec::new();
     ex.follow(true, &mut |e| events.push(e)).unwrap();
     let out = outcomes(&events);
-    assert_eq!((out["p"].clone(), out["q"].clone()), (Outcome::Done, Outcome::Done));
+    assert_eq!(
+        (out["p"].clone(), out["q"].clone()),
+        (Outcome::Done, Outcome::Done)
+    );
     assert!(SlurmExecutor::attach(worker(runs), "nope").is_err());
     assert!(SlurmExecutor::attach(worker(runs), "../x").is_err());
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::parse::{self, JobDetail, JobState, QueueRow, SQUEUE_FORMAT};
-use super::{SlurmCli, CliFailure};
+use super::{CliFailure, SlurmCli};
 use crate::exec::{Event, ExecError, Outcome};
 
 /// Polls a job may stay unexplained (gone from Slurm, or exited 0 without a
@@ -36,7 +36,15 @@ pub(crate) struct Tracked {
 
 impl Tracked {
     pub fn new(key: String, job_id: String, deps: Vec<usize>) -> Self {
-        Tracked { key, job_id, deps, started: false, ended: None, node: None, unexplained_polls: 0 }
+        Tracked {
+            key,
+            job_id,
+            deps,
+            started: false,
+            ended: None,
+            node: None,
+            unexplained_polls: 0,
+        }
     }
 }
 
@@ -67,7 +75,13 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     pub fn new(jobs: Vec<Tracked>, runs: PathBuf) -> Self {
-        Tracker { jobs, runs, stop_cause: None, interrupted: false, query_failures: 0 }
+        Tracker {
+            jobs,
+            runs,
+            stop_cause: None,
+            interrupted: false,
+            query_failures: 0,
+        }
     }
 
     pub fn all_ended(&self) -> bool {
@@ -75,7 +89,11 @@ impl Tracker {
     }
 
     pub fn unfinished_ids(&self) -> Vec<String> {
-        self.jobs.iter().filter(|j| j.ended.is_none()).map(|j| j.job_id.clone()).collect()
+        self.jobs
+            .iter()
+            .filter(|j| j.ended.is_none())
+            .map(|j| j.job_id.clone())
+            .collect()
     }
 
     /// Ids of unfinished jobs not yet seen running.
@@ -105,7 +123,9 @@ impl Tracker {
         if ids.is_empty() {
             return Ok(());
         }
-        let Some(rows) = self.query(cli, &ids)? else { return Ok(()) };
+        let Some(rows) = self.query(cli, &ids)? else {
+            return Ok(());
+        };
         let mut never_satisfiable = Vec::new();
         for i in 0..self.jobs.len() {
             if self.jobs[i].ended.is_some() {
@@ -159,7 +179,9 @@ impl Tracker {
         let out = match cli.run("squeue", &args, None) {
             Ok(out) => out,
             // Every id has been purged (older than MinJobAge): nothing to list.
-            Err(CliFailure::Exit { stderr, .. }) if stderr.contains("Invalid job id") => String::new(),
+            Err(CliFailure::Exit { stderr, .. }) if stderr.contains("Invalid job id") => {
+                String::new()
+            }
             Err(e) => {
                 self.query_failures += 1;
                 if self.query_failures >= MAX_QUERY_FAILURES {
@@ -169,9 +191,13 @@ impl Tracker {
             }
         };
         self.query_failures = 0;
-        let rows = parse::parse_squeue(&out)
-            .map_err(|message| ExecError::Scheduler { tool: "squeue".into(), message })?;
-        Ok(Some(rows.into_iter().map(|r| (r.job_id.clone(), r)).collect()))
+        let rows = parse::parse_squeue(&out).map_err(|message| ExecError::Scheduler {
+            tool: "squeue".into(),
+            message,
+        })?;
+        Ok(Some(
+            rows.into_iter().map(|r| (r.job_id.clone(), r)).collect(),
+        ))
     }
 
     /// A job Slurm no longer knows: the marker files decide.
@@ -182,7 +208,11 @@ impl Tracker {
             }
             return self.finish(i, outcome, Duration::ZERO, events);
         }
-        if self.jobs[i].deps.iter().any(|&d| is_bad(&self.jobs[d].ended)) {
+        if self.jobs[i]
+            .deps
+            .iter()
+            .any(|&d| is_bad(&self.jobs[d].ended))
+        {
             let because_of = self.failed_dependency(i);
             return self.finish(i, Outcome::Skipped { because_of }, Duration::ZERO, events);
         }
@@ -203,24 +233,34 @@ impl Tracker {
         detail: Option<&JobDetail>,
         events: &mut dyn FnMut(Event),
     ) {
-        let wall = detail.and_then(JobDetail::run_time).or(row.elapsed).unwrap_or_default();
-        let node = detail.and_then(|d| d.node().map(str::to_string)).or_else(|| row.node.clone());
+        let wall = detail
+            .and_then(JobDetail::run_time)
+            .or(row.elapsed)
+            .unwrap_or_default();
+        let node = detail
+            .and_then(|d| d.node().map(str::to_string))
+            .or_else(|| row.node.clone());
         let ran = node.is_some();
         if self.jobs[i].node.is_none() {
             self.jobs[i].node = node;
         }
         let job = &self.jobs[i];
         let manifest = manifest_path(&self.runs, &job.key).is_file();
-        let reason = detail.and_then(JobDetail::reason).unwrap_or(&row.reason).to_string();
+        let reason = detail
+            .and_then(JobDetail::reason)
+            .unwrap_or(&row.reason)
+            .to_string();
         let outcome = if manifest {
             Outcome::Done
         } else {
             match &row.state {
-                JobState::Cancelled if reason == "DependencyNeverSatisfied" => {
-                    Outcome::Skipped { because_of: self.failed_dependency(i) }
-                }
+                JobState::Cancelled if reason == "DependencyNeverSatisfied" => Outcome::Skipped {
+                    because_of: self.failed_dependency(i),
+                },
                 JobState::Cancelled if !job.started && !ran && self.stop_cause.is_some() => {
-                    Outcome::Skipped { because_of: self.stop_cause.clone().unwrap_or_default() }
+                    Outcome::Skipped {
+                        because_of: self.stop_cause.clone().unwrap_or_default(),
+                    }
                 }
                 JobState::Cancelled if self.interrupted => {
                     Outcome::Interrupted("cancelled by the user".into())
@@ -331,7 +371,11 @@ impl Tracker {
     ) {
         let job = &mut self.jobs[i];
         job.ended = Some(outcome.clone());
-        events(Event::Finished { key: job.key.clone(), outcome, wall });
+        events(Event::Finished {
+            key: job.key.clone(),
+            outcome,
+            wall,
+        });
     }
 }
 
@@ -341,7 +385,12 @@ fn is_bad(outcome: &Option<Outcome>) -> bool {
 
 /// `scontrol show job -o ID`, or `None` if Slurm cannot say (purged, controller busy).
 fn show_job(cli: &mut dyn SlurmCli, id: &str) -> Option<JobDetail> {
-    let args = vec!["show".to_string(), "job".into(), "-o".into(), id.to_string()];
+    let args = vec![
+        "show".to_string(),
+        "job".into(),
+        "-o".into(),
+        id.to_string(),
+    ];
     let out = cli.run("scontrol", &args, None).ok()?;
     parse::parse_scontrol_job(&out).ok()
 }
@@ -360,7 +409,9 @@ pub(crate) fn scancel(
         args.push("--state=PENDING".to_string());
     }
     args.extend(ids.iter().cloned());
-    cli.run("scancel", &args, None).map(|_| ()).map_err(|e| e.into_exec("scancel"))
+    cli.run("scancel", &args, None)
+        .map(|_| ())
+        .map_err(|e| e.into_exec("scancel"))
 }
 
 /// The `error` field of a worker's failure marker, if it left one.
@@ -378,7 +429,11 @@ fn read_failed_marker(runs: &Path, key: &str) -> Option<String> {
 fn log_tail(path: &Path, n: usize) -> Option<String> {
     let text = std::fs::read(path).ok()?;
     let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         return None;
     }
