@@ -182,10 +182,11 @@ impl SlurmExecutor {
         }
     }
 
-    /// Names the batch (e.g. after the sweep); the record is `<runs>/slurm/<name>.json`.
+    /// Names the batch (e.g. after the sweep); the record is
+    /// `<runs>/slurm/<name>.json`, with characters other than ASCII letters,
+    /// digits and `-_.` replaced by `_`. Only an empty name is refused.
     pub fn batch_name(mut self, name: &str) -> Result<Self, ExecError> {
-        validate_batch_name(name)?;
-        self.batch = name.to_string();
+        self.batch = batch_file_name(name)?;
         Ok(self)
     }
 
@@ -232,10 +233,10 @@ impl SlurmExecutor {
         batch: &str,
         cli: Box<dyn SlurmCli + Send>,
     ) -> Result<Self, ExecError> {
-        validate_batch_name(batch)?;
-        let record = read_record(&record_path(&worker.runs, batch))?;
+        let batch = batch_file_name(batch)?;
+        let record = read_record(&record_path(&worker.runs, &batch))?;
         let mut ex = Self::with_cli(worker, cli);
-        ex.batch = batch.to_string();
+        ex.batch = batch;
         ex.adopt(&record);
         Ok(ex)
     }
@@ -485,20 +486,23 @@ fn record_path(runs: &Path, batch: &str) -> PathBuf {
     runs.join("slurm").join(format!("{batch}.json"))
 }
 
-fn validate_batch_name(name: &str) -> Result<(), ExecError> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ExecError::Scheduler {
+/// The record's file stem for a batch name: safe as one path component.
+fn batch_file_name(name: &str) -> Result<String, ExecError> {
+    if name.is_empty() {
+        return Err(ExecError::Scheduler {
             tool: "slurm executor".into(),
-            message: format!("bad batch name `{name}` (letters, digits, `-_.` only)"),
-        })
+            message: "empty batch name".into(),
+        });
     }
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let mut out: String = name
+        .chars()
+        .map(|c| if safe(c) { c } else { '_' })
+        .collect();
+    if out.starts_with('.') {
+        out.replace_range(..1, "_");
+    }
+    Ok(out)
 }
 
 fn read_record(path: &Path) -> Result<BatchRecord, ExecError> {

@@ -319,3 +319,17 @@ fn attach_follows_a_recorded_batch() {
     assert!(SlurmExecutor::attach(worker(runs), "nope").is_err());
     assert!(SlurmExecutor::attach(worker(runs), "../x").is_err());
 }
+
+#[test]
+fn batch_names_become_safe_file_names() {
+    let w = || worker(Path::new("/r"));
+    let name = |n: &str| {
+        SlurmExecutor::new(w())
+            .batch_name(n)
+            .map(|e| e.batch().to_string())
+    };
+    assert_eq!(name("ablation v2/β").unwrap(), "ablation_v2__");
+    assert_eq!(name("../x").unwrap(), "_._x");
+    assert_eq!(name("smoke").unwrap(), "smoke");
+    assert!(name("").is_err());
+}
