@@ -86,7 +86,6 @@ fn results(runs: &Path) -> Vec<Row> {
 }
 
 #[test]
-#[ignore = "enable once `ecic sweep --executor slurm` is wired to exec::slurm::SlurmExecutor"]
 fn smoke_sweep_on_slurm_equals_local() {
     if !slurm_wanted() {
         return;
