@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ngram::{order, Key, MAX_N};
+use super::ngram::MAX_N;
 
 const TINY: f64 = 1e-15;
 const SMALL: f64 = 1e-9;
@@ -79,44 +79,15 @@ fn bleu_from(testlen: f64, reflen: f64, correct: &[f64; MAX_N], guess: &[f64; MA
     out
 }
 
-/// Per n-gram, the highest count in any single reference (sorted by key):
-/// the clipping ceiling for the candidate.
-pub fn reference_max<'a>(refs: impl Iterator<Item = &'a [(Key, u32)]>) -> Vec<(Key, u32)> {
-    let mut all: Vec<(Key, u32)> = refs.flatten().copied().collect();
-    all.sort_unstable();
-    let mut out: Vec<(Key, u32)> = Vec::with_capacity(all.len());
-    for (key, count) in all {
-        match out.last_mut() {
-            // sorted by (key, count): the last of a run is its maximum
-            Some((k, c)) if *k == key => *c = count,
-            _ => out.push((key, count)),
-        }
-    }
-    out
-}
-
-/// The counts of one candidate (sorted n-gram counts, `testlen` tokens)
-/// against its references' clipping ceilings and lengths.
-pub fn image_counts(cand: &[(Key, u32)], testlen: usize, refmax: &[(Key, u32)], reflens: &[u32]) -> BleuCounts {
+/// The counts of one candidate of `testlen` tokens whose n-grams, clipped by
+/// their most frequent count in any single reference, match `correct` times
+/// per order; `reflens` are the reference lengths.
+pub fn image_counts(testlen: usize, reflens: &[u32], correct: [u32; MAX_N]) -> BleuCounts {
     let testlen = u32::try_from(testlen).unwrap_or(u32::MAX);
-    let reflen = reflens
-        .iter()
-        .copied()
-        .min_by_key(|&l| (l.abs_diff(testlen), l))
-        .unwrap_or(0);
+    let reflen = reflens.iter().copied().min_by_key(|&l| (l.abs_diff(testlen), l)).unwrap_or(0);
     let mut guess = [0u32; MAX_N];
     for (k, g) in guess.iter_mut().enumerate() {
         *g = testlen.saturating_sub(k as u32);
-    }
-    let mut correct = [0u32; MAX_N];
-    let mut j = 0;
-    for &(key, count) in cand {
-        while j < refmax.len() && refmax[j].0 < key {
-            j += 1;
-        }
-        if j < refmax.len() && refmax[j].0 == key {
-            correct[order(key) - 1] += count.min(refmax[j].1);
-        }
     }
     BleuCounts { testlen, reflen, guess, correct }
 }
@@ -127,16 +98,16 @@ mod tests {
 
     #[test]
     fn closest_reference_length_ties_to_the_shorter() {
-        let c = image_counts(&[], 5, &[], &[3, 7, 9]);
+        let c = image_counts(5, &[3, 7, 9], [0; MAX_N]);
         assert_eq!(c.reflen, 3);
-        let c = image_counts(&[], 6, &[], &[9, 7, 4]);
+        let c = image_counts(6, &[9, 7, 4], [0; MAX_N]);
         assert_eq!(c.reflen, 7);
         assert_eq!(c.guess, [6, 5, 4, 3]);
     }
 
     #[test]
     fn empty_candidate_scores_zero() {
-        let c = image_counts(&[], 0, &[], &[4]);
+        let c = image_counts(0, &[4], [0; MAX_N]);
         assert!(c.bleu().iter().all(|&b| b == 0.0));
     }
 }

@@ -9,19 +9,75 @@
 
 use rayon::prelude::*;
 
-use super::ngram::{cider_length, count_ngrams, order, Caption, FastMap, Key, Unknowns, Vocab, MAX_N};
+use super::ngram::{cider_length, count_ngrams, fits, order, Caption, FastMap, GramKey, Unknowns, Vocab, MAX_N};
 use super::tokenize::{tokenize_into, Tokenize};
 use super::MetricsError;
 
 const SIGMA: f64 = 6.0;
 
-/// One reference caption as a tf-idf vector.
+/// Shards of the document-frequency table. Built in parallel, one shard per
+/// task, each small enough to stay in cache while it is filled.
+const SHARDS: usize = 256;
+
+/// One reference caption: its n-grams are its image's `entries` from the
+/// previous caption's `end` to its own.
 #[derive(Debug, Clone)]
 struct RefVec {
-    /// (n-gram, weight), sorted by n-gram.
-    grams: Vec<(Key, f64)>,
+    end: u32,
     norm: [f64; MAX_N],
     length: i64,
+}
+
+/// The references of one image. Each distinct n-gram is kept once, with its
+/// document frequency and BLEU clipping ceiling; a caption only lists
+/// (index, count) pairs into that table, and its tf-idf weights are
+/// `count * idf` computed when needed (the same product, so the same bits).
+#[derive(Debug, Clone, Default)]
+struct ImageGrams<K> {
+    /// Distinct n-grams of all the image's references, sorted.
+    keys: Vec<K>,
+    /// Document frequency of each key.
+    df: Vec<u32>,
+    /// Highest count of each key in any single reference (BLEU's clip).
+    refmax: Vec<u32>,
+    /// Per reference, (index into `keys`, count), by index.
+    entries: Vec<(u32, u32)>,
+    refs: Vec<RefVec>,
+}
+
+/// Every image's n-gram tables and the corpus document frequencies, sharded
+/// by [`GramKey::spread`] (independent of the hash inside each map).
+#[derive(Debug, Clone)]
+struct Grams<K> {
+    images: Vec<ImageGrams<K>>,
+    shards: Vec<FastMap<K, u32>>,
+}
+
+/// The key width is chosen once from the vocabulary size.
+#[derive(Debug, Clone)]
+enum Tables {
+    Narrow(Grams<u64>),
+    Wide(Grams<u128>),
+}
+
+/// `ln N` and `ln max(1, df)` for every possible df: the idf factors.
+#[derive(Debug, Clone)]
+struct Idf {
+    log_n: f64,
+    ln: Vec<f64>,
+}
+
+impl Idf {
+    fn new(images: usize) -> Self {
+        let ln = (0..=images).map(|d| (d.max(1) as f64).ln()).collect();
+        Idf { log_n: (images as f64).ln(), ln }
+    }
+
+    /// `ln N - ln max(1, df)`: the idf factor of a weight.
+    #[inline]
+    fn of(&self, df: u32) -> f64 {
+        self.log_n - self.ln.get(df as usize).copied().unwrap_or_else(|| f64::from(df.max(1)).ln())
+    }
 }
 
 /// A CIDEr-D scorer over a fixed reference corpus.
@@ -29,52 +85,8 @@ struct RefVec {
 pub struct CiderD {
     mode: Tokenize,
     vocab: Vocab,
-    df: DocFreq,
-    log_n: f64,
-    images: Vec<Vec<RefVec>>,
-}
-
-/// Shards of the document-frequency table. Built in parallel, one shard per
-/// task, each small enough to stay in cache while it is filled.
-const SHARDS: usize = 256;
-
-/// Document frequencies: n-gram -> number of images with it in a reference,
-/// sharded by a hash independent of the one inside each map.
-#[derive(Debug, Clone)]
-struct DocFreq {
-    shards: Vec<FastMap<Key, u32>>,
-    /// `ln(max(1, df))` for every possible df (0..=N).
-    ln: Vec<f64>,
-}
-
-impl DocFreq {
-    fn shard(key: Key) -> usize {
-        let x = (key as u64) ^ ((key >> 64) as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % SHARDS
-    }
-
-    fn get(&self, key: Key) -> u32 {
-        self.shards[Self::shard(key)].get(&key).copied().unwrap_or(0)
-    }
-
-    /// `ln N - ln max(1, df)`: the idf factor of a weight.
-    fn idf(&self, log_n: f64, df: u32) -> f64 {
-        log_n - self.ln.get(df as usize).copied().unwrap_or_else(|| f64::from(df.max(1)).ln())
-    }
-}
-
-/// N-gram counts of one reference caption, as the corpus builder keeps them.
-pub(crate) struct RefCounts {
-    pub counts: Vec<(Key, u32)>,
-    pub length: i64,
-}
-
-impl RefCounts {
-    pub fn of(caption: &Caption) -> Self {
-        let mut counts = Vec::new();
-        count_ngrams(&caption.words, &mut counts);
-        RefCounts { counts, length: cider_length(&caption.words) }
-    }
+    idf: Idf,
+    tables: Tables,
 }
 
 impl CiderD {
@@ -99,46 +111,28 @@ impl CiderD {
             .iter()
             .map(|caps| caps.iter().map(|t| Caption::encode(t, mode, |s| vocab.intern(s))).collect())
             .collect();
-        let counts: Vec<Vec<RefCounts>> = captions
-            .par_iter()
-            .map(|caps| caps.iter().map(RefCounts::of).collect())
-            .collect();
-        Self::from_counts(vocab, mode, counts)
+        Self::from_captions(vocab, mode, &captions, false)
     }
 
-    /// Consumes the counts: at 10k images they are hundreds of MB.
-    pub(crate) fn from_counts(vocab: Vocab, mode: Tokenize, images: Vec<Vec<RefCounts>>) -> Self {
-        let log_n = (images.len() as f64).ln();
-        // per image, the n-grams of all its references, sorted and distinct
-        let unions: Vec<Vec<Key>> = images
-            .par_iter()
-            .map(|refs| {
-                let mut keys: Vec<Key> = refs.iter().flat_map(|r| r.counts.iter().map(|e| e.0)).collect();
-                keys.sort_unstable();
-                keys.dedup();
-                keys
-            })
-            .collect();
-        let (df, dfs) = document_frequency(&unions, images.len());
-        let images = images
-            .into_par_iter()
-            .zip(unions)
-            .zip(dfs)
-            .map(|((refs, union), dfs)| {
-                refs.into_iter()
-                    .map(|r| {
-                        let (grams, norm) = weigh_known(&r.counts, &union, &dfs, &df, log_n);
-                        RefVec { grams, norm, length: r.length }
-                    })
-                    .collect()
-            })
-            .collect();
-        CiderD { mode, vocab, df, log_n, images }
+    /// The scorer of interned reference captions (`wide`: 32-bit limbs even
+    /// where 16 would do, for tests).
+    pub(crate) fn from_captions(vocab: Vocab, mode: Tokenize, images: &[Vec<Caption>], wide: bool) -> Self {
+        let idf = Idf::new(images.len());
+        let narrow = u32::try_from(vocab.len()).is_ok_and(|l| l == 0 || fits::<u64>(l - 1));
+        let tables = if narrow && !wide {
+            Tables::Narrow(Grams::build(images, &idf))
+        } else {
+            Tables::Wide(Grams::build(images, &idf))
+        };
+        CiderD { mode, vocab, idf, tables }
     }
 
     /// Number of reference images (N).
     pub fn images(&self) -> usize {
-        self.images.len()
+        match &self.tables {
+            Tables::Narrow(g) => g.images.len(),
+            Tables::Wide(g) => g.images.len(),
+        }
     }
 
     pub fn tokenize_mode(&self) -> Tokenize {
@@ -163,48 +157,198 @@ impl CiderD {
         let mut unknown = Unknowns::new(&self.vocab);
         // pre-tokenized input may carry anything: split it as pycocoevalcap would
         let cap = Caption::encode(&tokens, Tokenize::Space, |t| unknown.id(&self.vocab, t));
-        let mut counts = Vec::new();
-        count_ngrams(&cap.words, &mut counts);
-        self.score_counts(image, &counts, cider_length(&cap.words))
+        Ok(self.score_words(image, &cap.words)?.0)
     }
 
-    /// The core: a candidate's sorted n-gram counts and bigram length.
-    pub(crate) fn score_counts(&self, image: usize, counts: &[(Key, u32)], length: i64) -> Result<f64, MetricsError> {
-        let refs = self
-            .images
-            .get(image)
-            .ok_or(MetricsError::ImageIndex { index: image, images: self.images.len() })?;
-        let (grams, norm) = weigh(counts, |k| self.df.idf(self.log_n, self.df.get(k)));
-        let mut total = [0.0f64; MAX_N];
-        for r in refs {
-            let sim = similarity(&grams, &norm, length, r);
-            for k in 0..MAX_N {
-                total[k] += sim[k];
-            }
-        }
-        let mean = (((total[0] + total[1]) + total[2]) + total[3]) / MAX_N as f64;
-        Ok(mean / refs.len() as f64 * 10.0)
+    /// The core: CIDEr-D of a candidate (token ids, `str.split()` of its
+    /// string) for image `image`, and its BLEU clipped counts per order.
+    pub(crate) fn score_words(&self, image: usize, words: &[u32]) -> Result<(f64, [u32; MAX_N]), MetricsError> {
+        let scored = match &self.tables {
+            Tables::Narrow(g) => g.score(image, words, &self.idf),
+            Tables::Wide(g) => g.score(image, words, &self.idf),
+        };
+        scored.ok_or(MetricsError::ImageIndex { index: image, images: self.images() })
     }
 }
 
-/// Per n-gram, the number of images with it in at least one reference
-/// (`unions`: each image's distinct reference n-grams), and that number for
-/// every entry of `unions`. Keys go to shards (in parallel, per chunk of
-/// images), each shard is counted on its own, and counts are written back
-/// to the union entries from the shard while it is hot in cache.
-fn document_frequency(unions: &[Vec<Key>], n_images: usize) -> (DocFreq, Vec<Vec<u32>>) {
-    let chunk = unions.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+impl<K: GramKey> Grams<K> {
+    fn build(captions: &[Vec<Caption>], idf: &Idf) -> Self {
+        let mut images: Vec<ImageGrams<K>> = captions.par_iter().map(|caps| ImageGrams::count(caps)).collect();
+        let shards = document_frequency(&mut images);
+        images.par_iter_mut().for_each(|im| im.weigh(idf));
+        Grams { images, shards }
+    }
+
+    fn shard(key: K) -> usize {
+        (key.spread() >> 40) as usize % SHARDS
+    }
+
+    fn df(&self, key: K) -> u32 {
+        self.shards[Self::shard(key)].get(&key).copied().unwrap_or(0)
+    }
+
+    /// CIDEr-D and BLEU clipped counts of a candidate for one image; `None`
+    /// for an image out of range.
+    fn score(&self, image: usize, words: &[u32], idf: &Idf) -> Option<(f64, [u32; MAX_N])> {
+        let im = self.images.get(image)?;
+        let (mut keys, mut counts, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+        count_ngrams::<K>(words, &mut keys, &mut counts, &mut wide);
+        drop(keys);
+        let mut norm = [0.0f64; MAX_N];
+        let mut correct = [0u32; MAX_N];
+        // n-grams the references share: (index, order, weight, idf)
+        let mut shared: Vec<(u32, usize, f64, f64)> = Vec::with_capacity(counts.len());
+        let mut j = 0;
+        for &(key, c) in &counts {
+            while j < im.keys.len() && im.keys[j] < key {
+                j += 1;
+            }
+            let o = key.order() - 1;
+            let w = if j < im.keys.len() && im.keys[j] == key {
+                let f = idf.of(im.df[j]);
+                correct[o] += c.min(im.refmax[j]);
+                let w = f64::from(c) * f;
+                shared.push((j as u32, o, w, f));
+                w
+            } else {
+                f64::from(c) * idf.of(self.df(key))
+            };
+            norm[o] += w * w;
+        }
+        for &(key, c) in &wide {
+            // an unknown token: in no reference, df 0
+            let w = f64::from(c) * idf.of(0);
+            norm[order(key) - 1] += w * w;
+        }
+        let norm = norm.map(f64::sqrt);
+        let length = cider_length(words);
+        let mut total = [0.0f64; MAX_N];
+        let mut start = 0usize;
+        for r in &im.refs {
+            let entries = &im.entries[start..r.end as usize];
+            start = r.end as usize;
+            let mut val = [0.0f64; MAX_N];
+            let mut e = 0;
+            for &(pos, o, wc, f) in &shared {
+                while e < entries.len() && entries[e].0 < pos {
+                    e += 1;
+                }
+                if e < entries.len() && entries[e].0 == pos {
+                    let wr = f64::from(entries[e].1) * f;
+                    val[o] += wc.min(wr) * wr;
+                }
+            }
+            let delta = (length - r.length) as f64;
+            // pycocoevalcap writes `np.e**(...)`; pow of e, not exp, to the last bit
+            let penalty = std::f64::consts::E.powf(-(delta * delta) / (2.0 * SIGMA * SIGMA));
+            for k in 0..MAX_N {
+                if norm[k] != 0.0 && r.norm[k] != 0.0 {
+                    val[k] /= norm[k] * r.norm[k];
+                }
+                total[k] += val[k] * penalty;
+            }
+        }
+        let mean = (((total[0] + total[1]) + total[2]) + total[3]) / MAX_N as f64;
+        Some((mean / im.refs.len() as f64 * 10.0, correct))
+    }
+}
+
+impl<K: GramKey> ImageGrams<K> {
+    /// Count every reference's n-grams and merge them into one table (the
+    /// reference ids all fit `K`: it was chosen from the vocabulary size).
+    fn count(caps: &[Caption]) -> Self {
+        let (mut scratch, mut wide) = (Vec::new(), Vec::new());
+        let counted: Vec<Vec<(K, u32)>> = caps
+            .iter()
+            .map(|c| {
+                let mut counts = Vec::new();
+                count_ngrams::<K>(&c.words, &mut scratch, &mut counts, &mut wide);
+                counts
+            })
+            .collect();
+        let mut keys: Vec<K> = Vec::new();
+        let mut merged: Vec<K> = Vec::new();
+        for counts in &counted {
+            merge_keys(&keys, counts, &mut merged);
+            std::mem::swap(&mut keys, &mut merged);
+        }
+        let mut refmax = vec![0u32; keys.len()];
+        let mut entries = Vec::with_capacity(counted.iter().map(Vec::len).sum());
+        let mut refs = Vec::with_capacity(caps.len());
+        for (counts, cap) in counted.iter().zip(caps) {
+            let mut j = 0;
+            for &(key, c) in counts {
+                while keys[j] < key {
+                    j += 1;
+                }
+                entries.push((j as u32, c));
+                refmax[j] = refmax[j].max(c);
+            }
+            let end = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+            refs.push(RefVec { end, norm: [0.0; MAX_N], length: cider_length(&cap.words) });
+        }
+        let df = vec![0; keys.len()];
+        ImageGrams { keys, df, refmax, entries, refs }
+    }
+
+    /// The references' tf-idf norms, once `df` is known.
+    fn weigh(&mut self, idf: &Idf) {
+        let mut start = 0usize;
+        for r in &mut self.refs {
+            let mut norm = [0.0f64; MAX_N];
+            for &(pos, tf) in &self.entries[start..r.end as usize] {
+                let w = f64::from(tf) * idf.of(self.df[pos as usize]);
+                norm[self.keys[pos as usize].order() - 1] += w * w;
+            }
+            r.norm = norm.map(f64::sqrt);
+            start = r.end as usize;
+        }
+    }
+}
+
+/// The sorted union of distinct `a` and the keys of sorted `b`, into `out`.
+fn merge_keys<K: Ord + Copy>(a: &[K], b: &[(K, u32)], out: &mut Vec<K>) {
+    out.clear();
+    out.reserve(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j].0) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j].0);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend(b[j..].iter().map(|e| e.0));
+}
+
+/// Per n-gram, the number of images with it in at least one reference,
+/// written into every image's `df`; returns the shards for later lookups.
+/// Keys go to shards (in parallel, per chunk of images), each shard is
+/// counted on its own, and counts are written back while it is hot in cache.
+fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<FastMap<K, u32>> {
+    let chunk = images.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     // per chunk and shard: keys, and where each came from (image, position)
-    type Bucket = (Vec<Key>, Vec<(u32, u32)>);
-    let buckets: Vec<Vec<Bucket>> = unions
+    type Bucket<K> = (Vec<K>, Vec<(u32, u32)>);
+    let buckets: Vec<Vec<Bucket<K>>> = images
         .par_chunks(chunk)
         .enumerate()
         .map(|(c, part)| {
-            let mut b: Vec<Bucket> = vec![(Vec::new(), Vec::new()); SHARDS];
-            for (i, union) in part.iter().enumerate() {
+            let mut b: Vec<Bucket<K>> = (0..SHARDS).map(|_| (Vec::new(), Vec::new())).collect();
+            for (i, im) in part.iter().enumerate() {
                 let image = (c * chunk + i) as u32;
-                for (pos, &k) in union.iter().enumerate() {
-                    let s = &mut b[DocFreq::shard(k)];
+                for (pos, &k) in im.keys.iter().enumerate() {
+                    let s = &mut b[Grams::<K>::shard(k)];
                     s.0.push(k);
                     s.1.push((image, pos as u32));
                 }
@@ -212,11 +356,11 @@ fn document_frequency(unions: &[Vec<Key>], n_images: usize) -> (DocFreq, Vec<Vec
             b
         })
         .collect();
-    let counted: Vec<(FastMap<Key, u32>, Vec<((u32, u32), u32)>)> = (0..SHARDS)
+    let counted: Vec<(FastMap<K, u32>, Vec<((u32, u32), u32)>)> = (0..SHARDS)
         .into_par_iter()
         .map(|s| {
             let cap = buckets.iter().map(|b| b[s].0.len()).sum();
-            let mut map: FastMap<Key, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
+            let mut map: FastMap<K, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
             for &k in buckets.iter().flat_map(|b| &b[s].0) {
                 *map.entry(k).or_insert(0) += 1;
             }
@@ -229,74 +373,14 @@ fn document_frequency(unions: &[Vec<Key>], n_images: usize) -> (DocFreq, Vec<Vec
         })
         .collect();
     drop(buckets);
-    let mut dfs: Vec<Vec<u32>> = unions.iter().map(|u| vec![0; u.len()]).collect();
     let mut shards = Vec::with_capacity(SHARDS);
     for (map, back) in counted {
         for ((image, pos), d) in back {
-            dfs[image as usize][pos as usize] = d;
+            images[image as usize].df[pos as usize] = d;
         }
         shards.push(map);
     }
-    let ln = (0..=n_images).map(|d| (d.max(1) as f64).ln()).collect();
-    (DocFreq { shards, ln }, dfs)
-}
-
-/// tf-idf weights (sorted like `counts`) and per-order norms.
-fn weigh(counts: &[(Key, u32)], mut idf: impl FnMut(Key) -> f64) -> (Vec<(Key, f64)>, [f64; MAX_N]) {
-    let mut norm = [0.0f64; MAX_N];
-    let grams = counts
-        .iter()
-        .map(|&(key, tf)| {
-            let w = f64::from(tf) * idf(key);
-            norm[order(key) - 1] += w * w;
-            (key, w)
-        })
-        .collect();
-    (grams, norm.map(f64::sqrt))
-}
-
-/// [`weigh`] for a reference, whose n-grams all lie in the sorted `union`
-/// with known frequencies `dfs`: a merge instead of hash lookups.
-fn weigh_known(
-    counts: &[(Key, u32)],
-    union: &[Key],
-    dfs: &[u32],
-    df: &DocFreq,
-    log_n: f64,
-) -> (Vec<(Key, f64)>, [f64; MAX_N]) {
-    let mut j = 0;
-    weigh(counts, |key| {
-        while j < union.len() && union[j] < key {
-            j += 1;
-        }
-        let d = if union.get(j) == Some(&key) { dfs[j] } else { df.get(key) };
-        df.idf(log_n, d)
-    })
-}
-
-/// Clipped cosine per order with the length penalty, against one reference.
-fn similarity(grams: &[(Key, f64)], norm: &[f64; MAX_N], length: i64, r: &RefVec) -> [f64; MAX_N] {
-    let mut val = [0.0f64; MAX_N];
-    let mut j = 0;
-    for &(key, wc) in grams {
-        while j < r.grams.len() && r.grams[j].0 < key {
-            j += 1;
-        }
-        if j < r.grams.len() && r.grams[j].0 == key {
-            let wr = r.grams[j].1;
-            val[order(key) - 1] += wc.min(wr) * wr;
-        }
-    }
-    let delta = (length - r.length) as f64;
-    // pycocoevalcap writes `np.e**(...)`; pow of e, not exp, to the last bit
-    let penalty = std::f64::consts::E.powf(-(delta * delta) / (2.0 * SIGMA * SIGMA));
-    for k in 0..MAX_N {
-        if norm[k] != 0.0 && r.norm[k] != 0.0 {
-            val[k] /= norm[k] * r.norm[k];
-        }
-        val[k] *= penalty;
-    }
-    val
+    shards
 }
 
 #[cfg(test)]
@@ -319,5 +403,32 @@ mod tests {
         assert!(c.score_text(3, "x").is_err());
         let toks = c.score(0, &["红", "色", "连", "衣", "裙"]).unwrap_or(f64::NAN);
         assert_eq!(toks, good);
+    }
+
+    #[test]
+    fn narrow_and_wide_keys_score_alike_with_unknown_tokens() {
+        let refs = [vec!["红色连衣裙", "红色长裙 2023"], vec!["黑色皮鞋"], vec!["白色衬衫", "白色连衣裙"]];
+        let mut vocab = Vocab::default();
+        let captions: Vec<Vec<Caption>> = refs
+            .iter()
+            .map(|caps| {
+                caps.iter()
+                    .map(|c| {
+                        let mut t = Vec::new();
+                        tokenize_into(c, Tokenize::Char, &mut t);
+                        Caption::encode(&t, Tokenize::Char, |s| vocab.intern(s))
+                    })
+                    .collect()
+            })
+            .collect();
+        let narrow = CiderD::from_captions(vocab.clone(), Tokenize::Char, &captions, false);
+        let wide = CiderD::from_captions(vocab, Tokenize::Char, &captions, true);
+        assert!(matches!(narrow.tables, Tables::Narrow(_)) && matches!(wide.tables, Tables::Wide(_)));
+        for (i, cand) in ["红色连衣裙", "白色长裙 2023 猫猫", "猫 猫 猫 狗", ""].iter().enumerate() {
+            let image = i % refs.len();
+            let a = narrow.score_text(image, cand).unwrap_or(f64::NAN);
+            let b = wide.score_text(image, cand).unwrap_or(f64::NAN);
+            assert_eq!(a.to_bits(), b.to_bits(), "{cand}: {a} vs {b}");
+        }
     }
 }

@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::bleu::{image_counts, reference_max};
-use super::cider::{CiderD, RefCounts};
-use super::ngram::{cider_length, count_ngrams, Caption, FastMap, Key, Unknowns, Vocab};
+use super::bleu::image_counts;
+use super::cider::CiderD;
+use super::ngram::{Caption, FastMap, Unknowns, Vocab};
 use super::rouge::rouge_l;
 use super::scores::{Evaluation, ImageScore, Scores};
 use super::tokenize::{tokenize_into, Tokenize};
@@ -16,7 +16,6 @@ use super::MetricsError;
 /// What BLEU and ROUGE-L keep of one image's references.
 #[derive(Debug, Clone)]
 struct RefImage {
-    refmax: Vec<(Key, u32)>,
     lens: Vec<u32>,
     rouge: Vec<Vec<u32>>,
 }
@@ -62,20 +61,14 @@ impl References {
             .map(|caps| caps.iter().map(|t| Caption::encode(t, mode, |s| vocab.intern(s))).collect())
             .collect();
         drop(tokens);
-        let prepared: Vec<(RefImage, Vec<RefCounts>)> = captions
-            .into_par_iter()
-            .map(|caps| {
-                let counts: Vec<RefCounts> = caps.iter().map(RefCounts::of).collect();
-                let image = RefImage {
-                    refmax: reference_max(counts.iter().map(|c| c.counts.as_slice())),
-                    lens: caps.iter().map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX)).collect(),
-                    rouge: caps.iter().map(|c| c.rouge_tokens().to_vec()).collect(),
-                };
-                (image, counts)
+        let images: Vec<RefImage> = captions
+            .par_iter()
+            .map(|caps| RefImage {
+                lens: caps.iter().map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX)).collect(),
+                rouge: caps.iter().map(|c| c.rouge_tokens().to_vec()).collect(),
             })
             .collect();
-        let (images, counts): (Vec<RefImage>, Vec<Vec<RefCounts>>) = prepared.into_iter().unzip();
-        let cider = CiderD::from_counts(vocab, mode, counts);
+        let cider = CiderD::from_captions(vocab, mode, &captions, false);
         let ids = refs.iter().map(|(id, _)| id.clone()).collect();
         Ok(References { mode, ids, index, images, cider })
     }
@@ -108,21 +101,17 @@ impl References {
 
     /// Every metric of one predicted caption for image `image`.
     pub fn score_image(&self, image: usize, pred: &str) -> Result<ImageScore, MetricsError> {
-        let refs = self
-            .images
-            .get(image)
-            .ok_or(MetricsError::ImageIndex { index: image, images: self.images.len() })?;
+        let refs =
+            self.images.get(image).ok_or(MetricsError::ImageIndex { index: image, images: self.images.len() })?;
         let mut tokens = Vec::new();
         tokenize_into(pred, self.mode, &mut tokens);
         let vocab = self.cider.vocab();
         let mut unknown = Unknowns::new(vocab);
         let cap = Caption::encode(&tokens, self.mode, |t| unknown.id(vocab, t));
-        let mut counts = Vec::new();
-        count_ngrams(&cap.words, &mut counts);
-        let bleu_counts = image_counts(&counts, cap.words.len(), &refs.refmax, &refs.lens);
+        let (cider, correct) = self.cider.score_words(image, &cap.words)?;
+        let bleu_counts = image_counts(cap.words.len(), &refs.lens, correct);
         let mut row = Vec::new();
         let rouge = rouge_l(cap.rouge_tokens(), refs.rouge.iter().map(Vec::as_slice), &mut row);
-        let cider = self.cider.score_counts(image, &counts, cider_length(&cap.words))?;
         Ok(ImageScore {
             image_id: self.ids[image].clone(),
             bleu: bleu_counts.bleu(),

@@ -1,7 +1,7 @@
 //! Interned tokens and packed n-gram keys: the representation BLEU, ROUGE-L
 //! and CIDEr-D work on once tokenization is done. Tokens become `u32` ids and
-//! an n-gram (n <= 4) becomes one `u128` holding its ids, so counting and
-//! matching never hash or compare strings.
+//! an n-gram (n <= 4) becomes one integer holding its ids ([`GramKey`]), so
+//! counting and matching never hash or compare strings.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -11,12 +11,66 @@ use super::tokenize::{is_py_space, Tokenize};
 /// Highest n-gram order of BLEU and CIDEr-D.
 pub const MAX_N: usize = 4;
 
-/// An n-gram of token ids: each 32-bit limb holds `id + 1`, lowest limb last
-/// token, so limbs of shorter n-grams are zero and orders never collide.
-pub type Key = u128;
+/// An n-gram of up to four token ids packed into one integer: each limb holds
+/// `id + 1`, lowest limb last token, so limbs of shorter n-grams are zero and
+/// orders never collide. `u64` (16-bit limbs) serves vocabularies under 2^16
+/// tokens (always the case in `char` mode) at half the memory and hashing of
+/// `u128` (32-bit limbs), which serves any vocabulary.
+pub trait GramKey: Copy + Ord + Eq + std::hash::Hash + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// Bits per token.
+    const LIMB: u32;
+    /// `self` with token `id` appended (the caller checks [`fits`]).
+    fn push(self, id: u32) -> Self;
+    /// The order (1..=4) of a key.
+    fn order(self) -> usize;
+    /// Well-mixed bits of the key, independent of the map hasher: the shard.
+    fn spread(self) -> u64;
+}
 
-/// The order (1..=4) of a key.
-pub fn order(key: Key) -> usize {
+impl GramKey for u64 {
+    const LIMB: u32 = 16;
+    #[inline]
+    fn push(self, id: u32) -> Self {
+        (self << 16) | u64::from(id + 1)
+    }
+    #[inline]
+    fn order(self) -> usize {
+        (64 - self.leading_zeros() as usize).div_ceil(16)
+    }
+    #[inline]
+    fn spread(self) -> u64 {
+        (self ^ (self >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+impl GramKey for u128 {
+    const LIMB: u32 = 32;
+    #[inline]
+    fn push(self, id: u32) -> Self {
+        (self << 32) | u128::from(id + 1)
+    }
+    #[inline]
+    fn order(self) -> usize {
+        order(self)
+    }
+    #[inline]
+    fn spread(self) -> u64 {
+        let x = (self as u64) ^ ((self >> 64) as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        x.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// Whether token `id` fits a limb of `K`.
+#[inline]
+pub fn fits<K: GramKey>(id: u32) -> bool {
+    u64::from(id) + 1 < (1u64 << K::LIMB)
+}
+
+/// A key with 32-bit limbs, for n-grams whose ids do not fit `K`.
+pub type Wide = u128;
+
+/// The order (1..=4) of a [`Wide`] key.
+pub fn order(key: Wide) -> usize {
     (128 - key.leading_zeros() as usize).div_ceil(32)
 }
 
@@ -131,11 +185,7 @@ pub struct Caption {
 
 impl Caption {
     /// Ids of `tokens` (as [`super::tokenize_into`] gives them).
-    pub fn encode<'a>(
-        tokens: &[&'a str],
-        mode: Tokenize,
-        mut id: impl FnMut(&'a str) -> u32,
-    ) -> Caption {
+    pub fn encode<'a>(tokens: &[&'a str], mode: Tokenize, mut id: impl FnMut(&'a str) -> u32) -> Caption {
         if tokens.is_empty() {
             return Caption { words: Vec::new(), rouge: Some(vec![id("")]) };
         }
@@ -148,12 +198,7 @@ impl Caption {
         if clean {
             return Caption { words: rouge, rouge: None };
         }
-        let words = tokens
-            .iter()
-            .flat_map(|t| t.split(is_py_space))
-            .filter(|w| !w.is_empty())
-            .map(&mut id)
-            .collect();
+        let words = tokens.iter().flat_map(|t| t.split(is_py_space)).filter(|w| !w.is_empty()).map(&mut id).collect();
         Caption { words, rouge: Some(rouge) }
     }
 
@@ -162,19 +207,44 @@ impl Caption {
     }
 }
 
-/// All 1..=4-grams of `words` with their counts, sorted by key, into `out`.
-pub fn count_ngrams(words: &[u32], out: &mut Vec<(Key, u32)>) {
+/// All 1..=4-grams of `words` with their counts, sorted by key, into `out`;
+/// n-grams holding an id that does not fit `K` (only a candidate's unknown
+/// tokens can: they never match a reference) go to `wide`, also counted.
+pub fn count_ngrams<K: GramKey>(
+    words: &[u32],
+    keys: &mut Vec<K>,
+    out: &mut Vec<(K, u32)>,
+    wide: &mut Vec<(Wide, u32)>,
+) {
+    keys.clear();
     out.clear();
-    let mut keys: Vec<Key> = Vec::with_capacity(words.len() * MAX_N);
+    wide.clear();
+    let mut wide_keys: Vec<Wide> = Vec::new();
     for start in 0..words.len() {
-        let mut key: Key = 0;
+        let mut key = K::default();
+        let mut wkey: Wide = 0;
+        let mut narrow = true;
         for &w in words[start..].iter().take(MAX_N) {
-            key = (key << 32) | Key::from(w + 1);
-            keys.push(key);
+            wkey = (wkey << 32) | Wide::from(w + 1);
+            narrow = narrow && fits::<K>(w);
+            if narrow {
+                key = key.push(w);
+                keys.push(key);
+            } else {
+                wide_keys.push(wkey);
+            }
         }
     }
     keys.sort_unstable();
-    for key in keys {
+    run_lengths(keys, out);
+    if !wide_keys.is_empty() {
+        wide_keys.sort_unstable();
+        run_lengths(&wide_keys, wide);
+    }
+}
+
+fn run_lengths<K: Copy + Eq>(sorted: &[K], out: &mut Vec<(K, u32)>) {
+    for &key in sorted {
         match out.last_mut() {
             Some((k, c)) if *k == key => *c += 1,
             _ => out.push((key, 1)),
@@ -194,13 +264,31 @@ mod tests {
 
     #[test]
     fn keys_know_their_order_and_counts_are_sorted() {
-        let mut out = Vec::new();
-        count_ngrams(&[0, 1, 0, 1], &mut out);
-        let by_order = |n| out.iter().filter(|(k, _)| order(*k) == n).count();
+        let (mut keys, mut out, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+        count_ngrams::<u64>(&[0, 1, 0, 1], &mut keys, &mut out, &mut wide);
+        let by_order = |n| out.iter().filter(|(k, _)| k.order() == n).count();
         assert_eq!([by_order(1), by_order(2), by_order(3), by_order(4)], [2, 2, 2, 1]);
         assert!(out.windows(2).all(|w| w[0].0 < w[1].0));
         let unigram_zero = out.iter().find(|(k, _)| *k == 1).map(|e| e.1);
         assert_eq!(unigram_zero, Some(2));
+        assert!(wide.is_empty());
+    }
+
+    #[test]
+    fn ids_past_a_narrow_limb_go_wide_with_their_counts() {
+        let (mut keys, mut out, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+        let big = 70_000;
+        count_ngrams::<u64>(&[3, big, 3, big], &mut keys, &mut out, &mut wide);
+        // narrow: the unigram 3 (twice); wide: everything touching `big`
+        assert_eq!(out, [(4u64, 2)]);
+        let total: u32 = wide.iter().map(|e| e.1).sum();
+        assert_eq!(total, 10 - 2);
+        let big_unigram = wide.iter().find(|(k, _)| *k == Wide::from(big + 1)).map(|e| e.1);
+        assert_eq!(big_unigram, Some(2));
+        let (mut k2, mut o2, mut w2) = (Vec::new(), Vec::new(), Vec::new());
+        count_ngrams::<u128>(&[3, big, 3, big], &mut k2, &mut o2, &mut w2);
+        assert_eq!(o2.len(), out.len() + wide.len());
+        assert!(w2.is_empty());
     }
 
     #[test]
