@@ -125,7 +125,8 @@ impl Plan<Building> {
                     let n = self.graph.add_node(StageNode { desc, cells: Vec::new(), resources });
                     for (_, input) in &inputs {
                         let from = self.index[input];
-                        self.graph.update_edge(from, n, ());
+                        // A new node: its input edges cannot exist yet.
+                        self.graph.add_edge(from, n, ());
                     }
                     self.index.insert(key.clone(), n);
                     n

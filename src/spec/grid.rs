@@ -330,7 +330,12 @@ fn make_cell(
     }
     name.push_str(&format!("-s{seed}"));
     let mut local = Issues::default();
-    let config = validate::sections(&tree, &mut local);
+    // Fast path: one typed pass; only a failing cell pays for the per-section
+    // diagnosis.
+    let config = match serde_json::from_value::<Config>(tree.clone()) {
+        Ok(c) => Some(c),
+        Err(_) => validate::sections(&tree, &mut local),
+    };
     if let Some(config) = &config {
         validate::semantics(config, spec_dir, &backbone, &mut local);
     }

@@ -108,15 +108,16 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     trainer.resume().map_err(StageError::ctx("resuming from a checkpoint"))?;
     let mut policy = CaptionPolicy { model: &model, train: &train, rows: &rows };
     let reward = |i: usize, seq: &[u32]| cider.score_text(i, &tok.decode(seq)).unwrap_or(0.0);
-    let mut records = Vec::new();
+    let log = training::CurveLog::new(ctx.scratch);
     let summary = {
         let mut hooks = crate::train::Hooks::new()
-            .record(|r: &crate::train::CurveRecord| records.push(r.clone()))
+            .record(|r: &crate::train::CurveRecord| log.append(r))
             .progress(|d, t| ctx.progress(d as u64, t as u64));
         let closure = crate::train::scst_closure(&mut policy, rows.len(), &cfg, reward);
         trainer.fit(closure, &mut hooks).map_err(StageError::ctx("self-critical training"))?
     };
     let mut out = Outputs::default();
+    let records = log.all();
     training::record_curves(&records, &mut out);
     if let Some(r) = summary.last_reward {
         out.metric("", "final_reward", r);

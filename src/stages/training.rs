@@ -200,10 +200,10 @@ pub fn train_ce(
     let bs = cfg.batch_size.min(n).max(1);
     let label_smoothing = cfg.label_smoothing;
     let val_rows: Vec<usize> = valid.map(|v| (0..v.len().min(64)).collect()).unwrap_or_default();
-    let mut records: Vec<CurveRecord> = Vec::new();
+    let log = CurveLog::new(ctx.scratch);
     let summary = {
         let mut hooks = crate::train::Hooks::new()
-            .record(|r: &CurveRecord| records.push(r.clone()))
+            .record(|r: &CurveRecord| log.append(r))
             .progress(|done, total| ctx.progress(done as u64, total as u64));
         if let Some(v) = valid.filter(|_| !val_rows.is_empty()) {
             let mcfg = mcfg.clone();
@@ -231,7 +231,7 @@ pub fn train_ce(
             )
             .map_err(StageError::ctx("training"))?
     };
-    record_curves(&records, out);
+    record_curves(&log.all(), out);
     if let Some(l) = summary.last_loss {
         out.metric("", "final_loss", l);
     }
@@ -247,6 +247,78 @@ pub fn train_ce(
         )));
     }
     Ok(counts(model, out))
+}
+
+/// Curve records survive a kill: each is appended to the stage's scratch
+/// directory as it arrives, and a resumed attempt reads the earlier ones back
+/// (later records of the same step win, as a resume replays the steps after
+/// its checkpoint).
+pub struct CurveLog {
+    path: PathBuf,
+}
+
+impl CurveLog {
+    pub fn new(scratch: &Path) -> CurveLog {
+        CurveLog { path: scratch.join("curves.jsonl") }
+    }
+
+    pub fn append(&self, r: &CurveRecord) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            let _ = writeln!(f, "{}", serde_json::to_string(&CurvePoint::from(r)).unwrap_or_default());
+        }
+    }
+
+    /// Every record so far, one per step.
+    pub fn all(&self) -> Vec<CurveRecord> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let mut by_step = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Ok(p) = serde_json::from_str::<CurvePoint>(line) {
+                by_step.insert(p.step, p.into());
+            }
+        }
+        by_step.into_values().collect()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CurvePoint {
+    step: usize,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    samples_per_s: f64,
+    reward: Option<f64>,
+    val_loss: Option<f64>,
+}
+
+impl From<&CurveRecord> for CurvePoint {
+    fn from(r: &CurveRecord) -> Self {
+        CurvePoint {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            samples_per_s: r.samples_per_s,
+            reward: r.reward,
+            val_loss: r.val_loss,
+        }
+    }
+}
+
+impl From<CurvePoint> for CurveRecord {
+    fn from(p: CurvePoint) -> Self {
+        CurveRecord {
+            step: p.step,
+            loss: p.loss,
+            lr: p.lr,
+            grad_norm: p.grad_norm,
+            samples_per_s: p.samples_per_s,
+            reward: p.reward,
+            val_loss: p.val_loss,
+        }
+    }
 }
 
 pub fn record_curves(records: &[CurveRecord], out: &mut Outputs) {

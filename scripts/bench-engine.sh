@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Engine overhead figures (issue 4), printed as medians of several runs:
+#  1. a fully cached sweep (no-op re-run), process start included;
+#  2. orchestration overhead per executed stage: sweep wall time minus the
+#     stages' own wall time (from their manifests), per stage, on trivial
+#     stages (the most-frequent-caption baseline over many seeds);
+#  3. `ecic plan` on a ~10,000-cell grid.
+# Usage: scripts/bench-engine.sh [RUNS_DIR_OF_A_COMPLETED_SWEEP SPEC]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q
+BIN=target/release/ecic
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+now() { date +%s.%N; }
+
+# --- 2. trivial stages ------------------------------------------------------
+cat > "$WORK/trivial.toml" <<'TOML'
+name = "trivial"
+seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+[data]
+synth = { train = 16, valid = 4, test = 2, align = 8 }
+[grid]
+backbone = ["mfc"]
+[stages.preprocess]
+augment_copies = 0
+[stages.evaluate]
+predict_test = false
+TOML
+$BIN plan "$WORK/trivial.toml" --runs "$WORK/r0" >/dev/null 2>&1   # materialise the data
+overheads=()
+for i in 1 2 3; do
+    rm -rf "$WORK/r$i"; mkdir -p "$WORK/r$i"; cp -r "$WORK/r0/data" "$WORK/r$i/"
+    t0=$(now); $BIN sweep "$WORK/trivial.toml" --runs "$WORK/r$i" --jobs 1 --no-report >/dev/null 2>&1; t1=$(now)
+    inside=$(python3 - "$WORK/r$i" <<'PY'
+import json, pathlib, sys
+print(sum(json.loads(p.read_text())["wall_s"] for p in pathlib.Path(sys.argv[1], "objects-v1").glob("*/manifest.json")))
+PY
+)
+    n=$(ls "$WORK/r$i/objects-v1" | grep -vc '^\.tmp$' || true)
+    overheads+=("$(python3 -c "print(($t1 - $t0 - $inside) / $n * 1000)")")
+done
+echo "orchestration overhead per executed stage: $(printf '%s\n' "${overheads[@]}" | median) ms (median of 3; $n trivial stages, --jobs 1; includes process start of each stage and store ingestion)"
+
+# --- 1. no-op re-run ----------------------------------------------------------
+SPEC=${2:-$WORK/trivial.toml}
+RUNS=${1:-$WORK/r1}
+noop=()
+for i in 1 2 3 4 5 6 7; do
+    t0=$(now); $BIN sweep "$SPEC" --runs "$RUNS" --no-report >/dev/null 2>&1; t1=$(now)
+    noop+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+done
+echo "fully cached sweep of $(basename "$SPEC") (process start included): $(printf '%s\n' "${noop[@]}" | median) ms (median of 7)"
+
+# --- 3. plan of a 10,000-cell grid -------------------------------------------
+cat > "$WORK/grid10k.toml" <<'TOML'
+name = "grid10k"
+[data]
+synth = { train = 16, valid = 4, test = 2, align = 8 }
+[grid]
+backbone = ["blip2", "llava", "phi3v"]
+peft = ["lora", "qlora", "adapter"]
+fusion = ["early", "late", "multilevel"]
+"stages.domain_adapt.lr" = [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4, 7e-4, 8e-4, 9e-4, 1e-3]
+"stages.domain_adapt.steps" = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190, 200, 210, 220, 230, 240, 250, 260, 270, 280, 290, 300, 310, 320, 330, 340, 350, 360, 370]
+TOML
+$BIN plan "$WORK/grid10k.toml" --runs "$WORK/r0" --format json >/dev/null 2>&1
+plans=()
+for i in 1 2 3; do
+    t0=$(now); $BIN plan "$WORK/grid10k.toml" --runs "$WORK/r0" --format json >"$WORK/plan.json" 2>/dev/null; t1=$(now)
+    plans+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+done
+cells=$(python3 -c "import json; print(json.load(open('$WORK/plan.json'))['summary']['cells'])")
+echo "ecic plan of a $cells-cell grid (json output): $(printf '%s\n' "${plans[@]}" | median) ms (median of 3)"
