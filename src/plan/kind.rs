@@ -105,7 +105,6 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
                 "tokenizer": p.tokenizer,
                 "min_freq": p.min_freq,
                 "policy": c.data.policy,
-                "max_len": c.model.max_len,
             })
         }
         StageKind::PretrainAlign => json!({
