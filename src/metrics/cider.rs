@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::ngram::{cider_length, count_ngrams, fits, order, Caption, FastMap, GramKey, Unknowns, Vocab, MAX_N};
+use super::ngram::{cider_length, count_ngrams, fits, order, Caption, GramKey, Unknowns, Vocab, MAX_N};
 use super::tokenize::{tokenize_into, Tokenize};
 use super::MetricsError;
 
@@ -50,7 +50,55 @@ struct ImageGrams<K> {
 #[derive(Debug, Clone)]
 struct Grams<K> {
     images: Vec<ImageGrams<K>>,
-    shards: Vec<FastMap<K, u32>>,
+    shards: Vec<Shard<K>>,
+}
+
+/// One shard of the document frequencies: an open-addressing table of
+/// (key, df) with linear probing, sized to its distinct keys plus a third
+/// (a hash map rounds to a power of two and doubles this). The empty slot is
+/// the zero key, which no n-gram has. Only n-grams a candidate shares with
+/// no reference of its image look here.
+#[derive(Debug, Clone, Default)]
+struct Shard<K> {
+    slots: Vec<(K, u32)>,
+}
+
+impl<K: GramKey> Shard<K> {
+    fn with_distinct(n: usize) -> Self {
+        Shard { slots: vec![(K::default(), 0); n + n / 3 + 1] }
+    }
+
+    #[inline]
+    fn home(&self, key: K) -> usize {
+        let x = key.spread();
+        let h = (x ^ (x >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        ((u128::from(h) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    fn insert(&mut self, key: K, df: u32) {
+        let mut i = self.home(key);
+        while self.slots[i].0 != K::default() {
+            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+        }
+        self.slots[i] = (key, df);
+    }
+
+    fn get(&self, key: K) -> u32 {
+        if self.slots.is_empty() {
+            return 0;
+        }
+        let mut i = self.home(key);
+        loop {
+            let (k, d) = self.slots[i];
+            if k == key {
+                return d;
+            }
+            if k == K::default() {
+                return 0;
+            }
+            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+        }
+    }
 }
 
 /// The key width is chosen once from the vocabulary size.
@@ -184,7 +232,7 @@ impl<K: GramKey> Grams<K> {
     }
 
     fn df(&self, key: K) -> u32 {
-        self.shards[Self::shard(key)].get(&key).copied().unwrap_or(0)
+        self.shards[Self::shard(key)].get(key)
     }
 
     /// CIDEr-D and BLEU clipped counts of a candidate for one image; `None`
@@ -334,53 +382,66 @@ fn merge_keys<K: Ord + Copy>(a: &[K], b: &[(K, u32)], out: &mut Vec<K>) {
 
 /// Per n-gram, the number of images with it in at least one reference,
 /// written into every image's `df`; returns the shards for later lookups.
-/// Keys go to shards (in parallel, per chunk of images), each shard is
-/// counted on its own, and counts are written back while it is hot in cache.
-fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<FastMap<K, u32>> {
+/// Keys go to shards (in parallel, per chunk of images, into buckets sized
+/// exactly by a first pass), each shard is counted by sorting and lists the
+/// df of its bucket entries in bucket order, and each chunk reads its dfs
+/// back by walking its keys again: no positions stored, no vector regrown.
+fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<Shard<K>> {
     let chunk = images.len().div_ceil(4 * rayon::current_num_threads()).max(1);
-    // per chunk and shard: keys, and where each came from (image, position)
-    type Bucket<K> = (Vec<K>, Vec<(u32, u32)>);
-    let buckets: Vec<Vec<Bucket<K>>> = images
+    let shard = Grams::<K>::shard;
+    let buckets: Vec<Vec<Vec<K>>> = images
         .par_chunks(chunk)
-        .enumerate()
-        .map(|(c, part)| {
-            let mut b: Vec<Bucket<K>> = (0..SHARDS).map(|_| (Vec::new(), Vec::new())).collect();
-            for (i, im) in part.iter().enumerate() {
-                let image = (c * chunk + i) as u32;
-                for (pos, &k) in im.keys.iter().enumerate() {
-                    let s = &mut b[Grams::<K>::shard(k)];
-                    s.0.push(k);
-                    s.1.push((image, pos as u32));
-                }
+        .map(|part| {
+            let mut sizes = vec![0usize; SHARDS];
+            for k in part.iter().flat_map(|im| &im.keys) {
+                sizes[shard(*k)] += 1;
+            }
+            let mut b: Vec<Vec<K>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+            for &k in part.iter().flat_map(|im| &im.keys) {
+                b[shard(k)].push(k);
             }
             b
         })
         .collect();
-    let counted: Vec<(FastMap<K, u32>, Vec<((u32, u32), u32)>)> = (0..SHARDS)
+    // where chunk c's entries start in shard s's list
+    let mut starts = vec![vec![0usize; SHARDS]; buckets.len()];
+    let mut run = vec![0usize; SHARDS];
+    for (c, b) in buckets.iter().enumerate() {
+        for s in 0..SHARDS {
+            starts[c][s] = run[s];
+            run[s] += b[s].len();
+        }
+    }
+    let counted: Vec<(Shard<K>, Vec<u32>)> = (0..SHARDS)
         .into_par_iter()
         .map(|s| {
-            let cap = buckets.iter().map(|b| b[s].0.len()).sum();
-            let mut map: FastMap<K, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
-            for &k in buckets.iter().flat_map(|b| &b[s].0) {
-                *map.entry(k).or_insert(0) += 1;
+            // (key, place in bucket order), sorted: runs are the distinct keys
+            let mut order: Vec<(K, u32)> =
+                buckets.iter().flat_map(|b| &b[s]).enumerate().map(|(i, &k)| (k, i as u32)).collect();
+            order.sort_unstable();
+            let mut dfs = vec![0u32; order.len()];
+            let mut shard = Shard::with_distinct(order.chunk_by(|a, b| a.0 == b.0).count());
+            for run in order.chunk_by(|a, b| a.0 == b.0) {
+                let d = run.len() as u32;
+                shard.insert(run[0].0, d);
+                for &(_, i) in run {
+                    dfs[i as usize] = d;
+                }
             }
-            let back = buckets
-                .iter()
-                .flat_map(|b| b[s].0.iter().zip(&b[s].1))
-                .map(|(k, &at)| (at, map.get(k).copied().unwrap_or(0)))
-                .collect();
-            (map, back)
+            (shard, dfs)
         })
         .collect();
     drop(buckets);
-    let mut shards = Vec::with_capacity(SHARDS);
-    for (map, back) in counted {
-        for ((image, pos), d) in back {
-            images[image as usize].df[pos as usize] = d;
+    images.par_chunks_mut(chunk).zip(starts).for_each(|(part, mut cursor)| {
+        for im in part {
+            for (k, d) in im.keys.iter().zip(im.df.iter_mut()) {
+                let s = shard(*k);
+                *d = counted[s].1[cursor[s]];
+                cursor[s] += 1;
+            }
         }
-        shards.push(map);
-    }
-    shards
+    });
+    counted.into_iter().map(|(shard, _)| shard).collect()
 }
 
 #[cfg(test)]
