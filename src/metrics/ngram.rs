@@ -120,28 +120,57 @@ impl Hasher for FastHasher {
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
-/// Token string -> id, built from the reference corpus.
+/// Token string -> id, built from the reference corpus. Single characters of
+/// the Basic Multilingual Plane (nearly every `char`-mode token) are looked
+/// up in a direct table instead of hashing a string.
 #[derive(Debug, Clone, Default)]
 pub struct Vocab {
     ids: FastMap<Box<str>, u32>,
+    /// `bmp[c]`: id of the one-character token `c`, `u32::MAX` if none
+    /// (allocated on the first such token).
+    bmp: Vec<u32>,
+    len: u32,
+}
+
+/// The code point of a token that is one BMP character.
+#[inline]
+fn single_bmp(token: &str) -> Option<usize> {
+    let mut chars = token.chars();
+    let c = chars.next()?;
+    (chars.next().is_none() && u32::from(c) < 0x1_0000).then_some(c as usize)
 }
 
 impl Vocab {
     pub fn intern(&mut self, token: &str) -> u32 {
-        if let Some(&id) = self.ids.get(token) {
+        if let Some(id) = self.get(token) {
             return id;
         }
-        let id = u32::try_from(self.ids.len()).unwrap_or(u32::MAX - 1);
-        self.ids.insert(token.into(), id);
+        let id = self.len.min(u32::MAX - 1);
+        self.len = self.len.saturating_add(1);
+        match single_bmp(token) {
+            Some(c) => {
+                if self.bmp.is_empty() {
+                    self.bmp = vec![u32::MAX; 0x1_0000];
+                }
+                self.bmp[c] = id;
+            }
+            None => {
+                self.ids.insert(token.into(), id);
+            }
+        }
         id
     }
 
+    #[inline]
     pub fn get(&self, token: &str) -> Option<u32> {
-        self.ids.get(token).copied()
+        match single_bmp(token) {
+            Some(c) => self.bmp.get(c).copied().filter(|&id| id != u32::MAX),
+            None => self.ids.get(token).copied(),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.len as usize
     }
 }
 
@@ -289,6 +318,18 @@ mod tests {
         count_ngrams::<u128>(&[3, big, 3, big], &mut k2, &mut o2, &mut w2);
         assert_eq!(o2.len(), out.len() + wide.len());
         assert!(w2.is_empty());
+    }
+
+    #[test]
+    fn vocab_ids_are_dense_and_stable_across_both_tables() {
+        let mut v = Vocab::default();
+        let toks = ["红", "iPhone", "", "\u{1F600}", "红", "色", "iPhone"];
+        let ids: Vec<u32> = toks.iter().map(|t| v.intern(t)).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 0, 4, 1]);
+        assert_eq!(v.len(), 5);
+        assert_eq!(v.get("色"), Some(4));
+        assert_eq!(v.get("蓝"), None);
+        assert_eq!(Vocab::default().get("蓝"), None);
     }
 
     #[test]
