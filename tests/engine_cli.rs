@@ -234,3 +234,52 @@ fn concurrent_sweeps_compute_each_stage_once() {
     let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(ok, "ok");
 }
+
+#[test]
+fn diverging_stage_fails_clearly_while_other_cells_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate that blows the weights up: the loss becomes non-finite.
+    let text = TINY.replace("[stages.pretrain_align]\nsteps = 4", "[stages.pretrain_align]\nlr = 1e30\nsteps = 4");
+    let p = spec(dir.path(), &text);
+    let runs = dir.path().join("runs");
+    let out = sweep(&p, &runs, &["--keep-going"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("non-finite") || err.contains("NaN") || err.contains("nan"), "{err}");
+    assert!(err.contains("failed: pretrain-align"), "{err}");
+    // The baseline cell finished and was recorded; the model cell's later stages were skipped.
+    let r = results(&runs);
+    assert!(r.iter().any(|(cell, m, _)| cell.starts_with("nn") && m == "cider_d"), "{r:?}");
+    assert!(!r.iter().any(|(cell, _, _)| cell.starts_with("llava")), "{r:?}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let skipped: i64 =
+        conn.query_row("SELECT COUNT(*) FROM stages WHERE status = 'skipped'", [], |r| r.get(0)).unwrap();
+    assert_eq!(skipped, 3, "domain-adapt, cider-optimize, evaluate");
+}
+
+#[test]
+fn training_loss_falls_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY
+        .replace("backbone = [\"llava\", \"nn\"]", "backbone = [\"blip2\"]")
+        .replace("[stages.pretrain_align]\nsteps = 4\nbatch_size = 4", "[stages.pretrain_align]\nsteps = 30\nbatch_size = 8\nlr = 3e-3")
+        .replace("[stages.domain_adapt]\nsteps = 40", "[stages.domain_adapt]\nsteps = 2");
+    let p = spec(dir.path(), &text);
+    let runs = dir.path().join("runs");
+    let out = sweep(&p, &runs, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let losses: Vec<f64> = {
+        let mut st = conn
+            .prepare(
+                "SELECT c.value FROM curves c JOIN stages s ON s.key = c.stage_key
+                 WHERE s.kind = 'pretrain-align' AND c.name = 'loss' ORDER BY c.step",
+            )
+            .unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    assert_eq!(losses.len(), 30);
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[25..].iter().sum::<f64>() / 5.0;
+    assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
+}
