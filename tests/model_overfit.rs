@@ -35,13 +35,15 @@ fn overfit(b: Backbone, f: Fusion) {
         let loss = m.loss(&img, &inp, &tgt, &mask, 0.0).unwrap();
         last = loss.to_scalar().unwrap();
         steps = step;
-        if last < 0.1 {
+        // Stop at 0.05, not 0.1: a mean of 0.1 can still leave a first token (the one only the
+        // image decides) wrong for 1-2 images, which the greedy check below then catches.
+        if last < 0.05 {
             break;
         }
         opt.backward_step(&loss).unwrap();
     }
     eprintln!("{b:?}/{f:?}: loss {last:.4} after {steps} steps");
-    assert!(last < 0.1, "{b:?}/{f:?}: loss {last} after {steps} steps");
+    assert!(last < 0.05, "{b:?}/{f:?}: loss {last} after {steps} steps");
     let dc = DecodeConfig { max_len: T, ..DecodeConfig::default() };
     let got = generate(&m, &img, &dc, 0).unwrap();
     let right = got.iter().zip(&caps).filter(|(g, c)| g == c).count();

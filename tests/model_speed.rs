@@ -47,6 +47,10 @@ fn print_training_and_decoding_rates() {
     let dir = tempfile::tempdir().unwrap();
     for b in [Backbone::Blip2, Backbone::Llava, Backbone::Phi3v] {
         for f in [Fusion::Early, Fusion::Late, Fusion::Multilevel] {
+            // ECIC_BENCH_ONLY=Phi3v/Early (substring of the line label) narrows the run for A/B.
+            if std::env::var("ECIC_BENCH_ONLY").is_ok_and(|o| !format!("{b:?}/{f:?}").contains(&o)) {
+                continue;
+            }
             let mut c = ModelConfig::tiny(b, f, V, 0, 1, 2);
             c.max_caption_len = T;
             let align = Captioner::new(&c, &PeftConfig::full(), Phase::Align, &Device::Cpu).unwrap();

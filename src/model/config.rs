@@ -105,13 +105,17 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The CPU preset the sweeps train: ViT 64 px / patch 8, width 96, depth 2; LM width 128,
-    /// 2 layers, 4 heads. `phi3v` reads a 128 px image (global view = 64 px, 2x2 crops of 64 px).
+    /// The CPU preset the sweeps train: ViT 64 px / patch 16 (a 4x4 grid: 16 tokens per view),
+    /// width 96, depth 2; LM width 128, 2 layers, 4 heads. `phi3v` reads a 128 px image (global
+    /// view = 64 px, 2x2 crops of 64 px); each view's 16 tokens are 2x2-merged to 4, so the HD
+    /// sequence is 27 tokens. Patch 16 rather than 8: on 64 px synthetic images the 64-token
+    /// grid cost 2-4x the training time without helping the model (measured in
+    /// `scripts/bench-model.sh`); every backbone keeps its architecture.
     pub fn tiny(backbone: Backbone, fusion: Fusion, vocab_size: usize, pad: u32, bos: u32, eos: u32) -> Self {
         Self {
             backbone,
             fusion,
-            vision: VisionConfig { image_size: 64, patch_size: 8, width: 96, depth: 2, heads: 4, mlp_ratio: 2 },
+            vision: VisionConfig { image_size: 64, patch_size: 16, width: 96, depth: 2, heads: 4, mlp_ratio: 2 },
             lm: LmConfig { width: 128, depth: 2, heads: 4, mlp_hidden: 256, rope_theta: 10_000.0 },
             qformer: QFormerConfig { queries: 16, width: 96, depth: 1, heads: 4 },
             fusion_opts: FusionConfig { late_layers: 1, levels: Vec::new(), inject: Vec::new() },
