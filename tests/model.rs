@@ -300,3 +300,116 @@ fn ops_match_reference() {
     assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     let _ = D::Minus1;
 }
+
+/// The fused ops (own backward) against their basic-op forms: values and input gradients.
+#[test]
+fn fused_ops_match_composed_values_and_gradients() {
+    use candle_core::Var;
+    let mut r = ChaCha8Rng::seed_from_u64(31);
+    let mut rand = |shape: &[usize]| -> Tensor {
+        let n = shape.iter().product();
+        let d: Vec<f32> = (0..n).map(|_| r.gen_range(-2.0..2.0)).collect();
+        Tensor::from_vec(d, shape, &Device::Cpu).unwrap()
+    };
+    let grads = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, w: &Tensor| -> (Tensor, Tensor) {
+        let xv = Var::from_tensor(x).unwrap();
+        let y = f(xv.as_tensor());
+        // A non-uniform weighting so every output element's gradient matters.
+        let g = (y.mul(w).unwrap()).sum_all().unwrap().backward().unwrap();
+        (y, g.get(xv.as_tensor()).unwrap().clone())
+    };
+    let check = |what: &str, fused: &dyn Fn(&Tensor) -> Tensor, comp: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, w: &Tensor| {
+        let (yf, gf) = grads(fused, x, w);
+        let (yc, gc) = grads(comp, x, w);
+        let (dy, dg) = (max_abs_diff(&yf, &yc), max_abs_diff(&gf, &gc));
+        assert!(dy < 1e-5 && dg < 1e-4, "{what}: value diff {dy}, gradient diff {dg}");
+    };
+    let x = rand(&[3, 5, 8]);
+    let w8 = rand(&[8]);
+    let b8 = rand(&[8]);
+    let wy = rand(&[3, 5, 8]);
+    check("softmax", &|x| ops::softmax_last(x).unwrap(), &|x| ops::composed::softmax_last(x).unwrap(), &x, &wy);
+    check(
+        "rms_norm",
+        &|x| ops::rms_norm(x, &w8, 1e-5).unwrap(),
+        &|x| ops::composed::rms_norm(x, &w8, 1e-5).unwrap(),
+        &x,
+        &wy,
+    );
+    check(
+        "layer_norm",
+        &|x| ops::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
+        &|x| ops::composed::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
+        &x,
+        &wy,
+    );
+    check("gelu", &|x| ops::gelu(x).unwrap(), &|x| x.gelu().unwrap(), &x, &wy);
+    let w4 = rand(&[3, 5, 4]);
+    check("swiglu", &|x| ops::swiglu(x).unwrap(), &|x| ops::composed::swiglu(x).unwrap(), &x, &w4);
+    // Weight gradients of the norms.
+    for ln in [false, true] {
+        let wv = Var::from_tensor(&w8).unwrap();
+        let bv = Var::from_tensor(&b8).unwrap();
+        let run = |fused: bool| -> (Tensor, Tensor) {
+            let y = match (ln, fused) {
+                (false, true) => ops::rms_norm(&x, wv.as_tensor(), 1e-5),
+                (false, false) => ops::composed::rms_norm(&x, wv.as_tensor(), 1e-5),
+                (true, true) => ops::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
+                (true, false) => ops::composed::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
+            }
+            .unwrap();
+            let g = y.mul(&wy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = if ln { g.get(bv.as_tensor()).unwrap().clone() } else { w8.zeros_like().unwrap() };
+            (g.get(wv.as_tensor()).unwrap().clone(), gb)
+        };
+        let ((wf, bf), (wc, bc)) = (run(true), run(false));
+        assert!(max_abs_diff(&wf, &wc) < 1e-4 && max_abs_diff(&bf, &bc) < 1e-4, "norm weight grads (ln {ln})");
+    }
+    // Attention with a causal mask (scale + mask + softmax fused) and RoPE.
+    let (q, k, v) = (rand(&[2, 2, 4, 6]), rand(&[2, 2, 4, 6]), rand(&[2, 2, 4, 6]));
+    let mask = ops::causal_mask(4, 4, &Device::Cpu).unwrap();
+    let wa = rand(&[2, 2, 4, 6]);
+    check(
+        "attention",
+        &|q| ops::attention(q, &k, &v, Some(&mask)).unwrap(),
+        &|q| ops::composed::attention(q, &k, &v, Some(&mask)).unwrap(),
+        &q,
+        &wa,
+    );
+    let rope = ops::Rope::new(6, 16, 10_000.0, &Device::Cpu).unwrap();
+    let rope_ref = |x: &Tensor| -> Tensor {
+        // Independent form: rotate each (x_i, x_{i+3}) pair by its angle with basic ops.
+        let (half, t, off) = (3, 4, 5);
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in off..off + t {
+            for i in 0..half {
+                let a = p as f64 / 10_000f64.powf(2.0 * i as f64 / 6.0);
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(sin, (t, half), &Device::Cpu).unwrap();
+        let x1 = x.narrow(3, 0, half).unwrap();
+        let x2 = x.narrow(3, half, half).unwrap();
+        let y1 = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+        let y2 = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+        Tensor::cat(&[y1, y2], 3).unwrap()
+    };
+    check("rope", &|x| rope.apply(x, 5).unwrap(), &rope_ref, &q, &wa);
+    // Cross-entropy with smoothing and a partial mask.
+    let logits = rand(&[6, 7]);
+    let tg = Tensor::from_vec(vec![0u32, 3, 6, 2, 2, 5], 6, &Device::Cpu).unwrap();
+    let mk = Tensor::from_vec(vec![1f32, 1., 0., 1., 1., 0.], 6, &Device::Cpu).unwrap();
+    let one = Tensor::ones((), candle_core::DType::F32, &Device::Cpu).unwrap();
+    for sm in [0.0, 0.1] {
+        check(
+            "cross_entropy",
+            &|x| ops::cross_entropy(x, &tg, &mk, sm).unwrap(),
+            &|x| ops::composed::cross_entropy(x, &tg, &mk, sm).unwrap(),
+            &logits,
+            &one,
+        );
+    }
+}

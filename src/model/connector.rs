@@ -82,7 +82,7 @@ impl QFormer {
             x = (&x + l.o.forward(&ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?, fwd)?)?;
             let (mk, mv) = l.cross.memory(img, fwd)?;
             x = (&x + l.cross.forward(&l.ln2.forward(&x)?, &mk, &mv, fwd)?)?;
-            let h = l.fc1.forward(&l.ln3.forward(&x)?, fwd)?.gelu()?;
+            let h = ops::gelu(&l.fc1.forward(&l.ln3.forward(&x)?, fwd)?)?;
             x = (&x + l.fc2.forward(&h, fwd)?)?;
         }
         self.ln_out.forward(&x)
@@ -203,7 +203,7 @@ impl Visual {
     pub fn forward(&self, images: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         match &self.head {
             Head::Blip2 { qformer, proj } => proj.forward(&qformer.forward(&self.features(images, fwd)?, fwd)?, fwd),
-            Head::Mlp { fc1, fc2 } => fc2.forward(&fc1.forward(&self.features(images, fwd)?, fwd)?.gelu()?, fwd),
+            Head::Mlp { fc1, fc2 } => fc2.forward(&ops::gelu(&fc1.forward(&self.features(images, fwd)?, fwd)?)?, fwd),
             Head::Phi3v { fc1, fc2, sub_sep, glb_sep } => {
                 let (bsz, c, h, _) = images.dims4()?;
                 let s = self.image_size;
@@ -231,7 +231,7 @@ impl Visual {
                     m,
                     4 * dv,
                 ))?;
-                let tok = fc2.forward(&fc1.forward(&merged, fwd)?.gelu()?, fwd)?; // (V, m, m, dl)
+                let tok = fc2.forward(&ops::gelu(&fc1.forward(&merged, fwd)?)?, fwd)?; // (V, m, m, dl)
                 let dl = self.lm_width;
                 let glb = tok.narrow(0, 0, bsz)?;
                 let loc = tok

@@ -86,7 +86,7 @@ pub struct Adapter {
 
 impl Adapter {
     pub fn forward(&self, h: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
-        let z = self.down.forward(h, fwd)?.gelu()?;
+        let z = ops::gelu(&self.down.forward(h, fwd)?)?;
         h + self.up.forward(&z, fwd)?
     }
 }

@@ -8,7 +8,7 @@
 //! text-only decoder. Bottleneck adapters sit after the attention and MLP sublayers when the
 //! PEFT method asks for them.
 
-use candle_core::{Result as CResult, Tensor, D};
+use candle_core::{Result as CResult, Tensor};
 
 use super::config::{Fusion, ModelConfig};
 use super::linear::{Adapter, Linear, RmsNorm};
@@ -163,8 +163,7 @@ impl Layer {
             x = (x + c)?;
         }
         let gu = self.gate_up_proj.forward(&self.ln2.forward(&x)?, fwd)?;
-        let h = gu.dim(D::Minus1)? / 2;
-        let m = (gu.narrow(D::Minus1, 0, h)?.silu()? * gu.narrow(D::Minus1, h, h)?)?;
+        let m = ops::swiglu(&gu)?;
         let mut m = self.down_proj.forward(&m, fwd)?;
         if let Some(ad) = &self.ad_mlp {
             m = ad.forward(&m, fwd)?;

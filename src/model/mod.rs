@@ -10,8 +10,9 @@
 //!
 //! **Fusion** (where those tokens enter the causal LM, [`lm`]):
 //! - `early`: visual tokens are a prefix of the text sequence; all decoder layers see them
-//!   through causal self-attention (blip2: 16 query tokens; llava: 64 patch tokens; phi3v: 93
-//!   HD tokens at the tiny preset).
+//!   through causal self-attention (blip2: 16 query tokens; llava: 16 patch tokens; phi3v: 27
+//!   HD tokens at the tiny preset, i.e. 4 merged tokens per view: 2x2 crops stitched into a
+//!   4x4 grid + 4 newlines, separator, 2x2 global + 2 newlines).
 //! - `late`: the text sequence alone goes through the decoder; only the top
 //!   `fusion_opts.late_layers` layers get a cross-attention sublayer onto the visual tokens.
 //! - `multilevel`: the connector reads several encoder depths (`fusion_opts.levels`, default
@@ -39,6 +40,7 @@
 pub mod captioner;
 pub mod config;
 pub mod connector;
+pub mod fused;
 pub mod linear;
 pub mod lm;
 pub mod ops;

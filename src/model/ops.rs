@@ -2,12 +2,16 @@
 //!
 //! candle's fused ops (`softmax_last_dim`, `ops::layer_norm`, `rms_norm`, `rotary_emb`) have
 //! no backward pass and silently cut gradients, so every op the model trains through is
-//! written here from basic tensor ops. Maxima subtracted for stability are detached: they do
+//! either written here from basic tensor ops or is one of our own fused ops with a backward
+//! ([`super::fused`]: softmax, norms, GELU, SwiGLU, RoPE, cross-entropy); [`composed`] keeps
+//! the basic-op forms the fused ones are tested against. Maxima subtracted for stability are detached: they do
 //! not change the result, and keeping them out of the graph saves backward work.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
+
+use super::fused;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -33,10 +37,7 @@ pub fn dropout(x: &Tensor, p: f64, fwd: Fwd<'_>) -> Result<Tensor> {
 }
 
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+    fused::softmax(x, 1.0, None)
 }
 
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
@@ -47,56 +48,114 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    xc.broadcast_mul(&inv)?.broadcast_mul(w)?.broadcast_add(b)
+    fused::layer_norm(x, w, b, eps)
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(w)
+    fused::rms_norm(x, w, eps)
 }
 
-/// Rotary position embedding, GPT-NeoX / LLaMA "rotate half" layout, from basic ops.
+/// GELU (tanh approximation), fused with its own backward.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    fused::gelu(x)
+}
+
+/// `silu(a) * b` for `x = [a | b]` on the last dim (the SwiGLU of a fused gate/up projection).
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    fused::swiglu(x)
+}
+
+/// The same ops written from basic tensor ops: the references the fused ops are tested against
+/// (values and gradients), kept so the comparison never depends on the code under test.
+pub mod composed {
+    use candle_core::{Result, Tensor, D};
+
+    pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&m)?.exp()?;
+        let s = e.sum_keepdim(D::Minus1)?;
+        e.broadcast_div(&s)
+    }
+
+    pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + eps)?.sqrt()?.recip()?;
+        xc.broadcast_mul(&inv)?.broadcast_mul(w)?.broadcast_add(b)
+    }
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (ms + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(w)
+    }
+
+    pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+        let h = x.dim(D::Minus1)? / 2;
+        x.narrow(D::Minus1, 0, h)?.silu()? * x.narrow(D::Minus1, h, h)?
+    }
+
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        let mut s = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            s = s.broadcast_add(m)?;
+        }
+        softmax_last(&s)?.matmul(v)
+    }
+
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+        let logp = super::log_softmax_last(logits)?;
+        let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let per_tok = if smoothing > 0.0 {
+            let smooth = logp.mean(D::Minus1)?.neg()?;
+            ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?
+        } else {
+            nll
+        };
+        let mask = mask.to_dtype(candle_core::DType::F32)?;
+        let denom = mask.sum_all()?.maximum(1.0)?;
+        (per_tok * mask)?.sum_all()?.div(&denom)
+    }
+}
+
+/// Rotary position embedding, GPT-NeoX / LLaMA "rotate half" layout:
+/// `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` over the two halves of each head.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    /// `[-sin, sin]` so that `rope(x) = x*cos + swap_halves(x)*sin_signed`.
-    sin_signed: Tensor,
+    /// (max_pos, head_dim / 2) angle tables, row-major.
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    max_pos: usize,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, device: &Device) -> Result<Self> {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64, _device: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_pos * head_dim);
-        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
-            let angles: Vec<f64> = (0..half).map(|i| p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
-            cos.extend(angles.iter().chain(angles.iter()).map(|a| a.cos() as f32));
-            sin.extend(angles.iter().map(|a| -a.sin() as f32));
-            sin.extend(angles.iter().map(|a| a.sin() as f32));
+            for i in 0..half {
+                let a = p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?,
-            sin_signed: Tensor::from_vec(sin, (max_pos, head_dim), device)?,
-        })
+        Ok(Self { cos: Arc::new(cos), sin: Arc::new(sin), max_pos })
     }
 
     pub fn max_pos(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.max_pos
     }
 
     /// `x`: (B, H, T, head_dim) at positions `offset..offset+T`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
-        let half = d / 2;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin_signed.narrow(0, offset, t)?;
-        let swapped = Tensor::cat(&[x.narrow(D::Minus1, half, half)?, x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
-        x.broadcast_mul(&cos)?.add(&swapped.broadcast_mul(&sin)?)
+        let t = x.dim(2)?;
+        if offset + t > self.max_pos {
+            candle_core::bail!("rope: positions up to {} exceed the table's {}", offset + t, self.max_pos);
+        }
+        fused::rope(x, &self.cos, &self.sin, offset)
     }
 }
 
@@ -109,13 +168,15 @@ pub fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention; q (B,H,T,d), k/v (B,H,S,d), mask broadcastable to (T,S).
+/// Scale, mask and softmax are one fused op.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let mut s = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(m) = mask {
-        s = s.broadcast_add(m)?;
-    }
-    softmax_last(&s)?.matmul(v)
+    let s = q.matmul(&k.t()?)?;
+    let mask = match mask {
+        Some(m) => Some(m.broadcast_as((s.dim(2)?, s.dim(3)?))?.contiguous()?),
+        None => None,
+    };
+    fused::softmax(&s, scale, mask.as_ref())?.matmul(v)
 }
 
 /// (B, T, H*d) -> (B, H, T, d), contiguous for the batched matmul.
@@ -131,17 +192,7 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy over masked positions with optional label smoothing.
-/// `logits` (N, V), `targets` (N,) u32, `mask` (N,) f32.
+/// `logits` (N, V), `targets` (N,) u32, `mask` (N,) f32. One fused op.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
-    let logp = log_softmax_last(logits)?;
-    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let per_tok = if smoothing > 0.0 {
-        let smooth = logp.mean(D::Minus1)?.neg()?;
-        ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?
-    } else {
-        nll
-    };
-    let mask = mask.to_dtype(DType::F32)?;
-    let denom = mask.sum_all()?.maximum(1.0)?;
-    (per_tok * mask)?.sum_all()?.div(&denom)
+    fused::cross_entropy(logits, targets, mask, smoothing)
 }

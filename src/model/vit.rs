@@ -44,7 +44,7 @@ impl Block {
         let v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, self.heads)?;
         let a = ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?;
         let x = (x + self.proj.forward(&a, fwd)?)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?, fwd)?.gelu()?;
+        let h = ops::gelu(&self.fc1.forward(&self.ln2.forward(&x)?, fwd)?)?;
         x + self.fc2.forward(&h, fwd)?
     }
 }

@@ -1,0 +1,426 @@
+//! Fused CPU ops with their own backward pass (candle's fused forms have none).
+//!
+//! Each op here replaces a chain of 4-10 basic tensor ops in [`super::ops`]: every basic op is
+//! one pass over memory forward, and in backward one more plus a zero-filled gradient buffer
+//! per node, which at the tiny preset cost more than the matmuls. The formulas are the same
+//! as the composed forms (the tests compare values and gradients against them); the forward
+//! runs row by row over a contiguous last dimension, the backward is computed in plain Rust
+//! and returned as a constant (second-order gradients are not needed).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op needs a contiguous input"),
+    }
+}
+
+fn data(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+fn out(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())
+}
+
+/// `softmax(x * scale + mask)` over the last dim; `mask` (T, S) repeats over leading dims.
+struct Softmax {
+    scale: f32,
+    mask: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "ecic-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let n = l.dims()[l.dims().len() - 1];
+        let mut y = vec![0f32; x.len()];
+        let mrows = self.mask.as_ref().map_or(1, |m| m.len() / n);
+        for (r, (xr, yr)) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)).enumerate() {
+            match &self.mask {
+                Some(m) => {
+                    let mr = &m[(r % mrows) * n..(r % mrows + 1) * n];
+                    for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(mr) {
+                        *o = a * self.scale + b;
+                    }
+                }
+                None => yr.iter_mut().zip(xr).for_each(|(o, &a)| *o = a * self.scale),
+            }
+            let mx = yr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for o in yr.iter_mut() {
+                *o = (*o - mx).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let n = y.dim(candle_core::D::Minus1)?;
+        let (yv, gv) = (data(y)?, data(g)?);
+        let mut dx = vec![0f32; yv.len()];
+        for ((yr, gr), dr) in yv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = self.scale * a * (b - dot);
+            }
+        }
+        Ok(Some(out(dx, y)?))
+    }
+}
+
+/// Softmax over the last dim of `x * scale + mask` (mask (T,S) constant, broadcast over rows).
+pub fn softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = match mask {
+        Some(m) => Some(Arc::new(data(m)?)),
+        None => None,
+    };
+    x.contiguous()?.apply_op1(Softmax { scale: scale as f32, mask })
+}
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) * w` over the last dim.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ecic-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(w) {
+                *o = a * inv * b;
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
+        let n = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let mut dw = vec![0f32; n];
+        for ((xr, gr), dr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
+            let mut dot = 0f32;
+            for i in 0..n {
+                let xh = xr[i] * inv;
+                dw[i] += gr[i] * xh;
+                dot += gr[i] * wv[i] * xh;
+            }
+            let dot = dot / n as f32;
+            for i in 0..n {
+                dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
+            }
+        }
+        Ok((Some(out(dx, x)?), Some(out(dw, w)?)))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// LayerNorm `(x - mean) / sqrt(var + eps) * w + b` over the last dim.
+struct LayerNorm {
+    eps: f32,
+}
+
+fn ln_stats(xr: &[f32], eps: f32) -> (f32, f32) {
+    let n = xr.len() as f32;
+    let mean = xr.iter().sum::<f32>() / n;
+    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "ecic-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let (mean, inv) = ln_stats(xr, self.eps);
+            for i in 0..n {
+                yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
+        let n = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let mut dw = vec![0f32; n];
+        let mut db = vec![0f32; n];
+        for ((xr, gr), dr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let (mean, inv) = ln_stats(xr, self.eps);
+            // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for i in 0..n {
+                let xh = (xr[i] - mean) * inv;
+                dw[i] += gr[i] * xh;
+                db[i] += gr[i];
+                let d = gr[i] * wv[i];
+                s1 += d;
+                s2 += d * xh;
+            }
+            let (s1, s2) = (s1 / n as f32, s2 / n as f32);
+            for i in 0..n {
+                let xh = (xr[i] - mean) * inv;
+                dr[i] = inv * (gr[i] * wv[i] - s1 - xh * s2);
+            }
+        }
+        Ok((Some(out(dx, x)?), Some(out(dw, w)?), Some(out(db, b)?)))
+    }
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
+
+/// tanh through one `exp` (libm's tanhf goes through expm1f and was 8% of a training step).
+fn tanh(u: f32) -> f32 {
+    if u.abs() > 15.0 {
+        return u.signum();
+    }
+    let e = (2.0 * u).exp();
+    (e - 1.0) / (e + 1.0)
+}
+
+/// GELU, tanh approximation (the form candle's `gelu` computes).
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "ecic-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let y = x.iter().map(|&v| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v)))).collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (xv, gv) = (data(x)?, data(g)?);
+        let dx = xv
+            .iter()
+            .zip(&gv)
+            .map(|(&v, &gr)| {
+                let t = tanh(GELU_K * (v + 0.044_715 * v * v * v));
+                gr * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
+            })
+            .collect();
+        Ok(Some(out(dx, x)?))
+    }
+}
+
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+/// SwiGLU on a fused `gate_up` projection: `[a | b]` (…, 2h) -> `silu(a) * b` (…, h).
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ecic-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let dims = l.dims();
+        let h2 = dims[dims.len() - 1];
+        let h = h2 / 2;
+        let mut y = Vec::with_capacity(x.len() / 2);
+        for r in x.chunks_exact(h2) {
+            let (a, b) = r.split_at(h);
+            y.extend(a.iter().zip(b).map(|(&a, &b)| a * sigmoid(a) * b));
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = h;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (xv, gv) = (data(x)?, data(g)?);
+        let h2 = x.dim(candle_core::D::Minus1)?;
+        let h = h2 / 2;
+        let mut dx = vec![0f32; xv.len()];
+        for ((r, gr), dr) in xv.chunks_exact(h2).zip(gv.chunks_exact(h)).zip(dx.chunks_exact_mut(h2)) {
+            let (a, b) = r.split_at(h);
+            let (da, db) = dr.split_at_mut(h);
+            for i in 0..h {
+                let s = sigmoid(a[i]);
+                da[i] = gr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                db[i] = gr[i] * a[i] * s;
+            }
+        }
+        Ok(Some(out(dx, x)?))
+    }
+}
+
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SwiGlu)
+}
+
+/// Rotary embedding ("rotate half") at positions `offset..offset+T` of x (B,H,T,d).
+struct Rope {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    offset: usize,
+}
+
+impl Rope {
+    /// `sign` +1: rotate by the angle (forward); -1: by its negative (backward).
+    fn rotate(&self, x: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        for (r, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            let p = self.offset + r % t;
+            let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            for i in 0..half {
+                let (x1, x2) = (xr[i], xr[i + half]);
+                let si = sign * s[i];
+                yr[i] = x1 * c[i] - x2 * si;
+                yr[i + half] = x2 * c[i] + x1 * si;
+            }
+        }
+        y
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "ecic-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        Ok((CpuStorage::F32(self.rotate(slice(s, l)?, t, d, 1.0)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, t, d) = x.dims4()?;
+        Ok(Some(out(self.rotate(&data(g)?, t, d, -1.0), x)?))
+    }
+}
+
+/// `cos`/`sin`: (max_pos, d/2) angle tables, row-major.
+pub fn rope(x: &Tensor, cos: &Arc<Vec<f32>>, sin: &Arc<Vec<f32>>, offset: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), offset })
+}
+
+/// Mean masked cross-entropy with label smoothing over logits (N, V): one scalar.
+struct CrossEntropy {
+    targets: Vec<u32>,
+    /// mask / max(sum(mask), 1) per row.
+    weight: Vec<f32>,
+    smoothing: f32,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "ecic-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let v = l.dims()[1];
+        let mut total = 0f64;
+        for ((xr, &t), &w) in x.chunks_exact(v).zip(&self.targets).zip(&self.weight) {
+            if w == 0.0 {
+                continue;
+            }
+            let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = mx + xr.iter().map(|a| (a - mx).exp()).sum::<f32>().ln();
+            let nll = lse - xr[t as usize];
+            let smooth = lse - xr.iter().sum::<f32>() / v as f32;
+            total += (w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth)) as f64;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.to_scalar::<f32>()?;
+        let xv = data(x)?;
+        let v = x.dim(1)?;
+        let mut dx = vec![0f32; xv.len()];
+        let sv = self.smoothing / v as f32;
+        for (((xr, dr), &t), &w) in xv.chunks_exact(v).zip(dx.chunks_exact_mut(v)).zip(&self.targets).zip(&self.weight)
+        {
+            if w == 0.0 {
+                continue;
+            }
+            let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (d, &a) in dr.iter_mut().zip(xr) {
+                *d = (a - mx).exp();
+                sum += *d;
+            }
+            let k = g * w / sum;
+            dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
+            dr[t as usize] -= g * w * (1.0 - self.smoothing);
+        }
+        Ok(Some(out(dx, x)?))
+    }
+}
+
+/// `logits` (N, V), `targets` (N,) u32, `mask` (N,): the value of `ops::cross_entropy`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let v = logits.dim(1)?;
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {v}");
+    }
+    let mask = data(&mask.to_dtype(candle_core::DType::F32)?)?;
+    let denom = mask.iter().sum::<f32>().max(1.0);
+    let weight = mask.iter().map(|m| m / denom).collect();
+    logits.contiguous()?.apply_op1(CrossEntropy { targets, weight, smoothing: smoothing as f32 })
+}
