@@ -193,6 +193,11 @@ fn tokenizer_round_trips_every_training_caption() {
         assert!(!ids.contains(&tok.unk_id()), "{c}");
         assert!(ids.iter().all(|&i| i > tok.unk_id()), "specials inside {c}");
         assert_eq!(&tok.decode(&ids), c);
+        assert_eq!(
+            ids,
+            tok.encode_with_pipeline(c).unwrap(),
+            "fast path differs from the tokenizers pipeline: {c}"
+        );
     }
     assert_eq!(
         tok.vocab_size(),

@@ -134,3 +134,52 @@ fn learnability() {
         );
     }
 }
+
+/// Peak resident set of this process so far, from /proc (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+#[ignore = "benchmark: needs ECIC_BENCH_DATA, run by scripts/bench-preprocess.sh"]
+fn preprocess_throughput() {
+    let Ok(data) = std::env::var("ECIC_BENCH_DATA") else {
+        println!("set ECIC_BENCH_DATA to a MUGE directory");
+        return;
+    };
+    let size: u32 = std::env::var("ECIC_BENCH_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    let copies: u32 = std::env::var("ECIC_BENCH_COPIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut params = ecic::data::preprocess::PreprocessParams {
+        image_size: size,
+        ..Default::default()
+    };
+    params.augment.copies = copies;
+    let rss0 = peak_rss_kib().unwrap_or(0);
+    let t = std::time::Instant::now();
+    let s = ecic::data::preprocess::run(std::path::Path::new(&data), out.path(), &params, 1)
+        .expect("preprocess");
+    let secs = t.elapsed().as_secs_f64();
+    let images: usize = s.splits.iter().map(|x| x.images).sum();
+    let rows: usize = s.splits.iter().map(|x| x.rows).sum();
+    println!(
+        "preprocess {images} images -> {rows} rows at {size} px (train copies {copies}) on {} threads: {secs:.2} s, \
+         {:.0} images/s, {:.0} rows/s",
+        rayon::current_num_threads(),
+        images as f64 / secs,
+        rows as f64 / secs
+    );
+    println!(
+        "peak RSS {:.0} MiB (before preprocessing {:.0} MiB)",
+        peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
+        rss0 as f64 / 1024.0
+    );
+}

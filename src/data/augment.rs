@@ -2,7 +2,6 @@
 //! and the train-only augmented views (random resized crop, horizontal flip,
 //! colour jitter), each to a CHW u8 row ready for a shard.
 
-use image::imageops::{self, FilterType};
 use image::RgbImage;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -65,15 +64,82 @@ impl AugmentParams {
     }
 }
 
-/// Packs an RGB image into CHW bytes.
-fn to_chw(img: &RgbImage) -> Vec<u8> {
-    let (w, h) = img.dimensions();
-    let plane = (w * h) as usize;
+/// Source taps and weights of each output sample along one axis, for the
+/// span `[start, start + len)` of the source resampled to `out` samples.
+/// Downscaling averages the exact area each output sample covers (a box
+/// filter, so no aliasing and the mean colour is kept); upscaling is linear.
+fn axis_weights(start: u32, len: u32, out: u32, src_len: u32) -> Vec<(usize, Vec<f32>)> {
+    let scale = len as f64 / out as f64;
+    (0..out)
+        .map(|i| {
+            if scale >= 1.0 {
+                let a = start as f64 + i as f64 * scale;
+                let b = a + scale;
+                let first = a.floor() as usize;
+                // Never past the span, whatever the rounding.
+                let last = (b.ceil() as usize).min((start + len).min(src_len) as usize);
+                let w = (first..last)
+                    .map(|k| ((b.min(k as f64 + 1.0) - a.max(k as f64)) / scale) as f32)
+                    .collect();
+                (first, w)
+            } else {
+                let c = start as f64 + (i as f64 + 0.5) * scale - 0.5;
+                let lo = c.floor().clamp(start as f64, (start + len - 1) as f64);
+                let t = (c - lo).clamp(0.0, 1.0) as f32;
+                let lo = lo as usize;
+                if lo + 1 < (start + len) as usize {
+                    (lo, vec![1.0 - t, t])
+                } else {
+                    (lo, vec![1.0])
+                }
+            }
+        })
+        .collect()
+}
+
+/// Resamples the rectangle `(x, y, w, h)` of `img` to `size`x`size` and
+/// returns it as CHW bytes. Separable: rows first into an f32 buffer, then
+/// columns (this is the hot loop of preprocessing).
+fn resample_chw(img: &RgbImage, (x, y, w, h): (u32, u32, u32, u32), size: u32) -> Vec<u8> {
+    let (iw, ih) = img.dimensions();
+    let xs = axis_weights(x, w, size, iw);
+    let ys = axis_weights(y, h, size, ih);
+    let raw = img.as_raw();
+    let stride = iw as usize * 3;
+    let n = size as usize;
+    // Only the source rows some output row reads.
+    let (row0, row1) = (y as usize, ((y + h) as usize).min(ih as usize));
+    let mut tmp = vec![0f32; (row1 - row0) * n * 3];
+    for r in row0..row1 {
+        let src = &raw[r * stride..(r + 1) * stride];
+        let dst = &mut tmp[(r - row0) * n * 3..(r - row0 + 1) * n * 3];
+        for (i, (first, wts)) in xs.iter().enumerate() {
+            let mut acc = [0f32; 3];
+            for (k, wt) in wts.iter().enumerate() {
+                let px = &src[(first + k) * 3..(first + k) * 3 + 3];
+                acc[0] += wt * f32::from(px[0]);
+                acc[1] += wt * f32::from(px[1]);
+                acc[2] += wt * f32::from(px[2]);
+            }
+            dst[i * 3..i * 3 + 3].copy_from_slice(&acc);
+        }
+    }
+    let plane = n * n;
     let mut out = vec![0u8; plane * 3];
-    for (i, p) in img.pixels().enumerate() {
-        out[i] = p[0];
-        out[plane + i] = p[1];
-        out[2 * plane + i] = p[2];
+    let mut acc = vec![0f32; n * 3];
+    for (j, (first, wts)) in ys.iter().enumerate() {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (k, wt) in wts.iter().enumerate() {
+            let r = first + k - row0;
+            for (a, v) in acc.iter_mut().zip(&tmp[r * n * 3..(r + 1) * n * 3]) {
+                *a += wt * v;
+            }
+        }
+        for i in 0..n {
+            for c in 0..3 {
+                out[c * plane + j * n + i] = (acc[i * 3 + c] + 0.5).clamp(0.0, 255.0) as u8;
+            }
+        }
     }
     out
 }
@@ -82,13 +148,7 @@ fn to_chw(img: &RgbImage) -> Vec<u8> {
 pub(crate) fn clean_view(img: &RgbImage, size: u32) -> Vec<u8> {
     let (w, h) = img.dimensions();
     let s = w.min(h);
-    let view = imageops::crop_imm(img, (w - s) / 2, (h - s) / 2, s, s).to_image();
-    let out = if s == size {
-        view
-    } else {
-        imageops::resize(&view, size, size, FilterType::Triangle)
-    };
-    to_chw(&out)
+    resample_chw(img, ((w - s) / 2, (h - s) / 2, s, s), size)
 }
 
 /// One augmented view drawn from `rng`.
@@ -117,39 +177,61 @@ pub(crate) fn augmented_view<R: Rng>(
             break;
         }
     }
-    let crop = imageops::crop_imm(img, rect.0, rect.1, rect.2, rect.3).to_image();
-    let mut out = imageops::resize(&crop, size, size, FilterType::Triangle);
+    let mut out = resample_chw(img, rect, size);
+    let n = size as usize;
+    let plane = n * n;
     if p.flip && rng.gen_bool(0.5) {
-        imageops::flip_horizontal_in_place(&mut out);
+        for row in out.chunks_exact_mut(n) {
+            row.reverse();
+        }
     }
     if p.jitter > 0.0 {
         let j = p.jitter;
         let bright = rng.gen_range(1.0 - j..=1.0 + j);
         let contrast = rng.gen_range(1.0 - j..=1.0 + j);
         let sat = rng.gen_range(1.0 - j..=1.0 + j);
-        let luma = |p: &[f32; 3]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
-        let mean: f32 = out
-            .pixels()
-            .map(|px| luma(&px.0.map(f32::from)))
+        let luma = |r: f32, g: f32, b: f32| 0.299 * r + 0.587 * g + 0.114 * b;
+        let (rs, rest) = out.split_at_mut(plane);
+        let (gs, bs) = rest.split_at_mut(plane);
+        let mean = (0..plane)
+            .map(|i| luma(f32::from(rs[i]), f32::from(gs[i]), f32::from(bs[i])))
             .sum::<f32>()
-            / (size * size) as f32
+            / plane as f32
             * bright;
-        for px in out.pixels_mut() {
-            let mut v = px.0.map(|c| f32::from(c) * bright);
-            for c in &mut v {
-                *c = (*c - mean) * contrast + mean;
-            }
-            let g = luma(&v);
-            px.0 = v.map(|c| (g + (c - g) * sat).round().clamp(0.0, 255.0) as u8);
+        for i in 0..plane {
+            let v = [rs[i], gs[i], bs[i]].map(|c| (f32::from(c) * bright - mean) * contrast + mean);
+            let g = luma(v[0], v[1], v[2]);
+            let [r, gg, b] = v.map(|c| (g + (c - g) * sat).round().clamp(0.0, 255.0) as u8);
+            (rs[i], gs[i], bs[i]) = (r, gg, b);
         }
     }
-    to_chw(&out)
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn box_downscale_averages_and_upscale_interpolates() {
+        // 4x4 checker of 0/200 halves to a flat 100; a 2x2 gradient upscales
+        // to values between its corners.
+        let img = RgbImage::from_fn(4, 4, |x, y| {
+            image::Rgb([if (x + y) % 2 == 0 { 0 } else { 200 }; 3])
+        });
+        assert!(resample_chw(&img, (0, 0, 4, 4), 2)
+            .iter()
+            .all(|&v| v == 100));
+        let img = RgbImage::from_fn(2, 2, |x, _| image::Rgb([if x == 0 { 0 } else { 100 }; 3]));
+        let up = resample_chw(&img, (0, 0, 2, 2), 4);
+        assert_eq!(&up[..4], &[0, 25, 75, 100]);
+        // A crop reads only its own rectangle.
+        let img = RgbImage::from_fn(6, 6, |x, _| image::Rgb([if x < 3 { 10 } else { 250 }; 3]));
+        assert!(resample_chw(&img, (3, 1, 3, 3), 2)
+            .iter()
+            .all(|&v| v == 250));
+    }
 
     #[test]
     fn views_have_chw_shape_and_clean_view_keeps_colour() {

@@ -368,7 +368,8 @@ fn preprocess_split(
     let size = params.image_size;
     let mut shards = ShardWriter::create(out_dir.join(name), size)?;
     let view = |id: &str, img: image::DynamicImage| -> Vec<Vec<u8>> {
-        let rgb = img.to_rgb8();
+        // No copy when the decoder already gave RGB8 (JPEG does).
+        let rgb = img.into_rgb8();
         let mut views = vec![clean_view(&rgb, size)];
         for c in 1..=copies {
             views.push(augmented_view(

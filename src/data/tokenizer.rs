@@ -72,6 +72,9 @@ pub enum TokenizerKind {
 pub struct CaptionTokenizer {
     inner: Tokenizer,
     kind: TokenizerKind,
+    /// The `char` kind's vocabulary, for the fast encoding path (empty for
+    /// the external kind).
+    vocab: HashMap<String, u32>,
     pad: u32,
     bos: u32,
     eos: u32,
@@ -179,9 +182,11 @@ impl CaptionTokenizer {
         let pre = Sequence::new(vec![WhitespaceSplit.into(), split.into()]);
         let mut inner = Tokenizer::new(ModelWrapper::WordLevel(model));
         inner.with_pre_tokenizer(Some(pre));
+        let vocab = inner.get_vocab(false);
         Ok(Self {
             inner,
             kind: TokenizerKind::Char,
+            vocab,
             pad: 0,
             bos: 1,
             eos: 2,
@@ -203,9 +208,11 @@ impl CaptionTokenizer {
                 .enumerate()
                 .all(|(i, s)| inner.token_to_id(s) == Some(i as u32));
         if is_ours {
+            let vocab = inner.get_vocab(false);
             return Ok(Self {
                 inner,
                 kind: TokenizerKind::Char,
+                vocab,
                 pad: 0,
                 bos: 1,
                 eos: 2,
@@ -229,6 +236,7 @@ impl CaptionTokenizer {
         Ok(Self {
             inner,
             kind: TokenizerKind::External,
+            vocab: HashMap::new(),
             pad,
             bos,
             eos,
@@ -252,6 +260,21 @@ impl CaptionTokenizer {
 
     /// Token ids of `text`, without BOS/EOS (the caller adds them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        if self.kind == TokenizerKind::Char {
+            // Same result as the `tokenizers` pipeline (WordLevel over the
+            // char-rule pieces, no normalizer, no added tokens; a test holds
+            // them equal), without its per-call overhead: this runs for
+            // every caption of every preprocessing run.
+            return Ok(char_tokens(text)
+                .into_iter()
+                .map(|t| self.vocab.get(t).copied().unwrap_or(self.unk))
+                .collect());
+        }
+        self.encode_with_pipeline(text)
+    }
+
+    /// Token ids through the wrapped `tokenizers` pipeline itself.
+    pub fn encode_with_pipeline(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
             .inner
             .encode(text, false)
@@ -348,6 +371,13 @@ mod tests {
             assert_eq!(ids.len(), char_tokens(c).len(), "{c}");
             assert!(!ids.contains(&tok.unk_id()));
             assert_eq!(tok.decode(&ids), c);
+        }
+        for weird in ["", "  ", "紫色 iPhone_15\t新款", "[PAD][UNK]", "a\u{3000}b"] {
+            assert_eq!(
+                tok.encode(weird).unwrap(),
+                tok.encode_with_pipeline(weird).unwrap(),
+                "{weird:?}"
+            );
         }
         // Whitespace next to a non-ASCII-run token is not kept (documented).
         let ids = tok.encode("手机壳 XL码").unwrap();
