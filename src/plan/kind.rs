@@ -52,7 +52,8 @@ impl StageKind {
     pub fn version(self) -> u32 {
         match self {
             StageKind::Preprocess => 1,
-            StageKind::PretrainAlign => 1,
+            // 2: tiny preset with ViT patch 16 (fewer visual tokens).
+            StageKind::PretrainAlign => 2,
             StageKind::DomainAdapt => 1,
             StageKind::CiderOptimize => 1,
             StageKind::Evaluate => 1,
