@@ -233,6 +233,18 @@ fn concurrent_sweeps_compute_each_stage_once() {
     let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
     let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(ok, "ok");
+
+    // gc keeps what the recorded sweep references and removes the rest.
+    let stray = runs.join("objects-v1").join("0123456789abcdef");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("manifest.json"), b"{}").unwrap();
+    let out = ecic().arg("gc").arg("--runs").arg(&runs).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!stray.exists());
+    let kept = std::fs::read_dir(runs.join("objects-v1")).unwrap().flatten().filter(|e| e.file_name() != ".tmp").count();
+    assert_eq!(kept, 3);
+    let out = sweep(&p, &runs, &[]);
+    assert!(stderr_of(&out).contains("0 stages run, 3 reused"), "{}", stderr_of(&out));
 }
 
 #[test]
