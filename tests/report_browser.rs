@@ -135,6 +135,10 @@ fn report_renders_in_headless_chromium() {
 
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report-screenshot.png");
     let _ = std::fs::remove_file(&shot);
+    // target/ may not exist when CARGO_TARGET_DIR points elsewhere.
+    if let Some(dir) = shot.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     let out = run(
         &browser,
         &tmp.path().join("profile-shot"),
