@@ -8,7 +8,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn caption(rng: &mut ChaCha8Rng, len: usize) -> String {
-    (0..len).map(|_| char::from_u32(0x4E00 + 35 * rng.gen_range(0..600u32)).unwrap_or('字')).collect()
+    (0..len)
+        .map(|_| char::from_u32(0x4E00 + 35 * rng.gen_range(0..600u32)).unwrap_or('字'))
+        .collect()
 }
 
 type Corpus = (Vec<(String, String)>, Vec<(String, Vec<String>)>);
@@ -39,12 +41,20 @@ fn bench(c: &mut Criterion) {
     let (preds, refs) = corpus(2000);
     let mut g = c.benchmark_group("metrics_2000x5");
     g.sample_size(10);
-    g.bench_function("evaluate", |b| b.iter(|| evaluate(&preds, &refs, Tokenize::Char)));
+    g.bench_function("evaluate", |b| {
+        b.iter(|| evaluate(&preds, &refs, Tokenize::Char))
+    });
     let prepared = References::new(&refs, Tokenize::Char).unwrap_or_else(|e| panic!("{e}"));
     let texts: Vec<&str> = preds.iter().map(|p| p.1.as_str()).collect();
-    g.bench_function("score_prepared", |b| b.iter(|| prepared.evaluate_in_order(&texts)));
-    let ev = prepared.evaluate_in_order(&texts).unwrap_or_else(|e| panic!("{e}"));
-    g.bench_function("bootstrap_1000", |b| b.iter(|| bootstrap::confidence_interval(&ev.images, 1000, 1)));
+    g.bench_function("score_prepared", |b| {
+        b.iter(|| prepared.evaluate_in_order(&texts))
+    });
+    let ev = prepared
+        .evaluate_in_order(&texts)
+        .unwrap_or_else(|e| panic!("{e}"));
+    g.bench_function("bootstrap_1000", |b| {
+        b.iter(|| bootstrap::confidence_interval(&ev.images, 1000, 1))
+    });
     g.finish();
 
     // SCST: one sampled caption scored against fixed training references

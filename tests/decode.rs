@@ -22,11 +22,18 @@ fn images(m: &Captioner, n: usize, seed: u64) -> Tensor {
 }
 
 fn cfg(strategy: Strategy) -> DecodeConfig {
-    DecodeConfig { strategy, max_len: 11, ..DecodeConfig::default() }
+    DecodeConfig {
+        strategy,
+        max_len: 11,
+        ..DecodeConfig::default()
+    }
 }
 
-const PAIRS: [(Backbone, Fusion); 3] =
-    [(Backbone::Blip2, Fusion::Early), (Backbone::Llava, Fusion::Late), (Backbone::Phi3v, Fusion::Multilevel)];
+const PAIRS: [(Backbone, Fusion); 3] = [
+    (Backbone::Blip2, Fusion::Early),
+    (Backbone::Llava, Fusion::Late),
+    (Backbone::Phi3v, Fusion::Multilevel),
+];
 
 #[test]
 fn beam_width_one_equals_greedy() {
@@ -35,11 +42,27 @@ fn beam_width_one_equals_greedy() {
             let m = model(b, f, seed);
             let img = images(&m, 3, seed);
             for rep in [1.0, 1.3] {
-                let g =
-                    generate(&m, &img, &DecodeConfig { repetition_penalty: rep, ..cfg(Strategy::Greedy) }, 0).unwrap();
-                let bm =
-                    DecodeConfig { beam_width: 1, length_penalty: 0.7, repetition_penalty: rep, ..cfg(Strategy::Beam) };
-                assert_eq!(g, generate(&m, &img, &bm, 0).unwrap(), "{b:?}/{f:?} seed {seed} rep {rep}");
+                let g = generate(
+                    &m,
+                    &img,
+                    &DecodeConfig {
+                        repetition_penalty: rep,
+                        ..cfg(Strategy::Greedy)
+                    },
+                    0,
+                )
+                .unwrap();
+                let bm = DecodeConfig {
+                    beam_width: 1,
+                    length_penalty: 0.7,
+                    repetition_penalty: rep,
+                    ..cfg(Strategy::Beam)
+                };
+                assert_eq!(
+                    g,
+                    generate(&m, &img, &bm, 0).unwrap(),
+                    "{b:?}/{f:?} seed {seed} rep {rep}"
+                );
             }
         }
     }
@@ -52,11 +75,27 @@ fn kv_cache_equals_full_recompute() {
         let img = images(&m, 2, 4);
         for c in [
             cfg(Strategy::Greedy),
-            DecodeConfig { beam_width: 3, ..cfg(Strategy::Beam) },
-            DecodeConfig { top_p: 0.8, temperature: 1.5, ..cfg(Strategy::Nucleus) },
+            DecodeConfig {
+                beam_width: 3,
+                ..cfg(Strategy::Beam)
+            },
+            DecodeConfig {
+                top_p: 0.8,
+                temperature: 1.5,
+                ..cfg(Strategy::Nucleus)
+            },
         ] {
             let with = generate(&m, &img, &c, 5).unwrap();
-            let without = generate(&m, &img, &DecodeConfig { kv_cache: false, ..c.clone() }, 5).unwrap();
+            let without = generate(
+                &m,
+                &img,
+                &DecodeConfig {
+                    kv_cache: false,
+                    ..c.clone()
+                },
+                5,
+            )
+            .unwrap();
             assert_eq!(with, without, "{b:?}/{f:?} {:?}", c.strategy);
             assert!(with.iter().all(|s| s.len() <= 11 && !s.contains(&2)));
         }
@@ -69,8 +108,16 @@ fn kv_cache_equals_full_recompute() {
         let (mut step, mut st) = inf.begin(&img, 1).unwrap();
         for j in 0..t {
             let want = full.narrow(1, j, 1).unwrap().squeeze(1).unwrap();
-            let d: f32 =
-                (&want - &step).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let d: f32 = (&want - &step)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(d < 1e-4, "{b:?}/{f:?} position {j}: {d}");
             if j + 1 < t {
                 step = inf.step(&[ids[j + 1], ids[t + j + 1]], &mut st).unwrap();
@@ -83,18 +130,30 @@ fn kv_cache_equals_full_recompute() {
 fn sampling_is_seeded_and_image_major() {
     let m = model(Backbone::Llava, Fusion::Early, 4);
     let img = images(&m, 2, 6);
-    let c = DecodeConfig { top_p: 0.95, temperature: 1.0, ..cfg(Strategy::Nucleus) };
+    let c = DecodeConfig {
+        top_p: 0.95,
+        temperature: 1.0,
+        ..cfg(Strategy::Nucleus)
+    };
     let a = sample(&m, &img, 4, &c, 42).unwrap();
     assert_eq!(a.len(), 2);
     assert!(a.iter().all(|k| k.len() == 4));
     assert_eq!(a, sample(&m, &img, 4, &c, 42).unwrap());
     assert_ne!(a, sample(&m, &img, 4, &c, 43).unwrap());
     // top_p -> 0 keeps only the most likely token: sampling collapses to greedy.
-    let tiny_p = DecodeConfig { top_p: 1e-6, ..c.clone() };
+    let tiny_p = DecodeConfig {
+        top_p: 1e-6,
+        ..c.clone()
+    };
     let g = generate(&m, &img, &cfg(Strategy::Greedy), 0).unwrap();
     let s = sample(&m, &img, 2, &tiny_p, 7).unwrap();
     assert_eq!(s.iter().map(|k| k[0].clone()).collect::<Vec<_>>(), g);
-    assert!(DecodeConfig { top_p: 0.0, ..c.clone() }.validate().is_err());
+    assert!(DecodeConfig {
+        top_p: 0.0,
+        ..c.clone()
+    }
+    .validate()
+    .is_err());
     assert!(sample(&m, &img, 0, &c, 1).is_err());
 }
 
@@ -106,15 +165,29 @@ fn beam_search_never_scores_below_greedy() {
         let m = model(b, f, 8);
         let img = images(&m, 3, 9);
         let g = generate(&m, &img, &cfg(Strategy::Greedy), 0).unwrap();
-        let bm =
-            generate(&m, &img, &DecodeConfig { beam_width: 4, length_penalty: 0.0, ..cfg(Strategy::Beam) }, 0).unwrap();
+        let bm = generate(
+            &m,
+            &img,
+            &DecodeConfig {
+                beam_width: 4,
+                length_penalty: 0.0,
+                ..cfg(Strategy::Beam)
+            },
+            0,
+        )
+        .unwrap();
         let inf = m.inference().unwrap();
         let lg: Vec<f32> = inf.log_probs(&img, &g, 1).unwrap().to_vec1().unwrap();
         let lb: Vec<f32> = inf.log_probs(&img, &bm, 1).unwrap().to_vec1().unwrap();
         for i in 0..3 {
             // Captions cut at max_len have no EOS in decoding but log_probs scores one.
             if g[i].len() < 11 && bm[i].len() < 11 {
-                assert!(lb[i] >= lg[i] - 1e-4, "{b:?}/{f:?} image {i}: beam {} < greedy {}", lb[i], lg[i]);
+                assert!(
+                    lb[i] >= lg[i] - 1e-4,
+                    "{b:?}/{f:?} image {i}: beam {} < greedy {}",
+                    lb[i],
+                    lg[i]
+                );
             }
         }
     }

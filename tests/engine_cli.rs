@@ -51,7 +51,10 @@ fn results(runs: &Path) -> Vec<(String, String, f64)> {
     let mut st = conn
         .prepare("SELECT cell, metric, value FROM results WHERE stage = 'evaluate' AND split = 'valid' ORDER BY cell, metric")
         .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -63,41 +66,102 @@ fn bad_specs_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("name = \"x\"\n[grid\n", "spec.toml:2", "TOML syntax error"),
-        ("name = \"x\"\n[model]\npresett = \"tiny\"\n", "model.presett", "did you mean `preset`"),
-        ("name = \"x\"\n[stages.domain_adapt]\nsteps = \"ten\"\n", "stages.domain_adapt.steps", "invalid type"),
-        ("name = \"x\"\n[grid]\npeft = []\n", "grid.peft", "empty axis"),
-        ("name = \"x\"\n[grid]\nbackbone = [\"blip3\"]\n", "grid.backbone", "unknown backbone `blip3`"),
-        ("name = \"x\"\n[stages.domain_adapt]\nlr = -1e-3\n", "stages.domain_adapt.lr", "positive"),
+        (
+            "name = \"x\"\n[model]\npresett = \"tiny\"\n",
+            "model.presett",
+            "did you mean `preset`",
+        ),
+        (
+            "name = \"x\"\n[stages.domain_adapt]\nsteps = \"ten\"\n",
+            "stages.domain_adapt.steps",
+            "invalid type",
+        ),
+        (
+            "name = \"x\"\n[grid]\npeft = []\n",
+            "grid.peft",
+            "empty axis",
+        ),
+        (
+            "name = \"x\"\n[grid]\nbackbone = [\"blip3\"]\n",
+            "grid.backbone",
+            "unknown backbone `blip3`",
+        ),
+        (
+            "name = \"x\"\n[stages.domain_adapt]\nlr = -1e-3\n",
+            "stages.domain_adapt.lr",
+            "positive",
+        ),
     ];
     for (text, key, msg) in cases {
         let p = spec(dir.path(), text);
-        let out = ecic().args(["plan"]).arg(&p).arg("--runs").arg(dir.path().join("runs")).output().unwrap();
+        let out = ecic()
+            .args(["plan"])
+            .arg(&p)
+            .arg("--runs")
+            .arg(dir.path().join("runs"))
+            .output()
+            .unwrap();
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(2), "{text}: {err}");
-        assert!(err.contains(key) && err.contains(msg), "{text}: expected {key} / {msg} in: {err}");
+        assert!(
+            err.contains(key) && err.contains(msg),
+            "{text}: expected {key} / {msg} in: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     // Several problems are reported at once.
-    let p = spec(dir.path(), "name = \"x\"\n[grid]\npeft = []\n[stages.domain_adapt]\nlr = -1\n[stages.evaluat]\n");
-    let out = ecic().arg("sweep").arg(&p).arg("--runs").arg(dir.path().join("runs")).output().unwrap();
+    let p = spec(
+        dir.path(),
+        "name = \"x\"\n[grid]\npeft = []\n[stages.domain_adapt]\nlr = -1\n[stages.evaluat]\n",
+    );
+    let out = ecic()
+        .arg("sweep")
+        .arg(&p)
+        .arg("--runs")
+        .arg(dir.path().join("runs"))
+        .output()
+        .unwrap();
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("grid.peft") && err.contains("stages.evaluat"), "{err}");
+    assert!(
+        err.contains("grid.peft") && err.contains("stages.evaluat"),
+        "{err}"
+    );
     // A bad --set is a usage error too.
     let p = spec(dir.path(), TINY);
-    let out = ecic().arg("plan").arg(&p).args(["--set", "stages.evaluate.method=\"bem\""]).output().unwrap();
+    let out = ecic()
+        .arg("plan")
+        .arg(&p)
+        .args(["--set", "stages.evaluate.method=\"bem\""])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr_of(&out).contains("did you mean `beam`"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("did you mean `beam`"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 fn sweep(spec: &Path, runs: &Path, extra: &[&str]) -> std::process::Output {
-    ecic().arg("sweep").arg(spec).arg("--runs").arg(runs).arg("--no-report").args(extra).output().unwrap()
+    ecic()
+        .arg("sweep")
+        .arg(spec)
+        .arg("--runs")
+        .arg(runs)
+        .arg("--no-report")
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn computed(runs: &Path) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(runs.join("logs")).unwrap().flatten() {
-        n += std::fs::read_to_string(e.path()).unwrap_or_default().matches("computing ").count();
+        n += std::fs::read_to_string(e.path())
+            .unwrap_or_default()
+            .matches("computing ")
+            .count();
     }
     n
 }
@@ -118,18 +182,39 @@ fn cache_reruns_kill_and_determinism() {
     // 2. Again: nothing runs.
     let out = sweep(&p, &a, &[]);
     assert!(out.status.success());
-    assert!(stderr_of(&out).contains("0 stages run, 6 reused"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("0 stages run, 6 reused"),
+        "{}",
+        stderr_of(&out)
+    );
     assert_eq!(computed(&a), first);
 
     // 3. An evaluate-only change re-runs only the model cell's evaluate stage.
-    let out = sweep(&p, &a, &["--set", "stages.evaluate.method=\"beam\"", "--set", "stages.evaluate.beam_width=2"]);
+    let out = sweep(
+        &p,
+        &a,
+        &[
+            "--set",
+            "stages.evaluate.method=\"beam\"",
+            "--set",
+            "stages.evaluate.beam_width=2",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("1 stages run, 5 reused"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("1 stages run, 5 reused"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // 4. A domain-adapt change re-runs adapt, cider and evaluate of the model cell.
     let out = sweep(&p, &a, &["--set", "stages.domain_adapt.lr=0.0005"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("3 stages run, 3 reused"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("3 stages run, 3 reused"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // 5. kill -9 the whole sweep in the middle of domain-adapt (after its first
     //    checkpoint), then the same command finishes with the same results.
@@ -137,22 +222,40 @@ fn cache_reruns_kill_and_determinism() {
     let mut child = {
         use std::os::unix::process::CommandExt;
         let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("ecic"));
-        c.arg("sweep").arg(&p).arg("--runs").arg(&b).arg("--no-report").arg("--jobs").arg("1");
-        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.arg("sweep")
+            .arg(&p)
+            .arg("--runs")
+            .arg(&b)
+            .arg("--no-report")
+            .arg("--jobs")
+            .arg("1");
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c.process_group(0);
         c.spawn().unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(300);
     let ckpt_seen = loop {
-        let found = std::fs::read_dir(b.join("scratch")).ok().into_iter().flatten().flatten().any(|e| {
-            // A published checkpoint (not one being written).
-            std::fs::read_dir(e.path().join("ckpt"))
-                .map(|d| d.flatten().any(|f| !f.file_name().to_string_lossy().starts_with('.')))
-                .unwrap_or(false)
-                && std::fs::read_to_string(b.join("logs").join(format!("{}.log", e.file_name().to_string_lossy())))
+        let found = std::fs::read_dir(b.join("scratch"))
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                // A published checkpoint (not one being written).
+                std::fs::read_dir(e.path().join("ckpt"))
+                    .map(|d| {
+                        d.flatten()
+                            .any(|f| !f.file_name().to_string_lossy().starts_with('.'))
+                    })
+                    .unwrap_or(false)
+                    && std::fs::read_to_string(
+                        b.join("logs")
+                            .join(format!("{}.log", e.file_name().to_string_lossy())),
+                    )
                     .map(|l| l.contains("domain-adapt"))
                     .unwrap_or(false)
-        });
+            });
         if found {
             break true;
         }
@@ -161,7 +264,10 @@ fn cache_reruns_kill_and_determinism() {
         }
         std::thread::yield_now();
     };
-    assert!(ckpt_seen, "the sweep ended before domain-adapt wrote a checkpoint");
+    assert!(
+        ckpt_seen,
+        "the sweep ended before domain-adapt wrote a checkpoint"
+    );
     // kill -9 the sweep and its stage processes (they run in their own
     // process groups, so find them by their runs directory).
     // SAFETY: signalling processes this test started.
@@ -172,7 +278,10 @@ fn cache_reruns_kill_and_determinism() {
     for e in std::fs::read_dir(b.join("objects-v1")).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name != ".tmp" {
-            assert!(e.path().join("manifest.json").is_file(), "{name} is in the cache without a manifest");
+            assert!(
+                e.path().join("manifest.json").is_file(),
+                "{name} is in the cache without a manifest"
+            );
         }
     }
     let out = sweep(&p, &b, &[]);
@@ -182,7 +291,10 @@ fn cache_reruns_kill_and_determinism() {
         .flatten()
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
-    assert!(logs.contains("resumed from the checkpoint at step"), "{logs}");
+    assert!(
+        logs.contains("resumed from the checkpoint at step"),
+        "{logs}"
+    );
     // 6. Identical metrics to the uninterrupted run (and so: same spec + seed ->
     //    same numbers after clearing the cache).
     let rb = results(&b);
@@ -193,7 +305,9 @@ fn cache_reruns_kill_and_determinism() {
 fn kill_all_with_arg(runs: &Path) {
     let needle = runs.display().to_string();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains("run-stage") && cmd.contains(&needle) {
@@ -206,11 +320,22 @@ fn kill_all_with_arg(runs: &Path) {
 #[test]
 fn concurrent_sweeps_compute_each_stage_once() {
     let dir = tempfile::tempdir().unwrap();
-    let text = TINY.replace("backbone = [\"llava\", \"nn\"]", "backbone = [\"nn\", \"mfc\"]");
+    let text = TINY.replace(
+        "backbone = [\"llava\", \"nn\"]",
+        "backbone = [\"nn\", \"mfc\"]",
+    );
     let p = spec(dir.path(), &text);
     let runs = dir.path().join("runs");
     // Materialise the data first so both start planning at once.
-    assert!(ecic().arg("plan").arg(&p).arg("--runs").arg(&runs).output().unwrap().status.success());
+    assert!(ecic()
+        .arg("plan")
+        .arg(&p)
+        .arg("--runs")
+        .arg(&runs)
+        .output()
+        .unwrap()
+        .status
+        .success());
     let spawn = || {
         StdCommand::new(assert_cmd::cargo::cargo_bin("ecic"))
             .arg("sweep")
@@ -227,11 +352,17 @@ fn concurrent_sweeps_compute_each_stage_once() {
     let (ox, oy) = (x.wait_with_output().unwrap(), y.wait_with_output().unwrap());
     assert!(ox.status.success(), "{}", stderr_of(&ox));
     assert!(oy.status.success(), "{}", stderr_of(&oy));
-    assert_eq!(computed(&runs), 3, "preprocess + 2 evaluate, each computed once");
+    assert_eq!(
+        computed(&runs),
+        3,
+        "preprocess + 2 evaluate, each computed once"
+    );
     let r = results(&runs);
     assert_eq!(r.iter().filter(|r| r.1 == "cider_d").count(), 2, "{r:?}");
     let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
-    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(ok, "ok");
 
     // gc keeps what the recorded sweep references and removes the rest.
@@ -241,31 +372,57 @@ fn concurrent_sweeps_compute_each_stage_once() {
     let out = ecic().arg("gc").arg("--runs").arg(&runs).output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(!stray.exists());
-    let kept = std::fs::read_dir(runs.join("objects-v1")).unwrap().flatten().filter(|e| e.file_name() != ".tmp").count();
+    let kept = std::fs::read_dir(runs.join("objects-v1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != ".tmp")
+        .count();
     assert_eq!(kept, 3);
     let out = sweep(&p, &runs, &[]);
-    assert!(stderr_of(&out).contains("0 stages run, 3 reused"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("0 stages run, 3 reused"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 #[test]
 fn diverging_stage_fails_clearly_while_other_cells_go_on() {
     let dir = tempfile::tempdir().unwrap();
     // A learning rate that blows the weights up: the loss becomes non-finite.
-    let text = TINY.replace("[stages.pretrain_align]\nsteps = 4", "[stages.pretrain_align]\nlr = 1e30\nsteps = 4");
+    let text = TINY.replace(
+        "[stages.pretrain_align]\nsteps = 4",
+        "[stages.pretrain_align]\nlr = 1e30\nsteps = 4",
+    );
     let p = spec(dir.path(), &text);
     let runs = dir.path().join("runs");
     let out = sweep(&p, &runs, &["--keep-going"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("non-finite") || err.contains("NaN") || err.contains("nan"), "{err}");
+    assert!(
+        err.contains("non-finite") || err.contains("NaN") || err.contains("nan"),
+        "{err}"
+    );
     assert!(err.contains("failed: pretrain-align"), "{err}");
     // The baseline cell finished and was recorded; the model cell's later stages were skipped.
     let r = results(&runs);
-    assert!(r.iter().any(|(cell, m, _)| cell.starts_with("nn") && m == "cider_d"), "{r:?}");
-    assert!(!r.iter().any(|(cell, _, _)| cell.starts_with("llava")), "{r:?}");
+    assert!(
+        r.iter()
+            .any(|(cell, m, _)| cell.starts_with("nn") && m == "cider_d"),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter().any(|(cell, _, _)| cell.starts_with("llava")),
+        "{r:?}"
+    );
     let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
-    let skipped: i64 =
-        conn.query_row("SELECT COUNT(*) FROM stages WHERE status = 'skipped'", [], |r| r.get(0)).unwrap();
+    let skipped: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM stages WHERE status = 'skipped'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert_eq!(skipped, 3, "domain-adapt, cider-optimize, evaluate");
 }
 
@@ -274,8 +431,14 @@ fn training_loss_falls_in_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let text = TINY
         .replace("backbone = [\"llava\", \"nn\"]", "backbone = [\"blip2\"]")
-        .replace("[stages.pretrain_align]\nsteps = 4\nbatch_size = 4", "[stages.pretrain_align]\nsteps = 30\nbatch_size = 8\nlr = 3e-3")
-        .replace("[stages.domain_adapt]\nsteps = 40", "[stages.domain_adapt]\nsteps = 2");
+        .replace(
+            "[stages.pretrain_align]\nsteps = 4\nbatch_size = 4",
+            "[stages.pretrain_align]\nsteps = 30\nbatch_size = 8\nlr = 3e-3",
+        )
+        .replace(
+            "[stages.domain_adapt]\nsteps = 40",
+            "[stages.domain_adapt]\nsteps = 2",
+        );
     let p = spec(dir.path(), &text);
     let runs = dir.path().join("runs");
     let out = sweep(&p, &runs, &[]);
@@ -288,7 +451,10 @@ fn training_loss_falls_in_the_store() {
                  WHERE s.kind = 'pretrain-align' AND c.name = 'loss' ORDER BY c.step",
             )
             .unwrap();
-        st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     };
     assert_eq!(losses.len(), 30);
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;

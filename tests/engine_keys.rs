@@ -42,7 +42,10 @@ fn golden_key() {
         seed: 7,
     };
     // Made independently by scripts/golden_key.py.
-    assert_eq!(fp.key(), "5bdbf3e584f7dd3a3c4b2f12199bd4b918ae1835e63ce8b907d1290e92cea21f");
+    assert_eq!(
+        fp.key(),
+        "5bdbf3e584f7dd3a3c4b2f12199bd4b918ae1835e63ce8b907d1290e92cea21f"
+    );
     // Object key order does not matter; float bits do.
     let mut fp2 = fp.clone();
     fp2.params = serde_json::from_str(r#"{"a": [1.5, "x", true, null], "b": 1}"#).unwrap();
@@ -69,7 +72,10 @@ method = "greedy"               # the default, spelled out
 lr = 1e-3
 "#;
     let a = plan_of(&format!("{BASE}\n[stages.domain_adapt]\nlr = 0.001\n"), &[]);
-    let b = plan_of(&format!("name = \"keys\"\nseeds = [0, 1]\n{reordered}"), &[]);
+    let b = plan_of(
+        &format!("name = \"keys\"\nseeds = [0, 1]\n{reordered}"),
+        &[],
+    );
     let ka: Vec<String> = a.stages().map(|s| s.desc.key.clone()).collect();
     let kb: Vec<String> = b.stages().map(|s| s.desc.key.clone()).collect();
     let (mut sa, mut sb) = (ka.clone(), kb.clone());
@@ -110,7 +116,9 @@ fn first_affected(path: &str) -> StageKind {
     match section.as_str() {
         "stages.preprocess" => StageKind::Preprocess,
         "stages.pretrain_align" | "model.max_len" => StageKind::PretrainAlign,
-        "stages.domain_adapt" | "peft.lora" | "peft.adapter" | "model.vision" => StageKind::DomainAdapt,
+        "stages.domain_adapt" | "peft.lora" | "peft.adapter" | "model.vision" => {
+            StageKind::DomainAdapt
+        }
         "stages.cider_optimize" => StageKind::CiderOptimize,
         "stages.evaluate" => StageKind::Evaluate,
         other => panic!("no model for {other}"),
@@ -134,7 +142,13 @@ fn relevant(path: &str, backbone: &str, peft: &str) -> bool {
     }
     if path.starts_with("stages.evaluate.") {
         // Decoding parameters matter only for the method that uses them.
-        return matches!(path, "stages.evaluate.method" | "stages.evaluate.max_len" | "stages.evaluate.split" | "stages.evaluate.tokenize");
+        return matches!(
+            path,
+            "stages.evaluate.method"
+                | "stages.evaluate.max_len"
+                | "stages.evaluate.split"
+                | "stages.evaluate.tokenize"
+        );
     }
     true
 }
@@ -226,5 +240,8 @@ fn only_published_entries_are_complete() {
     };
     pending.publish(&m).unwrap();
     assert!(cache.is_complete("abc"));
-    assert_eq!(std::fs::read(cache.entry("abc").join("out.txt")).unwrap(), b"whole");
+    assert_eq!(
+        std::fs::read(cache.entry("abc").join("out.txt")).unwrap(),
+        b"whole"
+    );
 }

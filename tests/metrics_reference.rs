@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use ecic::metrics::{bootstrap, evaluate, tokenize, CiderD, Evaluation, References, Scores, Tokenize};
+use ecic::metrics::{
+    bootstrap, evaluate, tokenize, CiderD, Evaluation, References, Scores, Tokenize,
+};
 use serde::Deserialize;
 
 const TOL: f64 = 1e-9;
@@ -32,27 +34,50 @@ struct Image {
 }
 
 fn load(name: &str) -> Fixture {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/metrics").join(format!("{name}.json"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/metrics")
+        .join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn close(what: &str, got: f64, want: f64) {
-    assert!((got - want).abs() <= TOL, "{what}: got {got:.17}, pycocoevalcap {want:.17}");
+    assert!(
+        (got - want).abs() <= TOL,
+        "{what}: got {got:.17}, pycocoevalcap {want:.17}"
+    );
 }
 
 fn run(f: &Fixture) -> Evaluation {
-    let preds: Vec<(String, String)> = f.images.iter().map(|i| (i.image_id.clone(), i.pred.clone())).collect();
-    let refs: Vec<(String, Vec<String>)> = f.images.iter().map(|i| (i.image_id.clone(), i.refs.clone())).collect();
+    let preds: Vec<(String, String)> = f
+        .images
+        .iter()
+        .map(|i| (i.image_id.clone(), i.pred.clone()))
+        .collect();
+    let refs: Vec<(String, Vec<String>)> = f
+        .images
+        .iter()
+        .map(|i| (i.image_id.clone(), i.refs.clone()))
+        .collect();
     evaluate(&preds, &refs, f.tokenize).unwrap_or_else(|e| panic!("{}: {e}", f.name))
 }
 
 fn check(name: &str) {
     let f = load(name);
     for im in &f.images {
-        assert_eq!(tokenize(&im.pred, f.tokenize).join(" "), im.pred_fed, "{name} {} pred", im.image_id);
+        assert_eq!(
+            tokenize(&im.pred, f.tokenize).join(" "),
+            im.pred_fed,
+            "{name} {} pred",
+            im.image_id
+        );
         for (r, fed) in im.refs.iter().zip(&im.refs_fed) {
-            assert_eq!(tokenize(r, f.tokenize).join(" "), *fed, "{name} {} ref", im.image_id);
+            assert_eq!(
+                tokenize(r, f.tokenize).join(" "),
+                *fed,
+                "{name} {} ref",
+                im.image_id
+            );
         }
     }
     let ev = run(&f);
@@ -67,10 +92,22 @@ fn check(name: &str) {
     for (g, w) in ev.images.iter().zip(&f.images) {
         assert_eq!(g.image_id, w.image_id);
         for k in 0..4 {
-            close(&format!("{name} {} BLEU-{}", w.image_id, k + 1), g.bleu[k], w.bleu[k]);
+            close(
+                &format!("{name} {} BLEU-{}", w.image_id, k + 1),
+                g.bleu[k],
+                w.bleu[k],
+            );
         }
-        close(&format!("{name} {} ROUGE-L", w.image_id), g.rouge_l, w.rouge_l);
-        close(&format!("{name} {} CIDEr-D", w.image_id), g.cider_d, w.cider_d);
+        close(
+            &format!("{name} {} ROUGE-L", w.image_id),
+            g.rouge_l,
+            w.rouge_l,
+        );
+        close(
+            &format!("{name} {} CIDEr-D", w.image_id),
+            g.cider_d,
+            w.cider_d,
+        );
     }
 }
 
@@ -106,7 +143,8 @@ fn corpus_scores_are_recomputed_from_records() {
     }
     close("records CIDEr-D", again.cider_d, f.corpus.cider_d);
     let roundtrip: Vec<ecic::metrics::ImageScore> =
-        serde_json::from_str(&serde_json::to_string(&ev.images).unwrap_or_default()).unwrap_or_default();
+        serde_json::from_str(&serde_json::to_string(&ev.images).unwrap_or_default())
+            .unwrap_or_default();
     // JSON keeps the counts exactly and the floats to the last bit or so
     assert_eq!(roundtrip.len(), ev.images.len());
     for (r, e) in roundtrip.iter().zip(&ev.images) {
@@ -129,7 +167,11 @@ fn cider_scorer_matches_per_image_fixture() {
         close(&format!("scorer {}", im.image_id), by_text, im.cider_d);
         let toks: Vec<&str> = im.pred_fed.split(' ').filter(|t| !t.is_empty()).collect();
         let by_tokens = scorer.score(i, &toks).unwrap_or(f64::NAN);
-        close(&format!("scorer tokens {}", im.image_id), by_tokens, im.cider_d);
+        close(
+            &format!("scorer tokens {}", im.image_id),
+            by_tokens,
+            im.cider_d,
+        );
     }
 }
 
@@ -138,10 +180,16 @@ fn cider_scorer_matches_per_image_fixture() {
 #[test]
 fn prepared_references_score_in_order() {
     let f = load("edge_char");
-    let refs: Vec<(String, Vec<String>)> = f.images.iter().map(|i| (i.image_id.clone(), i.refs.clone())).collect();
+    let refs: Vec<(String, Vec<String>)> = f
+        .images
+        .iter()
+        .map(|i| (i.image_id.clone(), i.refs.clone()))
+        .collect();
     let prepared = References::new(&refs, f.tokenize).unwrap_or_else(|e| panic!("{e}"));
     let preds: Vec<&str> = f.images.iter().map(|i| i.pred.as_str()).collect();
-    let ev = prepared.evaluate_in_order(&preds).unwrap_or_else(|e| panic!("{e}"));
+    let ev = prepared
+        .evaluate_in_order(&preds)
+        .unwrap_or_else(|e| panic!("{e}"));
     close("in order CIDEr-D", ev.scores.cider_d, f.corpus.cider_d);
     assert!(prepared.evaluate_in_order(&preds[1..]).is_err());
 }
@@ -168,9 +216,19 @@ fn paired_bootstrap_tells_a_better_system_from_a_tie() {
     let good = run(&f);
     // B: each prediction replaced by the previous image's, a much worse system
     let n = f.images.len();
-    let preds: Vec<(String, String)> =
-        (0..n).map(|i| (f.images[i].image_id.clone(), f.images[(i + n - 1) % n].pred.clone())).collect();
-    let refs: Vec<(String, Vec<String>)> = f.images.iter().map(|i| (i.image_id.clone(), i.refs.clone())).collect();
+    let preds: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            (
+                f.images[i].image_id.clone(),
+                f.images[(i + n - 1) % n].pred.clone(),
+            )
+        })
+        .collect();
+    let refs: Vec<(String, Vec<String>)> = f
+        .images
+        .iter()
+        .map(|i| (i.image_id.clone(), i.refs.clone()))
+        .collect();
     let bad = evaluate(&preds, &refs, f.tokenize).unwrap_or_else(|e| panic!("{e}"));
     let resamples = 500;
     let better = bootstrap::paired(&good.images, &bad.images, resamples, 1).unwrap_or_default();
@@ -183,7 +241,10 @@ fn paired_bootstrap_tells_a_better_system_from_a_tie() {
     let worse = bootstrap::paired(&bad.images, &good.images, resamples, 1).unwrap_or_default();
     assert!(worse.iter().all(|p| p.p_value > 0.99), "{worse:?}");
     let tie = bootstrap::paired(&good.images, &good.images, resamples, 1).unwrap_or_default();
-    assert!(tie.iter().all(|p| p.p_value == 1.0 && p.delta == 0.0), "{tie:?}");
+    assert!(
+        tie.iter().all(|p| p.p_value == 1.0 && p.delta == 0.0),
+        "{tie:?}"
+    );
     // B listed in another order is matched by image id
     let mut shuffled = bad.images.clone();
     shuffled.reverse();

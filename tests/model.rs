@@ -3,7 +3,9 @@
 //! (`tests/fixtures/model_ops/make_fixture.py`).
 
 use candle_core::{backprop::GradStore, Device, Tensor, D};
-use ecic::model::{ops, Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase};
+use ecic::model::{
+    ops, Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -25,9 +27,17 @@ fn images(c: &ModelConfig, n: usize, seed: u64) -> Tensor {
 
 fn batch(n: usize, t: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
-    let cap: Vec<Vec<u32>> = (0..n).map(|_| (0..t - 1).map(|_| r.gen_range(3..V as u32)).collect()).collect();
-    let inp: Vec<u32> = cap.iter().flat_map(|c| std::iter::once(1).chain(c.iter().copied())).collect();
-    let tgt: Vec<u32> = cap.iter().flat_map(|c| c.iter().copied().chain(std::iter::once(2))).collect();
+    let cap: Vec<Vec<u32>> = (0..n)
+        .map(|_| (0..t - 1).map(|_| r.gen_range(3..V as u32)).collect())
+        .collect();
+    let inp: Vec<u32> = cap
+        .iter()
+        .flat_map(|c| std::iter::once(1).chain(c.iter().copied()))
+        .collect();
+    let tgt: Vec<u32> = cap
+        .iter()
+        .flat_map(|c| c.iter().copied().chain(std::iter::once(2)))
+        .collect();
     let dev = Device::Cpu;
     (
         Tensor::from_vec(inp, (n, t), &dev).unwrap(),
@@ -37,7 +47,16 @@ fn batch(n: usize, t: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn align_ckpt(c: &ModelConfig, dir: &tempfile::TempDir) -> (Captioner, std::path::PathBuf) {
@@ -60,7 +79,9 @@ fn perturb_peft(m: &Captioner, seed: u64) {
         if tv.component == Component::Adapter {
             let n = tv.var.elem_count();
             let d: Vec<f32> = (0..n).map(|_| r.gen_range(-0.05..0.05)).collect();
-            tv.var.set(&Tensor::from_vec(d, tv.var.shape(), &Device::Cpu).unwrap()).unwrap();
+            tv.var
+                .set(&Tensor::from_vec(d, tv.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
 }
@@ -69,12 +90,21 @@ fn check_grads(m: &Captioner, grads: &GradStore, what: &str) {
     let vars = m.trainable_vars();
     assert!(!vars.is_empty(), "{what}: nothing trainable");
     for tv in &vars {
-        assert!(grads.get(tv.var.as_tensor()).is_some(), "{what}: {} received no gradient", tv.name);
+        assert!(
+            grads.get(tv.var.as_tensor()).is_some(),
+            "{what}: {} received no gradient",
+            tv.name
+        );
     }
 }
 
 fn peft_methods() -> Vec<PeftConfig> {
-    vec![PeftConfig::full(), PeftConfig::lora(4, 8.0), PeftConfig::qlora(4, 8.0), PeftConfig::adapter(8)]
+    vec![
+        PeftConfig::full(),
+        PeftConfig::lora(4, 8.0),
+        PeftConfig::qlora(4, 8.0),
+        PeftConfig::adapter(8),
+    ]
 }
 
 #[test]
@@ -92,7 +122,11 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
             let logits = align.logits(&img, &inp).unwrap();
             assert_eq!(logits.dims(), &[2, 6, V]);
             let loss = align.loss(&img, &inp, &tgt, &mask, 0.1).unwrap();
-            check_grads(&align, &loss.backward().unwrap(), &format!("{b:?}/{f:?} align"));
+            check_grads(
+                &align,
+                &loss.backward().unwrap(),
+                &format!("{b:?}/{f:?} align"),
+            );
             for peft in peft_methods() {
                 let what = format!("{b:?}/{f:?}/{:?}", peft.method);
                 let m = adapt(&c, &peft, &base);
@@ -100,19 +134,42 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
                     let ok = match (peft.method, tv.component) {
                         (_, Component::Connector) => true,
                         (PeftMethod::Full, Component::Lm) => true,
-                        (PeftMethod::Lora | PeftMethod::Qlora, Component::Adapter) => tv.name.contains(".lora_"),
+                        (PeftMethod::Lora | PeftMethod::Qlora, Component::Adapter) => {
+                            tv.name.contains(".lora_")
+                        }
                         (PeftMethod::Adapter, Component::Adapter) => tv.name.contains(".adapter_"),
                         _ => false,
                     };
-                    assert!(ok, "{what}: {} ({:?}) should be frozen", tv.name, tv.component);
-                    let matrix =
-                        tv.var.rank() == 2 && tv.name.ends_with(".weight") && !tv.name.contains("embed_tokens");
-                    assert_eq!(tv.decay, matrix || tv.name.contains("lora_"), "{what}: decay flag of {}", tv.name);
+                    assert!(
+                        ok,
+                        "{what}: {} ({:?}) should be frozen",
+                        tv.name, tv.component
+                    );
+                    let matrix = tv.var.rank() == 2
+                        && tv.name.ends_with(".weight")
+                        && !tv.name.contains("embed_tokens");
+                    assert_eq!(
+                        tv.decay,
+                        matrix || tv.name.contains("lora_"),
+                        "{what}: decay flag of {}",
+                        tv.name
+                    );
                 }
-                let comps: Vec<Component> = m.trainable_vars().iter().map(|t| t.component).collect();
-                assert!(comps.contains(&Component::Connector), "{what}: connector must train");
-                assert!(!comps.contains(&Component::Vision), "{what}: vision must be frozen");
-                assert_eq!(comps.contains(&Component::Lm), peft.method == PeftMethod::Full, "{what}: LM policy");
+                let comps: Vec<Component> =
+                    m.trainable_vars().iter().map(|t| t.component).collect();
+                assert!(
+                    comps.contains(&Component::Connector),
+                    "{what}: connector must train"
+                );
+                assert!(
+                    !comps.contains(&Component::Vision),
+                    "{what}: vision must be frozen"
+                );
+                assert_eq!(
+                    comps.contains(&Component::Lm),
+                    peft.method == PeftMethod::Full,
+                    "{what}: LM policy"
+                );
                 let loss = m.loss(&img, &inp, &tgt, &mask, 0.0).unwrap();
                 assert!(loss.to_scalar::<f32>().unwrap().is_finite());
                 check_grads(&m, &loss.backward().unwrap(), &what);
@@ -131,23 +188,43 @@ fn vision_lora_policy_adds_lora_to_encoder_attention_only() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(Backbone::Llava, Fusion::Early);
     let (_, base) = align_ckpt(&c, &dir);
-    let peft = PeftConfig { vision: ecic::model::VisionPolicy::Lora, ..PeftConfig::lora(4, 8.0) };
+    let peft = PeftConfig {
+        vision: ecic::model::VisionPolicy::Lora,
+        ..PeftConfig::lora(4, 8.0)
+    };
     let m = adapt(&c, &peft, &base);
-    let vis: Vec<String> =
-        m.trainable_vars().into_iter().map(|t| t.name).filter(|n| n.starts_with("vision.")).collect();
+    let vis: Vec<String> = m
+        .trainable_vars()
+        .into_iter()
+        .map(|t| t.name)
+        .filter(|n| n.starts_with("vision."))
+        .collect();
     assert!(!vis.is_empty());
-    assert!(vis.iter().all(|n| n.contains(".attn.") && n.contains(".lora_")), "{vis:?}");
+    assert!(
+        vis.iter()
+            .all(|n| n.contains(".attn.") && n.contains(".lora_")),
+        "{vis:?}"
+    );
     let img = images(&c, 2, 1);
     let (inp, tgt, mask) = batch(2, 5, 2);
-    check_grads(&m, &m.loss(&img, &inp, &tgt, &mask, 0.0).unwrap().backward().unwrap(), "vision lora");
+    check_grads(
+        &m,
+        &m.loss(&img, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .backward()
+            .unwrap(),
+        "vision lora",
+    );
 }
 
 #[test]
 fn lora_with_zero_b_equals_base_and_merged_equals_unmerged() {
     let dir = tempfile::tempdir().unwrap();
-    for (b, f) in
-        [(Backbone::Blip2, Fusion::Late), (Backbone::Phi3v, Fusion::Multilevel), (Backbone::Llava, Fusion::Early)]
-    {
+    for (b, f) in [
+        (Backbone::Blip2, Fusion::Late),
+        (Backbone::Phi3v, Fusion::Multilevel),
+        (Backbone::Llava, Fusion::Early),
+    ] {
         let c = cfg(b, f);
         let (align, base) = align_ckpt(&c, &dir);
         let img = images(&c, 2, 3);
@@ -155,10 +232,16 @@ fn lora_with_zero_b_equals_base_and_merged_equals_unmerged() {
         let want = align.logits(&img, &inp).unwrap();
         let m = adapt(&c, &PeftConfig::lora(4, 8.0), &base);
         let got = m.logits(&img, &inp).unwrap();
-        assert!(max_abs_diff(&want, &got) < 1e-6, "{b:?}/{f:?}: B=0 LoRA differs from base");
+        assert!(
+            max_abs_diff(&want, &got) < 1e-6,
+            "{b:?}/{f:?}: B=0 LoRA differs from base"
+        );
         perturb_peft(&m, 9);
         let unmerged = m.logits(&img, &inp).unwrap();
-        assert!(max_abs_diff(&want, &unmerged) > 1e-3, "perturbation must change the output");
+        assert!(
+            max_abs_diff(&want, &unmerged) > 1e-3,
+            "perturbation must change the output"
+        );
         let merged = m.inference().unwrap().logits(&img, &inp).unwrap();
         let d = max_abs_diff(&merged, &unmerged);
         assert!(d < 1e-5, "{b:?}/{f:?}: merged vs unmerged differ by {d}");
@@ -183,7 +266,16 @@ fn qlora_forward_is_close_to_f32_base() {
     let want = align.logits(&img, &inp).unwrap();
     let q = adapt(&c, &PeftConfig::qlora(4, 8.0), &base);
     let got = q.logits(&img, &inp).unwrap();
-    let norm = |t: &Tensor| -> f32 { t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap() };
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
     let rel = norm(&(&want - &got).unwrap()) / norm(&want);
     eprintln!("qlora vs f32 logits: relative L2 error {rel:.4}");
     assert!(rel > 0.0 && rel <= 0.30, "relative L2 error {rel}");
@@ -194,13 +286,22 @@ fn qlora_forward_is_close_to_f32_base() {
 #[test]
 fn save_then_load_rebuilds_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
-    for peft in [PeftConfig::lora(4, 8.0), PeftConfig::qlora(4, 8.0), PeftConfig::adapter(8), PeftConfig::full()] {
+    for peft in [
+        PeftConfig::lora(4, 8.0),
+        PeftConfig::qlora(4, 8.0),
+        PeftConfig::adapter(8),
+        PeftConfig::full(),
+    ] {
         let c = cfg(Backbone::Blip2, Fusion::Multilevel);
         let (_, base) = align_ckpt(&c, &dir);
         let m = adapt(&c, &peft, &base);
         perturb_peft(&m, 11);
         // Nudge the connector too (trained in every adapt stage).
-        for tv in m.trainable_vars().iter().filter(|t| t.component == Component::Connector) {
+        for tv in m
+            .trainable_vars()
+            .iter()
+            .filter(|t| t.component == Component::Connector)
+        {
             tv.var.set(&(tv.var.as_tensor() + 0.01).unwrap()).unwrap();
         }
         let p = dir.path().join("adapt.safetensors");
@@ -210,7 +311,10 @@ fn save_then_load_rebuilds_identical_outputs() {
         let img = images(&c, 2, 12);
         let (inp, _, _) = batch(2, 6, 13);
         assert_eq!(
-            max_abs_diff(&m.logits(&img, &inp).unwrap(), &again.logits(&img, &inp).unwrap()),
+            max_abs_diff(
+                &m.logits(&img, &inp).unwrap(),
+                &again.logits(&img, &inp).unwrap()
+            ),
             0.0,
             "{:?}",
             peft.method
@@ -224,10 +328,19 @@ fn bad_checkpoints_and_inputs_are_errors_not_panics() {
     let c = cfg(Backbone::Llava, Fusion::Late);
     let (_, base) = align_ckpt(&c, &dir);
     let other = cfg(Backbone::Blip2, Fusion::Late);
-    let mut m = Captioner::new(&other, &PeftConfig::lora(4, 8.0), Phase::Adapt, &Device::Cpu).unwrap();
+    let mut m = Captioner::new(
+        &other,
+        &PeftConfig::lora(4, 8.0),
+        Phase::Adapt,
+        &Device::Cpu,
+    )
+    .unwrap();
     let e = m.load_base(&base).unwrap_err().to_string();
     assert!(e.contains("align.safetensors"), "{e}");
-    let e = m.load_base(&dir.path().join("missing.safetensors")).unwrap_err().to_string();
+    let e = m
+        .load_base(&dir.path().join("missing.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.safetensors"), "{e}");
     let wrong = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let (inp, _, _) = batch(1, 4, 1);
@@ -235,7 +348,9 @@ fn bad_checkpoints_and_inputs_are_errors_not_panics() {
     let mut bad = cfg(Backbone::Phi3v, Fusion::Late);
     bad.lm.heads = 3;
     bad.fusion_opts.late_layers = 9;
-    let e = Captioner::new(&bad, &PeftConfig::full(), Phase::Align, &Device::Cpu).unwrap_err().to_string();
+    let e = Captioner::new(&bad, &PeftConfig::full(), Phase::Align, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("lm.heads") && e.contains("late_layers"), "{e}");
 }
 
@@ -257,19 +372,36 @@ fn log_probs_match_loss_and_carry_gradients() {
         let inp = Tensor::from_vec(inp, (1, n), &Device::Cpu).unwrap();
         let tgt = Tensor::from_vec(tgt, (1, n), &Device::Cpu).unwrap();
         let mask = Tensor::ones((1, n), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let mean_nll: f32 = m.loss(&one, &inp, &tgt, &mask, 0.0).unwrap().to_scalar().unwrap();
-        assert!((lpv[i] + mean_nll * n as f32).abs() < 1e-3, "seq {i}: {} vs {}", lpv[i], -mean_nll * n as f32);
+        let mean_nll: f32 = m
+            .loss(&one, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (lpv[i] + mean_nll * n as f32).abs() < 1e-3,
+            "seq {i}: {} vs {}",
+            lpv[i],
+            -mean_nll * n as f32
+        );
     }
     check_grads(&m, &lp.sum_all().unwrap().backward().unwrap(), "log_probs");
 }
 
 fn load_fixture() -> serde_json::Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model_ops/ops.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/model_ops/ops.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn tensor(v: &serde_json::Value, key: &str, shape: &[usize]) -> Tensor {
-    let d: Vec<f32> = v[key].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let d: Vec<f32> = v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     Tensor::from_vec(d, shape, &Device::Cpu).unwrap()
 }
 
@@ -280,24 +412,58 @@ fn ops_match_reference() {
     let w = tensor(&f, "norm_w", &[6]);
     let b = tensor(&f, "norm_b", &[6]);
     let tol = 2e-5;
-    assert!(max_abs_diff(&ops::rms_norm(&x, &w, 1e-5).unwrap(), &tensor(&f, "rms_norm", &[2, 6])) < tol);
-    assert!(max_abs_diff(&ops::layer_norm(&x, &w, &b, 1e-5).unwrap(), &tensor(&f, "layer_norm", &[2, 6])) < tol);
+    assert!(
+        max_abs_diff(
+            &ops::rms_norm(&x, &w, 1e-5).unwrap(),
+            &tensor(&f, "rms_norm", &[2, 6])
+        ) < tol
+    );
+    assert!(
+        max_abs_diff(
+            &ops::layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            &tensor(&f, "layer_norm", &[2, 6])
+        ) < tol
+    );
     let sh = [1, 2, 3, 4];
-    let (q, k, v) = (tensor(&f, "q", &sh), tensor(&f, "k", &sh), tensor(&f, "v", &sh));
+    let (q, k, v) = (
+        tensor(&f, "q", &sh),
+        tensor(&f, "k", &sh),
+        tensor(&f, "v", &sh),
+    );
     let rope = ops::Rope::new(4, 16, 10_000.0, &Device::Cpu).unwrap();
     let off = f["rope_offset"].as_u64().unwrap() as usize;
     assert!(max_abs_diff(&rope.apply(&q, off).unwrap(), &tensor(&f, "rope_q", &sh)) < tol);
     let mask = ops::causal_mask(3, 3, &Device::Cpu).unwrap();
-    assert!(max_abs_diff(&ops::attention(&q, &k, &v, Some(&mask)).unwrap(), &tensor(&f, "attention", &sh)) < tol);
+    assert!(
+        max_abs_diff(
+            &ops::attention(&q, &k, &v, Some(&mask)).unwrap(),
+            &tensor(&f, "attention", &sh)
+        ) < tol
+    );
     let l = tensor(&f, "logits", &[2, 5]);
-    assert!(max_abs_diff(&ops::log_softmax_last(&l).unwrap(), &tensor(&f, "log_softmax", &[2, 5])) < tol);
+    assert!(
+        max_abs_diff(
+            &ops::log_softmax_last(&l).unwrap(),
+            &tensor(&f, "log_softmax", &[2, 5])
+        ) < tol
+    );
     // The same ops must be differentiable (candle's fused forms are not).
     let xv = candle_core::Var::from_tensor(&x).unwrap();
     let y = ops::rms_norm(xv.as_tensor(), &w, 1e-5).unwrap();
     let y = ops::softmax_last(&rope.apply(&y.reshape((1, 1, 3, 4)).unwrap(), 2).unwrap()).unwrap();
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let gx = g.get(xv.as_tensor()).expect("gradient through rms_norm/rope/softmax");
-    assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let gx = g
+        .get(xv.as_tensor())
+        .expect("gradient through rms_norm/rope/softmax");
+    assert!(
+        gx.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
     let _ = D::Minus1;
 }
 
@@ -318,17 +484,30 @@ fn fused_ops_match_composed_values_and_gradients() {
         let g = (y.mul(w).unwrap()).sum_all().unwrap().backward().unwrap();
         (y, g.get(xv.as_tensor()).unwrap().clone())
     };
-    let check = |what: &str, fused: &dyn Fn(&Tensor) -> Tensor, comp: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, w: &Tensor| {
+    let check = |what: &str,
+                 fused: &dyn Fn(&Tensor) -> Tensor,
+                 comp: &dyn Fn(&Tensor) -> Tensor,
+                 x: &Tensor,
+                 w: &Tensor| {
         let (yf, gf) = grads(fused, x, w);
         let (yc, gc) = grads(comp, x, w);
         let (dy, dg) = (max_abs_diff(&yf, &yc), max_abs_diff(&gf, &gc));
-        assert!(dy < 1e-5 && dg < 1e-4, "{what}: value diff {dy}, gradient diff {dg}");
+        assert!(
+            dy < 1e-5 && dg < 1e-4,
+            "{what}: value diff {dy}, gradient diff {dg}"
+        );
     };
     let x = rand(&[3, 5, 8]);
     let w8 = rand(&[8]);
     let b8 = rand(&[8]);
     let wy = rand(&[3, 5, 8]);
-    check("softmax", &|x| ops::softmax_last(x).unwrap(), &|x| ops::composed::softmax_last(x).unwrap(), &x, &wy);
+    check(
+        "softmax",
+        &|x| ops::softmax_last(x).unwrap(),
+        &|x| ops::composed::softmax_last(x).unwrap(),
+        &x,
+        &wy,
+    );
     check(
         "rms_norm",
         &|x| ops::rms_norm(x, &w8, 1e-5).unwrap(),
@@ -343,9 +522,21 @@ fn fused_ops_match_composed_values_and_gradients() {
         &x,
         &wy,
     );
-    check("gelu", &|x| ops::gelu(x).unwrap(), &|x| x.gelu().unwrap(), &x, &wy);
+    check(
+        "gelu",
+        &|x| ops::gelu(x).unwrap(),
+        &|x| x.gelu().unwrap(),
+        &x,
+        &wy,
+    );
     let w4 = rand(&[3, 5, 4]);
-    check("swiglu", &|x| ops::swiglu(x).unwrap(), &|x| ops::composed::swiglu(x).unwrap(), &x, &w4);
+    check(
+        "swiglu",
+        &|x| ops::swiglu(x).unwrap(),
+        &|x| ops::composed::swiglu(x).unwrap(),
+        &x,
+        &w4,
+    );
     // Weight gradients of the norms.
     for ln in [false, true] {
         let wv = Var::from_tensor(&w8).unwrap();
@@ -355,18 +546,31 @@ fn fused_ops_match_composed_values_and_gradients() {
                 (false, true) => ops::rms_norm(&x, wv.as_tensor(), 1e-5),
                 (false, false) => ops::composed::rms_norm(&x, wv.as_tensor(), 1e-5),
                 (true, true) => ops::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
-                (true, false) => ops::composed::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
+                (true, false) => {
+                    ops::composed::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5)
+                }
             }
             .unwrap();
             let g = y.mul(&wy).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = if ln { g.get(bv.as_tensor()).unwrap().clone() } else { w8.zeros_like().unwrap() };
+            let gb = if ln {
+                g.get(bv.as_tensor()).unwrap().clone()
+            } else {
+                w8.zeros_like().unwrap()
+            };
             (g.get(wv.as_tensor()).unwrap().clone(), gb)
         };
         let ((wf, bf), (wc, bc)) = (run(true), run(false));
-        assert!(max_abs_diff(&wf, &wc) < 1e-4 && max_abs_diff(&bf, &bc) < 1e-4, "norm weight grads (ln {ln})");
+        assert!(
+            max_abs_diff(&wf, &wc) < 1e-4 && max_abs_diff(&bf, &bc) < 1e-4,
+            "norm weight grads (ln {ln})"
+        );
     }
     // Attention with a causal mask (scale + mask + softmax fused) and RoPE.
-    let (q, k, v) = (rand(&[2, 2, 4, 6]), rand(&[2, 2, 4, 6]), rand(&[2, 2, 4, 6]));
+    let (q, k, v) = (
+        rand(&[2, 2, 4, 6]),
+        rand(&[2, 2, 4, 6]),
+        rand(&[2, 2, 4, 6]),
+    );
     let mask = ops::causal_mask(4, 4, &Device::Cpu).unwrap();
     let wa = rand(&[2, 2, 4, 6]);
     check(

@@ -21,14 +21,30 @@ fn overfit(b: Backbone, f: Fusion) {
     let s = c.input_size();
     let img: Vec<f32> = (0..N * 3 * s * s).map(|_| r.gen_range(-1.0..1.0)).collect();
     let img = Tensor::from_vec(img, (N, 3, s, s), &Device::Cpu).unwrap();
-    let caps: Vec<Vec<u32>> = (0..N).map(|_| (0..T - 1).map(|_| r.gen_range(3..V as u32)).collect()).collect();
-    let inp: Vec<u32> = caps.iter().flat_map(|c| std::iter::once(1).chain(c.iter().copied())).collect();
-    let tgt: Vec<u32> = caps.iter().flat_map(|c| c.iter().copied().chain(std::iter::once(2))).collect();
+    let caps: Vec<Vec<u32>> = (0..N)
+        .map(|_| (0..T - 1).map(|_| r.gen_range(3..V as u32)).collect())
+        .collect();
+    let inp: Vec<u32> = caps
+        .iter()
+        .flat_map(|c| std::iter::once(1).chain(c.iter().copied()))
+        .collect();
+    let tgt: Vec<u32> = caps
+        .iter()
+        .flat_map(|c| c.iter().copied().chain(std::iter::once(2)))
+        .collect();
     let inp = Tensor::from_vec(inp, (N, T), &Device::Cpu).unwrap();
     let tgt = Tensor::from_vec(tgt, (N, T), &Device::Cpu).unwrap();
     let mask = Tensor::ones((N, T), DType::F32, &Device::Cpu).unwrap();
     let vars = m.trainable_vars().into_iter().map(|t| t.var).collect();
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: 2e-3, weight_decay: 0.0, ..Default::default() }).unwrap();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 2e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut last = f32::INFINITY;
     let mut steps = 0;
     for step in 0..400 {
@@ -44,10 +60,16 @@ fn overfit(b: Backbone, f: Fusion) {
     }
     eprintln!("{b:?}/{f:?}: loss {last:.4} after {steps} steps");
     assert!(last < 0.05, "{b:?}/{f:?}: loss {last} after {steps} steps");
-    let dc = DecodeConfig { max_len: T, ..DecodeConfig::default() };
+    let dc = DecodeConfig {
+        max_len: T,
+        ..DecodeConfig::default()
+    };
     let got = generate(&m, &img, &dc, 0).unwrap();
     let right = got.iter().zip(&caps).filter(|(g, c)| g == c).count();
-    assert!(right >= N - 1, "{b:?}/{f:?}: greedy reproduces {right}/{N} captions");
+    assert!(
+        right >= N - 1,
+        "{b:?}/{f:?}: greedy reproduces {right}/{N} captions"
+    );
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn data_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, CacheError> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             (name.starts_with("IC_") || name.starts_with("ALIGN_"))
                 && (name.ends_with(".tsv") || name.ends_with(".jsonl"))
         })
@@ -39,7 +42,10 @@ fn data_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, CacheError> {
 
 /// blake3 over (file name, file digest) of every data file, sorted by name.
 pub fn data_digest(dir: &Path, memo_path: &Path) -> Result<String, CacheError> {
-    let mut memo: Memo = fs::read(memo_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let mut memo: Memo = fs::read(memo_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     let mut changed = false;
     let mut h = blake3::Hasher::new();
     h.update(b"ecic-data-v1\0");
@@ -47,7 +53,8 @@ pub fn data_digest(dir: &Path, memo_path: &Path) -> Result<String, CacheError> {
     if files.is_empty() {
         return Err(CacheError::Corrupt {
             path: dir.to_path_buf(),
-            message: "no MUGE data files (IC_train.tsv, IC_train.jsonl, ...) in this directory".into(),
+            message: "no MUGE data files (IC_train.tsv, IC_train.jsonl, ...) in this directory"
+                .into(),
         });
     }
     for p in files {
@@ -58,19 +65,32 @@ pub fn data_digest(dir: &Path, memo_path: &Path) -> Result<String, CacheError> {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let abs = std::path::absolute(&p).unwrap_or(p.clone()).display().to_string();
+        let abs = std::path::absolute(&p)
+            .unwrap_or(p.clone())
+            .display()
+            .to_string();
         let digest = match memo.files.get(&abs) {
             Some(e) if e.size == meta.len() && e.mtime_ns == mtime_ns => e.digest.clone(),
             _ => {
                 let mut fh = blake3::Hasher::new();
                 fh.update_mmap(&p).map_err(io(&p))?;
                 let d = fh.finalize().to_hex().to_string();
-                memo.files.insert(abs, MemoEntry { size: meta.len(), mtime_ns, digest: d.clone() });
+                memo.files.insert(
+                    abs,
+                    MemoEntry {
+                        size: meta.len(),
+                        mtime_ns,
+                        digest: d.clone(),
+                    },
+                );
                 changed = true;
                 d
             }
         };
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
         h.update(digest.as_bytes());

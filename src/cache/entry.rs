@@ -61,15 +61,19 @@ pub struct StageOutputs {
 
 impl StageOutputs {
     pub fn read(dir: &Path, log_path: Option<PathBuf>) -> Result<StageOutputs, CacheError> {
-        let corrupt = |path: &Path, message: String| CacheError::Corrupt { path: path.to_path_buf(), message };
+        let corrupt = |path: &Path, message: String| CacheError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        };
         let mpath = dir.join("manifest.json");
-        let manifest: Manifest =
-            serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?).map_err(|e| corrupt(&mpath, e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?)
+            .map_err(|e| corrupt(&mpath, e.to_string()))?;
         let mut metrics = Vec::new();
         let path = dir.join("metrics.json");
         if path.is_file() {
             let m: BTreeMap<String, BTreeMap<String, f64>> =
-                serde_json::from_slice(&fs::read(&path).map_err(io(&path))?).map_err(|e| corrupt(&path, e.to_string()))?;
+                serde_json::from_slice(&fs::read(&path).map_err(io(&path))?)
+                    .map_err(|e| corrupt(&path, e.to_string()))?;
             for (split, ms) in m {
                 for (k, v) in ms {
                     metrics.push((split.clone(), k, v));
@@ -77,7 +81,10 @@ impl StageOutputs {
             }
         }
         let mut curves = Vec::new();
-        for (i, line) in read_lines(&dir.join("curves.jsonl"))?.into_iter().enumerate() {
+        for (i, line) in read_lines(&dir.join("curves.jsonl"))?
+            .into_iter()
+            .enumerate()
+        {
             #[derive(Deserialize)]
             struct Point {
                 step: u64,
@@ -89,14 +96,22 @@ impl StageOutputs {
             curves.push((p.step, p.name, p.value));
         }
         let mut captions = Vec::new();
-        for (i, line) in read_lines(&dir.join("captions.jsonl"))?.into_iter().enumerate() {
-            captions.push(
-                serde_json::from_str(&line)
-                    .map_err(|e| corrupt(&dir.join("captions.jsonl"), format!("line {}: {e}", i + 1)))?,
-            );
+        for (i, line) in read_lines(&dir.join("captions.jsonl"))?
+            .into_iter()
+            .enumerate()
+        {
+            captions.push(serde_json::from_str(&line).map_err(|e| {
+                corrupt(&dir.join("captions.jsonl"), format!("line {}: {e}", i + 1))
+            })?);
         }
         let log_path = log_path.filter(|p| p.is_file());
-        Ok(StageOutputs { manifest, metrics, curves, captions, log_path })
+        Ok(StageOutputs {
+            manifest,
+            metrics,
+            curves,
+            captions,
+            log_path,
+        })
     }
 }
 

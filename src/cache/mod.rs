@@ -33,13 +33,20 @@ pub const OBJECTS: &str = "objects-v1";
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
 }
 
 pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_path_buf(), source }
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A runs directory's cache.
@@ -50,11 +57,21 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(runs: &Path) -> Result<Cache, CacheError> {
-        for sub in [OBJECTS, &format!("{OBJECTS}/.tmp"), "stages", "scratch", "status", "logs", "locks"] {
+        for sub in [
+            OBJECTS,
+            &format!("{OBJECTS}/.tmp"),
+            "stages",
+            "scratch",
+            "status",
+            "logs",
+            "locks",
+        ] {
             let p = runs.join(sub);
             fs::create_dir_all(&p).map_err(io(&p))?;
         }
-        Ok(Cache { runs: runs.to_path_buf() })
+        Ok(Cache {
+            runs: runs.to_path_buf(),
+        })
     }
 
     pub fn runs(&self) -> &Path {
@@ -96,13 +113,21 @@ impl Cache {
     pub fn read_desc(&self, key: &str) -> Result<crate::plan::StageDesc, CacheError> {
         let path = self.desc_path(key);
         let text = fs::read(&path).map_err(io(&path))?;
-        serde_json::from_slice(&text).map_err(|e| CacheError::Corrupt { path, message: e.to_string() })
+        serde_json::from_slice(&text).map_err(|e| CacheError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
     }
 
     /// Take the exclusive lock of a key (blocks while another process holds it).
     pub fn lock(&self, key: &str) -> Result<StageLock, CacheError> {
         let path = self.runs.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
         fs4::fs_std::FileExt::lock_exclusive(&file).map_err(io(&path))?;
         Ok(StageLock { _file: file })
     }
@@ -111,7 +136,12 @@ impl Cache {
     /// ingests at a time per key; used around store ingest of shared stages).
     pub fn try_lock(&self, key: &str) -> Result<Option<StageLock>, CacheError> {
         let path = self.runs.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
         match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
             Ok(true) => Ok(Some(StageLock { _file: file })),
             Ok(false) => Ok(None),
@@ -125,9 +155,17 @@ impl Cache {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let dir = self.runs.join(OBJECTS).join(".tmp").join(format!("{key}.{}.{nanos}", std::process::id()));
+        let dir = self
+            .runs
+            .join(OBJECTS)
+            .join(".tmp")
+            .join(format!("{key}.{}.{nanos}", std::process::id()));
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(Pending { dir, target: self.entry(key), published: false })
+        Ok(Pending {
+            dir,
+            target: self.entry(key),
+            published: false,
+        })
     }
 
     /// Read a complete entry's outputs for ingestion into the store.
@@ -137,7 +175,11 @@ impl Cache {
 
     /// Remove complete entries not in `keep`, and leftover temporaries.
     /// Returns the removed paths.
-    pub fn gc(&self, keep: &std::collections::HashSet<String>, dry_run: bool) -> Result<Vec<PathBuf>, CacheError> {
+    pub fn gc(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        dry_run: bool,
+    ) -> Result<Vec<PathBuf>, CacheError> {
         let root = self.runs.join(OBJECTS);
         let mut removed = Vec::new();
         for e in fs::read_dir(&root).map_err(io(&root))? {
@@ -200,7 +242,12 @@ impl Pending {
             Err(_) if self.target.join("manifest.json").is_file() => {
                 let _ = fs::remove_dir_all(&self.dir);
             }
-            Err(e) => return Err(CacheError::Io { path: self.target.clone(), source: e }),
+            Err(e) => {
+                return Err(CacheError::Io {
+                    path: self.target.clone(),
+                    source: e,
+                })
+            }
         }
         if let Some(parent) = self.target.parent() {
             if let Ok(d) = fs::File::open(parent) {
@@ -227,10 +274,14 @@ fn sync_tree(dir: &Path) -> Result<(), CacheError> {
         if p.is_dir() {
             sync_tree(&p)?;
         } else {
-            fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&p))?;
         }
     }
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))
 }
 
 /// Write a file by temp + fsync + rename.
@@ -241,6 +292,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
     tmp.write_all(bytes).map_err(io(path))?;
     tmp.as_file().sync_all().map_err(io(path))?;
-    tmp.persist(path).map_err(|e| CacheError::Io { path: path.to_path_buf(), source: e.error })?;
+    tmp.persist(path).map_err(|e| CacheError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
     Ok(())
 }

@@ -102,11 +102,16 @@ fn other<E: Into<anyhow::Error>>(e: E) -> CliError {
 }
 
 /// Load the spec, materialise its data, and build the sealed plan.
-fn prepare(spec_path: &Path, sets: &[String], runs: &Path) -> CliResult<(Spec, Cache, Plan<Sealed>)> {
+fn prepare(
+    spec_path: &Path,
+    sets: &[String],
+    runs: &Path,
+) -> CliResult<(Spec, Cache, Plan<Sealed>)> {
     let spec = Spec::load(spec_path, sets).map_err(usage)?;
     let cache = Cache::open(runs).map_err(other)?;
     let data_dir = materialise_data(&spec, runs)?;
-    let digest = crate::cache::data_digest(&data_dir, &runs.join("data").join("digests.json")).map_err(usage)?;
+    let digest = crate::cache::data_digest(&data_dir, &runs.join("data").join("digests.json"))
+        .map_err(usage)?;
     let data_dir = std::path::absolute(&data_dir).map_err(other)?;
     let plan = Plan::of_spec(&spec, data_dir, digest).map_err(other)?;
     Ok((spec, cache, plan))
@@ -137,8 +142,13 @@ fn materialise_data(spec: &Spec, runs: &Path) -> CliResult<PathBuf> {
     if dir.join(".complete").is_file() {
         return Ok(dir);
     }
-    eprintln!("generating the synthetic data set into {} ...", dir.display());
-    let tmp = runs.join("data").join(format!(".synth-{}.{}", &id[..16], std::process::id()));
+    eprintln!(
+        "generating the synthetic data set into {} ...",
+        dir.display()
+    );
+    let tmp = runs
+        .join("data")
+        .join(format!(".synth-{}.{}", &id[..16], std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     crate::data::synth::generate(&tmp, &cfg).map_err(other)?;
     std::fs::write(tmp.join(".complete"), b"").map_err(other)?;
@@ -156,7 +166,9 @@ pub fn plan(a: &PlanArgs) -> CliResult {
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 pub fn sweep(a: &SweepArgs) -> CliResult {
@@ -164,13 +176,22 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         return Err(CliError::usage("--jobs must be at least 1"));
     }
     if !matches!(a.executor.as_str(), "local" | "slurm") {
-        return Err(CliError::usage(format!("unknown executor `{}` (expected `local` or `slurm`)", a.executor)));
+        return Err(CliError::usage(format!(
+            "unknown executor `{}` (expected `local` or `slurm`)",
+            a.executor
+        )));
     }
     let (spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
-    let cached: HashSet<String> =
-        plan.stages().filter(|s| cache.is_complete(&s.desc.key)).map(|s| s.desc.key.clone()).collect();
+    let cached: HashSet<String> = plan
+        .stages()
+        .filter(|s| cache.is_complete(&s.desc.key))
+        .map(|s| s.desc.key.clone())
+        .collect();
     if a.dry_run {
-        print!("{}", plan.render(crate::plan::Format::Table, &|k| cached.contains(k)));
+        print!(
+            "{}",
+            plan.render(crate::plan::Format::Table, &|k| cached.contains(k))
+        );
         return Ok(());
     }
     let jobs = a.jobs.unwrap_or_else(cores).max(1);
@@ -186,7 +207,13 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
             key: s.desc.key.clone(),
             kind: s.desc.kind.name().to_string(),
             label: s.desc.label.clone(),
-            deps: s.desc.inputs.iter().map(|(_, k)| k.clone()).filter(|k| !cached.contains(k)).collect(),
+            deps: s
+                .desc
+                .inputs
+                .iter()
+                .map(|(_, k)| k.clone())
+                .filter(|k| !cached.contains(k))
+                .collect(),
             threads,
             resources: s.resources.clone(),
         })
@@ -212,11 +239,20 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     }
     let mut attached: Option<crate::exec::slurm::SlurmExecutor> = None;
     let mut executor: Box<dyn Executor> = match a.executor.as_str() {
-        "local" => Box::new(crate::exec::local::LocalExecutor { worker, jobs, interrupted: interrupted.clone() }),
+        "local" => Box::new(crate::exec::local::LocalExecutor {
+            worker,
+            jobs,
+            interrupted: interrupted.clone(),
+        }),
         _ if a.attach => {
-            let ex = crate::exec::slurm::SlurmExecutor::attach(worker.clone(), &spec.config.name).map_err(usage)?;
+            let ex = crate::exec::slurm::SlurmExecutor::attach(worker.clone(), &spec.config.name)
+                .map_err(usage)?;
             attached = Some(ex.interrupt_flag(interrupted.clone(), a.detach));
-            Box::new(crate::exec::local::LocalExecutor { worker, jobs, interrupted: interrupted.clone() })
+            Box::new(crate::exec::local::LocalExecutor {
+                worker,
+                jobs,
+                interrupted: interrupted.clone(),
+            })
         }
         _ => Box::new(
             crate::exec::slurm::SlurmExecutor::new(worker)
@@ -230,33 +266,38 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let mut ingest_errors = Vec::new();
     let t0 = std::time::Instant::now();
     let mut on_event = |ev: Event| {
-            sink.event(&ev);
-            let r = match &ev {
-                Event::Started { key, host, job_id } => store.stage_started(key, host.as_deref(), job_id.as_deref()),
-                Event::Progress { .. } => Ok(()),
-                Event::Finished { key, outcome, wall } => match outcome {
-                    Outcome::Done => match cache.outputs(key) {
-                        Ok(out) => store.ingest(&out),
-                        Err(e) => {
-                            ingest_errors.push(format!("{key}: {e}"));
-                            Ok(())
-                        }
-                    },
-                    Outcome::Failed(msg) => {
-                        let reason = failure_reason(&cache, key, msg);
-                        failures.push((key.clone(), reason.clone()));
-                        store.stage_ended(key, "failed", Some(&reason), Some(wall.as_secs_f64()))
-                    }
-                    Outcome::Skipped { because_of } => {
-                        let why = format!("skipped: input {} failed", &because_of[..12.min(because_of.len())]);
-                        store.stage_ended(key, "skipped", Some(&why), None)
-                    }
-                    Outcome::Interrupted(why) => store.stage_ended(key, "interrupted", Some(why), None),
-                },
-            };
-            if let Err(e) = r {
-                ingest_errors.push(e.to_string());
+        sink.event(&ev);
+        let r = match &ev {
+            Event::Started { key, host, job_id } => {
+                store.stage_started(key, host.as_deref(), job_id.as_deref())
             }
+            Event::Progress { .. } => Ok(()),
+            Event::Finished { key, outcome, wall } => match outcome {
+                Outcome::Done => match cache.outputs(key) {
+                    Ok(out) => store.ingest(&out),
+                    Err(e) => {
+                        ingest_errors.push(format!("{key}: {e}"));
+                        Ok(())
+                    }
+                },
+                Outcome::Failed(msg) => {
+                    let reason = failure_reason(&cache, key, msg);
+                    failures.push((key.clone(), reason.clone()));
+                    store.stage_ended(key, "failed", Some(&reason), Some(wall.as_secs_f64()))
+                }
+                Outcome::Skipped { because_of } => {
+                    let why = format!(
+                        "skipped: input {} failed",
+                        &because_of[..12.min(because_of.len())]
+                    );
+                    store.stage_ended(key, "skipped", Some(&why), None)
+                }
+                Outcome::Interrupted(why) => store.stage_ended(key, "interrupted", Some(why), None),
+            },
+        };
+        if let Err(e) = r {
+            ingest_errors.push(e.to_string());
+        }
     };
     match attached.as_mut() {
         Some(ex) => ex.follow(a.keep_going, &mut on_event).map(|_| ()),
@@ -284,7 +325,10 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         write_report(&spec, &a.runs);
     }
     for (key, reason) in &failures {
-        let label = plan.get(key).map(|n| n.desc.label.clone()).unwrap_or_default();
+        let label = plan
+            .get(key)
+            .map(|n| n.desc.label.clone())
+            .unwrap_or_default();
         eprintln!("failed: {label} [{}]: {reason}", &key[..12]);
         eprintln!("  log: {}", cache.log_path(key).display());
     }
@@ -293,8 +337,13 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     }
     match status {
         "done" => Ok(()),
-        "interrupted" => Err(CliError::failed("interrupted; run the same command again to resume")),
-        _ => Err(CliError::failed(format!("{} stage(s) failed", failures.len().max(ingest_errors.len())))),
+        "interrupted" => Err(CliError::failed(
+            "interrupted; run the same command again to resume",
+        )),
+        _ => Err(CliError::failed(format!(
+            "{} stage(s) failed",
+            failures.len().max(ingest_errors.len())
+        ))),
     }
 }
 
@@ -307,7 +356,16 @@ fn failure_reason(cache: &Cache, key: &str, fallback: &str) -> String {
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
     marker.unwrap_or_else(|| {
         let tail = std::fs::read_to_string(cache.log_path(key))
-            .map(|s| s.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
+            .map(|s| {
+                s.lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
             .unwrap_or_default();
         if tail.is_empty() {
             fallback.to_string()
@@ -350,7 +408,11 @@ fn record_sweep(
             fusion: c.cell.fusion.clone(),
             seed: c.cell.seed,
             overrides: serde_json::Value::Object(c.cell.overrides.iter().cloned().collect()),
-            stages: c.stages.iter().map(|(k, key)| (k.name().to_string(), key.clone())).collect(),
+            stages: c
+                .stages
+                .iter()
+                .map(|(k, key)| (k.name().to_string(), key.clone()))
+                .collect(),
         })
         .collect();
     let stages: Vec<StageRow> = plan
@@ -369,7 +431,12 @@ fn record_sweep(
 
 /// Cached stages the store has no results for (a deleted or fresh store, or a
 /// stage computed by another sweep process): ingest them from the cache.
-fn ingest_missing(store: &mut Store, cache: &Cache, plan: &Plan<Sealed>, cached: &HashSet<String>) -> CliResult {
+fn ingest_missing(
+    store: &mut Store,
+    cache: &Cache,
+    plan: &Plan<Sealed>,
+    cached: &HashSet<String>,
+) -> CliResult {
     let ingested: HashSet<String> = {
         let mut st = store
             .conn()
@@ -402,7 +469,12 @@ fn write_report(spec: &Spec, runs: &Path) {
         #[command(flatten)]
         args: crate::report::cmd::ReportArgs,
     }
-    let argv = ["report".to_string(), spec.config.name.clone(), "--runs".into(), runs.display().to_string()];
+    let argv = [
+        "report".to_string(),
+        spec.config.name.clone(),
+        "--runs".into(),
+        runs.display().to_string(),
+    ];
     match <Wrap as clap::Parser>::try_parse_from(argv) {
         Ok(w) => {
             if let Err(e) = crate::report::cmd::run_report(&w.args) {
@@ -434,14 +506,27 @@ impl Sink {
         });
         let overall = mp.add(ProgressBar::new(jobs.len() as u64));
         overall.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} stages  {elapsed_precise}  {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {pos}/{len} stages  {elapsed_precise}  {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         overall.set_prefix("sweep");
         overall.set_message(format!("{reused} of {plan_len} reused from the cache"));
-        let labels = jobs.iter().map(|j| (j.key.clone(), j.label.clone())).collect();
-        Sink { mp, overall, bars: HashMap::new(), labels, tty, finished: 0, total: jobs.len() }
+        let labels = jobs
+            .iter()
+            .map(|j| (j.key.clone(), j.label.clone()))
+            .collect();
+        Sink {
+            mp,
+            overall,
+            bars: HashMap::new(),
+            labels,
+            tty,
+            finished: 0,
+            total: jobs.len(),
+        }
     }
 
     fn event(&mut self, ev: &Event) {
@@ -449,19 +534,29 @@ impl Sink {
             Event::Started { key, host, .. } => {
                 let bar = self.mp.add(ProgressBar::new(0));
                 bar.set_style(
-                    ProgressStyle::with_template("{prefix:>8} {msg:40} [{bar:20}] {pos}/{len} {per_sec}")
-                        .expect("template")
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix:>8} {msg:40} [{bar:20}] {pos}/{len} {per_sec}",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
                 );
                 bar.set_prefix(key[..8].to_string());
                 bar.set_message(self.labels.get(key).cloned().unwrap_or_default());
                 self.bars.insert(key.clone(), bar);
                 if !self.tty {
-                    let on = host.as_ref().map(|h| format!(" on {h}")).unwrap_or_default();
-                    eprintln!("started  {}{on}", self.labels.get(key).map(String::as_str).unwrap_or(key));
+                    let on = host
+                        .as_ref()
+                        .map(|h| format!(" on {h}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "started  {}{on}",
+                        self.labels.get(key).map(String::as_str).unwrap_or(key)
+                    );
                 }
             }
-            Event::Progress { key, step, total, .. } => {
+            Event::Progress {
+                key, step, total, ..
+            } => {
                 if let Some(b) = self.bars.get(key) {
                     b.set_length(*total);
                     b.set_position(*step);
@@ -515,9 +610,18 @@ pub fn gc(a: &GcArgs) -> CliResult {
     let cache = Cache::open(&a.runs).map_err(other)?;
     let removed = cache.gc(&keep, a.dry_run).map_err(other)?;
     for p in &removed {
-        println!("{} {}", if a.dry_run { "would remove" } else { "removed" }, p.display());
+        println!(
+            "{} {}",
+            if a.dry_run { "would remove" } else { "removed" },
+            p.display()
+        );
     }
-    println!("{} entr{} {}", removed.len(), if removed.len() == 1 { "y" } else { "ies" }, if a.dry_run { "to remove" } else { "removed" });
+    println!(
+        "{} entr{} {}",
+        removed.len(),
+        if removed.len() == 1 { "y" } else { "ies" },
+        if a.dry_run { "to remove" } else { "removed" }
+    );
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use crate::error::CliError;
 
 mod engine;
 
-pub use engine::{PlanArgs, RunStageArgs, StatusArgs, SweepArgs, GcArgs};
+pub use engine::{GcArgs, PlanArgs, RunStageArgs, StatusArgs, SweepArgs};
 
 /// ecic: compare vision-language captioners for e-commerce products.
 ///

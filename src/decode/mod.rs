@@ -78,7 +78,10 @@ impl DecodeConfig {
             errs.push(format!("temperature {} must be positive", self.temperature));
         }
         if self.repetition_penalty <= 0.0 || !self.repetition_penalty.is_finite() {
-            errs.push(format!("repetition_penalty {} must be positive", self.repetition_penalty));
+            errs.push(format!(
+                "repetition_penalty {} must be positive",
+                self.repetition_penalty
+            ));
         }
         if self.max_len == 0 {
             errs.push("max_len must be at least 1".to_string());
@@ -112,9 +115,22 @@ impl<'a> Session<'a> {
         let hist = vec![Vec::new(); n];
         if cache {
             let (logits, state) = model.begin(&images, 1)?;
-            Ok((Self { model, state: Some(state), images, hist }, logits.to_vec2()?))
+            Ok((
+                Self {
+                    model,
+                    state: Some(state),
+                    images,
+                    hist,
+                },
+                logits.to_vec2()?,
+            ))
         } else {
-            let s = Self { model, state: None, images, hist };
+            let s = Self {
+                model,
+                state: None,
+                images,
+                hist,
+            };
             let l = s.recompute()?;
             Ok((s, l))
         }
@@ -123,7 +139,11 @@ impl<'a> Session<'a> {
     fn recompute(&self) -> Result<Vec<Vec<f32>>, DecodeError> {
         let m = self.model.config();
         let t = self.hist[0].len() + 1;
-        let ids: Vec<u32> = self.hist.iter().flat_map(|h| std::iter::once(m.bos_id).chain(h.iter().copied())).collect();
+        let ids: Vec<u32> = self
+            .hist
+            .iter()
+            .flat_map(|h| std::iter::once(m.bos_id).chain(h.iter().copied()))
+            .collect();
         let ids = Tensor::from_vec(ids, (self.hist.len(), t), self.model.device())?;
         let l = self.model.logits(&self.images, &ids)?;
         Ok(l.narrow(1, t - 1, 1)?.squeeze(1)?.to_vec2()?)
@@ -186,7 +206,11 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 fn inference(model: &Captioner) -> Result<Option<Captioner>, DecodeError> {
-    Ok(if model.is_inference() { None } else { Some(model.inference()?) })
+    Ok(if model.is_inference() {
+        None
+    } else {
+        Some(model.inference()?)
+    })
 }
 
 /// Generates one caption per image (token ids without BOS/EOS).
@@ -216,7 +240,9 @@ pub fn sample(
 ) -> Result<Vec<Vec<Vec<u32>>>, DecodeError> {
     cfg.validate()?;
     if k == 0 {
-        return Err(DecodeError::Config("k samples per image must be at least 1".into()));
+        return Err(DecodeError::Config(
+            "k samples per image must be at least 1".into(),
+        ));
     }
     let owned = inference(model)?;
     let m = owned.as_ref().unwrap_or(model);
@@ -228,7 +254,11 @@ fn max_len(m: &Captioner, cfg: &DecodeConfig) -> usize {
     cfg.max_len.min(m.max_new_tokens())
 }
 
-fn greedy(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u32>>, DecodeError> {
+fn greedy(
+    m: &Captioner,
+    images: &Tensor,
+    cfg: &DecodeConfig,
+) -> Result<Vec<Vec<u32>>, DecodeError> {
     let eos = m.config().eos_id;
     let (mut s, mut logits) = Session::begin(m, images, 1, cfg.kv_cache)?;
     let n = logits.len();
@@ -299,8 +329,11 @@ fn sample_rows(
 fn nucleus(logits: &[f32], top_p: f64, temperature: f64, rng: &mut ChaCha8Rng) -> u32 {
     let t = temperature as f32;
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - m) / t) as f64).exp())).collect();
+    let mut p: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, (((l - m) / t) as f64).exp()))
+        .collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut cum = 0.0;
@@ -335,7 +368,9 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
     let (mut s, mut logits) = Session::begin(m, images, w, cfg.kv_cache)?;
     let b = logits.len() / w;
     // Only the first beam of each image is live at the start (all beams are identical).
-    let mut scores: Vec<f64> = (0..b * w).map(|r| if r % w == 0 { 0.0 } else { f64::NEG_INFINITY }).collect();
+    let mut scores: Vec<f64> = (0..b * w)
+        .map(|r| if r % w == 0 { 0.0 } else { f64::NEG_INFINITY })
+        .collect();
     let mut finished: Vec<Vec<Hyp>> = (0..b).map(|_| Vec::new()).collect();
     let mut done = vec![false; b];
     let ml = max_len(m, cfg);
@@ -362,14 +397,21 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
                 let l = &mut logits[r];
                 penalize(l, &s.hist[r], cfg.repetition_penalty);
                 log_softmax(l);
-                cand.extend(l.iter().enumerate().map(|(v, &lp)| (scores[r] + lp as f64, r, v as u32)));
+                cand.extend(
+                    l.iter()
+                        .enumerate()
+                        .map(|(v, &lp)| (scores[r] + lp as f64, r, v as u32)),
+                );
             }
             cand.sort_by(|a, c| c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2)));
             let mut kept = 0;
             for (rank, &(sc, r, v)) in cand.iter().take(2 * w).enumerate() {
                 if v == eos {
                     if rank < w {
-                        finished[img].push(Hyp { tokens: s.hist[r].clone(), score: norm(s.hist[r].len() + 1, sc) });
+                        finished[img].push(Hyp {
+                            tokens: s.hist[r].clone(),
+                            score: norm(s.hist[r].len() + 1, sc),
+                        });
                     }
                 } else if kept < w {
                     rows.push(r as u32);
@@ -398,7 +440,10 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
                 if scores[r] > f64::NEG_INFINITY && !done[r / w] {
                     let mut t = h.clone();
                     t.push(next[r]);
-                    finished[r / w].push(Hyp { score: norm(t.len(), scores[r]), tokens: t });
+                    finished[r / w].push(Hyp {
+                        score: norm(t.len(), scores[r]),
+                        tokens: t,
+                    });
                 }
             }
             break;
@@ -408,7 +453,10 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
     Ok(finished
         .into_iter()
         .map(|f| {
-            f.into_iter().reduce(|a, c| if c.score > a.score { c } else { a }).map(|h| h.tokens).unwrap_or_default()
+            f.into_iter()
+                .reduce(|a, c| if c.score > a.score { c } else { a })
+                .map(|h| h.tokens)
+                .unwrap_or_default()
         })
         .collect())
 }

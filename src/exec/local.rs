@@ -25,12 +25,25 @@ pub struct LocalExecutor {
 }
 
 enum Msg {
-    Progress { key: String, step: u64, total: u64 },
-    Exited { key: String, ok: bool, detail: String },
+    Progress {
+        key: String,
+        step: u64,
+        total: u64,
+    },
+    Exited {
+        key: String,
+        ok: bool,
+        detail: String,
+    },
 }
 
 impl Executor for LocalExecutor {
-    fn execute(&mut self, jobs: &[StageJob], keep_going: bool, events: &mut dyn FnMut(Event)) -> Result<(), ExecError> {
+    fn execute(
+        &mut self,
+        jobs: &[StageJob],
+        keep_going: bool,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), ExecError> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut pending: Vec<&StageJob> = jobs.iter().collect();
         let mut done: HashSet<String> = HashSet::new();
@@ -71,7 +84,11 @@ impl Executor for LocalExecutor {
                         pending.remove(i);
                         let child = self.spawn(job, tx.clone())?;
                         running.insert(job.key.clone(), (child, Instant::now()));
-                        events(Event::Started { key: job.key.clone(), host: None, job_id: None });
+                        events(Event::Started {
+                            key: job.key.clone(),
+                            host: None,
+                            job_id: None,
+                        });
                     } else {
                         i += 1;
                     }
@@ -82,12 +99,26 @@ impl Executor for LocalExecutor {
             }
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Msg::Progress { key, step, total }) => {
-                    events(Event::Progress { key, step, total, note: None });
+                    events(Event::Progress {
+                        key,
+                        step,
+                        total,
+                        note: None,
+                    });
                 }
                 Ok(Msg::Exited { key, ok, detail }) => {
-                    let started = running.remove(&key).map(|(_, t)| t).unwrap_or_else(Instant::now);
+                    let started = running
+                        .remove(&key)
+                        .map(|(_, t)| t)
+                        .unwrap_or_else(Instant::now);
                     let wall = started.elapsed();
-                    let complete = self.worker.runs.join(crate::cache::OBJECTS).join(&key).join("manifest.json").is_file();
+                    let complete = self
+                        .worker
+                        .runs
+                        .join(crate::cache::OBJECTS)
+                        .join(&key)
+                        .join("manifest.json")
+                        .is_file();
                     let outcome = if self.interrupted.load(Ordering::SeqCst) && !complete {
                         Outcome::Interrupted("interrupted by the user".into())
                     } else if ok && complete {
@@ -119,19 +150,40 @@ impl Executor for LocalExecutor {
             let outcome = if self.interrupted.load(Ordering::SeqCst) {
                 Outcome::Interrupted("not started: interrupted".into())
             } else {
-                let root = job.deps.iter().find_map(|d| bad.get(d).cloned()).unwrap_or_else(|| "an earlier failure".into());
+                let root = job
+                    .deps
+                    .iter()
+                    .find_map(|d| bad.get(d).cloned())
+                    .unwrap_or_else(|| "an earlier failure".into());
                 Outcome::Skipped { because_of: root }
             };
-            events(Event::Finished { key: job.key.clone(), outcome, wall: Duration::ZERO });
+            events(Event::Finished {
+                key: job.key.clone(),
+                outcome,
+                wall: Duration::ZERO,
+            });
         }
         Ok(())
     }
 }
 
 impl LocalExecutor {
-    fn spawn(&self, job: &StageJob, tx: mpsc::Sender<Msg>) -> Result<Arc<std::sync::Mutex<Child>>, ExecError> {
-        let log = self.worker.runs.join("logs").join(format!("{}.log", job.key));
-        let io = |what: String| move |e| ExecError::Io { what: what.clone(), source: e };
+    fn spawn(
+        &self,
+        job: &StageJob,
+        tx: mpsc::Sender<Msg>,
+    ) -> Result<Arc<std::sync::Mutex<Child>>, ExecError> {
+        let log = self
+            .worker
+            .runs
+            .join("logs")
+            .join(format!("{}.log", job.key));
+        let io = |what: String| {
+            move |e| ExecError::Io {
+                what: what.clone(),
+                source: e,
+            }
+        };
         // Append: a log keeps every attempt (a resumed stage shows where it resumed).
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -141,7 +193,9 @@ impl LocalExecutor {
         // On Linux, /proc/self/exe is this very binary even if the file was
         // replaced meanwhile (a rebuild during a long sweep).
         let self_exe = std::path::Path::new("/proc/self/exe");
-        let program = if self_exe.exists() && self.worker.program == std::env::current_exe().unwrap_or_default() {
+        let program = if self_exe.exists()
+            && self.worker.program == std::env::current_exe().unwrap_or_default()
+        {
             self_exe.to_path_buf()
         } else {
             self.worker.program.clone()
@@ -163,15 +217,24 @@ impl LocalExecutor {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
         }
-        let mut child = cmd.spawn().map_err(io(format!("starting {}", self.worker.program.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", self.worker.program.display())))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let child = Arc::new(std::sync::Mutex::new(child));
         let key = job.key.clone();
         let waiter = child.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if let Some((step, total)) = parse_progress(&line) {
-                    let _ = tx.send(Msg::Progress { key: key.clone(), step, total });
+                    let _ = tx.send(Msg::Progress {
+                        key: key.clone(),
+                        step,
+                        total,
+                    });
                 }
             }
             // stdout closed: the child is exiting.

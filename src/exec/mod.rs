@@ -67,11 +67,24 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The stage started (on `host`, as `job_id` where a scheduler gave one).
-    Started { key: String, host: Option<String>, job_id: Option<String> },
+    Started {
+        key: String,
+        host: Option<String>,
+        job_id: Option<String>,
+    },
     /// Progress inside a stage: `step` of `total` (training steps, images...).
-    Progress { key: String, step: u64, total: u64, note: Option<String> },
+    Progress {
+        key: String,
+        step: u64,
+        total: u64,
+        note: Option<String>,
+    },
     /// The stage ended.
-    Finished { key: String, outcome: Outcome, wall: Duration },
+    Finished {
+        key: String,
+        outcome: Outcome,
+        wall: Duration,
+    },
 }
 
 /// The seam between the dispatcher and the places stages run.
@@ -114,7 +127,11 @@ impl Worker {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{tool} failed: {message}")]
     Scheduler { tool: String, message: String },
     #[error("unknown executor `{0}` (expected `local` or `slurm`)")]

@@ -56,13 +56,23 @@ impl BleuCounts {
     pub fn bleu(&self) -> [f64; MAX_N] {
         let correct = self.correct.map(f64::from);
         let guess = self.guess.map(f64::from);
-        bleu_from(f64::from(self.testlen), f64::from(self.reflen), &correct, &guess)
+        bleu_from(
+            f64::from(self.testlen),
+            f64::from(self.reflen),
+            &correct,
+            &guess,
+        )
     }
 }
 
 /// The shared formula: cumulative product of smoothed precisions, k-th root,
 /// brevity penalty `exp(1 - 1/ratio)` when the ratio is below one.
-fn bleu_from(testlen: f64, reflen: f64, correct: &[f64; MAX_N], guess: &[f64; MAX_N]) -> [f64; MAX_N] {
+fn bleu_from(
+    testlen: f64,
+    reflen: f64,
+    correct: &[f64; MAX_N],
+    guess: &[f64; MAX_N],
+) -> [f64; MAX_N] {
     let mut out = [0.0; MAX_N];
     let mut product = 1.0;
     for k in 0..MAX_N {
@@ -84,12 +94,21 @@ fn bleu_from(testlen: f64, reflen: f64, correct: &[f64; MAX_N], guess: &[f64; MA
 /// per order; `reflens` are the reference lengths.
 pub fn image_counts(testlen: usize, reflens: &[u32], correct: [u32; MAX_N]) -> BleuCounts {
     let testlen = u32::try_from(testlen).unwrap_or(u32::MAX);
-    let reflen = reflens.iter().copied().min_by_key(|&l| (l.abs_diff(testlen), l)).unwrap_or(0);
+    let reflen = reflens
+        .iter()
+        .copied()
+        .min_by_key(|&l| (l.abs_diff(testlen), l))
+        .unwrap_or(0);
     let mut guess = [0u32; MAX_N];
     for (k, g) in guess.iter_mut().enumerate() {
         *g = testlen.saturating_sub(k as u32);
     }
-    BleuCounts { testlen, reflen, guess, correct }
+    BleuCounts {
+        testlen,
+        reflen,
+        guess,
+        correct,
+    }
 }
 
 #[cfg(test)]

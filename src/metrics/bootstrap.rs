@@ -61,7 +61,11 @@ pub struct Paired {
 
 /// 95% percentile intervals of every corpus metric, from `resamples`
 /// resamples of the images.
-pub fn confidence_interval(images: &[ImageScore], resamples: usize, seed: u64) -> Result<Vec<Interval>, MetricsError> {
+pub fn confidence_interval(
+    images: &[ImageScore],
+    resamples: usize,
+    seed: u64,
+) -> Result<Vec<Interval>, MetricsError> {
     check(images.len(), resamples)?;
     let full = Scores::from_images(images);
     let samples = resample(images.len(), resamples, seed, |idx| {
@@ -74,7 +78,12 @@ pub fn confidence_interval(images: &[ImageScore], resamples: usize, seed: u64) -
         .map(|(k, &metric)| {
             let mut v: Vec<f64> = samples.iter().map(|s| s[k]).collect();
             let (low, high) = percentile_interval(&mut v);
-            Interval { metric, estimate: full.get(metric), low, high }
+            Interval {
+                metric,
+                estimate: full.get(metric),
+                low,
+                high,
+            }
         })
         .collect())
 }
@@ -87,15 +96,34 @@ pub fn confidence_interval(images: &[ImageScore], resamples: usize, seed: u64) -
 /// distribution of the delta to mean zero (Berg-Kirkpatrick et al., 2012):
 /// `p = (1 + #{δ* − δ ≥ δ}) / (1 + resamples)`. Identical systems give 1; the
 /// smallest possible value is `1 / (1 + resamples)`.
-pub fn paired(a: &[ImageScore], b: &[ImageScore], resamples: usize, seed: u64) -> Result<Vec<Paired>, MetricsError> {
+pub fn paired(
+    a: &[ImageScore],
+    b: &[ImageScore],
+    resamples: usize,
+    seed: u64,
+) -> Result<Vec<Paired>, MetricsError> {
     check(a.len(), resamples)?;
-    let b_pos: FastMap<&str, usize> = b.iter().enumerate().map(|(i, s)| (s.image_id.as_str(), i)).collect();
+    let b_pos: FastMap<&str, usize> = b
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.image_id.as_str(), i))
+        .collect();
     if b_pos.len() != a.len() || b.len() != a.len() {
-        return Err(MetricsError::ImageSets { a: a.len(), b: b.len() });
+        return Err(MetricsError::ImageSets {
+            a: a.len(),
+            b: b.len(),
+        });
     }
     let b_of_a = a
         .iter()
-        .map(|s| b_pos.get(s.image_id.as_str()).copied().ok_or_else(|| MetricsError::NotInB { id: s.image_id.clone() }))
+        .map(|s| {
+            b_pos
+                .get(s.image_id.as_str())
+                .copied()
+                .ok_or_else(|| MetricsError::NotInB {
+                    id: s.image_id.clone(),
+                })
+        })
         .collect::<Result<Vec<usize>, _>>()?;
     // B in A's order, so that the result does not depend on how B was listed
     let (full_a, full_b) = (Scores::from_images(a), Scores::from_sample(b, &b_of_a));
@@ -114,7 +142,15 @@ pub fn paired(a: &[ImageScore], b: &[ImageScore], resamples: usize, seed: u64) -
             let extreme = v.iter().filter(|&&d| d - delta >= delta).count();
             let p_value = (1 + extreme) as f64 / (1 + resamples) as f64;
             let (low, high) = percentile_interval(&mut v);
-            Paired { metric, a: full_a.get(metric), b: full_b.get(metric), delta, low, high, p_value }
+            Paired {
+                metric,
+                a: full_a.get(metric),
+                b: full_b.get(metric),
+                delta,
+                low,
+                high,
+                p_value,
+            }
         })
         .collect())
 }
@@ -130,7 +166,12 @@ fn check(images: usize, resamples: usize) -> Result<(), MetricsError> {
 }
 
 /// Run `stat` on `resamples` index draws of `0..n`, in parallel.
-fn resample<T: Send>(n: usize, resamples: usize, seed: u64, stat: impl Fn(&[usize]) -> T + Sync) -> Vec<T> {
+fn resample<T: Send>(
+    n: usize,
+    resamples: usize,
+    seed: u64,
+    stat: impl Fn(&[usize]) -> T + Sync,
+) -> Vec<T> {
     (0..resamples)
         .into_par_iter()
         .map_init(Vec::new, |idx, r| {

@@ -9,7 +9,9 @@
 
 use rayon::prelude::*;
 
-use super::ngram::{cider_length, count_ngrams, fits, order, Caption, GramKey, Unknowns, Vocab, MAX_N};
+use super::ngram::{
+    cider_length, count_ngrams, fits, order, Caption, GramKey, Unknowns, Vocab, MAX_N,
+};
 use super::tokenize::{tokenize_into, Tokenize};
 use super::MetricsError;
 
@@ -65,7 +67,9 @@ struct Shard<K> {
 
 impl<K: GramKey> Shard<K> {
     fn with_distinct(n: usize) -> Self {
-        Shard { slots: vec![(K::default(), 0); n + n / 3 + 1] }
+        Shard {
+            slots: vec![(K::default(), 0); n + n / 3 + 1],
+        }
     }
 
     #[inline]
@@ -118,13 +122,21 @@ struct Idf {
 impl Idf {
     fn new(images: usize) -> Self {
         let ln = (0..=images).map(|d| (d.max(1) as f64).ln()).collect();
-        Idf { log_n: (images as f64).ln(), ln }
+        Idf {
+            log_n: (images as f64).ln(),
+            ln,
+        }
     }
 
     /// `ln N - ln max(1, df)`: the idf factor of a weight.
     #[inline]
     fn of(&self, df: u32) -> f64 {
-        self.log_n - self.ln.get(df as usize).copied().unwrap_or_else(|| f64::from(df.max(1)).ln())
+        self.log_n
+            - self
+                .ln
+                .get(df as usize)
+                .copied()
+                .unwrap_or_else(|| f64::from(df.max(1)).ln())
     }
 }
 
@@ -157,14 +169,23 @@ impl CiderD {
         let mut vocab = Vocab::default();
         let captions: Vec<Vec<Caption>> = tokens
             .iter()
-            .map(|caps| caps.iter().map(|t| Caption::encode(t, mode, |s| vocab.intern(s))).collect())
+            .map(|caps| {
+                caps.iter()
+                    .map(|t| Caption::encode(t, mode, |s| vocab.intern(s)))
+                    .collect()
+            })
             .collect();
         Self::from_captions(vocab, mode, &captions, false)
     }
 
     /// The scorer of interned reference captions (`wide`: 32-bit limbs even
     /// where 16 would do, for tests).
-    pub(crate) fn from_captions(vocab: Vocab, mode: Tokenize, images: &[Vec<Caption>], wide: bool) -> Self {
+    pub(crate) fn from_captions(
+        vocab: Vocab,
+        mode: Tokenize,
+        images: &[Vec<Caption>],
+        wide: bool,
+    ) -> Self {
         let idf = Idf::new(images.len());
         let narrow = u32::try_from(vocab.len()).is_ok_and(|l| l == 0 || fits::<u64>(l - 1));
         let tables = if narrow && !wide {
@@ -172,7 +193,12 @@ impl CiderD {
         } else {
             Tables::Wide(Grams::build(images, &idf))
         };
-        CiderD { mode, vocab, idf, tables }
+        CiderD {
+            mode,
+            vocab,
+            idf,
+            tables,
+        }
     }
 
     /// Number of reference images (N).
@@ -210,18 +236,28 @@ impl CiderD {
 
     /// The core: CIDEr-D of a candidate (token ids, `str.split()` of its
     /// string) for image `image`, and its BLEU clipped counts per order.
-    pub(crate) fn score_words(&self, image: usize, words: &[u32]) -> Result<(f64, [u32; MAX_N]), MetricsError> {
+    pub(crate) fn score_words(
+        &self,
+        image: usize,
+        words: &[u32],
+    ) -> Result<(f64, [u32; MAX_N]), MetricsError> {
         let scored = match &self.tables {
             Tables::Narrow(g) => g.score(image, words, &self.idf),
             Tables::Wide(g) => g.score(image, words, &self.idf),
         };
-        scored.ok_or(MetricsError::ImageIndex { index: image, images: self.images() })
+        scored.ok_or(MetricsError::ImageIndex {
+            index: image,
+            images: self.images(),
+        })
     }
 }
 
 impl<K: GramKey> Grams<K> {
     fn build(captions: &[Vec<Caption>], idf: &Idf) -> Self {
-        let mut images: Vec<ImageGrams<K>> = captions.par_iter().map(|caps| ImageGrams::count(caps)).collect();
+        let mut images: Vec<ImageGrams<K>> = captions
+            .par_iter()
+            .map(|caps| ImageGrams::count(caps))
+            .collect();
         let shards = document_frequency(&mut images);
         images.par_iter_mut().for_each(|im| im.weigh(idf));
         Grams { images, shards }
@@ -333,10 +369,20 @@ impl<K: GramKey> ImageGrams<K> {
                 refmax[j] = refmax[j].max(c);
             }
             let end = u32::try_from(entries.len()).unwrap_or(u32::MAX);
-            refs.push(RefVec { end, norm: [0.0; MAX_N], length: cider_length(&cap.words) });
+            refs.push(RefVec {
+                end,
+                norm: [0.0; MAX_N],
+                length: cider_length(&cap.words),
+            });
         }
         let df = vec![0; keys.len()];
-        ImageGrams { keys, df, refmax, entries, refs }
+        ImageGrams {
+            keys,
+            df,
+            refmax,
+            entries,
+            refs,
+        }
     }
 
     /// The references' tf-idf norms, once `df` is known.
@@ -387,7 +433,10 @@ fn merge_keys<K: Ord + Copy>(a: &[K], b: &[(K, u32)], out: &mut Vec<K>) {
 /// df of its bucket entries in bucket order, and each chunk reads its dfs
 /// back by walking its keys again: no positions stored, no vector regrown.
 fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<Shard<K>> {
-    let chunk = images.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+    let chunk = images
+        .len()
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(1);
     let shard = Grams::<K>::shard;
     let buckets: Vec<Vec<Vec<K>>> = images
         .par_chunks(chunk)
@@ -416,8 +465,12 @@ fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<Shard<K>>
         .into_par_iter()
         .map(|s| {
             // (key, place in bucket order), sorted: runs are the distinct keys
-            let mut order: Vec<(K, u32)> =
-                buckets.iter().flat_map(|b| &b[s]).enumerate().map(|(i, &k)| (k, i as u32)).collect();
+            let mut order: Vec<(K, u32)> = buckets
+                .iter()
+                .flat_map(|b| &b[s])
+                .enumerate()
+                .map(|(i, &k)| (k, i as u32))
+                .collect();
             order.sort_unstable();
             let mut dfs = vec![0u32; order.len()];
             let mut shard = Shard::with_distinct(order.chunk_by(|a, b| a.0 == b.0).count());
@@ -432,15 +485,18 @@ fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<Shard<K>>
         })
         .collect();
     drop(buckets);
-    images.par_chunks_mut(chunk).zip(starts).for_each(|(part, mut cursor)| {
-        for im in part {
-            for (k, d) in im.keys.iter().zip(im.df.iter_mut()) {
-                let s = shard(*k);
-                *d = counted[s].1[cursor[s]];
-                cursor[s] += 1;
+    images
+        .par_chunks_mut(chunk)
+        .zip(starts)
+        .for_each(|(part, mut cursor)| {
+            for im in part {
+                for (k, d) in im.keys.iter().zip(im.df.iter_mut()) {
+                    let s = shard(*k);
+                    *d = counted[s].1[cursor[s]];
+                    cursor[s] += 1;
+                }
             }
-        }
-    });
+        });
     counted.into_iter().map(|(shard, _)| shard).collect()
 }
 
@@ -456,19 +512,29 @@ mod tests {
 
     #[test]
     fn a_reference_outscores_a_stranger_and_bad_index_is_an_error() {
-        let refs = vec![vec!["红色连衣裙", "红色长裙"], vec!["黑色皮鞋"], vec!["白色衬衫"]];
+        let refs = vec![
+            vec!["红色连衣裙", "红色长裙"],
+            vec!["黑色皮鞋"],
+            vec!["白色衬衫"],
+        ];
         let c = CiderD::new(&refs, Tokenize::Char);
         let good = c.score_text(0, "红色连衣裙").unwrap_or(f64::NAN);
         let bad = c.score_text(0, "蓝色帽子").unwrap_or(f64::NAN);
         assert!(good > bad && bad >= 0.0, "{good} {bad}");
         assert!(c.score_text(3, "x").is_err());
-        let toks = c.score(0, &["红", "色", "连", "衣", "裙"]).unwrap_or(f64::NAN);
+        let toks = c
+            .score(0, &["红", "色", "连", "衣", "裙"])
+            .unwrap_or(f64::NAN);
         assert_eq!(toks, good);
     }
 
     #[test]
     fn narrow_and_wide_keys_score_alike_with_unknown_tokens() {
-        let refs = [vec!["红色连衣裙", "红色长裙 2023"], vec!["黑色皮鞋"], vec!["白色衬衫", "白色连衣裙"]];
+        let refs = [
+            vec!["红色连衣裙", "红色长裙 2023"],
+            vec!["黑色皮鞋"],
+            vec!["白色衬衫", "白色连衣裙"],
+        ];
         let mut vocab = Vocab::default();
         let captions: Vec<Vec<Caption>> = refs
             .iter()
@@ -484,8 +550,13 @@ mod tests {
             .collect();
         let narrow = CiderD::from_captions(vocab.clone(), Tokenize::Char, &captions, false);
         let wide = CiderD::from_captions(vocab, Tokenize::Char, &captions, true);
-        assert!(matches!(narrow.tables, Tables::Narrow(_)) && matches!(wide.tables, Tables::Wide(_)));
-        for (i, cand) in ["红色连衣裙", "白色长裙 2023 猫猫", "猫 猫 猫 狗", ""].iter().enumerate() {
+        assert!(
+            matches!(narrow.tables, Tables::Narrow(_)) && matches!(wide.tables, Tables::Wide(_))
+        );
+        for (i, cand) in ["红色连衣裙", "白色长裙 2023 猫猫", "猫 猫 猫 狗", ""]
+            .iter()
+            .enumerate()
+        {
             let image = i % refs.len();
             let a = narrow.score_text(image, cand).unwrap_or(f64::NAN);
             let b = wide.score_text(image, cand).unwrap_or(f64::NAN);

@@ -62,15 +62,23 @@ struct Scored {
 }
 
 pub fn run(args: &EvalArgs) -> CliResult {
-    let (refs, pred) =
-        rayon::join(|| jsonl::read_references(&args.refs), || jsonl::read_predictions(&args.pred));
+    let (refs, pred) = rayon::join(
+        || jsonl::read_references(&args.refs),
+        || jsonl::read_predictions(&args.pred),
+    );
     let (refs, pred) = match (refs, pred) {
         (Ok(r), Ok(p)) => (r, p),
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(usage(e)),
         (Err(a), Err(b)) => return Err(CliError::Usage(format!("{a}\n{b}"))),
     };
-    let pred_b = args.compare.as_deref().map(jsonl::read_predictions).transpose().map_err(usage)?;
-    let aligned = jsonl::align(&refs, &args.refs, &pred, &args.pred, args.allow_missing).map_err(usage)?;
+    let pred_b = args
+        .compare
+        .as_deref()
+        .map(jsonl::read_predictions)
+        .transpose()
+        .map_err(usage)?;
+    let aligned =
+        jsonl::align(&refs, &args.refs, &pred, &args.pred, args.allow_missing).map_err(usage)?;
     let aligned_b = match (&pred_b, &args.compare) {
         (Some(b), Some(path)) => {
             Some(jsonl::align(&refs, &args.refs, b, path, args.allow_missing).map_err(usage)?)
@@ -79,14 +87,23 @@ pub fn run(args: &EvalArgs) -> CliResult {
     };
     let references = prepare(refs, args.tokenize)?;
     let failed = |e: super::MetricsError| CliError::Other(e.into());
-    let resamples = args.bootstrap.unwrap_or(if args.compare.is_some() { DEFAULT_PAIRED_RESAMPLES } else { 0 });
+    let resamples = args.bootstrap.unwrap_or(if args.compare.is_some() {
+        DEFAULT_PAIRED_RESAMPLES
+    } else {
+        0
+    });
     let score = |path: &Path, texts: &[&str], missing: usize| -> CliResult<Scored> {
         let eval = references.evaluate_in_order(texts).map_err(failed)?;
         let intervals = (resamples > 0)
             .then(|| bootstrap::confidence_interval(&eval.images, resamples, args.seed))
             .transpose()
             .map_err(failed)?;
-        Ok(Scored { path: path.to_path_buf(), eval, missing, intervals })
+        Ok(Scored {
+            path: path.to_path_buf(),
+            eval,
+            missing,
+            intervals,
+        })
     };
     let a = score(&args.pred, &aligned.texts, aligned.missing)?;
     let b = match (&aligned_b, &args.compare) {
@@ -94,9 +111,10 @@ pub fn run(args: &EvalArgs) -> CliResult {
         _ => None,
     };
     let paired = match &b {
-        Some(b) if resamples > 0 => {
-            Some(bootstrap::paired(&a.eval.images, &b.eval.images, resamples, args.seed).map_err(failed)?)
-        }
+        Some(b) if resamples > 0 => Some(
+            bootstrap::paired(&a.eval.images, &b.eval.images, resamples, args.seed)
+                .map_err(failed)?,
+        ),
         _ => None,
     };
     if let Some(path) = &args.per_image {
@@ -114,27 +132,35 @@ pub fn run(args: &EvalArgs) -> CliResult {
 }
 
 fn prepare(refs: Vec<RefRecord>, mode: Tokenize) -> CliResult<References> {
-    let pairs: Vec<(String, Vec<String>)> = refs.into_iter().map(|r| (r.image_id, r.text)).collect();
+    let pairs: Vec<(String, Vec<String>)> =
+        refs.into_iter().map(|r| (r.image_id, r.text)).collect();
     // ids and lists were checked line by line already; anything left is a bug
     References::new(&pairs, mode).map_err(|e| CliError::Other(e.into()))
 }
 
 fn write_per_image(path: &Path, eval: &Evaluation) -> anyhow::Result<()> {
     use anyhow::Context;
-    let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
     let mut w = std::io::BufWriter::new(file);
     for im in &eval.images {
         serde_json::to_writer(&mut w, im)?;
         w.write_all(b"\n")?;
     }
-    w.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+    w.flush()
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }
 
 fn intervals_json(intervals: &[Interval]) -> Value {
     let m: Map<String, Value> = intervals
         .iter()
-        .map(|i| (i.metric.key().to_string(), json!({"low": i.low, "high": i.high})))
+        .map(|i| {
+            (
+                i.metric.key().to_string(),
+                json!({"low": i.low, "high": i.high}),
+            )
+        })
         .collect();
     Value::Object(m)
 }
@@ -153,7 +179,13 @@ fn scores_json(s: &Scored, tokenize: Tokenize) -> Map<String, Value> {
     m
 }
 
-fn json_report(args: &EvalArgs, resamples: usize, a: &Scored, b: Option<&Scored>, paired: Option<&[Paired]>) -> Value {
+fn json_report(
+    args: &EvalArgs,
+    resamples: usize,
+    a: &Scored,
+    b: Option<&Scored>,
+    paired: Option<&[Paired]>,
+) -> Value {
     let mut top = scores_json(a, args.tokenize);
     if resamples > 0 {
         top.insert(
@@ -183,10 +215,17 @@ fn x100(v: f64) -> Cell {
 }
 
 fn range100(low: f64, high: f64) -> Cell {
-    Cell::new(format!("[{:.2}, {:.2}]", low * 100.0, high * 100.0)).set_alignment(CellAlignment::Right)
+    Cell::new(format!("[{:.2}, {:.2}]", low * 100.0, high * 100.0))
+        .set_alignment(CellAlignment::Right)
 }
 
-fn table_report(args: &EvalArgs, resamples: usize, a: &Scored, b: Option<&Scored>, paired: Option<&[Paired]>) -> String {
+fn table_report(
+    args: &EvalArgs,
+    resamples: usize,
+    a: &Scored,
+    b: Option<&Scored>,
+    paired: Option<&[Paired]>,
+) -> String {
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED);
     let ci = |s: &Scored, m: Metric| {
@@ -197,7 +236,14 @@ fn table_report(args: &EvalArgs, resamples: usize, a: &Scored, b: Option<&Scored
     };
     match (b, paired) {
         (Some(b), Some(paired)) => {
-            table.set_header(vec!["metric (×100)", "A", "B", "A − B", "95% CI of A − B", "p-value (A ≤ B)"]);
+            table.set_header(vec![
+                "metric (×100)",
+                "A",
+                "B",
+                "A − B",
+                "95% CI of A − B",
+                "p-value (A ≤ B)",
+            ]);
             for p in paired {
                 table.add_row(vec![
                     Cell::new(p.metric.label()),
@@ -227,13 +273,24 @@ fn table_report(args: &EvalArgs, resamples: usize, a: &Scored, b: Option<&Scored
         "{} images, tokenize {}{}",
         a.eval.scores.images,
         args.tokenize,
-        if a.missing > 0 { format!(", {} without prediction scored as empty", a.missing) } else { String::new() }
+        if a.missing > 0 {
+            format!(", {} without prediction scored as empty", a.missing)
+        } else {
+            String::new()
+        }
     )];
     if let Some(b) = b {
-        lines.push(format!("A = {}, B = {}", a.path.display(), b.path.display()));
+        lines.push(format!(
+            "A = {}, B = {}",
+            a.path.display(),
+            b.path.display()
+        ));
     }
     if resamples > 0 {
-        lines.push(format!("bootstrap: {resamples} resamples, seed {}", args.seed));
+        lines.push(format!(
+            "bootstrap: {resamples} resamples, seed {}",
+            args.seed
+        ));
     }
     lines.push(table.to_string());
     lines.join("\n")

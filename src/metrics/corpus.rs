@@ -58,19 +58,32 @@ impl References {
         let mut vocab = Vocab::default();
         let captions: Vec<Vec<Caption>> = tokens
             .iter()
-            .map(|caps| caps.iter().map(|t| Caption::encode(t, mode, |s| vocab.intern(s))).collect())
+            .map(|caps| {
+                caps.iter()
+                    .map(|t| Caption::encode(t, mode, |s| vocab.intern(s)))
+                    .collect()
+            })
             .collect();
         drop(tokens);
         let images: Vec<RefImage> = captions
             .par_iter()
             .map(|caps| RefImage {
-                lens: caps.iter().map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX)).collect(),
+                lens: caps
+                    .iter()
+                    .map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX))
+                    .collect(),
                 rouge: caps.iter().map(|c| c.rouge_tokens().to_vec()).collect(),
             })
             .collect();
         let cider = CiderD::from_captions(vocab, mode, &captions, false);
         let ids = refs.iter().map(|(id, _)| id.clone()).collect();
-        Ok(References { mode, ids, index, images, cider })
+        Ok(References {
+            mode,
+            ids,
+            index,
+            images,
+            cider,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -101,8 +114,10 @@ impl References {
 
     /// Every metric of one predicted caption for image `image`.
     pub fn score_image(&self, image: usize, pred: &str) -> Result<ImageScore, MetricsError> {
-        let refs =
-            self.images.get(image).ok_or(MetricsError::ImageIndex { index: image, images: self.images.len() })?;
+        let refs = self.images.get(image).ok_or(MetricsError::ImageIndex {
+            index: image,
+            images: self.images.len(),
+        })?;
         let mut tokens = Vec::new();
         tokenize_into(pred, self.mode, &mut tokens);
         let vocab = self.cider.vocab();
@@ -111,7 +126,11 @@ impl References {
         let (cider, correct) = self.cider.score_words(image, &cap.words)?;
         let bleu_counts = image_counts(cap.words.len(), &refs.lens, correct);
         let mut row = Vec::new();
-        let rouge = rouge_l(cap.rouge_tokens(), refs.rouge.iter().map(Vec::as_slice), &mut row);
+        let rouge = rouge_l(
+            cap.rouge_tokens(),
+            refs.rouge.iter().map(Vec::as_slice),
+            &mut row,
+        );
         Ok(ImageScore {
             image_id: self.ids[image].clone(),
             bleu: bleu_counts.bleu(),
@@ -122,9 +141,15 @@ impl References {
     }
 
     /// Score predictions given in reference order (`preds[i]` for image `i`).
-    pub fn evaluate_in_order<S: AsRef<str> + Sync>(&self, preds: &[S]) -> Result<Evaluation, MetricsError> {
+    pub fn evaluate_in_order<S: AsRef<str> + Sync>(
+        &self,
+        preds: &[S],
+    ) -> Result<Evaluation, MetricsError> {
         if preds.len() != self.len() {
-            return Err(MetricsError::Count { predictions: preds.len(), images: self.len() });
+            return Err(MetricsError::Count {
+                predictions: preds.len(),
+                images: self.len(),
+            });
         }
         if preds.is_empty() {
             return Err(MetricsError::NoImages);
@@ -134,14 +159,19 @@ impl References {
             .enumerate()
             .map(|(i, p)| self.score_image(i, p.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Evaluation { scores: Scores::from_images(&images), images })
+        Ok(Evaluation {
+            scores: Scores::from_images(&images),
+            images,
+        })
     }
 
     /// Score (image id, caption) predictions: exactly one per reference image.
     pub fn evaluate(&self, preds: &[(String, String)]) -> Result<Evaluation, MetricsError> {
         let mut ordered: Vec<Option<&str>> = vec![None; self.len()];
         for (id, text) in preds {
-            let i = self.position(id).ok_or_else(|| MetricsError::UnknownImage { id: id.clone() })?;
+            let i = self
+                .position(id)
+                .ok_or_else(|| MetricsError::UnknownImage { id: id.clone() })?;
             if ordered[i].replace(text).is_some() {
                 return Err(MetricsError::DuplicateImage { id: id.clone() });
             }
@@ -149,7 +179,11 @@ impl References {
         let ordered = ordered
             .into_iter()
             .enumerate()
-            .map(|(i, p)| p.ok_or_else(|| MetricsError::MissingPrediction { id: self.ids[i].clone() }))
+            .map(|(i, p)| {
+                p.ok_or_else(|| MetricsError::MissingPrediction {
+                    id: self.ids[i].clone(),
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.evaluate_in_order(&ordered)
     }

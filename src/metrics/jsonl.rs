@@ -24,13 +24,21 @@ pub enum Reason {
     IdNotString,
     TextNotString,
     TextNotList,
-    ReferenceNotString { index: usize },
+    ReferenceNotString {
+        index: usize,
+    },
     EmptyReferences,
-    Duplicate { first_line: usize },
+    Duplicate {
+        first_line: usize,
+    },
     /// A prediction whose image the references file lacks.
-    UnknownImage { refs: PathBuf },
+    UnknownImage {
+        refs: PathBuf,
+    },
     /// A reference image the predictions file lacks.
-    MissingPrediction { pred: PathBuf },
+    MissingPrediction {
+        pred: PathBuf,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -45,10 +53,18 @@ impl fmt::Display for Reason {
             Reason::TextNotList => write!(f, "`text` is not a list of strings"),
             Reason::ReferenceNotString { index } => write!(f, "`text[{index}]` is not a string"),
             Reason::EmptyReferences => write!(f, "empty reference list"),
-            Reason::Duplicate { first_line } => write!(f, "duplicate image id (first on line {first_line})"),
-            Reason::UnknownImage { refs } => write!(f, "prediction for an image not in {}", refs.display()),
+            Reason::Duplicate { first_line } => {
+                write!(f, "duplicate image id (first on line {first_line})")
+            }
+            Reason::UnknownImage { refs } => {
+                write!(f, "prediction for an image not in {}", refs.display())
+            }
             Reason::MissingPrediction { pred } => {
-                write!(f, "no prediction in {} (use --allow-missing to score it as empty)", pred.display())
+                write!(
+                    f,
+                    "no prediction in {} (use --allow-missing to score it as empty)",
+                    pred.display()
+                )
             }
         }
     }
@@ -77,7 +93,10 @@ impl fmt::Display for LineError {
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: no records", path.display())]
     Empty { path: PathBuf },
     #[error("{}", list(.0))]
@@ -126,7 +145,11 @@ struct PredLine {
 pub fn read_references(path: &Path) -> Result<Vec<RefRecord>, InputError> {
     let fast = |line, text: &str| {
         let r: RefLine = serde_json::from_str(text).ok()?;
-        (!r.text.is_empty()).then_some(RefRecord { line, image_id: r.image_id, text: r.text })
+        (!r.text.is_empty()).then_some(RefRecord {
+            line,
+            image_id: r.image_id,
+            text: r.text,
+        })
     };
     read(path, fast, |line, id, obj| {
         let text = match obj.get("text") {
@@ -140,9 +163,17 @@ pub fn read_references(path: &Path) -> Result<Vec<RefRecord>, InputError> {
         let text = text
             .iter()
             .enumerate()
-            .map(|(index, v)| v.as_str().map(str::to_string).ok_or(Reason::ReferenceNotString { index }))
+            .map(|(index, v)| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or(Reason::ReferenceNotString { index })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RefRecord { line, image_id: id, text })
+        Ok(RefRecord {
+            line,
+            image_id: id,
+            text,
+        })
     })
 }
 
@@ -150,11 +181,19 @@ pub fn read_references(path: &Path) -> Result<Vec<RefRecord>, InputError> {
 pub fn read_predictions(path: &Path) -> Result<Vec<PredRecord>, InputError> {
     let fast = |line, text: &str| {
         let p: PredLine = serde_json::from_str(text).ok()?;
-        Some(PredRecord { line, image_id: p.image_id, text: p.text })
+        Some(PredRecord {
+            line,
+            image_id: p.image_id,
+            text: p.text,
+        })
     };
     read(path, fast, |line, id, obj| match obj.get("text") {
         None => Err(Reason::MissingField("text")),
-        Some(Value::String(s)) => Ok(PredRecord { line, image_id: id, text: s.clone() }),
+        Some(Value::String(s)) => Ok(PredRecord {
+            line,
+            image_id: id,
+            text: s.clone(),
+        }),
         Some(_) => Err(Reason::TextNotString),
     })
 }
@@ -189,7 +228,10 @@ fn read<T: Record + Send>(
     fast: impl Fn(usize, &str) -> Option<T> + Sync,
     record: impl Fn(usize, String, &serde_json::Map<String, Value>) -> Result<T, Reason> + Sync,
 ) -> Result<Vec<T>, InputError> {
-    let bytes = std::fs::read(path).map_err(|source| InputError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| InputError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let lines: Vec<(usize, &[u8])> = bytes
         .split(|&b| b == b'\n')
@@ -197,15 +239,22 @@ fn read<T: Record + Send>(
         .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
         .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
         .collect();
-    let bad = |line, id, reason| LineError { path: path.to_path_buf(), line, id, reason };
+    let bad = |line, id, reason| LineError {
+        path: path.to_path_buf(),
+        line,
+        id,
+        reason,
+    };
     let parsed: Vec<Result<T, LineError>> = lines
         .par_iter()
         .map(|&(line, raw)| {
             let text = std::str::from_utf8(raw).map_err(|_| {
                 let lossy = String::from_utf8_lossy(raw);
-                let id = serde_json::from_str::<Value>(&lossy)
-                    .ok()
-                    .and_then(|v| v.get("image_id").and_then(Value::as_str).map(str::to_string));
+                let id = serde_json::from_str::<Value>(&lossy).ok().and_then(|v| {
+                    v.get("image_id")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
                 bad(line, id, Reason::InvalidUtf8)
             })?;
             // a struct would also parse from a JSON array: objects only
@@ -214,9 +263,11 @@ fn read<T: Record + Send>(
                     return Ok(rec);
                 }
             }
-            let value: Value =
-                serde_json::from_str(text).map_err(|e| bad(line, None, Reason::Json(e.to_string())))?;
-            let obj = value.as_object().ok_or_else(|| bad(line, None, Reason::NotObject))?;
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| bad(line, None, Reason::Json(e.to_string())))?;
+            let obj = value
+                .as_object()
+                .ok_or_else(|| bad(line, None, Reason::NotObject))?;
             let id = match obj.get("image_id") {
                 None => return Err(bad(line, None, Reason::MissingField("image_id"))),
                 Some(Value::String(s)) => s.clone(),
@@ -248,7 +299,9 @@ fn read<T: Record + Send>(
         return Err(InputError::Lines(errors));
     }
     if records.is_empty() {
-        return Err(InputError::Empty { path: path.to_path_buf() });
+        return Err(InputError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(records)
 }
@@ -272,7 +325,11 @@ pub fn align<'a>(
     pred_path: &Path,
     allow_missing: bool,
 ) -> Result<Aligned<'a>, InputError> {
-    let pos: FastMap<&str, usize> = refs.iter().enumerate().map(|(i, r)| (r.image_id.as_str(), i)).collect();
+    let pos: FastMap<&str, usize> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.image_id.as_str(), i))
+        .collect();
     let mut texts: Vec<Option<&str>> = vec![None; refs.len()];
     let mut errors = Vec::new();
     for p in preds {
@@ -282,7 +339,9 @@ pub fn align<'a>(
                 path: pred_path.to_path_buf(),
                 line: p.line,
                 id: Some(p.image_id.clone()),
-                reason: Reason::UnknownImage { refs: refs_path.to_path_buf() },
+                reason: Reason::UnknownImage {
+                    refs: refs_path.to_path_buf(),
+                },
             }),
         }
     }
@@ -298,7 +357,9 @@ pub fn align<'a>(
                         path: refs_path.to_path_buf(),
                         line: r.line,
                         id: Some(r.image_id.clone()),
-                        reason: Reason::MissingPrediction { pred: pred_path.to_path_buf() },
+                        reason: Reason::MissingPrediction {
+                            pred: pred_path.to_path_buf(),
+                        },
                     });
                 }
                 ""

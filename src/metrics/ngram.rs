@@ -16,7 +16,9 @@ pub const MAX_N: usize = 4;
 /// orders never collide. `u64` (16-bit limbs) serves vocabularies under 2^16
 /// tokens (always the case in `char` mode) at half the memory and hashing of
 /// `u128` (32-bit limbs), which serves any vocabulary.
-pub trait GramKey: Copy + Ord + Eq + std::hash::Hash + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait GramKey:
+    Copy + Ord + Eq + std::hash::Hash + Default + Send + Sync + std::fmt::Debug + 'static
+{
     /// Bits per token.
     const LIMB: u32;
     /// `self` with token `id` appended (the caller checks [`fits`]).
@@ -184,7 +186,10 @@ pub struct Unknowns<'a> {
 
 impl<'a> Unknowns<'a> {
     pub fn new(vocab: &Vocab) -> Self {
-        Unknowns { base: vocab.len(), seen: Vec::new() }
+        Unknowns {
+            base: vocab.len(),
+            seen: Vec::new(),
+        }
     }
 
     pub fn id(&mut self, vocab: &Vocab, token: &'a str) -> u32 {
@@ -214,21 +219,44 @@ pub struct Caption {
 
 impl Caption {
     /// Ids of `tokens` (as [`super::tokenize_into`] gives them).
-    pub fn encode<'a>(tokens: &[&'a str], mode: Tokenize, mut id: impl FnMut(&'a str) -> u32) -> Caption {
+    pub fn encode<'a>(
+        tokens: &[&'a str],
+        mode: Tokenize,
+        mut id: impl FnMut(&'a str) -> u32,
+    ) -> Caption {
         if tokens.is_empty() {
-            return Caption { words: Vec::new(), rouge: Some(vec![id("")]) };
+            return Caption {
+                words: Vec::new(),
+                rouge: Some(vec![id("")]),
+            };
         }
         let rouge: Vec<u32> = tokens.iter().map(|t| id(*t)).collect();
         if mode != Tokenize::Space {
             // char and jieba tokens are never empty and hold no whitespace
-            return Caption { words: rouge, rouge: None };
+            return Caption {
+                words: rouge,
+                rouge: None,
+            };
         }
-        let clean = tokens.iter().all(|t| !t.is_empty() && !t.contains(is_py_space));
+        let clean = tokens
+            .iter()
+            .all(|t| !t.is_empty() && !t.contains(is_py_space));
         if clean {
-            return Caption { words: rouge, rouge: None };
+            return Caption {
+                words: rouge,
+                rouge: None,
+            };
         }
-        let words = tokens.iter().flat_map(|t| t.split(is_py_space)).filter(|w| !w.is_empty()).map(&mut id).collect();
-        Caption { words, rouge: Some(rouge) }
+        let words = tokens
+            .iter()
+            .flat_map(|t| t.split(is_py_space))
+            .filter(|w| !w.is_empty())
+            .map(&mut id)
+            .collect();
+        Caption {
+            words,
+            rouge: Some(rouge),
+        }
     }
 
     pub fn rouge_tokens(&self) -> &[u32] {
@@ -296,7 +324,10 @@ mod tests {
         let (mut keys, mut out, mut wide) = (Vec::new(), Vec::new(), Vec::new());
         count_ngrams::<u64>(&[0, 1, 0, 1], &mut keys, &mut out, &mut wide);
         let by_order = |n| out.iter().filter(|(k, _)| k.order() == n).count();
-        assert_eq!([by_order(1), by_order(2), by_order(3), by_order(4)], [2, 2, 2, 1]);
+        assert_eq!(
+            [by_order(1), by_order(2), by_order(3), by_order(4)],
+            [2, 2, 2, 1]
+        );
         assert!(out.windows(2).all(|w| w[0].0 < w[1].0));
         let unigram_zero = out.iter().find(|(k, _)| *k == 1).map(|e| e.1);
         assert_eq!(unigram_zero, Some(2));
@@ -312,7 +343,10 @@ mod tests {
         assert_eq!(out, [(4u64, 2)]);
         let total: u32 = wide.iter().map(|e| e.1).sum();
         assert_eq!(total, 10 - 2);
-        let big_unigram = wide.iter().find(|(k, _)| *k == Wide::from(big + 1)).map(|e| e.1);
+        let big_unigram = wide
+            .iter()
+            .find(|(k, _)| *k == Wide::from(big + 1))
+            .map(|e| e.1);
         assert_eq!(big_unigram, Some(2));
         let (mut k2, mut o2, mut w2) = (Vec::new(), Vec::new(), Vec::new());
         count_ngrams::<u128>(&[3, big, 3, big], &mut k2, &mut o2, &mut w2);

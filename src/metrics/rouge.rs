@@ -23,7 +23,11 @@ pub fn lcs(a: &[u32], b: &[u32], row: &mut Vec<u32>) -> u32 {
 
 /// ROUGE-L of a candidate against its references (token ids as `split(" ")`
 /// gives them, so never empty).
-pub fn rouge_l<'r>(cand: &[u32], refs: impl IntoIterator<Item = &'r [u32]>, row: &mut Vec<u32>) -> f64 {
+pub fn rouge_l<'r>(
+    cand: &[u32],
+    refs: impl IntoIterator<Item = &'r [u32]>,
+    row: &mut Vec<u32>,
+) -> f64 {
     let mut prec_max: f64 = 0.0;
     let mut rec_max: f64 = 0.0;
     for r in refs {

@@ -22,8 +22,14 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] =
-        [Metric::Bleu1, Metric::Bleu2, Metric::Bleu3, Metric::Bleu4, Metric::RougeL, Metric::CiderD];
+    pub const ALL: [Metric; 6] = [
+        Metric::Bleu1,
+        Metric::Bleu2,
+        Metric::Bleu3,
+        Metric::Bleu4,
+        Metric::RougeL,
+        Metric::CiderD,
+    ];
 
     /// The key used in JSON output and in the store (`bleu4`, `cider_d`, ...).
     pub fn key(self) -> &'static str {

@@ -139,7 +139,9 @@ mod tests {
     #[test]
     fn jieba_segments_words_without_whitespace() {
         let words = tokenize("新款女士连衣裙 iPhone 手机壳", Tokenize::Jieba);
-        assert!(words.iter().all(|w| !w.is_empty() && !w.contains(is_py_space)));
+        assert!(words
+            .iter()
+            .all(|w| !w.is_empty() && !w.contains(is_py_space)));
         assert_eq!(words.concat(), "新款女士连衣裙iPhone手机壳");
         assert!(words.len() < "新款女士连衣裙手机壳".chars().count() + 1);
     }

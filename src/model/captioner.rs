@@ -58,7 +58,10 @@ pub struct Captioner {
 
 impl std::fmt::Debug for Captioner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Captioner").field("cfg", &self.cfg).field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("Captioner")
+            .field("cfg", &self.cfg)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,15 +71,29 @@ fn build(store: &Mutex<ParamStore>, policy: &Policy, cfg: &ModelConfig) -> Resul
     let visual = Visual::new(&vision, &conn, cfg)?;
     let nv = visual.num_tokens(cfg);
     let prefix = if cfg.fusion == Fusion::Early { nv } else { 0 };
-    let lm = Lm::new(&Builder::root(store, policy, Component::Lm).pp("lm"), cfg, prefix + cfg.max_caption_len + 2)?;
+    let lm = Lm::new(
+        &Builder::root(store, policy, Component::Lm).pp("lm"),
+        cfg,
+        prefix + cfg.max_caption_len + 2,
+    )?;
     Ok(Net { visual, lm, nv })
 }
 
 impl Captioner {
-    pub fn new(cfg: &ModelConfig, peft: &PeftConfig, phase: Phase, device: &Device) -> Result<Self, ModelError> {
+    pub fn new(
+        cfg: &ModelConfig,
+        peft: &PeftConfig,
+        phase: Phase,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         cfg.validate()?;
         peft.validate()?;
-        let policy = Policy { phase, peft: peft.clone(), pretrained: cfg.pretrained, inference: false };
+        let policy = Policy {
+            phase,
+            peft: peft.clone(),
+            pretrained: cfg.pretrained,
+            inference: false,
+        };
         let store = Mutex::new(ParamStore::new(device, cfg.seed));
         let net = build(&store, &policy, cfg)?;
         Ok(Self {
@@ -111,7 +128,8 @@ impl Captioner {
 
     /// Reseeds the LoRA-dropout generator (the trainer calls this per stage for determinism).
     pub fn set_dropout_seed(&self, seed: u64) {
-        *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
+        *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) =
+            ChaCha8Rng::seed_from_u64(seed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ParamStore> {
@@ -121,7 +139,10 @@ impl Captioner {
     /// A copy for decoding: every tensor a detached constant sharing storage with this model
     /// (so no autograd graph is recorded), LoRA merged into its base, QLoRA bases dequantized.
     pub fn inference(&self) -> Result<Captioner, ModelError> {
-        let policy = Policy { inference: true, ..self.policy.clone() };
+        let policy = Policy {
+            inference: true,
+            ..self.policy.clone()
+        };
         let store = Mutex::new(self.lock().detached());
         let net = build(&store, &policy, &self.cfg)?;
         Ok(Captioner {
@@ -152,8 +173,13 @@ impl Captioner {
 
     pub fn counts(&self) -> ParamCounts {
         let store = self.lock();
-        let mut c =
-            ParamCounts { trainable: 0, total: 0, frozen_bytes: 0, frozen_f32_bytes: 0, by_component: BTreeMap::new() };
+        let mut c = ParamCounts {
+            trainable: 0,
+            total: 0,
+            frozen_bytes: 0,
+            frozen_f32_bytes: 0,
+            by_component: BTreeMap::new(),
+        };
         for e in store.entries.values() {
             let n = e.elem_count();
             c.total += n;
@@ -172,10 +198,15 @@ impl Captioner {
 
     /// Writes the trainable tensors (only) as safetensors.
     pub fn save_trained(&self, path: &Path) -> Result<(), ModelError> {
-        let map: HashMap<String, Tensor> =
-            self.trainable_vars().into_iter().map(|t| (t.name, t.var.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&map, path)
-            .map_err(|source| ModelError::Checkpoint { path: path.to_path_buf(), source })
+        let map: HashMap<String, Tensor> = self
+            .trainable_vars()
+            .into_iter()
+            .map(|t| (t.name, t.var.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).map_err(|source| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Loads the frozen base written by an earlier stage; every base tensor must be present.
@@ -189,14 +220,21 @@ impl Captioner {
     }
 
     fn load(&mut self, path: &Path, base_only: bool) -> Result<usize, ModelError> {
-        let err = |source| ModelError::Checkpoint { path: path.to_path_buf(), source };
+        let err = |source| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            source,
+        };
         let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
         {
             let mut store = self.lock();
             for (name, t) in &tensors {
                 let Some(e) = store.entries.get_mut(name).filter(|e| e.base || !base_only) else {
                     let what = if base_only { "base" } else { "known" };
-                    return Err(ModelError::UnknownTensor { path: path.to_path_buf(), name: name.clone(), what });
+                    return Err(ModelError::UnknownTensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        what,
+                    });
                 };
                 let t = t.to_dtype(DType::F32).map_err(err)?;
                 let expected = match &e.slot {
@@ -205,7 +243,11 @@ impl Captioner {
                     Slot::Quant(q) => q.shape().dims().to_vec(),
                 };
                 if t.dims() != expected.as_slice() {
-                    return Err(ModelError::Shape { name: name.clone(), expected, found: t.dims().to_vec() });
+                    return Err(ModelError::Shape {
+                        name: name.clone(),
+                        expected,
+                        found: t.dims().to_vec(),
+                    });
                 }
                 match &e.slot {
                     Slot::Var(v) => v.set(&t).map_err(err)?,
@@ -213,8 +255,12 @@ impl Captioner {
                 }
             }
             if base_only {
-                let missing: Vec<&String> =
-                    store.entries.iter().filter(|(k, e)| e.base && !tensors.contains_key(*k)).map(|(k, _)| k).collect();
+                let missing: Vec<&String> = store
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| e.base && !tensors.contains_key(*k))
+                    .map(|(k, _)| k)
+                    .collect();
                 if let Some(first) = missing.first() {
                     return Err(ModelError::MissingTensors {
                         path: path.to_path_buf(),
@@ -230,14 +276,19 @@ impl Captioner {
     }
 
     fn fwd(&self, train: bool) -> Fwd<'_> {
-        Fwd { train: train && !self.policy.inference, rng: Some(&self.dropout_rng) }
+        Fwd {
+            train: train && !self.policy.inference,
+            rng: Some(&self.dropout_rng),
+        }
     }
 
     fn check_images(&self, images: &Tensor) -> Result<usize, ModelError> {
         let s = self.cfg.input_size();
         match images.dims() {
             [b, 3, h, w] if *h == s && *w == s => Ok(*b),
-            d => Err(ModelError::Input(format!("images must be (B,3,{s},{s}) f32, got {d:?}"))),
+            d => Err(ModelError::Input(format!(
+                "images must be (B,3,{s},{s}) f32, got {d:?}"
+            ))),
         }
     }
 
@@ -248,13 +299,21 @@ impl Captioner {
     }
 
     /// Text-position logits (B,T,V) for teacher-forced `input_ids` (B,T) given visual tokens.
-    fn text_logits(&self, vis: &Tensor, input_ids: &Tensor, train: bool) -> Result<Tensor, ModelError> {
+    fn text_logits(
+        &self,
+        vis: &Tensor,
+        input_ids: &Tensor,
+        train: bool,
+    ) -> Result<Tensor, ModelError> {
         let fwd = self.fwd(train);
         let t = input_ids.dim(1)?;
         let emb = self.net.lm.embed(input_ids)?;
         let hidden = if self.cfg.fusion == Fusion::Early {
             let x = Tensor::cat(&[vis, &emb], 1)?;
-            self.net.lm.forward(&x, &[], None, fwd)?.narrow(1, self.net.nv, t)?
+            self.net
+                .lm
+                .forward(&x, &[], None, fwd)?
+                .narrow(1, self.net.nv, t)?
         } else {
             let mem = self.net.lm.memory(vis, fwd)?;
             self.net.lm.forward(&emb, &mem, None, fwd)?
@@ -270,8 +329,9 @@ impl Captioner {
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(), ModelError> {
-        let (_, t) =
-            ids.dims2().map_err(|_| ModelError::Input(format!("token ids must be (B,T), got {:?}", ids.dims())))?;
+        let (_, t) = ids.dims2().map_err(|_| {
+            ModelError::Input(format!("token ids must be (B,T), got {:?}", ids.dims()))
+        })?;
         if t > self.cfg.max_caption_len + 2 {
             return Err(ModelError::Input(format!(
                 "{t} tokens exceed max_caption_len + 2 = {}",
@@ -279,7 +339,10 @@ impl Captioner {
             )));
         }
         if ids.dtype() != DType::U32 {
-            return Err(ModelError::Input(format!("token ids must be u32, got {:?}", ids.dtype())));
+            return Err(ModelError::Input(format!(
+                "token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
         }
         Ok(())
     }
@@ -295,7 +358,9 @@ impl Captioner {
     ) -> Result<Tensor, ModelError> {
         self.check_ids(input_ids)?;
         if target_ids.dims() != input_ids.dims() || mask.dims() != input_ids.dims() {
-            return Err(ModelError::Input("input_ids, target_ids and mask must have one shape".into()));
+            return Err(ModelError::Input(
+                "input_ids, target_ids and mask must have one shape".into(),
+            ));
         }
         let vis = self.visual_tokens(images, true)?;
         let logits = self.text_logits(&vis, input_ids, true)?;
@@ -310,10 +375,18 @@ impl Captioner {
 
     /// Sum of token log-probs (with gradient) of each caption given its image, EOS included.
     /// `seqs` holds `per_image` captions per image, image-major; tokens exclude BOS/EOS.
-    pub fn log_probs(&self, images: &Tensor, seqs: &[Vec<u32>], per_image: usize) -> Result<Tensor, ModelError> {
+    pub fn log_probs(
+        &self,
+        images: &Tensor,
+        seqs: &[Vec<u32>],
+        per_image: usize,
+    ) -> Result<Tensor, ModelError> {
         let b = self.check_images(images)?;
         if per_image == 0 || seqs.len() != b * per_image {
-            return Err(ModelError::Input(format!("{} sequences for {b} images x {per_image}", seqs.len())));
+            return Err(ModelError::Input(format!(
+                "{} sequences for {b} images x {per_image}",
+                seqs.len()
+            )));
         }
         let maxc = self.cfg.max_caption_len;
         let t = seqs.iter().map(|s| s.len().min(maxc)).max().unwrap_or(0) + 1;
@@ -321,7 +394,11 @@ impl Captioner {
         for s in seqs {
             let s = &s[..s.len().min(maxc)];
             for j in 0..t {
-                inp.push(if j == 0 { self.cfg.bos_id } else { s.get(j - 1).copied().unwrap_or(self.cfg.pad_id) });
+                inp.push(if j == 0 {
+                    self.cfg.bos_id
+                } else {
+                    s.get(j - 1).copied().unwrap_or(self.cfg.pad_id)
+                });
                 tgt.push(if j < s.len() {
                     s[j]
                 } else if j == s.len() {
@@ -340,7 +417,9 @@ impl Captioner {
         let vis = repeat_rows(&vis, per_image)?;
         let logits = self.text_logits(&vis, &inp, true)?;
         let v = logits.dim(D::Minus1)?;
-        let lp = ops::log_softmax_last(&logits.reshape((n * t, v))?)?.gather(&tgt, 1)?.reshape((n, t))?;
+        let lp = ops::log_softmax_last(&logits.reshape((n * t, v))?)?
+            .gather(&tgt, 1)?
+            .reshape((n, t))?;
         Ok((lp * msk)?.sum(1)?)
     }
 
@@ -357,7 +436,11 @@ impl Captioner {
         } else {
             (emb, self.net.lm.memory(&vis, fwd)?)
         };
-        let mut state = self.net.lm.new_state(if mem.is_empty() { vec![None; self.cfg.lm.depth] } else { mem });
+        let mut state = self.net.lm.new_state(if mem.is_empty() {
+            vec![None; self.cfg.lm.depth]
+        } else {
+            mem
+        });
         let h = self.net.lm.forward(&x, &[], Some(&mut state), fwd)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?;
         Ok((self.net.lm.logits(&last, fwd)?.squeeze(1)?, state))
@@ -367,7 +450,10 @@ impl Captioner {
     pub fn step(&self, tokens: &[u32], state: &mut LmState) -> Result<Tensor, ModelError> {
         let fwd = self.fwd(false);
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?;
-        let h = self.net.lm.forward(&self.net.lm.embed(&ids)?, &[], Some(state), fwd)?;
+        let h = self
+            .net
+            .lm
+            .forward(&self.net.lm.embed(&ids)?, &[], Some(state), fwd)?;
         Ok(self.net.lm.logits(&h, fwd)?.squeeze(1)?)
     }
 
@@ -383,6 +469,8 @@ pub fn repeat_rows(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
         return Ok(x.clone());
     }
     let n = x.dim(0)?;
-    let idx: Vec<u32> = (0..n as u32).flat_map(|i| std::iter::repeat_n(i, k)).collect();
+    let idx: Vec<u32> = (0..n as u32)
+        .flat_map(|i| std::iter::repeat_n(i, k))
+        .collect();
     x.index_select(&Tensor::from_vec(idx, n * k, x.device())?, 0)
 }

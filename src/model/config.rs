@@ -111,14 +111,43 @@ impl ModelConfig {
     /// sequence is 27 tokens. Patch 16 rather than 8: on 64 px synthetic images the 64-token
     /// grid cost 2-4x the training time without helping the model (measured in
     /// `scripts/bench-model.sh`); every backbone keeps its architecture.
-    pub fn tiny(backbone: Backbone, fusion: Fusion, vocab_size: usize, pad: u32, bos: u32, eos: u32) -> Self {
+    pub fn tiny(
+        backbone: Backbone,
+        fusion: Fusion,
+        vocab_size: usize,
+        pad: u32,
+        bos: u32,
+        eos: u32,
+    ) -> Self {
         Self {
             backbone,
             fusion,
-            vision: VisionConfig { image_size: 64, patch_size: 16, width: 96, depth: 2, heads: 4, mlp_ratio: 2 },
-            lm: LmConfig { width: 128, depth: 2, heads: 4, mlp_hidden: 256, rope_theta: 10_000.0 },
-            qformer: QFormerConfig { queries: 16, width: 96, depth: 1, heads: 4 },
-            fusion_opts: FusionConfig { late_layers: 1, levels: Vec::new(), inject: Vec::new() },
+            vision: VisionConfig {
+                image_size: 64,
+                patch_size: 16,
+                width: 96,
+                depth: 2,
+                heads: 4,
+                mlp_ratio: 2,
+            },
+            lm: LmConfig {
+                width: 128,
+                depth: 2,
+                heads: 4,
+                mlp_hidden: 256,
+                rope_theta: 10_000.0,
+            },
+            qformer: QFormerConfig {
+                queries: 16,
+                width: 96,
+                depth: 1,
+                heads: 4,
+            },
+            fusion_opts: FusionConfig {
+                late_layers: 1,
+                levels: Vec::new(),
+                inject: Vec::new(),
+            },
             hd_grid: 2,
             vocab_size,
             max_caption_len: 32,
@@ -133,27 +162,75 @@ impl ModelConfig {
     /// Real-size shapes of each family (documentation and GPU use; not trained in CI):
     /// blip2 ~ ViT-g/14 224 + 32-query Q-Former + 2.7B-class LM; llava ~ CLIP ViT-L/14 336 +
     /// 7B-class LM; phi3v ~ CLIP ViT-L/14 336 with a 4x4 HD grid + Phi-3-mini (3072 wide, 32 layers).
-    pub fn real(backbone: Backbone, fusion: Fusion, vocab_size: usize, pad: u32, bos: u32, eos: u32) -> Self {
+    pub fn real(
+        backbone: Backbone,
+        fusion: Fusion,
+        vocab_size: usize,
+        pad: u32,
+        bos: u32,
+        eos: u32,
+    ) -> Self {
         let mut c = Self::tiny(backbone, fusion, vocab_size, pad, bos, eos);
         c.pretrained = true;
         c.max_caption_len = 96;
         c.fusion_opts.late_layers = 8;
         match backbone {
             Backbone::Blip2 => {
-                c.vision =
-                    VisionConfig { image_size: 224, patch_size: 14, width: 1408, depth: 39, heads: 16, mlp_ratio: 4 };
-                c.qformer = QFormerConfig { queries: 32, width: 768, depth: 12, heads: 12 };
-                c.lm = LmConfig { width: 2560, depth: 32, heads: 32, mlp_hidden: 6912, rope_theta: 10_000.0 };
+                c.vision = VisionConfig {
+                    image_size: 224,
+                    patch_size: 14,
+                    width: 1408,
+                    depth: 39,
+                    heads: 16,
+                    mlp_ratio: 4,
+                };
+                c.qformer = QFormerConfig {
+                    queries: 32,
+                    width: 768,
+                    depth: 12,
+                    heads: 12,
+                };
+                c.lm = LmConfig {
+                    width: 2560,
+                    depth: 32,
+                    heads: 32,
+                    mlp_hidden: 6912,
+                    rope_theta: 10_000.0,
+                };
             }
             Backbone::Llava => {
-                c.vision =
-                    VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
-                c.lm = LmConfig { width: 4096, depth: 32, heads: 32, mlp_hidden: 11008, rope_theta: 10_000.0 };
+                c.vision = VisionConfig {
+                    image_size: 336,
+                    patch_size: 14,
+                    width: 1024,
+                    depth: 24,
+                    heads: 16,
+                    mlp_ratio: 4,
+                };
+                c.lm = LmConfig {
+                    width: 4096,
+                    depth: 32,
+                    heads: 32,
+                    mlp_hidden: 11008,
+                    rope_theta: 10_000.0,
+                };
             }
             Backbone::Phi3v => {
-                c.vision =
-                    VisionConfig { image_size: 336, patch_size: 14, width: 1024, depth: 24, heads: 16, mlp_ratio: 4 };
-                c.lm = LmConfig { width: 3072, depth: 32, heads: 32, mlp_hidden: 8192, rope_theta: 10_000.0 };
+                c.vision = VisionConfig {
+                    image_size: 336,
+                    patch_size: 14,
+                    width: 1024,
+                    depth: 24,
+                    heads: 16,
+                    mlp_ratio: 4,
+                };
+                c.lm = LmConfig {
+                    width: 3072,
+                    depth: 32,
+                    heads: 32,
+                    mlp_hidden: 8192,
+                    rope_theta: 10_000.0,
+                };
                 c.hd_grid = 4;
             }
         }
@@ -204,45 +281,80 @@ impl ModelConfig {
             ));
         }
         if v.heads == 0 || !v.width.is_multiple_of(v.heads) {
-            errs.push(format!("vision.width {} is not divisible by vision.heads {}", v.width, v.heads));
+            errs.push(format!(
+                "vision.width {} is not divisible by vision.heads {}",
+                v.width, v.heads
+            ));
         }
         if v.depth == 0 {
             errs.push("vision.depth must be at least 1".into());
         }
         let l = &self.lm;
-        if l.heads == 0 || !l.width.is_multiple_of(l.heads) || !(l.width / l.heads.max(1)).is_multiple_of(2) {
-            errs.push(format!("lm.width {} must split into lm.heads {} of even size", l.width, l.heads));
+        if l.heads == 0
+            || !l.width.is_multiple_of(l.heads)
+            || !(l.width / l.heads.max(1)).is_multiple_of(2)
+        {
+            errs.push(format!(
+                "lm.width {} must split into lm.heads {} of even size",
+                l.width, l.heads
+            ));
         }
         if l.depth == 0 {
             errs.push("lm.depth must be at least 1".into());
         }
         let q = &self.qformer;
-        if self.backbone == Backbone::Blip2 && (q.heads == 0 || !q.width.is_multiple_of(q.heads) || q.queries == 0) {
-            errs.push(format!("qformer.width {} must split into qformer.heads {} and queries > 0", q.width, q.heads));
+        if self.backbone == Backbone::Blip2
+            && (q.heads == 0 || !q.width.is_multiple_of(q.heads) || q.queries == 0)
+        {
+            errs.push(format!(
+                "qformer.width {} must split into qformer.heads {} and queries > 0",
+                q.width, q.heads
+            ));
         }
-        if self.backbone == Backbone::Phi3v && (!(v.image_size / v.patch_size.max(1)).is_multiple_of(2) || self.hd_grid == 0) {
+        if self.backbone == Backbone::Phi3v
+            && (!(v.image_size / v.patch_size.max(1)).is_multiple_of(2) || self.hd_grid == 0)
+        {
             errs.push("phi3v needs an even patch grid (2x2 token merge) and hd_grid >= 1".into());
         }
         if self.backbone == Backbone::Llava && self.fusion != Fusion::Multilevel && v.depth < 2 {
-            errs.push("llava reads the penultimate encoder block: vision.depth must be at least 2".into());
+            errs.push(
+                "llava reads the penultimate encoder block: vision.depth must be at least 2".into(),
+            );
         }
         for &lv in &self.fusion_opts.levels {
             if lv == 0 || lv > v.depth {
-                errs.push(format!("fusion_opts.levels entry {lv} is outside 1..={}", v.depth));
+                errs.push(format!(
+                    "fusion_opts.levels entry {lv} is outside 1..={}",
+                    v.depth
+                ));
             }
         }
         for &i in &self.fusion_opts.inject {
             if i >= l.depth {
-                errs.push(format!("fusion_opts.inject entry {i} is outside 0..{}", l.depth));
+                errs.push(format!(
+                    "fusion_opts.inject entry {i} is outside 0..{}",
+                    l.depth
+                ));
             }
         }
-        if self.fusion == Fusion::Late && (self.fusion_opts.late_layers == 0 || self.fusion_opts.late_layers > l.depth)
+        if self.fusion == Fusion::Late
+            && (self.fusion_opts.late_layers == 0 || self.fusion_opts.late_layers > l.depth)
         {
-            errs.push(format!("fusion_opts.late_layers {} is outside 1..={}", self.fusion_opts.late_layers, l.depth));
+            errs.push(format!(
+                "fusion_opts.late_layers {} is outside 1..={}",
+                self.fusion_opts.late_layers, l.depth
+            ));
         }
-        for (name, id) in [("pad_id", self.pad_id), ("bos_id", self.bos_id), ("eos_id", self.eos_id)] {
+        for (name, id) in [
+            ("pad_id", self.pad_id),
+            ("bos_id", self.bos_id),
+            ("eos_id", self.eos_id),
+        ] {
             if id as usize >= self.vocab_size {
-                errs.push(format!("{name} {id} is not below vocab_size {}", self.vocab_size));
+                errs.push(format!(
+                    "{name} {id} is not below vocab_size {}",
+                    self.vocab_size
+                ));
             }
         }
         if self.max_caption_len == 0 {
@@ -300,7 +412,9 @@ impl Default for PeftConfig {
             rank: 8,
             alpha: 16.0,
             dropout: 0.0,
-            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"].map(String::from).to_vec(),
+            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
             adapter_dim: 16,
             vision: VisionPolicy::Frozen,
         }
@@ -309,21 +423,39 @@ impl Default for PeftConfig {
 
 impl PeftConfig {
     pub fn full() -> Self {
-        Self { method: PeftMethod::Full, ..Self::default() }
+        Self {
+            method: PeftMethod::Full,
+            ..Self::default()
+        }
     }
     pub fn lora(rank: usize, alpha: f64) -> Self {
-        Self { method: PeftMethod::Lora, rank, alpha, ..Self::default() }
+        Self {
+            method: PeftMethod::Lora,
+            rank,
+            alpha,
+            ..Self::default()
+        }
     }
     pub fn qlora(rank: usize, alpha: f64) -> Self {
-        Self { method: PeftMethod::Qlora, rank, alpha, ..Self::default() }
+        Self {
+            method: PeftMethod::Qlora,
+            rank,
+            alpha,
+            ..Self::default()
+        }
     }
     pub fn adapter(dim: usize) -> Self {
-        Self { method: PeftMethod::Adapter, adapter_dim: dim, ..Self::default() }
+        Self {
+            method: PeftMethod::Adapter,
+            adapter_dim: dim,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
         let mut errs = Vec::new();
-        let lora = matches!(self.method, PeftMethod::Lora | PeftMethod::Qlora) || self.vision == VisionPolicy::Lora;
+        let lora = matches!(self.method, PeftMethod::Lora | PeftMethod::Qlora)
+            || self.vision == VisionPolicy::Lora;
         if lora && self.rank == 0 {
             errs.push("peft.rank must be at least 1".into());
         }

@@ -55,7 +55,13 @@ impl QFormer {
                     qkv: l.pp("self_attn").linear("qkv", w, 3 * w, true)?,
                     o: l.pp("self_attn").linear("o_proj", w, w, true)?,
                     ln2: l.layer_norm("ln2", w)?,
-                    cross: CrossAttention::new(&l.pp("cross_attn"), w, cfg.vision.width, q.heads, true)?,
+                    cross: CrossAttention::new(
+                        &l.pp("cross_attn"),
+                        w,
+                        cfg.vision.width,
+                        q.heads,
+                        true,
+                    )?,
                     ln3: l.layer_norm("ln3", w)?,
                     fc1: l.pp("mlp").linear("fc1", w, 4 * w, true)?,
                     fc2: l.pp("mlp").linear("fc2", 4 * w, w, true)?,
@@ -73,13 +79,19 @@ impl QFormer {
     fn forward(&self, img: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         let bsz = img.dim(0)?;
         let (n, w) = self.queries.dims2()?;
-        let mut x = self.queries.unsqueeze(0)?.broadcast_as((bsz, n, w))?.contiguous()?;
+        let mut x = self
+            .queries
+            .unsqueeze(0)?
+            .broadcast_as((bsz, n, w))?
+            .contiguous()?;
         for l in &self.layers {
             let qkv = l.qkv.forward(&l.ln1.forward(&x)?, fwd)?;
             let q = ops::split_heads(&qkv.narrow(2, 0, w)?, l.heads)?;
             let k = ops::split_heads(&qkv.narrow(2, w, w)?, l.heads)?;
             let v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, l.heads)?;
-            x = (&x + l.o.forward(&ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?, fwd)?)?;
+            x = (&x
+                + l.o
+                    .forward(&ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?, fwd)?)?;
             let (mk, mv) = l.cross.memory(img, fwd)?;
             x = (&x + l.cross.forward(&l.ln2.forward(&x)?, &mk, &mv, fwd)?)?;
             let h = ops::gelu(&l.fc1.forward(&l.ln3.forward(&x)?, fwd)?)?;
@@ -108,7 +120,10 @@ impl LevelPool {
 
     fn forward(&self, feats: &[Tensor], fwd: Fwd<'_>) -> CResult<Tensor> {
         let st = Tensor::stack(feats, 2)?; // (B,N,L,D)
-        let s = self.score.forward(&self.ln.forward(&st)?, fwd)?.broadcast_add(&self.level_bias)?; // (B,N,L,1)
+        let s = self
+            .score
+            .forward(&self.ln.forward(&st)?, fwd)?
+            .broadcast_add(&self.level_bias)?; // (B,N,L,1)
         let wts = ops::softmax_last(&s.squeeze(D::Minus1)?)?.unsqueeze(D::Minus1)?;
         st.broadcast_mul(&wts)?.sum(2)
     }
@@ -116,9 +131,20 @@ impl LevelPool {
 
 #[derive(Debug, Clone)]
 enum Head {
-    Blip2 { qformer: QFormer, proj: Linear },
-    Mlp { fc1: Linear, fc2: Linear },
-    Phi3v { fc1: Linear, fc2: Linear, sub_sep: Tensor, glb_sep: Tensor },
+    Blip2 {
+        qformer: QFormer,
+        proj: Linear,
+    },
+    Mlp {
+        fc1: Linear,
+        fc2: Linear,
+    },
+    Phi3v {
+        fc1: Linear,
+        fc2: Linear,
+        sub_sep: Tensor,
+        glb_sep: Tensor,
+    },
 }
 
 /// The vision encoder plus the backbone's connector: images -> visual tokens (B, Nv, D_lm).
@@ -137,7 +163,11 @@ pub struct Visual {
 
 impl Visual {
     /// `vision` builds the encoder (vision component), `conn` the connector.
-    pub(crate) fn new(vision: &Builder<'_>, conn: &Builder<'_>, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        vision: &Builder<'_>,
+        conn: &Builder<'_>,
+        cfg: &ModelConfig,
+    ) -> Result<Self, ModelError> {
         let dv = cfg.vision.width;
         let dl = cfg.lm.width;
         let levels = match (cfg.fusion, cfg.backbone) {
@@ -145,9 +175,16 @@ impl Visual {
             (_, Backbone::Llava) => vec![cfg.vision.depth - 1],
             _ => vec![cfg.vision.depth],
         };
-        let vit = Vit::new(vision, &cfg.vision, levels.iter().copied().max().unwrap_or(1))?;
-        let pool =
-            if levels.len() > 1 { Some(LevelPool::new(&conn.pp("level_pool"), dv, levels.len())?) } else { None };
+        let vit = Vit::new(
+            vision,
+            &cfg.vision,
+            levels.iter().copied().max().unwrap_or(1),
+        )?;
+        let pool = if levels.len() > 1 {
+            Some(LevelPool::new(&conn.pp("level_pool"), dv, levels.len())?)
+        } else {
+            None
+        };
         let head = match cfg.backbone {
             Backbone::Blip2 => Head::Blip2 {
                 qformer: QFormer::new(&conn.pp("qformer"), cfg)?,
@@ -202,9 +239,19 @@ impl Visual {
     /// Images (B,3,S,S), S = [`ModelConfig::input_size`] -> (B, Nv, D_lm).
     pub fn forward(&self, images: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         match &self.head {
-            Head::Blip2 { qformer, proj } => proj.forward(&qformer.forward(&self.features(images, fwd)?, fwd)?, fwd),
-            Head::Mlp { fc1, fc2 } => fc2.forward(&ops::gelu(&fc1.forward(&self.features(images, fwd)?, fwd)?)?, fwd),
-            Head::Phi3v { fc1, fc2, sub_sep, glb_sep } => {
+            Head::Blip2 { qformer, proj } => {
+                proj.forward(&qformer.forward(&self.features(images, fwd)?, fwd)?, fwd)
+            }
+            Head::Mlp { fc1, fc2 } => fc2.forward(
+                &ops::gelu(&fc1.forward(&self.features(images, fwd)?, fwd)?)?,
+                fwd,
+            ),
+            Head::Phi3v {
+                fc1,
+                fc2,
+                sub_sep,
+                glb_sep,
+            } => {
                 let (bsz, c, h, _) = images.dims4()?;
                 let s = self.image_size;
                 let g = self.grid;
@@ -212,25 +259,25 @@ impl Visual {
                     candle_core::bail!("phi3v expects {}x{} images, got {h}", s * g, s * g);
                 }
                 // Views: the global image (average-pooled to one crop) then the g*g crops, row-major.
-                let global = if g > 1 { images.avg_pool2d(g)? } else { images.clone() };
-                let crops = images.reshape((bsz, c, g, s, g, s))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
-                    bsz * g * g,
-                    c,
-                    s,
-                    s,
-                ))?;
+                let global = if g > 1 {
+                    images.avg_pool2d(g)?
+                } else {
+                    images.clone()
+                };
+                let crops = images
+                    .reshape((bsz, c, g, s, g, s))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .reshape((bsz * g * g, c, s, s))?;
                 let views = Tensor::cat(&[global, crops], 0)?;
                 let f = self.features(&views, fwd)?; // (B*(1+g²), n, dv)
                 let side = s / self.vit_patch();
                 let m = side / 2;
                 let dv = f.dim(2)?;
                 // 2x2 token merge: (V, side, side, dv) -> (V, m, m, 4dv).
-                let merged = f.reshape((f.dim(0)?, m, 2, m, 2, dv))?.permute((0, 1, 3, 2, 4, 5))?.reshape((
-                    f.dim(0)?,
-                    m,
-                    m,
-                    4 * dv,
-                ))?;
+                let merged = f
+                    .reshape((f.dim(0)?, m, 2, m, 2, dv))?
+                    .permute((0, 1, 3, 2, 4, 5))?
+                    .reshape((f.dim(0)?, m, m, 4 * dv))?;
                 let tok = fc2.forward(&ops::gelu(&fc1.forward(&merged, fwd)?)?, fwd)?; // (V, m, m, dl)
                 let dl = self.lm_width;
                 let glb = tok.narrow(0, 0, bsz)?;

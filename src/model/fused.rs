@@ -51,7 +51,10 @@ impl CustomOp1 for Softmax {
                         *o = a * self.scale + b;
                     }
                 }
-                None => yr.iter_mut().zip(xr).for_each(|(o, &a)| *o = a * self.scale),
+                None => yr
+                    .iter_mut()
+                    .zip(xr)
+                    .for_each(|(o, &a)| *o = a * self.scale),
             }
             let mx = yr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -69,7 +72,11 @@ impl CustomOp1 for Softmax {
         let n = y.dim(candle_core::D::Minus1)?;
         let (yv, gv) = (data(y)?, data(g)?);
         let mut dx = vec![0f32; yv.len()];
-        for ((yr, gr), dr) in yv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+        for ((yr, gr), dr) in yv
+            .chunks_exact(n)
+            .zip(gv.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
             let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
             for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
                 *d = self.scale * a * (b - dot);
@@ -85,7 +92,10 @@ pub fn softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> 
         Some(m) => Some(Arc::new(data(m)?)),
         None => None,
     };
-    x.contiguous()?.apply_op1(Softmax { scale: scale as f32, mask })
+    x.contiguous()?.apply_op1(Softmax {
+        scale: scale as f32,
+        mask,
+    })
 }
 
 /// RMSNorm `x / sqrt(mean(x²) + eps) * w` over the last dim.
@@ -98,7 +108,13 @@ impl CustomOp2 for RmsNorm {
         "ecic-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
@@ -112,12 +128,22 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
         let n = wv.len();
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f32; n];
-        for ((xr, gr), dr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+        for ((xr, gr), dr) in xv
+            .chunks_exact(n)
+            .zip(gv.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
             let inv = 1.0 / (ms + self.eps).sqrt();
             // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
@@ -137,7 +163,8 @@ impl CustomOp2 for RmsNorm {
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
 
 /// LayerNorm `(x - mean) / sqrt(var + eps) * w + b` over the last dim.
@@ -191,7 +218,11 @@ impl CustomOp3 for LayerNorm {
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f32; n];
         let mut db = vec![0f32; n];
-        for ((xr, gr), dr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+        for ((xr, gr), dr) in xv
+            .chunks_exact(n)
+            .zip(gv.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
             let (mean, inv) = ln_stats(xr, self.eps);
             // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
             let (mut s1, mut s2) = (0f32, 0f32);
@@ -214,7 +245,11 @@ impl CustomOp3 for LayerNorm {
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
 }
 
 const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
@@ -238,7 +273,10 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let y = x.iter().map(|&v| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v)))).collect();
+        let y = x
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v))))
+            .collect();
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -249,7 +287,8 @@ impl CustomOp1 for Gelu {
             .zip(&gv)
             .map(|(&v, &gr)| {
                 let t = tanh(GELU_K * (v + 0.044_715 * v * v * v));
-                gr * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
+                gr * (0.5 * (1.0 + t)
+                    + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
             })
             .collect();
         Ok(Some(out(dx, x)?))
@@ -292,7 +331,11 @@ impl CustomOp1 for SwiGlu {
         let h2 = x.dim(candle_core::D::Minus1)?;
         let h = h2 / 2;
         let mut dx = vec![0f32; xv.len()];
-        for ((r, gr), dr) in xv.chunks_exact(h2).zip(gv.chunks_exact(h)).zip(dx.chunks_exact_mut(h2)) {
+        for ((r, gr), dr) in xv
+            .chunks_exact(h2)
+            .zip(gv.chunks_exact(h))
+            .zip(dx.chunks_exact_mut(h2))
+        {
             let (a, b) = r.split_at(h);
             let (da, db) = dr.split_at_mut(h);
             for i in 0..h {
@@ -323,7 +366,10 @@ impl Rope {
         let mut y = vec![0f32; x.len()];
         for (r, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
             let p = self.offset + r % t;
-            let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            let (c, s) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
             for i in 0..half {
                 let (x1, x2) = (xr[i], xr[i + half]);
                 let si = sign * s[i];
@@ -343,7 +389,10 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
         let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        Ok((CpuStorage::F32(self.rotate(slice(s, l)?, t, d, 1.0)), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.rotate(slice(s, l)?, t, d, 1.0)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -354,7 +403,11 @@ impl CustomOp1 for Rope {
 
 /// `cos`/`sin`: (max_pos, d/2) angle tables, row-major.
 pub fn rope(x: &Tensor, cos: &Arc<Vec<f32>>, sin: &Arc<Vec<f32>>, offset: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), offset })
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.clone(),
+        sin: sin.clone(),
+        offset,
+    })
 }
 
 /// Mean masked cross-entropy with label smoothing over logits (N, V): one scalar.
@@ -393,7 +446,11 @@ impl CustomOp1 for CrossEntropy {
         let v = x.dim(1)?;
         let mut dx = vec![0f32; xv.len()];
         let sv = self.smoothing / v as f32;
-        for (((xr, dr), &t), &w) in xv.chunks_exact(v).zip(dx.chunks_exact_mut(v)).zip(&self.targets).zip(&self.weight)
+        for (((xr, dr), &t), &w) in xv
+            .chunks_exact(v)
+            .zip(dx.chunks_exact_mut(v))
+            .zip(&self.targets)
+            .zip(&self.weight)
         {
             if w == 0.0 {
                 continue;
@@ -413,7 +470,12 @@ impl CustomOp1 for CrossEntropy {
 }
 
 /// `logits` (N, V), `targets` (N,) u32, `mask` (N,): the value of `ops::cross_entropy`.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    smoothing: f64,
+) -> Result<Tensor> {
     let v = logits.dim(1)?;
     let targets = targets.flatten_all()?.to_vec1::<u32>()?;
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
@@ -422,5 +484,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing
     let mask = data(&mask.to_dtype(candle_core::DType::F32)?)?;
     let denom = mask.iter().sum::<f32>().max(1.0);
     let weight = mask.iter().map(|m| m / denom).collect();
-    logits.contiguous()?.apply_op1(CrossEntropy { targets, weight, smoothing: smoothing as f32 })
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets,
+        weight,
+        smoothing: smoothing as f32,
+    })
 }

@@ -92,20 +92,42 @@ impl Adapter {
 }
 
 fn plain(w: Tensor, bias: Option<Tensor>) -> Linear {
-    Linear { base: Base::Dense(w), bias, lora: None }
+    Linear {
+        base: Base::Dense(w),
+        bias,
+        lora: None,
+    }
 }
 
 impl Builder<'_> {
     /// Builds the linear `name` (also its LoRA target name) under this builder's prefix.
-    pub fn linear(&self, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear, ModelError> {
+    pub fn linear(
+        &self,
+        name: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
         let b = self.pp(name);
         let bound = 1.0 / (inp as f32).sqrt();
         let policy = self.policy;
-        let bias = if bias { Some(b.base("bias", &[out], Init::Zeros, false)?) } else { None };
+        let bias = if bias {
+            Some(b.base("bias", &[out], Init::Zeros, false)?)
+        } else {
+            None
+        };
         if policy.quantize(self.component) && inp.is_multiple_of(32) {
             let q = b.base_quantized("weight", &[out, inp], Init::Uniform(bound))?;
-            let lora = if policy.lora(self.component, name) { Some(b.lora(name, inp, out)?) } else { None };
-            return Ok(Linear { base: Base::Quant(q), bias, lora });
+            let lora = if policy.lora(self.component, name) {
+                Some(b.lora(name, inp, out)?)
+            } else {
+                None
+            };
+            return Ok(Linear {
+                base: Base::Quant(q),
+                bias,
+                lora,
+            });
         }
         let w = b.base("weight", &[out, inp], Init::Uniform(bound), true)?;
         if !policy.lora(self.component, name) {
@@ -117,7 +139,11 @@ impl Builder<'_> {
             let merged = (w + (l.b.matmul(&l.a)? * l.scale)?)?;
             return Ok(plain(merged, bias));
         }
-        Ok(Linear { base: Base::Dense(w), bias, lora: Some(l) })
+        Ok(Linear {
+            base: Base::Dense(w),
+            bias,
+            lora: Some(l),
+        })
     }
 
     fn lora(&self, _name: &str, inp: usize, out: usize) -> Result<Lora, ModelError> {
@@ -126,7 +152,12 @@ impl Builder<'_> {
         let r = policy.peft.rank;
         let a = self.peft("lora_a", &[r, inp], Init::Uniform(bound), true)?;
         let b = self.peft("lora_b", &[out, r], Init::Zeros, true)?;
-        Ok(Lora { a, b, scale: policy.peft.alpha / r as f64, dropout: policy.peft.dropout })
+        Ok(Lora {
+            a,
+            b,
+            scale: policy.peft.alpha / r as f64,
+            dropout: policy.peft.dropout,
+        })
     }
 
     /// A bottleneck adapter named `name` of width `dim`, or `None` where the policy has none.
@@ -143,7 +174,10 @@ impl Builder<'_> {
         let db = down.peft("bias", &[k], Init::Zeros, false)?;
         let uw = up.peft("weight", &[dim, k], Init::Zeros, true)?;
         let ub = up.peft("bias", &[dim], Init::Zeros, false)?;
-        Ok(Some(Adapter { down: plain(dw, Some(db)), up: plain(uw, Some(ub)) }))
+        Ok(Some(Adapter {
+            down: plain(dw, Some(db)),
+            up: plain(uw, Some(ub)),
+        }))
     }
 
     /// LayerNorm weights (w, b) named `name`.
@@ -156,7 +190,9 @@ impl Builder<'_> {
     }
 
     pub fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm, ModelError> {
-        Ok(RmsNorm { w: self.pp(name).base("weight", &[dim], Init::Ones, false)? })
+        Ok(RmsNorm {
+            w: self.pp(name).base("weight", &[dim], Init::Ones, false)?,
+        })
     }
 }
 
@@ -203,10 +239,23 @@ mod tests {
         let x: Vec<f32> = (0..4 * 128).map(|_| r.gen_range(-1.0..1.0)).collect();
         let x = Tensor::from_vec(x, (4, 128), &dev).unwrap();
         let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q4_0).unwrap();
-        let lin = Linear { base: Base::Quant(Arc::new(q)), bias: None, lora: None };
+        let lin = Linear {
+            base: Base::Quant(Arc::new(q)),
+            bias: None,
+            lora: None,
+        };
         let want = matmul_t(&x, &w).unwrap();
         let got = lin.forward(&x, Fwd::EVAL).unwrap();
-        let norm = |t: &Tensor| -> f32 { t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap() };
+        let norm = |t: &Tensor| -> f32 {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
         let rel = norm(&(&want - &got).unwrap()) / norm(&want);
         eprintln!("Q4_0 linear relative error {rel:.4}");
         assert!(rel > 0.0 && rel < 0.08, "relative error {rel}");
@@ -214,6 +263,10 @@ mod tests {
             Base::Quant(q) => q.storage_size_in_bytes(),
             Base::Dense(_) => 0,
         };
-        assert_eq!(bytes, n / 32 * 18, "Q4_0: 16 bytes of nibbles + f16 scale per 32 weights");
+        assert_eq!(
+            bytes,
+            n / 32 * 18,
+            "Q4_0: 16 bytes of nibbles + f16 scale per 32 weights"
+        );
     }
 }

@@ -27,7 +27,13 @@ pub(crate) struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub(crate) fn new(b: &Builder<'_>, dq: usize, dkv: usize, heads: usize, bias: bool) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        b: &Builder<'_>,
+        dq: usize,
+        dkv: usize,
+        heads: usize,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
         Ok(Self {
             q_proj: b.linear("q_proj", dq, dq, bias)?,
             kv_proj: b.linear("kv_proj", dkv, 2 * dq, bias)?,
@@ -89,10 +95,18 @@ impl LmState {
     pub fn select(&self, idx: &Tensor) -> CResult<Self> {
         let pick = |v: &Vec<Option<(Tensor, Tensor)>>| -> CResult<Vec<Option<(Tensor, Tensor)>>> {
             v.iter()
-                .map(|e| e.as_ref().map(|(k, v)| Ok((k.index_select(idx, 0)?, v.index_select(idx, 0)?))).transpose())
+                .map(|e| {
+                    e.as_ref()
+                        .map(|(k, v)| Ok((k.index_select(idx, 0)?, v.index_select(idx, 0)?)))
+                        .transpose()
+                })
                 .collect()
         };
-        Ok(Self { kv: pick(&self.kv)?, vis_kv: pick(&self.vis_kv)?, pos: self.pos })
+        Ok(Self {
+            kv: pick(&self.kv)?,
+            vis_kv: pick(&self.vis_kv)?,
+            pos: self.pos,
+        })
     }
 }
 
@@ -101,8 +115,11 @@ impl Layer {
         let (w, h) = (cfg.lm.width, cfg.lm.mlp_hidden);
         let xattn = if xattn {
             let c = b.with_component(Component::Connector).pp("xattn");
-            let gate =
-                if cfg.fusion == Fusion::Multilevel { Some(c.base("gate", &[1], Init::Zeros, false)?) } else { None };
+            let gate = if cfg.fusion == Fusion::Multilevel {
+                Some(c.base("gate", &[1], Init::Zeros, false)?)
+            } else {
+                None
+            };
             Some(XAttn {
                 norm: c.rms_norm("norm", w)?,
                 attn: CrossAttention::new(&c, w, w, cfg.lm.heads, false)?,
@@ -126,7 +143,10 @@ impl Layer {
         })
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the layer's inputs")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the arguments are the layer's inputs"
+    )]
     fn forward(
         &self,
         x: &Tensor,
@@ -139,8 +159,14 @@ impl Layer {
     ) -> CResult<Tensor> {
         let w = self.width;
         let qkv = self.qkv_proj.forward(&self.ln1.forward(x)?, fwd)?;
-        let q = rope.apply(&ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?, offset)?;
-        let mut k = rope.apply(&ops::split_heads(&qkv.narrow(2, w, w)?, self.heads)?, offset)?;
+        let q = rope.apply(
+            &ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?,
+            offset,
+        )?;
+        let mut k = rope.apply(
+            &ops::split_heads(&qkv.narrow(2, w, w)?, self.heads)?,
+            offset,
+        )?;
         let mut v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, self.heads)?;
         if let Some(c) = cache {
             if let Some((pk, pv)) = c.as_ref() {
@@ -183,7 +209,11 @@ pub struct Lm {
 
 impl Lm {
     /// `max_pos`: longest sequence (visual prefix + caption + BOS/EOS) the RoPE table covers.
-    pub(crate) fn new(b: &Builder<'_>, cfg: &ModelConfig, max_pos: usize) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        b: &Builder<'_>,
+        cfg: &ModelConfig,
+        max_pos: usize,
+    ) -> Result<Self, ModelError> {
         let xl = cfg.xattn_layers();
         let w = cfg.lm.width;
         let layers = (0..cfg.lm.depth)
@@ -191,7 +221,12 @@ impl Lm {
             .collect::<Result<_, _>>()?;
         let dev = b.device();
         Ok(Self {
-            embed: b.pp("embed_tokens").base("weight", &[cfg.vocab_size, w], Init::Normal(0.02), false)?,
+            embed: b.pp("embed_tokens").base(
+                "weight",
+                &[cfg.vocab_size, w],
+                Init::Normal(0.02),
+                false,
+            )?,
             layers,
             norm: b.rms_norm("norm", w)?,
             lm_head: b.linear("lm_head", w, cfg.vocab_size, false)?,
@@ -202,16 +237,30 @@ impl Lm {
     /// Token embeddings (B,T) u32 -> (B,T,D).
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))
     }
 
     /// Visual keys/values of each cross-attention layer.
     pub fn memory(&self, vis: &Tensor, fwd: Fwd<'_>) -> CResult<Vec<Option<(Tensor, Tensor)>>> {
-        self.layers.iter().map(|l| l.xattn.as_ref().map(|xa| xa.attn.memory(vis, fwd)).transpose()).collect()
+        self.layers
+            .iter()
+            .map(|l| {
+                l.xattn
+                    .as_ref()
+                    .map(|xa| xa.attn.memory(vis, fwd))
+                    .transpose()
+            })
+            .collect()
     }
 
     pub fn new_state(&self, vis_kv: Vec<Option<(Tensor, Tensor)>>) -> LmState {
-        LmState { kv: vec![None; self.layers.len()], vis_kv, pos: 0 }
+        LmState {
+            kv: vec![None; self.layers.len()],
+            vis_kv,
+            pos: 0,
+        }
     }
 
     /// Runs embeddings `x` (B,T,D) through the decoder; with `state`, appends to its cache.
@@ -226,16 +275,32 @@ impl Lm {
         let t = x.dim(1)?;
         let offset = state.as_ref().map_or(0, |s| s.pos);
         if offset + t > self.rope.max_pos() {
-            candle_core::bail!("sequence of {} positions exceeds the model's {}", offset + t, self.rope.max_pos());
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's {}",
+                offset + t,
+                self.rope.max_pos()
+            );
         }
-        let mask = if t > 1 { Some(ops::causal_mask(t, offset + t, x.device())?) } else { None };
+        let mask = if t > 1 {
+            Some(ops::causal_mask(t, offset + t, x.device())?)
+        } else {
+            None
+        };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let (cache, vis) = match state.as_deref_mut() {
                 Some(s) => (Some(&mut s.kv[i]), s.vis_kv[i].clone()),
                 None => (None, vis_kv.get(i).cloned().flatten()),
             };
-            x = layer.forward(&x, &self.rope, mask.as_ref(), cache, offset, vis.as_ref(), fwd)?;
+            x = layer.forward(
+                &x,
+                &self.rope,
+                mask.as_ref(),
+                cache,
+                offset,
+                vis.as_ref(),
+                fwd,
+            )?;
         }
         if let Some(s) = state {
             s.pos += t;

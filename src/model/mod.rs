@@ -60,15 +60,30 @@ pub enum ModelError {
     #[error("invalid model configuration: {}", problems.join("; "))]
     Config { problems: Vec<String> },
     #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
-    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("bad model input: {0}")]
     Input(String),
     #[error("checkpoint {path}: {source}")]
-    Checkpoint { path: PathBuf, source: candle_core::Error },
+    Checkpoint {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
     #[error("checkpoint {path}: tensor {name} is not a {what} tensor of this model")]
-    UnknownTensor { path: PathBuf, name: String, what: &'static str },
+    UnknownTensor {
+        path: PathBuf,
+        name: String,
+        what: &'static str,
+    },
     #[error("checkpoint {path}: {count} base tensors missing, e.g. {example}")]
-    MissingTensors { path: PathBuf, count: usize, example: String },
+    MissingTensors {
+        path: PathBuf,
+        count: usize,
+        example: String,
+    },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
 }

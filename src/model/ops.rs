@@ -23,16 +23,23 @@ pub struct Fwd<'a> {
 }
 
 impl Fwd<'_> {
-    pub const EVAL: Fwd<'static> = Fwd { train: false, rng: None };
+    pub const EVAL: Fwd<'static> = Fwd {
+        train: false,
+        rng: None,
+    };
 }
 
 /// Inverted dropout with a mask drawn from the seeded generator (candle's own `rand` is
 /// not seedable, which would break run-to-run determinism).
 pub fn dropout(x: &Tensor, p: f64, fwd: Fwd<'_>) -> Result<Tensor> {
-    let Some(rng) = fwd.rng.filter(|_| fwd.train && p > 0.0) else { return Ok(x.clone()) };
+    let Some(rng) = fwd.rng.filter(|_| fwd.train && p > 0.0) else {
+        return Ok(x.clone());
+    };
     let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
     let scale = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
+        .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
@@ -105,7 +112,12 @@ pub mod composed {
         softmax_last(&s)?.matmul(v)
     }
 
-    pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+    pub fn cross_entropy(
+        logits: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        smoothing: f64,
+    ) -> Result<Tensor> {
         let logp = super::log_softmax_last(logits)?;
         let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
         let per_tok = if smoothing > 0.0 {
@@ -142,7 +154,11 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(Self { cos: Arc::new(cos), sin: Arc::new(sin), max_pos })
+        Ok(Self {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+            max_pos,
+        })
     }
 
     pub fn max_pos(&self) -> usize {
@@ -153,7 +169,11 @@ impl Rope {
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         if offset + t > self.max_pos {
-            candle_core::bail!("rope: positions up to {} exceed the table's {}", offset + t, self.max_pos);
+            candle_core::bail!(
+                "rope: positions up to {} exceed the table's {}",
+                offset + t,
+                self.max_pos
+            );
         }
         fused::rope(x, &self.cos, &self.sin, offset)
     }
@@ -162,8 +182,9 @@ impl Rope {
 /// Additive causal mask (T, S) for queries at positions `S-T..S` over keys `0..S`.
 pub fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
     let off = s - t;
-    let data: Vec<f32> =
-        (0..t).flat_map(|i| (0..s).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     Tensor::from_vec(data, (t, s), device)
 }
 
@@ -182,7 +203,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// (B, T, H*d) -> (B, H, T, d), contiguous for the batched matmul.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
-    x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, t, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// (B, H, T, d) -> (B, T, H*d).
@@ -193,6 +216,11 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy over masked positions with optional label smoothing.
 /// `logits` (N, V), `targets` (N,) u32, `mask` (N,) f32. One fused op.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, smoothing: f64) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    smoothing: f64,
+) -> Result<Tensor> {
     fused::cross_entropy(logits, targets, mask, smoothing)
 }

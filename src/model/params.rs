@@ -17,7 +17,9 @@ use super::config::{PeftConfig, PeftMethod, Phase, VisionPolicy};
 use super::ModelError;
 
 /// Which part of the model a tensor belongs to (per-group learning rates key on this).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Component {
     Vision,
@@ -98,7 +100,11 @@ pub(crate) struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: &Device, seed: u64) -> Self {
-        Self { entries: BTreeMap::new(), device: device.clone(), seed }
+        Self {
+            entries: BTreeMap::new(),
+            device: device.clone(),
+            seed,
+        }
     }
 
     /// A copy whose tensors are detached constants sharing storage (no autograd recording).
@@ -114,7 +120,11 @@ impl ParamStore {
                 (k.clone(), Entry { slot, ..e.clone() })
             })
             .collect();
-        Self { entries, device: self.device.clone(), seed: self.seed }
+        Self {
+            entries,
+            device: self.device.clone(),
+            seed: self.seed,
+        }
     }
 
     fn init(&self, name: &str, shape: &[usize], init: Init) -> candle_core::Result<Tensor> {
@@ -178,7 +188,9 @@ impl Policy {
                 matches!(self.peft.method, PeftMethod::Lora | PeftMethod::Qlora)
                     && self.peft.targets.iter().any(|t| t == target)
             }
-            Component::Vision => self.peft.vision == VisionPolicy::Lora && matches!(target, "qkv" | "proj"),
+            Component::Vision => {
+                self.peft.vision == VisionPolicy::Lora && matches!(target, "qkv" | "proj")
+            }
             _ => false,
         }
     }
@@ -207,16 +219,35 @@ pub(crate) struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     pub fn root(store: &'a Mutex<ParamStore>, policy: &'a Policy, component: Component) -> Self {
-        Self { store, policy, prefix: String::new(), component }
+        Self {
+            store,
+            policy,
+            prefix: String::new(),
+            component,
+        }
     }
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Builder<'a> {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        Builder { store: self.store, policy: self.policy, prefix, component: self.component }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Builder {
+            store: self.store,
+            policy: self.policy,
+            prefix,
+            component: self.component,
+        }
     }
 
     pub fn with_component(&self, component: Component) -> Builder<'a> {
-        Builder { store: self.store, policy: self.policy, prefix: self.prefix.clone(), component }
+        Builder {
+            store: self.store,
+            policy: self.policy,
+            prefix: self.prefix.clone(),
+            component,
+        }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -237,17 +268,40 @@ impl<'a> Builder<'a> {
     }
 
     /// A base tensor of this builder's component (trainable per the policy).
-    pub fn base(&self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor, ModelError> {
+    pub fn base(
+        &self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        decay: bool,
+    ) -> Result<Tensor, ModelError> {
         let trainable = self.policy.base_trainable(self.component);
         self.get(name, shape, init, self.component, true, trainable, decay)
     }
 
     /// A PEFT tensor (always trainable outside inference).
-    pub fn peft(&self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor, ModelError> {
-        self.get(name, shape, init, Component::Adapter, false, !self.policy.inference, decay)
+    pub fn peft(
+        &self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        decay: bool,
+    ) -> Result<Tensor, ModelError> {
+        self.get(
+            name,
+            shape,
+            init,
+            Component::Adapter,
+            false,
+            !self.policy.inference,
+            decay,
+        )
     }
 
-    #[expect(clippy::too_many_arguments, reason = "internal helper; the two public wrappers name the cases")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "internal helper; the two public wrappers name the cases"
+    )]
     fn get(
         &self,
         name: &str,
@@ -263,7 +317,11 @@ impl<'a> Builder<'a> {
         if let Some(e) = store.entries.get(&full) {
             let t = e.tensor(&store.device)?;
             if t.dims() != shape {
-                return Err(ModelError::Shape { name: full, expected: shape.to_vec(), found: t.dims().to_vec() });
+                return Err(ModelError::Shape {
+                    name: full,
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
             }
             return Ok(t);
         }
@@ -275,13 +333,26 @@ impl<'a> Builder<'a> {
         } else {
             (Slot::Const(t.clone()), t)
         };
-        store.entries.insert(full, Entry { slot, component, base, decay });
+        store.entries.insert(
+            full,
+            Entry {
+                slot,
+                component,
+                base,
+                decay,
+            },
+        );
         Ok(out)
     }
 
     /// A frozen base weight kept only in Q4_0 form: quantized on first use (or after a base
     /// load replaced it with f32 values), reused as is afterwards.
-    pub fn base_quantized(&self, name: &str, shape: &[usize], init: Init) -> Result<Arc<QTensor>, ModelError> {
+    pub fn base_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> Result<Arc<QTensor>, ModelError> {
         let full = self.path(name);
         if let Some(Slot::Quant(q)) = self.lock().entries.get(&full).map(|e| e.slot.clone()) {
             if q.shape().dims() != shape {

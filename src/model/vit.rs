@@ -61,11 +61,16 @@ pub struct Vit {
 impl Vit {
     /// Builds the first `blocks` blocks only: deeper ones would never be read (llava stops at
     /// the penultimate block) and would sit in the store as parameters without gradients.
-    pub(crate) fn new(b: &Builder<'_>, cfg: &VisionConfig, blocks: usize) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        b: &Builder<'_>,
+        cfg: &VisionConfig,
+        blocks: usize,
+    ) -> Result<Self, ModelError> {
         let p = cfg.patch_size;
         let n = (cfg.image_size / p).pow(2);
-        let blocks =
-            (0..blocks.min(cfg.depth)).map(|i| Block::new(&b.pp("blocks").pp(i), cfg)).collect::<Result<_, _>>()?;
+        let blocks = (0..blocks.min(cfg.depth))
+            .map(|i| Block::new(&b.pp("blocks").pp(i), cfg))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             patch: b.linear("patch_embed", 3 * p * p, cfg.width, true)?,
             pos: b.base("pos_embed", &[n, cfg.width], Init::Normal(0.02), false)?,
@@ -84,9 +89,14 @@ impl Vit {
         let (bsz, c, h, w) = images.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let patches =
-            images.reshape((bsz, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((bsz, gh * gw, c * p * p))?;
-        let mut x = self.patch.forward(&patches, fwd)?.broadcast_add(&self.pos)?;
+        let patches = images
+            .reshape((bsz, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((bsz, gh * gw, c * p * p))?;
+        let mut x = self
+            .patch
+            .forward(&patches, fwd)?
+            .broadcast_add(&self.pos)?;
         let mut outs = Vec::with_capacity(upto);
         for blk in self.blocks.iter().take(upto) {
             x = blk.forward(&x, fwd)?;

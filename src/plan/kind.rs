@@ -61,7 +61,9 @@ impl StageKind {
     }
 
     pub fn parse(s: &str) -> Option<StageKind> {
-        StageKind::ALL.into_iter().find(|k| k.name() == s || k.spec_name() == s)
+        StageKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s || k.spec_name() == s)
     }
 }
 
@@ -94,7 +96,11 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
     match kind {
         StageKind::Preprocess => {
             let p = &c.stages.preprocess;
-            let size = if p.image_size != 0 { p.image_size } else { image_size(&cell.backbone, &c.model.preset) };
+            let size = if p.image_size != 0 {
+                p.image_size
+            } else {
+                image_size(&cell.backbone, &c.model.preset)
+            };
             json!({
                 "image_size": size,
                 "mean": CLIP_MEAN,
@@ -174,7 +180,11 @@ pub fn chain(cell: &Cell) -> Vec<StageKind> {
     if cell.is_baseline() {
         return vec![StageKind::Preprocess, StageKind::Evaluate];
     }
-    let mut v = vec![StageKind::Preprocess, StageKind::PretrainAlign, StageKind::DomainAdapt];
+    let mut v = vec![
+        StageKind::Preprocess,
+        StageKind::PretrainAlign,
+        StageKind::DomainAdapt,
+    ];
     if cell.config.stages.cider_optimize.enabled {
         v.push(StageKind::CiderOptimize);
     }

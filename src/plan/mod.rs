@@ -121,8 +121,17 @@ impl Plan<Building> {
                         data_dir: self.data_dir.clone(),
                         label,
                     };
-                    let resources = cell.config.resources.get(kind.spec_name()).cloned().unwrap_or_default();
-                    let n = self.graph.add_node(StageNode { desc, cells: Vec::new(), resources });
+                    let resources = cell
+                        .config
+                        .resources
+                        .get(kind.spec_name())
+                        .cloned()
+                        .unwrap_or_default();
+                    let n = self.graph.add_node(StageNode {
+                        desc,
+                        cells: Vec::new(),
+                        resources,
+                    });
                     for (_, input) in &inputs {
                         let from = self.index[input];
                         // A new node: its input edges cannot exist yet.
@@ -142,7 +151,10 @@ impl Plan<Building> {
             stages.push((kind, key.clone()));
             prev = Some((kind, key));
         }
-        self.cells.push(CellPlan { cell: cell.clone(), stages });
+        self.cells.push(CellPlan {
+            cell: cell.clone(),
+            stages,
+        });
     }
 
     /// Check the graph is acyclic and fix the run order.
@@ -203,12 +215,16 @@ impl Plan<Sealed> {
 
     /// Direct upstream keys of a stage.
     pub fn inputs_of(&self, key: &str) -> Vec<String> {
-        self.get(key).map(|n| n.desc.inputs.iter().map(|(_, k)| k.clone()).collect()).unwrap_or_default()
+        self.get(key)
+            .map(|n| n.desc.inputs.iter().map(|(_, k)| k.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// All stages downstream of `key` (not including it).
     pub fn dependents(&self, key: &str) -> Vec<String> {
-        let Some(&start) = self.index.get(key) else { return Vec::new() };
+        let Some(&start) = self.index.get(key) else {
+            return Vec::new();
+        };
         let mut dfs = petgraph::visit::Dfs::new(&self.graph, start);
         let mut out = Vec::new();
         while let Some(n) = dfs.next(&self.graph) {
@@ -232,7 +248,12 @@ fn label(kind: StageKind, cell: &Cell) -> String {
     let mut extra = String::new();
     for (axis, v) in &cell.overrides {
         let short = axis.rsplit('.').next().unwrap_or(axis);
-        extra.push_str(&format!(" {short}={}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())));
+        extra.push_str(&format!(
+            " {short}={}",
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        ));
     }
     format!("{} {what}{extra} s{}", kind.name(), cell.seed)
 }

@@ -21,7 +21,9 @@ impl std::str::FromStr for Format {
             "table" => Ok(Format::Table),
             "dot" => Ok(Format::Dot),
             "json" => Ok(Format::Json),
-            other => Err(format!("unknown plan format `{other}` (expected table, dot or json)")),
+            other => Err(format!(
+                "unknown plan format `{other}` (expected table, dot or json)"
+            )),
         }
     }
 }
@@ -49,22 +51,34 @@ impl Plan<Sealed> {
 
     fn render_table(&self, cached: &dyn Fn(&str) -> bool) -> String {
         let mut t = Table::new();
-        t.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
+        t.load_style(presets::UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic);
         t.set_header(vec!["#", "stage", "key", "cache", "cells", "inputs"]);
         for (i, s) in self.stages().enumerate() {
             let hit = cached(&s.desc.key);
-            let inputs: Vec<String> = s.desc.inputs.iter().map(|(_, k)| k[..12].to_string()).collect();
+            let inputs: Vec<String> = s
+                .desc
+                .inputs
+                .iter()
+                .map(|(_, k)| k[..12].to_string())
+                .collect();
             t.add_row(vec![
                 TCell::new(i + 1),
                 TCell::new(&s.desc.label),
                 TCell::new(&s.desc.key[..12]),
-                if hit { TCell::new("hit").fg(Color::Green) } else { TCell::new("miss").fg(Color::Yellow) },
+                if hit {
+                    TCell::new("hit").fg(Color::Green)
+                } else {
+                    TCell::new("miss").fg(Color::Yellow)
+                },
                 TCell::new(s.cells.len()),
                 TCell::new(inputs.join(" ")),
             ]);
         }
         let mut cells = Table::new();
-        cells.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
+        cells
+            .load_style(presets::UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic);
         cells.set_header(vec!["cell", "backbone", "peft", "fusion", "seed", "stages"]);
         for c in &self.cells {
             let keys: Vec<String> = c.stages.iter().map(|(_, k)| k[..8].to_string()).collect();
@@ -81,9 +95,14 @@ impl Plan<Sealed> {
     }
 
     fn render_dot(&self, cached: &dyn Fn(&str) -> bool) -> String {
-        let mut out = String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box, style=filled];\n");
+        let mut out =
+            String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box, style=filled];\n");
         for s in self.stages() {
-            let color = if cached(&s.desc.key) { "palegreen" } else { "lightgoldenrod1" };
+            let color = if cached(&s.desc.key) {
+                "palegreen"
+            } else {
+                "lightgoldenrod1"
+            };
             let _ = writeln!(
                 out,
                 "  \"{}\" [label=\"{}\\n{}\", fillcolor={color}];",

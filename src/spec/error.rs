@@ -54,13 +54,21 @@ pub struct Issues {
 
 impl Issues {
     pub fn at(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        let issue = SpecIssue { key: Some(key.into()), pos: None, message: message.into() };
+        let issue = SpecIssue {
+            key: Some(key.into()),
+            pos: None,
+            message: message.into(),
+        };
         if !self.list.contains(&issue) {
             self.list.push(issue);
         }
     }
     pub fn general(&mut self, message: impl Into<String>) {
-        let issue = SpecIssue { key: None, pos: None, message: message.into() };
+        let issue = SpecIssue {
+            key: None,
+            pos: None,
+            message: message.into(),
+        };
         if !self.list.contains(&issue) {
             self.list.push(issue);
         }
@@ -71,7 +79,10 @@ impl Issues {
 }
 
 /// `did you mean `x`?` for the closest candidate, if it is close enough.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -112,6 +123,11 @@ pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
 pub fn offset_to_pos(text: &str, offset: usize) -> Option<(usize, usize)> {
     let before = text.get(..offset)?;
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     Some((line, col))
 }

@@ -56,13 +56,17 @@ pub(super) fn expand(
     let defaults = match &config {
         Some(c) => serde_json::to_value(c).expect("config serializes"),
         None => serde_json::to_value(
-            serde_json::from_value::<Config>(serde_json::json!({"name": "-"})).expect("defaults deserialize"),
+            serde_json::from_value::<Config>(serde_json::json!({"name": "-"}))
+                .expect("defaults deserialize"),
         )
         .expect("config serializes"),
     };
 
     let mut groups: Vec<Group> = Vec::new();
-    let grid = base.get("grid").cloned().unwrap_or(Value::Object(Map::new()));
+    let grid = base
+        .get("grid")
+        .cloned()
+        .unwrap_or(Value::Object(Map::new()));
     let Value::Object(grid) = grid else {
         issues.at("grid", "must be a table of axes");
         return None;
@@ -78,18 +82,29 @@ pub(super) fn expand(
                 flatten(&format!("grid.zip.{i}"), "", z, &mut axes, issues);
                 let lens: BTreeSet<usize> = axes.iter().map(|(_, v)| v.len()).collect();
                 if lens.len() > 1 {
-                    issues.at(format!("grid.zip.{i}"), "zipped axes must all have the same length");
+                    issues.at(
+                        format!("grid.zip.{i}"),
+                        "zipped axes must all have the same length",
+                    );
                     continue;
                 }
                 let n = lens.into_iter().next().unwrap_or(0);
-                let rows = (0..n).map(|r| axes.iter().map(|(_, v)| v[r].clone()).collect()).collect();
-                groups.push(Group { axes: axes.into_iter().map(|(k, _)| k).collect(), rows });
+                let rows = (0..n)
+                    .map(|r| axes.iter().map(|(_, v)| v[r].clone()).collect())
+                    .collect();
+                groups.push(Group {
+                    axes: axes.into_iter().map(|(k, _)| k).collect(),
+                    rows,
+                });
             }
         } else {
             let mut axes = Vec::new();
             flatten("grid", key, value, &mut axes, issues);
             for (k, v) in axes {
-                groups.push(Group { axes: vec![k], rows: v.into_iter().map(|x| vec![x]).collect() });
+                groups.push(Group {
+                    axes: vec![k],
+                    rows: v.into_iter().map(|x| vec![x]).collect(),
+                });
             }
         }
     }
@@ -103,7 +118,10 @@ pub(super) fn expand(
     groups.sort_by_key(rank);
     for (axis, default) in [("backbone", "blip2"), ("peft", "lora"), ("fusion", "early")] {
         if !groups.iter().any(|g| g.axes.iter().any(|a| a == axis)) {
-            groups.push(Group { axes: vec![axis.into()], rows: vec![vec![Value::from(default)]] });
+            groups.push(Group {
+                axes: vec![axis.into()],
+                rows: vec![vec![Value::from(default)]],
+            });
         }
     }
     groups.sort_by_key(rank);
@@ -161,28 +179,53 @@ pub(super) fn expand(
 }
 
 /// Collect the leaf lists of a (possibly nested) grid table as axes.
-fn flatten(at: &str, prefix: &str, value: &Value, out: &mut Vec<(String, Vec<Value>)>, issues: &mut Issues) {
+fn flatten(
+    at: &str,
+    prefix: &str,
+    value: &Value,
+    out: &mut Vec<(String, Vec<Value>)>,
+    issues: &mut Issues,
+) {
     match value {
         Value::Array(values) => {
             if values.is_empty() {
-                issues.at(format!("{at}.{prefix}"), "empty axis: give at least one value");
+                issues.at(
+                    format!("{at}.{prefix}"),
+                    "empty axis: give at least one value",
+                );
             }
             out.push((prefix.to_string(), values.clone()));
         }
         Value::Object(map) => {
             for (k, v) in map {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(at, &p, v, out, issues);
             }
         }
         _ => {
-            let key = if prefix.is_empty() { at.to_string() } else { format!("{at}.{prefix}") };
-            issues.at(key, "a grid axis must be a list of values, e.g. `[1e-4, 5e-4]`");
+            let key = if prefix.is_empty() {
+                at.to_string()
+            } else {
+                format!("{at}.{prefix}")
+            };
+            issues.at(
+                key,
+                "a grid axis must be a list of values, e.g. `[1e-4, 5e-4]`",
+            );
         }
     }
 }
 
-fn check_axis<'a>(axis: &str, values: impl Iterator<Item = &'a Value>, defaults: &Value, issues: &mut Issues) {
+fn check_axis<'a>(
+    axis: &str,
+    values: impl Iterator<Item = &'a Value>,
+    defaults: &Value,
+    issues: &mut Issues,
+) {
     let named: Option<&[&str]> = match axis {
         "backbone" => Some(BACKBONES),
         "peft" => Some(PEFTS),
@@ -201,13 +244,19 @@ fn check_axis<'a>(axis: &str, values: impl Iterator<Item = &'a Value>, defaults:
                         allowed.join(", ")
                     ),
                 ),
-                None => issues.at(format!("grid.{axis}"), format!("{axis} values must be strings, got {v}")),
+                None => issues.at(
+                    format!("grid.{axis}"),
+                    format!("{axis} values must be strings, got {v}"),
+                ),
             }
         }
         return;
     }
     if axis == "seeds" || axis == "seed" {
-        issues.at(format!("grid.{axis}"), "seeds are set with the top-level `seeds = [...]`");
+        issues.at(
+            format!("grid.{axis}"),
+            "seeds are set with the top-level `seeds = [...]`",
+        );
         return;
     }
     // A parameter path must exist in the spec's schema.
@@ -225,10 +274,15 @@ fn check_axis<'a>(axis: &str, values: impl Iterator<Item = &'a Value>, defaults:
             Some(n) => node = n,
             None => {
                 let hint = match node {
-                    Value::Object(m) => did_you_mean(part, m.keys().map(String::as_str)).unwrap_or_default(),
+                    Value::Object(m) => {
+                        did_you_mean(part, m.keys().map(String::as_str)).unwrap_or_default()
+                    }
                     _ => String::new(),
                 };
-                issues.at(format!("grid.{axis}"), format!("no spec key `{axis}`{hint}"));
+                issues.at(
+                    format!("grid.{axis}"),
+                    format!("no spec key `{axis}`{hint}"),
+                );
                 return;
             }
         }
@@ -237,8 +291,14 @@ fn check_axis<'a>(axis: &str, values: impl Iterator<Item = &'a Value>, defaults:
         }
         walked.push_str(part);
     }
-    if matches!(axis, "name" | "seeds" | "grid" | "exclude") || axis.starts_with("data.") || axis == "data" {
-        issues.at(format!("grid.{axis}"), "this key cannot be a grid axis (one data set and one name per sweep)");
+    if matches!(axis, "name" | "seeds" | "grid" | "exclude")
+        || axis.starts_with("data.")
+        || axis == "data"
+    {
+        issues.at(
+            format!("grid.{axis}"),
+            "this key cannot be a grid axis (one data set and one name per sweep)",
+        );
     }
 }
 
@@ -283,7 +343,9 @@ fn parse_excludes(v: Option<&Value>, axes: &[String], issues: &mut Issues) -> Ve
 
 fn matches(rule: &Exclude, values: &[(String, Value)]) -> bool {
     rule.iter().all(|(k, allowed)| {
-        values.iter().any(|(axis, v)| axis == k && allowed.iter().any(|a| value_eq(a, v)))
+        values
+            .iter()
+            .any(|(axis, v)| axis == k && allowed.iter().any(|a| value_eq(a, v)))
     })
 }
 
@@ -302,11 +364,20 @@ fn make_cell(
     issues: &mut Issues,
 ) -> Option<Cell> {
     let get = |axis: &str| {
-        values.iter().find(|(a, _)| a == axis).and_then(|(_, v)| v.as_str()).unwrap_or_default().to_string()
+        values
+            .iter()
+            .find(|(a, _)| a == axis)
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or_default()
+            .to_string()
     };
     let backbone = get("backbone");
     let baseline = BASELINES.contains(&backbone.as_str());
-    let (peft, fusion) = if baseline { ("-".to_string(), "-".to_string()) } else { (get("peft"), get("fusion")) };
+    let (peft, fusion) = if baseline {
+        ("-".to_string(), "-".to_string())
+    } else {
+        (get("peft"), get("fusion"))
+    };
     let mut tree = base.clone();
     let mut overrides = Vec::new();
     for (axis, v) in values {
@@ -341,7 +412,11 @@ fn make_cell(
     }
     let ok = local.is_empty();
     for i in local.list {
-        let msg = if overrides.is_empty() { i.message } else { format!("{} (in cell {name})", i.message) };
+        let msg = if overrides.is_empty() {
+            i.message
+        } else {
+            format!("{} (in cell {name})", i.message)
+        };
         match i.key {
             Some(k) => issues.at(k, msg),
             None => issues.general(msg),
@@ -350,7 +425,15 @@ fn make_cell(
     if !ok {
         return None;
     }
-    Some(Cell { name, backbone, peft, fusion, seed, overrides, config: config? })
+    Some(Cell {
+        name,
+        backbone,
+        peft,
+        fusion,
+        seed,
+        overrides,
+        config: config?,
+    })
 }
 
 /// Set a dotted path in a JSON tree, creating tables on the way.
@@ -366,6 +449,8 @@ pub(super) fn set_path(tree: &mut Value, path: &str, value: Value) {
             map.insert(part.to_string(), value);
             return;
         }
-        node = map.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        node = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
 }

@@ -47,9 +47,16 @@ pub struct Spec {
 impl Spec {
     /// Load, merge, validate and expand a spec file.
     pub fn load(path: &Path, sets: &[String]) -> Result<Spec, SpecError> {
-        let fail = |issues: Vec<SpecIssue>| SpecError { path: path.to_path_buf(), issues };
+        let fail = |issues: Vec<SpecIssue>| SpecError {
+            path: path.to_path_buf(),
+            issues,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| {
-            fail(vec![SpecIssue { key: None, pos: None, message: format!("cannot read the spec: {e}") }])
+            fail(vec![SpecIssue {
+                key: None,
+                pos: None,
+                message: format!("cannot read the spec: {e}"),
+            }])
         })?;
         // Syntax first, with the parser's own position.
         if let Err(e) = text.parse::<toml::Table>() {
@@ -61,17 +68,20 @@ impl Spec {
             }]));
         }
         let mut issues = Issues::default();
-        let mut figment = Figment::new()
-            .merge(Toml::string(&text))
-            .merge(
-                // Only variables naming spec keys: ECIC_RUNS, ECIC_LOG ... are not spec values.
-                Env::prefixed("ECIC_")
-                    .filter(|k| {
-                        let first = k.as_str().split("__").next().unwrap_or_default().to_ascii_lowercase();
-                        validate::TOP_KEYS.contains(&first.as_str())
-                    })
-                    .split("__"),
-            );
+        let mut figment = Figment::new().merge(Toml::string(&text)).merge(
+            // Only variables naming spec keys: ECIC_RUNS, ECIC_LOG ... are not spec values.
+            Env::prefixed("ECIC_")
+                .filter(|k| {
+                    let first = k
+                        .as_str()
+                        .split("__")
+                        .next()
+                        .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    validate::TOP_KEYS.contains(&first.as_str())
+                })
+                .split("__"),
+        );
         for set in sets {
             match parse_set(set) {
                 Ok((key, value)) => figment = figment.merge(Serialized::global(&key, value)),
@@ -93,13 +103,25 @@ impl Spec {
         if !issues.is_empty() {
             return Err(fail(positioned(&text, issues)));
         }
-        let (config, axes, cells) = result.expect("expand returns a result when there are no issues");
-        Ok(Spec { path: path.to_path_buf(), text, sets: sets.to_vec(), base, config, axes, cells })
+        let (config, axes, cells) =
+            result.expect("expand returns a result when there are no issues");
+        Ok(Spec {
+            path: path.to_path_buf(),
+            text,
+            sets: sets.to_vec(),
+            base,
+            config,
+            axes,
+            cells,
+        })
     }
 
     /// The directory the spec's relative paths are resolved against.
     pub fn dir(&self) -> PathBuf {
-        self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 }
 
@@ -126,7 +148,9 @@ fn parse_set(set: &str) -> Result<(String, toml::Value), String> {
     };
     let key = key.trim();
     if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
-        return Err(format!("--set `{set}`: the key must be a dotted path such as `stages.evaluate.method`"));
+        return Err(format!(
+            "--set `{set}`: the key must be a dotted path such as `stages.evaluate.method`"
+        ));
     }
     let raw = raw.trim();
     let value = match format!("v = {raw}").parse::<toml::Table>() {

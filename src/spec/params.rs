@@ -63,7 +63,11 @@ pub struct DataSpec {
 
 impl Default for DataSpec {
     fn default() -> Self {
-        DataSpec { source: "synth".into(), synth: SynthSpec::default(), policy: PolicySpec::default() }
+        DataSpec {
+            source: "synth".into(),
+            synth: SynthSpec::default(),
+            policy: PolicySpec::default(),
+        }
     }
 }
 
@@ -79,7 +83,13 @@ pub struct SynthSpec {
 
 impl Default for SynthSpec {
     fn default() -> Self {
-        SynthSpec { seed: 0, train: 1000, valid: 200, test: 200, align: 1000 }
+        SynthSpec {
+            seed: 0,
+            train: 1000,
+            valid: 200,
+            test: 200,
+            align: 1000,
+        }
     }
 }
 
@@ -93,7 +103,11 @@ pub struct PolicySpec {
 
 impl Default for PolicySpec {
     fn default() -> Self {
-        PolicySpec { train: "skip".into(), valid: "fail".into(), test: "fail".into() }
+        PolicySpec {
+            train: "skip".into(),
+            valid: "fail".into(),
+            test: "fail".into(),
+        }
     }
 }
 
@@ -112,7 +126,12 @@ pub struct ModelSpec {
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        ModelSpec { preset: "tiny".into(), max_len: 32, checkpoint: None, vision: "frozen".into() }
+        ModelSpec {
+            preset: "tiny".into(),
+            max_len: 32,
+            checkpoint: None,
+            vision: "frozen".into(),
+        }
     }
 }
 
@@ -141,7 +160,10 @@ impl Default for LoraSpec {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"].iter().map(|s| s.to_string()).collect(),
+            targets: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }

@@ -9,9 +9,25 @@ use serde_json::Value;
 use super::error::{did_you_mean, Issues};
 use super::params::*;
 
-pub(super) const TOP_KEYS: &[&str] =
-    &["name", "description", "seeds", "data", "model", "peft", "stages", "resources", "grid", "exclude"];
-const STAGE_KINDS: &[&str] = &["preprocess", "pretrain_align", "domain_adapt", "cider_optimize", "evaluate"];
+pub(super) const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "seeds",
+    "data",
+    "model",
+    "peft",
+    "stages",
+    "resources",
+    "grid",
+    "exclude",
+];
+const STAGE_KINDS: &[&str] = &[
+    "preprocess",
+    "pretrain_align",
+    "domain_adapt",
+    "cider_optimize",
+    "evaluate",
+];
 
 /// Deserialize `value` as `T`, recording an error under `at` on failure.
 fn typed<T: DeserializeOwned>(at: &str, value: &Value, issues: &mut Issues) -> Option<T> {
@@ -55,7 +71,10 @@ fn explain_unknown_field(msg: &str, key: &mut String) -> String {
         key.push_str(field);
     }
     let hint = did_you_mean(field, expected.iter().copied()).unwrap_or_default();
-    format!("unknown key{hint}; known keys here: {}", expected.join(", "))
+    format!(
+        "unknown key{hint}; known keys here: {}",
+        expected.join(", ")
+    )
 }
 
 /// Check types section by section, then the whole config.
@@ -68,7 +87,13 @@ pub(super) fn sections(tree: &Value, issues: &mut Issues) -> Option<Config> {
     for k in top.keys() {
         if !TOP_KEYS.contains(&k.as_str()) {
             let hint = did_you_mean(k, TOP_KEYS.iter().copied()).unwrap_or_default();
-            issues.at(k.clone(), format!("unknown key{hint}; top-level keys are: {}", TOP_KEYS.join(", ")));
+            issues.at(
+                k.clone(),
+                format!(
+                    "unknown key{hint}; top-level keys are: {}",
+                    TOP_KEYS.join(", ")
+                ),
+            );
         }
     }
     if !top.contains_key("name") {
@@ -93,7 +118,13 @@ pub(super) fn sections(tree: &Value, issues: &mut Issues) -> Option<Config> {
                 "evaluate" => drop(typed::<EvaluateSpec>(&at, v, issues)),
                 other => {
                     let hint = did_you_mean(other, STAGE_KINDS.iter().copied()).unwrap_or_default();
-                    issues.at(at, format!("unknown stage{hint}; stages are: {}", STAGE_KINDS.join(", ")));
+                    issues.at(
+                        at,
+                        format!(
+                            "unknown stage{hint}; stages are: {}",
+                            STAGE_KINDS.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -103,7 +134,13 @@ pub(super) fn sections(tree: &Value, issues: &mut Issues) -> Option<Config> {
             let at = format!("resources.{k}");
             if !STAGE_KINDS.contains(&k.as_str()) {
                 let hint = did_you_mean(k, STAGE_KINDS.iter().copied()).unwrap_or_default();
-                issues.at(at.clone(), format!("unknown stage kind{hint}; kinds are: {}", STAGE_KINDS.join(", ")));
+                issues.at(
+                    at.clone(),
+                    format!(
+                        "unknown stage kind{hint}; kinds are: {}",
+                        STAGE_KINDS.join(", ")
+                    ),
+                );
             }
             typed::<crate::exec::Resources>(&at, v, issues);
         }
@@ -123,7 +160,13 @@ fn positive(issues: &mut Issues, key: &str, v: f64) {
 fn one_of(issues: &mut Issues, key: &str, v: &str, allowed: &[&str]) {
     if !allowed.contains(&v) {
         let hint = did_you_mean(v, allowed.iter().copied()).unwrap_or_default();
-        issues.at(key, format!("`{v}` is not allowed{hint}; expected one of {}", allowed.join(", ")));
+        issues.at(
+            key,
+            format!(
+                "`{v}` is not allowed{hint}; expected one of {}",
+                allowed.join(", ")
+            ),
+        );
     }
 }
 
@@ -139,21 +182,41 @@ fn train(issues: &mut Issues, at: &str, t: &TrainSpec) {
         issues.at(format!("{at}.accum"), "must be at least 1");
     }
     if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-        issues.at(format!("{at}.min_lr_ratio"), format!("must be in [0, 1] (got {})", t.min_lr_ratio));
+        issues.at(
+            format!("{at}.min_lr_ratio"),
+            format!("must be in [0, 1] (got {})", t.min_lr_ratio),
+        );
     }
     if t.weight_decay < 0.0 || !t.weight_decay.is_finite() {
-        issues.at(format!("{at}.weight_decay"), format!("must be >= 0 (got {})", t.weight_decay));
+        issues.at(
+            format!("{at}.weight_decay"),
+            format!("must be >= 0 (got {})", t.weight_decay),
+        );
     }
     if t.grad_clip < 0.0 || !t.grad_clip.is_finite() {
-        issues.at(format!("{at}.grad_clip"), format!("must be >= 0, 0 = no clipping (got {})", t.grad_clip));
+        issues.at(
+            format!("{at}.grad_clip"),
+            format!("must be >= 0, 0 = no clipping (got {})", t.grad_clip),
+        );
     }
     if !(0.0..1.0).contains(&t.label_smoothing) {
-        issues.at(format!("{at}.label_smoothing"), format!("must be in [0, 1) (got {})", t.label_smoothing));
+        issues.at(
+            format!("{at}.label_smoothing"),
+            format!("must be in [0, 1) (got {})", t.label_smoothing),
+        );
     }
     for (k, v) in &t.lr_mult {
-        one_of(issues, &format!("{at}.lr_mult.{k}"), k, &["vision", "connector", "lm", "adapter"]);
+        one_of(
+            issues,
+            &format!("{at}.lr_mult.{k}"),
+            k,
+            &["vision", "connector", "lm", "adapter"],
+        );
         if !(*v >= 0.0 && v.is_finite()) {
-            issues.at(format!("{at}.lr_mult.{k}"), format!("must be >= 0 (got {v})"));
+            issues.at(
+                format!("{at}.lr_mult.{k}"),
+                format!("must be >= 0 (got {v})"),
+            );
         }
     }
 }
@@ -164,13 +227,24 @@ fn lora(issues: &mut Issues, at: &str, l: &LoraSpec) {
     }
     positive(issues, &format!("{at}.alpha"), l.alpha);
     if !(0.0..1.0).contains(&l.dropout) {
-        issues.at(format!("{at}.dropout"), format!("must be in [0, 1) (got {})", l.dropout));
+        issues.at(
+            format!("{at}.dropout"),
+            format!("must be in [0, 1) (got {})", l.dropout),
+        );
     }
     if l.targets.is_empty() {
-        issues.at(format!("{at}.targets"), "name at least one linear layer to wrap");
+        issues.at(
+            format!("{at}.targets"),
+            "name at least one linear layer to wrap",
+        );
     }
     for t in &l.targets {
-        one_of(issues, &format!("{at}.targets"), t, &["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]);
+        one_of(
+            issues,
+            &format!("{at}.targets"),
+            t,
+            &["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
+        );
     }
 }
 
@@ -188,13 +262,25 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
         if !dir.is_dir() {
             issues.at(
                 "data.source",
-                format!("`{}` is neither `synth` nor a directory ({} does not exist)", c.data.source, dir.display()),
+                format!(
+                    "`{}` is neither `synth` nor a directory ({} does not exist)",
+                    c.data.source,
+                    dir.display()
+                ),
             );
         }
     }
-    for (split, p) in [("train", &c.data.policy.train), ("valid", &c.data.policy.valid), ("test", &c.data.policy.test)]
-    {
-        one_of(issues, &format!("data.policy.{split}"), p, &["fail", "skip"]);
+    for (split, p) in [
+        ("train", &c.data.policy.train),
+        ("valid", &c.data.policy.valid),
+        ("test", &c.data.policy.test),
+    ] {
+        one_of(
+            issues,
+            &format!("data.policy.{split}"),
+            p,
+            &["fail", "skip"],
+        );
     }
     if c.data.synth.train == 0 || c.data.synth.valid == 0 {
         issues.at("data.synth", "train and valid need at least one image each");
@@ -206,7 +292,10 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     }
     if let Some(ck) = &c.model.checkpoint {
         if !spec_dir.join(ck).is_dir() {
-            issues.at("model.checkpoint", format!("{} is not a directory", spec_dir.join(ck).display()));
+            issues.at(
+                "model.checkpoint",
+                format!("{} is not a directory", spec_dir.join(ck).display()),
+            );
         }
     }
     lora(issues, "peft.lora", &c.peft.lora);
@@ -216,10 +305,16 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     }
     let p = &c.stages.preprocess;
     if p.image_size != 0 && (p.image_size < 16 || p.image_size > 1024) {
-        issues.at("stages.preprocess.image_size", "must be 0 (the backbone's own) or in 16..=1024");
+        issues.at(
+            "stages.preprocess.image_size",
+            "must be 0 (the backbone's own) or in 16..=1024",
+        );
     }
     if !(0.0 < p.crop_scale[0] && p.crop_scale[0] <= p.crop_scale[1] && p.crop_scale[1] <= 1.0) {
-        issues.at("stages.preprocess.crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1");
+        issues.at(
+            "stages.preprocess.crop_scale",
+            "must be [lo, hi] with 0 < lo <= hi <= 1",
+        );
     }
     if !(0.0..=1.0).contains(&p.jitter) {
         issues.at("stages.preprocess.jitter", "must be in [0, 1]");
@@ -229,30 +324,66 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     let s = &c.stages.cider_optimize;
     positive(issues, "stages.cider_optimize.lr", s.lr);
     if s.samples == 0 {
-        issues.at("stages.cider_optimize.samples", "sample at least one caption per image");
+        issues.at(
+            "stages.cider_optimize.samples",
+            "sample at least one caption per image",
+        );
     }
     if s.batch_size == 0 {
         issues.at("stages.cider_optimize.batch_size", "must be at least 1");
     }
-    one_of(issues, "stages.cider_optimize.baseline", &s.baseline, &["greedy", "mean"]);
+    one_of(
+        issues,
+        "stages.cider_optimize.baseline",
+        &s.baseline,
+        &["greedy", "mean"],
+    );
     if s.baseline == "mean" && s.samples < 2 {
-        issues.at("stages.cider_optimize.samples", "the `mean` baseline needs at least 2 samples per image");
+        issues.at(
+            "stages.cider_optimize.samples",
+            "the `mean` baseline needs at least 2 samples per image",
+        );
     }
     positive(issues, "stages.cider_optimize.temperature", s.temperature);
     let e = &c.stages.evaluate;
-    one_of(issues, "stages.evaluate.split", &e.split, &["valid", "test"]);
-    one_of(issues, "stages.evaluate.method", &e.method, &["greedy", "beam", "nucleus"]);
-    one_of(issues, "stages.evaluate.tokenize", &e.tokenize, &["char", "space", "jieba"]);
+    one_of(
+        issues,
+        "stages.evaluate.split",
+        &e.split,
+        &["valid", "test"],
+    );
+    one_of(
+        issues,
+        "stages.evaluate.method",
+        &e.method,
+        &["greedy", "beam", "nucleus"],
+    );
+    one_of(
+        issues,
+        "stages.evaluate.tokenize",
+        &e.tokenize,
+        &["char", "space", "jieba"],
+    );
     if e.beam_width == 0 {
         issues.at("stages.evaluate.beam_width", "must be at least 1");
     }
     if !(e.top_p > 0.0 && e.top_p <= 1.0) {
-        issues.at("stages.evaluate.top_p", format!("must be in (0, 1] (got {})", e.top_p));
+        issues.at(
+            "stages.evaluate.top_p",
+            format!("must be in (0, 1] (got {})", e.top_p),
+        );
     }
     positive(issues, "stages.evaluate.temperature", e.temperature);
-    positive(issues, "stages.evaluate.repetition_penalty", e.repetition_penalty);
+    positive(
+        issues,
+        "stages.evaluate.repetition_penalty",
+        e.repetition_penalty,
+    );
     if e.max_len == 0 || e.batch_size == 0 {
-        issues.at("stages.evaluate", "max_len and batch_size must be at least 1");
+        issues.at(
+            "stages.evaluate",
+            "max_len and batch_size must be at least 1",
+        );
     }
     let _ = backbone;
 }

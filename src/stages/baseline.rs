@@ -34,23 +34,49 @@ pub fn clean_rows(train: &Split) -> Vec<usize> {
 fn embed(images: &Tensor) -> Result<Tensor, StageError> {
     let (_, _, h, _) = images.dims4().map_err(tensor_err)?;
     let k = (h / THUMB).max(1);
-    let t = images.avg_pool2d(k).map_err(tensor_err)?.flatten_from(1).map_err(tensor_err)?;
-    let t = t.broadcast_sub(&t.mean_keepdim(D::Minus1).map_err(tensor_err)?).map_err(tensor_err)?;
-    let norm = t.sqr().and_then(|x| x.sum_keepdim(D::Minus1)).and_then(|x| x.sqrt()).map_err(tensor_err)?;
-    t.broadcast_div(&(norm + 1e-6).map_err(tensor_err)?).map_err(tensor_err)
+    let t = images
+        .avg_pool2d(k)
+        .map_err(tensor_err)?
+        .flatten_from(1)
+        .map_err(tensor_err)?;
+    let t = t
+        .broadcast_sub(&t.mean_keepdim(D::Minus1).map_err(tensor_err)?)
+        .map_err(tensor_err)?;
+    let norm = t
+        .sqr()
+        .and_then(|x| x.sum_keepdim(D::Minus1))
+        .and_then(|x| x.sqrt())
+        .map_err(tensor_err)?;
+    t.broadcast_div(&(norm + 1e-6).map_err(tensor_err)?)
+        .map_err(tensor_err)
 }
 
 /// Nearest-neighbour captions for every row of `query`.
-pub fn nearest_neighbour(train: &Split, query: &Split, progress: &dyn Fn(u64, u64)) -> Result<Vec<String>, StageError> {
+pub fn nearest_neighbour(
+    train: &Split,
+    query: &Split,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<String>, StageError> {
     let rows = clean_rows(train);
-    let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), train.images.device()).map_err(tensor_err)?;
+    let idx = Tensor::new(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        train.images.device(),
+    )
+    .map_err(tensor_err)?;
     let train_imgs = train.images.index_select(&idx, 0).map_err(tensor_err)?;
     let te = embed(&train_imgs)?;
     let qe = embed(&query.images)?;
-    let sims = qe.matmul(&te.t().map_err(tensor_err)?).map_err(tensor_err)?;
-    let sims: Vec<Vec<f32>> = sims.to_dtype(DType::F32).and_then(|s| s.to_vec2()).map_err(tensor_err)?;
-    let refs: Vec<(String, Vec<String>)> =
-        rows.iter().map(|&r| (train.ids[r].clone(), train.captions[r].clone())).collect();
+    let sims = qe
+        .matmul(&te.t().map_err(tensor_err)?)
+        .map_err(tensor_err)?;
+    let sims: Vec<Vec<f32>> = sims
+        .to_dtype(DType::F32)
+        .and_then(|s| s.to_vec2())
+        .map_err(tensor_err)?;
+    let refs: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|&r| (train.ids[r].clone(), train.captions[r].clone()))
+        .collect();
     let references = References::new(&refs, Tokenize::Char)
         .map_err(|e| StageError::msg(format!("nn baseline references: {e}")))?;
     let cider = references.cider();
@@ -65,7 +91,9 @@ pub fn nearest_neighbour(train: &Split, query: &Split, progress: &dyn Fn(u64, u6
             for cand in &refs[n].1 {
                 let mut s = 0.0;
                 for &m in nbrs {
-                    s += cider.score_text(m, cand).map_err(|e| StageError::msg(e.to_string()))?;
+                    s += cider
+                        .score_text(m, cand)
+                        .map_err(|e| StageError::msg(e.to_string()))?;
                 }
                 let s = s / nbrs.len() as f64;
                 if best.is_none_or(|(b, _)| s > b) {
@@ -91,7 +119,11 @@ pub fn most_frequent_caption(train: &Split) -> String {
     }
     counts
         .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.chars().count().cmp(&a.0.chars().count())).then(b.0.cmp(a.0)))
+        .max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then(b.0.chars().count().cmp(&a.0.chars().count()))
+                .then(b.0.cmp(a.0))
+        })
         .map(|(c, _)| c.to_string())
         .unwrap_or_default()
 }

@@ -50,7 +50,12 @@ impl CaptionPolicy<'_> {
 }
 
 impl Policy for CaptionPolicy<'_> {
-    fn sample(&mut self, images: &[usize], opts: &SampleOpts, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<Vec<u32>>>, BoxError> {
+    fn sample(
+        &mut self,
+        images: &[usize],
+        opts: &SampleOpts,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Vec<Vec<u32>>>, BoxError> {
         let cfg = DecodeConfig {
             strategy: Strategy::Nucleus,
             top_p: 1.0,
@@ -59,17 +64,34 @@ impl Policy for CaptionPolicy<'_> {
             ..DecodeConfig::default()
         };
         let seed: u64 = rng.gen();
-        Ok(decode::sample(self.model, &self.images(images)?, opts.k, &cfg, seed)?)
+        Ok(decode::sample(
+            self.model,
+            &self.images(images)?,
+            opts.k,
+            &cfg,
+            seed,
+        )?)
     }
 
     fn greedy(&mut self, images: &[usize], max_len: usize) -> Result<Vec<Vec<u32>>, BoxError> {
-        let cfg = DecodeConfig { strategy: Strategy::Greedy, max_len, ..DecodeConfig::default() };
-        Ok(decode::generate(self.model, &self.images(images)?, &cfg, 0)?)
+        let cfg = DecodeConfig {
+            strategy: Strategy::Greedy,
+            max_len,
+            ..DecodeConfig::default()
+        };
+        Ok(decode::generate(
+            self.model,
+            &self.images(images)?,
+            &cfg,
+            0,
+        )?)
     }
 
     fn log_probs(&mut self, images: &[usize], seqs: &[Vec<u32>]) -> Result<Tensor, BoxError> {
         let per_image = seqs.len() / images.len().max(1);
-        Ok(self.model.log_probs(&self.images(images)?, seqs, per_image)?)
+        Ok(self
+            .model
+            .log_probs(&self.images(images)?, seqs, per_image)?)
     }
 }
 
@@ -82,9 +104,12 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let tok = training::load_tokenizer(&pre)?;
     let train = training::load_split(&pre, "train")?;
     let rows = clean_rows(&train);
-    let refs: Vec<(String, Vec<String>)> = rows.iter().map(|&r| (train.ids[r].clone(), train.captions[r].clone())).collect();
-    let references =
-        References::new(&refs, Tokenize::Char).map_err(|e| StageError::msg(format!("training references: {e}")))?;
+    let refs: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|&r| (train.ids[r].clone(), train.captions[r].clone()))
+        .collect();
+    let references = References::new(&refs, Tokenize::Char)
+        .map_err(|e| StageError::msg(format!("training references: {e}")))?;
     let cider = references.cider();
     let cfg = ScstConfig {
         samples: p.samples,
@@ -102,11 +127,18 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     };
     let seed = ctx.desc.fingerprint.seed;
     model.set_dropout_seed(seed ^ 0x5c57);
-    let mut trainer = crate::train::Trainer::new(training::param_specs(&model), &cfg.train_config(), seed)
-        .map_err(StageError::ctx("setting up SCST"))?
-        .with_checkpoints(ctx.scratch.join("ckpt"));
-    trainer.resume().map_err(StageError::ctx("resuming from a checkpoint"))?;
-    let mut policy = CaptionPolicy { model: &model, train: &train, rows: &rows };
+    let mut trainer =
+        crate::train::Trainer::new(training::param_specs(&model), &cfg.train_config(), seed)
+            .map_err(StageError::ctx("setting up SCST"))?
+            .with_checkpoints(ctx.scratch.join("ckpt"));
+    trainer
+        .resume()
+        .map_err(StageError::ctx("resuming from a checkpoint"))?;
+    let mut policy = CaptionPolicy {
+        model: &model,
+        train: &train,
+        rows: &rows,
+    };
     let reward = |i: usize, seq: &[u32]| cider.score_text(i, &tok.decode(seq)).unwrap_or(0.0);
     let log = training::CurveLog::new(ctx.scratch);
     let summary = {
@@ -114,7 +146,9 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             .record(|r: &crate::train::CurveRecord| log.append(r))
             .progress(|d, t| ctx.progress(d as u64, t as u64));
         let closure = crate::train::scst_closure(&mut policy, rows.len(), &cfg, reward);
-        trainer.fit(closure, &mut hooks).map_err(StageError::ctx("self-critical training"))?
+        trainer
+            .fit(closure, &mut hooks)
+            .map_err(StageError::ctx("self-critical training"))?
     };
     let mut out = Outputs::default();
     let records = log.all();
@@ -123,10 +157,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         out.metric("", "final_reward", r);
     }
     let first: Vec<f64> = records.iter().take(5).filter_map(|r| r.reward).collect();
-    let last: Vec<f64> = records.iter().rev().take(5).filter_map(|r| r.reward).collect();
+    let last: Vec<f64> = records
+        .iter()
+        .rev()
+        .take(5)
+        .filter_map(|r| r.reward)
+        .collect();
     if !first.is_empty() && !last.is_empty() {
-        out.metric("", "reward_first5", first.iter().sum::<f64>() / first.len() as f64);
-        out.metric("", "reward_last5", last.iter().sum::<f64>() / last.len() as f64);
+        out.metric(
+            "",
+            "reward_first5",
+            first.iter().sum::<f64>() / first.len() as f64,
+        );
+        out.metric(
+            "",
+            "reward_last5",
+            last.iter().sum::<f64>() / last.len() as f64,
+        );
     }
     out.metric("", "samples_per_s", summary.mean_samples_per_s);
     let report = training::counts(&model, &mut out);

@@ -22,8 +22,17 @@ struct Params {
 /// The spec's PEFT section as the model's configuration.
 fn peft_config(p: &Params) -> PeftConfig {
     let get_f = |k: &str| p.peft_params.get(k).and_then(Value::as_f64);
-    let get_u = |k: &str| p.peft_params.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    let mut c = PeftConfig { method: p.peft, vision: p.vision, ..PeftConfig::default() };
+    let get_u = |k: &str| {
+        p.peft_params
+            .get(k)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+    };
+    let mut c = PeftConfig {
+        method: p.peft,
+        vision: p.vision,
+        ..PeftConfig::default()
+    };
     if let Some(r) = get_u("r") {
         c.rank = r;
     }
@@ -37,7 +46,10 @@ fn peft_config(p: &Params) -> PeftConfig {
         c.adapter_dim = b;
     }
     if let Some(Value::Array(t)) = p.peft_params.get("targets") {
-        c.targets = t.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        c.targets = t
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
     }
     c
 }

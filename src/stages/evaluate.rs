@@ -38,24 +38,44 @@ struct Params {
 enum Captioner<'a> {
     Nn(&'a Split),
     Mfc(String),
-    Model { model: crate::model::Captioner, tok: crate::data::tokenizer::CaptionTokenizer, cfg: DecodeConfig, seed: u64 },
+    Model {
+        model: crate::model::Captioner,
+        tok: crate::data::tokenizer::CaptionTokenizer,
+        cfg: DecodeConfig,
+        seed: u64,
+    },
 }
 
 impl Captioner<'_> {
-    fn caption(&self, split: &Split, progress: &dyn Fn(u64, u64)) -> Result<Vec<String>, StageError> {
+    fn caption(
+        &self,
+        split: &Split,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Vec<String>, StageError> {
         match self {
             Captioner::Nn(train) => baseline::nearest_neighbour(train, split, progress),
             Captioner::Mfc(c) => Ok(vec![c.clone(); split.len()]),
-            Captioner::Model { model, tok, cfg, seed } => {
-                let inference = model.inference().map_err(StageError::ctx("preparing the model for decoding"))?;
+            Captioner::Model {
+                model,
+                tok,
+                cfg,
+                seed,
+            } => {
+                let inference = model
+                    .inference()
+                    .map_err(StageError::ctx("preparing the model for decoding"))?;
                 let n = split.len();
                 let bs = 64;
                 let mut out = Vec::with_capacity(n);
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
-                    let images = split.images.narrow(0, start, len).map_err(StageError::ctx("batching images"))?;
-                    let ids = decode::generate(&inference, &images, cfg, seed.wrapping_add(start as u64))
-                        .map_err(StageError::ctx("decoding"))?;
+                    let images = split
+                        .images
+                        .narrow(0, start, len)
+                        .map_err(StageError::ctx("batching images"))?;
+                    let ids =
+                        decode::generate(&inference, &images, cfg, seed.wrapping_add(start as u64))
+                            .map_err(StageError::ctx("decoding"))?;
                     out.extend(ids.iter().map(|s| tok.decode(s)));
                     progress((start + len) as u64, n as u64);
                 }
@@ -71,12 +91,19 @@ fn clean(split: Split) -> Result<Split, StageError> {
         return Ok(split);
     }
     let rows = baseline::clean_rows(&split);
-    let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu).map_err(StageError::ctx("index"))?;
+    let idx = Tensor::new(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .map_err(StageError::ctx("index"))?;
     Ok(Split {
         name: split.name.clone(),
         ids: rows.iter().map(|&r| split.ids[r].clone()).collect(),
         copies: vec![0; rows.len()],
-        images: split.images.index_select(&idx, 0).map_err(StageError::ctx("selecting rows"))?,
+        images: split
+            .images
+            .index_select(&idx, 0)
+            .map_err(StageError::ctx("selecting rows"))?,
         captions: rows.iter().map(|&r| split.captions[r].clone()).collect(),
         tokens: rows.iter().map(|&r| split.tokens[r].clone()).collect(),
     })
@@ -119,7 +146,12 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
                 max_len: p.max_len.unwrap_or(32) + 1,
                 kv_cache: true,
             };
-            Captioner::Model { model, tok, cfg, seed: ctx.desc.fingerprint.seed }
+            Captioner::Model {
+                model,
+                tok,
+                cfg,
+                seed: ctx.desc.fingerprint.seed,
+            }
         }
     };
     let mut splits = vec![p.split.clone()];
@@ -142,11 +174,17 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         let has_refs = split.captions.iter().all(|c| !c.is_empty()) && !split.captions.is_empty();
         let mut scores: Vec<Option<serde_json::Value>> = vec![None; preds.len()];
         if has_refs {
-            let refs: Vec<(String, Vec<String>)> =
-                split.ids.iter().cloned().zip(split.captions.iter().cloned()).collect();
-            let references =
-                References::new(&refs, p.tokenize).map_err(|e| StageError::msg(format!("{name} references: {e}")))?;
-            let eval = references.evaluate_in_order(&preds).map_err(|e| StageError::msg(format!("scoring {name}: {e}")))?;
+            let refs: Vec<(String, Vec<String>)> = split
+                .ids
+                .iter()
+                .cloned()
+                .zip(split.captions.iter().cloned())
+                .collect();
+            let references = References::new(&refs, p.tokenize)
+                .map_err(|e| StageError::msg(format!("{name} references: {e}")))?;
+            let eval = references
+                .evaluate_in_order(&preds)
+                .map_err(|e| StageError::msg(format!("scoring {name}: {e}")))?;
             let s = &eval.scores;
             for (m, v) in [
                 ("bleu1", s.bleu1),
@@ -163,15 +201,29 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
                 *slot = serde_json::to_value(img).ok();
             }
         } else if name == &p.split {
-            return Err(StageError::msg(format!("the {name} split has no references to score against")));
+            return Err(StageError::msg(format!(
+                "the {name} split has no references to score against"
+            )));
         }
         for ((id, caption), scores) in split.ids.iter().zip(&preds).zip(scores) {
-            out.captions.push(CaptionRecord { split: name.clone(), image_id: id.clone(), caption: caption.clone(), scores });
+            out.captions.push(CaptionRecord {
+                split: name.clone(),
+                image_id: id.clone(),
+                caption: caption.clone(),
+                scores,
+            });
         }
         if name == "test" {
             let path = ctx.out.join("caption_gen.jsonl");
-            crate::data::muge::write_predictions(&path, split.ids.iter().map(String::as_str).zip(preds.iter().map(String::as_str)))
-                .map_err(StageError::ctx("writing caption_gen.jsonl"))?;
+            crate::data::muge::write_predictions(
+                &path,
+                split
+                    .ids
+                    .iter()
+                    .map(String::as_str)
+                    .zip(preds.iter().map(String::as_str)),
+            )
+            .map_err(StageError::ctx("writing caption_gen.jsonl"))?;
         }
     }
     let secs = total_t0.elapsed().as_secs_f64();

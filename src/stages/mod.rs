@@ -69,7 +69,11 @@ pub enum StageError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("{context}: {source}")]
-    Other { context: String, #[source] source: anyhow::Error },
+    Other {
+        context: String,
+        #[source]
+        source: anyhow::Error,
+    },
 }
 
 impl StageError {
@@ -78,7 +82,10 @@ impl StageError {
     }
     pub fn ctx<E: Into<anyhow::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StageError {
         let context = context.into();
-        move |e| StageError::Other { context, source: e.into() }
+        move |e| StageError::Other {
+            context,
+            source: e.into(),
+        }
     }
 }
 
@@ -92,7 +99,11 @@ pub enum RunOutcome {
 }
 
 /// Run one stage by key: the body of `ecic run-stage`.
-pub fn run_stage(runs: &Path, key: &str, progress: &dyn Fn(u64, u64)) -> Result<RunOutcome, StageError> {
+pub fn run_stage(
+    runs: &Path,
+    key: &str,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RunOutcome, StageError> {
     let cache = Cache::open(runs)?;
     let desc = cache.read_desc(key)?;
     if cache.is_complete(key) {
@@ -103,7 +114,12 @@ pub fn run_stage(runs: &Path, key: &str, progress: &dyn Fn(u64, u64)) -> Result<
         return Ok(RunOutcome::AlreadyComplete);
     }
     let _ = std::fs::remove_file(cache.failed_marker(key));
-    eprintln!("computing {} {} (pid {})", desc.label, key, std::process::id());
+    eprintln!(
+        "computing {} {} (pid {})",
+        desc.label,
+        key,
+        std::process::id()
+    );
     let result = compute(&cache, &desc, progress);
     if let Err(e) = &result {
         let marker = serde_json::json!({
@@ -112,27 +128,46 @@ pub fn run_stage(runs: &Path, key: &str, progress: &dyn Fn(u64, u64)) -> Result<
             "host": hostname(),
             "at": crate::store::now(),
         });
-        let _ = crate::cache::write_atomic(&cache.failed_marker(key), marker.to_string().as_bytes());
+        let _ =
+            crate::cache::write_atomic(&cache.failed_marker(key), marker.to_string().as_bytes());
     }
     result
 }
 
-fn compute(cache: &Cache, desc: &StageDesc, progress: &dyn Fn(u64, u64)) -> Result<RunOutcome, StageError> {
+fn compute(
+    cache: &Cache,
+    desc: &StageDesc,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RunOutcome, StageError> {
     let started_at = crate::store::now();
     let t0 = Instant::now();
     let mut inputs = Vec::new();
     for (kind, k) in &desc.inputs {
         if !cache.is_complete(k) {
-            return Err(StageError::msg(format!("input {kind} {} is not complete in the cache", &k[..12])));
+            return Err(StageError::msg(format!(
+                "input {kind} {} is not complete in the cache",
+                &k[..12]
+            )));
         }
         inputs.push((*kind, cache.entry(k)));
     }
     let scratch = cache.scratch(&desc.key);
     std::fs::create_dir_all(&scratch).map_err(crate::cache::io(&scratch))?;
     let pending = cache.begin(&desc.key)?;
-    let threads = std::env::var("ECIC_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+    let threads = std::env::var("ECIC_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
     let objects = cache.runs().join(crate::cache::OBJECTS);
-    let ctx = StageCtx { desc, out: pending.dir(), scratch: &scratch, inputs, threads, objects, progress };
+    let ctx = StageCtx {
+        desc,
+        out: pending.dir(),
+        scratch: &scratch,
+        inputs,
+        threads,
+        objects,
+        progress,
+    };
     let report = match desc.kind {
         StageKind::Preprocess => preprocess::run(&ctx)?,
         StageKind::PretrainAlign => pretrain_align::run(&ctx)?,
@@ -201,12 +236,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn hostname() -> Option<String> {
-    hostname::get().ok().map(|h| h.to_string_lossy().to_string())
+    hostname::get()
+        .ok()
+        .map(|h| h.to_string_lossy().to_string())
 }
 
 /// The commit ecic was built from, if known.
 pub fn git_commit() -> Option<String> {
-    option_env!("ECIC_GIT_COMMIT").filter(|s| !s.is_empty()).map(str::to_string)
+    option_env!("ECIC_GIT_COMMIT")
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 /// CPU seconds and peak RSS (KiB) of this process.

@@ -19,7 +19,10 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn metric(&mut self, split: &str, name: &str, value: f64) {
-        self.metrics.entry(split.to_string()).or_default().insert(name.to_string(), value);
+        self.metrics
+            .entry(split.to_string())
+            .or_default()
+            .insert(name.to_string(), value);
     }
 
     pub fn curve(&mut self, step: u64, name: &str, value: f64) {
@@ -29,7 +32,8 @@ impl Outputs {
     pub fn write(&self, dir: &Path) -> Result<(), StageError> {
         let ctx = |p: &Path| StageError::ctx(format!("writing {}", p.display()));
         let p = dir.join("metrics.json");
-        std::fs::write(&p, serde_json::to_vec_pretty(&self.metrics).expect("json")).map_err(ctx(&p))?;
+        std::fs::write(&p, serde_json::to_vec_pretty(&self.metrics).expect("json"))
+            .map_err(ctx(&p))?;
         if !self.curves.is_empty() {
             let p = dir.join("curves.jsonl");
             let mut f = std::io::BufWriter::new(std::fs::File::create(&p).map_err(ctx(&p))?);

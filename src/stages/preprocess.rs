@@ -4,8 +4,8 @@
 
 use serde::Deserialize;
 
-use crate::data::preprocess::AugmentParams;
 use crate::data::muge::BadRecordPolicy;
+use crate::data::preprocess::AugmentParams;
 use crate::data::preprocess::{self, PreprocessParams, SplitPolicies, TokenizerParams};
 
 use super::{Outputs, StageCtx, StageError, StageReport};
@@ -52,12 +52,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             align: p.policy.train,
             ..SplitPolicies::default()
         },
-        tokenizer: TokenizerParams { path: p.tokenizer, min_freq: p.min_freq },
+        tokenizer: TokenizerParams {
+            path: p.tokenizer,
+            min_freq: p.min_freq,
+        },
         ..PreprocessParams::default()
     };
     ctx.progress(0, 1);
-    let summary = preprocess::run(&ctx.desc.data_dir, ctx.out, &params, ctx.desc.fingerprint.seed)
-        .map_err(StageError::ctx(format!("preprocessing {}", ctx.desc.data_dir.display())))?;
+    let summary = preprocess::run(
+        &ctx.desc.data_dir,
+        ctx.out,
+        &params,
+        ctx.desc.fingerprint.seed,
+    )
+    .map_err(StageError::ctx(format!(
+        "preprocessing {}",
+        ctx.desc.data_dir.display()
+    )))?;
     ctx.progress(1, 1);
     let mut out = Outputs::default();
     out.metric("", "vocab_size", summary.vocab_size as f64);

@@ -44,8 +44,13 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         preprocess: ctx.desc.inputs[0].1.clone(),
         weights: vec![ctx.desc.key.clone()],
     };
-    let model = crate::model::Captioner::new(&lineage.model, &lineage.peft, Phase::Align, &candle_core::Device::Cpu)
-        .map_err(StageError::ctx("building the model"))?;
+    let model = crate::model::Captioner::new(
+        &lineage.model,
+        &lineage.peft,
+        Phase::Align,
+        &candle_core::Device::Cpu,
+    )
+    .map_err(StageError::ctx("building the model"))?;
     let train = training::load_split(pre, "align_train")?;
     let valid = training::load_split(pre, "align_valid").ok();
     let mut out = Outputs::default();

@@ -18,7 +18,7 @@ use crate::data::preprocess::Split;
 use crate::data::tokenizer::CaptionTokenizer;
 use crate::model::{Captioner, Component, ModelConfig, PeftConfig, Phase};
 use crate::spec::params::TrainSpec;
-use crate::train::{CurveRecord, GroupLr, Group, ParamSpec, TrainConfig};
+use crate::train::{CurveRecord, Group, GroupLr, ParamSpec, TrainConfig};
 
 use super::{Outputs, StageCtx, StageError, StageReport};
 
@@ -38,7 +38,8 @@ pub struct Lineage {
 impl Lineage {
     pub fn read(entry: &Path) -> Result<Lineage, StageError> {
         let p = entry.join(LINEAGE);
-        let bytes = std::fs::read(&p).map_err(StageError::ctx(format!("reading {}", p.display())))?;
+        let bytes =
+            std::fs::read(&p).map_err(StageError::ctx(format!("reading {}", p.display())))?;
         serde_json::from_slice(&bytes).map_err(StageError::ctx(format!("parsing {}", p.display())))
     }
 
@@ -50,13 +51,18 @@ impl Lineage {
 
     /// Build the model for `phase` and load every weight file of the lineage.
     pub fn build(&self, ctx: &StageCtx, phase: Phase) -> Result<Captioner, StageError> {
-        let mut model = Captioner::new(&self.model, &self.peft, phase, &Device::Cpu).map_err(StageError::ctx("building the model"))?;
+        let mut model = Captioner::new(&self.model, &self.peft, phase, &Device::Cpu)
+            .map_err(StageError::ctx("building the model"))?;
         for (i, key) in self.weights.iter().enumerate() {
             let path = ctx.entry(key).join(WEIGHTS);
             if i == 0 {
-                model.load_base(&path).map_err(StageError::ctx("loading the pretrain-align weights"))?;
+                model
+                    .load_base(&path)
+                    .map_err(StageError::ctx("loading the pretrain-align weights"))?;
             } else {
-                model.load_trained(&path).map_err(StageError::ctx("loading trained weights"))?;
+                model
+                    .load_trained(&path)
+                    .map_err(StageError::ctx("loading trained weights"))?;
             }
         }
         Ok(model)
@@ -71,7 +77,8 @@ impl StageCtx<'_> {
 }
 
 pub fn load_tokenizer(preprocess: &Path) -> Result<CaptionTokenizer, StageError> {
-    CaptionTokenizer::load(&preprocess.join("tokenizer.json")).map_err(StageError::ctx("loading the tokenizer"))
+    CaptionTokenizer::load(&preprocess.join("tokenizer.json"))
+        .map_err(StageError::ctx("loading the tokenizer"))
 }
 
 pub fn load_split(preprocess: &Path, name: &str) -> Result<Split, StageError> {
@@ -155,14 +162,31 @@ pub fn batch(
     let (mut inp, mut tgt, mut msk) = (Vec::new(), Vec::new(), Vec::new());
     for c in &caps {
         for j in 0..t {
-            inp.push(if j == 0 { cfg.bos_id } else { c.get(j - 1).copied().unwrap_or(cfg.pad_id) });
-            tgt.push(if j < c.len() { c[j] } else if j == c.len() { cfg.eos_id } else { cfg.pad_id });
+            inp.push(if j == 0 {
+                cfg.bos_id
+            } else {
+                c.get(j - 1).copied().unwrap_or(cfg.pad_id)
+            });
+            tgt.push(if j < c.len() {
+                c[j]
+            } else if j == c.len() {
+                cfg.eos_id
+            } else {
+                cfg.pad_id
+            });
             msk.push(if j <= c.len() { 1f32 } else { 0.0 });
         }
     }
     let n = rows.len();
-    let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu).map_err(StageError::ctx("index"))?;
-    let images = split.images.index_select(&idx, 0).map_err(StageError::ctx("selecting images"))?;
+    let idx = Tensor::new(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .map_err(StageError::ctx("index"))?;
+    let images = split
+        .images
+        .index_select(&idx, 0)
+        .map_err(StageError::ctx("selecting images"))?;
     let (input, target, mask) = (
         Tensor::from_vec(inp, (n, t), &Device::Cpu),
         Tensor::from_vec(tgt, (n, t), &Device::Cpu),
@@ -192,14 +216,19 @@ pub fn train_ce(
     let mut trainer = crate::train::Trainer::new(param_specs(model), &cfg, seed)
         .map_err(StageError::ctx("setting up training"))?
         .with_checkpoints(ctx.scratch.join("ckpt"));
-    if let Some(step) = trainer.resume().map_err(StageError::ctx("resuming from a checkpoint"))? {
+    if let Some(step) = trainer
+        .resume()
+        .map_err(StageError::ctx("resuming from a checkpoint"))?
+    {
         eprintln!("resumed from the checkpoint at step {step}");
     }
     let mcfg = model.config().clone();
     let n = train.len();
     let bs = cfg.batch_size.min(n).max(1);
     let label_smoothing = cfg.label_smoothing;
-    let val_rows: Vec<usize> = valid.map(|v| (0..v.len().min(64)).collect()).unwrap_or_default();
+    let val_rows: Vec<usize> = valid
+        .map(|v| (0..v.len().min(64)).collect())
+        .unwrap_or_default();
     let log = CurveLog::new(ctx.scratch);
     let summary = {
         let mut hooks = crate::train::Hooks::new()
@@ -224,7 +253,8 @@ pub fn train_ce(
                     }
                     let mut it = picks.into_iter();
                     let b = batch(train, &rows, &mut |k| it.next().unwrap_or(0) % k, &mcfg)?;
-                    let loss = model.loss(&b.images, &b.input, &b.target, &b.mask, label_smoothing)?;
+                    let loss =
+                        model.loss(&b.images, &b.input, &b.target, &b.mask, label_smoothing)?;
                     Ok(crate::train::Micro::new(loss, bs))
                 },
                 &mut hooks,
@@ -259,13 +289,23 @@ pub struct CurveLog {
 
 impl CurveLog {
     pub fn new(scratch: &Path) -> CurveLog {
-        CurveLog { path: scratch.join("curves.jsonl") }
+        CurveLog {
+            path: scratch.join("curves.jsonl"),
+        }
     }
 
     pub fn append(&self, r: &CurveRecord) {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
-            let _ = writeln!(f, "{}", serde_json::to_string(&CurvePoint::from(r)).unwrap_or_default());
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
+            let _ = writeln!(
+                f,
+                "{}",
+                serde_json::to_string(&CurvePoint::from(r)).unwrap_or_default()
+            );
         }
     }
 
@@ -342,11 +382,20 @@ pub fn counts(model: &Captioner, out: &mut Outputs) -> StageReport {
     out.metric("", "trainable_params", c.trainable as f64);
     out.metric("", "total_params", c.total as f64);
     out.metric("", "frozen_bytes", c.frozen_bytes as f64);
-    StageReport { trainable_params: Some(c.trainable as u64), total_params: Some(c.total as u64) }
+    StageReport {
+        trainable_params: Some(c.trainable as u64),
+        total_params: Some(c.total as u64),
+    }
 }
 
 /// Save what the model trained, and the lineage that rebuilds it.
-pub fn publish_model(ctx: &StageCtx, model: &Captioner, lineage: &Lineage) -> Result<(), StageError> {
-    model.save_trained(&ctx.out.join(WEIGHTS)).map_err(StageError::ctx("saving the trained weights"))?;
+pub fn publish_model(
+    ctx: &StageCtx,
+    model: &Captioner,
+    lineage: &Lineage,
+) -> Result<(), StageError> {
+    model
+        .save_trained(&ctx.out.join(WEIGHTS))
+        .map_err(StageError::ctx("saving the trained weights"))?;
     lineage.write(ctx.out)
 }

@@ -36,7 +36,9 @@ pub struct SweepInfo {
 impl Store {
     pub fn sweep_id(&self, name: &str) -> Result<i64, StoreError> {
         self.conn
-            .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.err())?
             .ok_or_else(|| StoreError::NoSweep(name.to_string()))
@@ -68,7 +70,11 @@ impl Store {
     }
 
     /// Per-cell summary of a sweep: evaluate metrics on `split`, timings, reuse.
-    pub fn cell_summaries(&self, sweep_id: i64, split: &str) -> Result<Vec<CellSummary>, StoreError> {
+    pub fn cell_summaries(
+        &self,
+        sweep_id: i64,
+        split: &str,
+    ) -> Result<Vec<CellSummary>, StoreError> {
         let mut st = self
             .conn
             .prepare(
@@ -78,7 +84,15 @@ impl Store {
             .map_err(self.err())?;
         let cells: Vec<(i64, String, String, String, String, i64, String)> = st
             .query_map([sweep_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
             })
             .map_err(self.err())?
             .collect::<Result<_, _>>()
@@ -93,7 +107,12 @@ impl Store {
                      WHERE cs.cell_id = ?1 AND cs.kind = 'evaluate' AND m.split = ?2",
                 )
                 .map_err(self.err())?;
-            for row in m.query_map(params![id, split], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))).map_err(self.err())? {
+            for row in m
+                .query_map(params![id, split], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
+                })
+                .map_err(self.err())?
+            {
                 let (k, v) = row.map_err(self.err())?;
                 metrics.insert(k, v);
             }
@@ -149,7 +168,18 @@ impl Store {
     pub fn sweep_stages(
         &self,
         sweep_id: i64,
-    ) -> Result<Vec<(String, String, String, String, Option<f64>, bool, Option<String>)>, StoreError> {
+    ) -> Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            Option<f64>,
+            bool,
+            Option<String>,
+        )>,
+        StoreError,
+    > {
         let mut st = self
             .conn
             .prepare(
@@ -161,7 +191,15 @@ impl Store {
             .map_err(self.err())?;
         let rows = st
             .query_map([sweep_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, i64>(5)? != 0, r.get(6)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get::<_, i64>(5)? != 0,
+                    r.get(6)?,
+                ))
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -169,8 +207,13 @@ impl Store {
 
     /// Every stage key some recorded sweep references (for `ecic gc`).
     pub fn referenced_keys(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut st = self.conn.prepare("SELECT DISTINCT key FROM sweep_stages").map_err(self.err())?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(self.err())?;
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT key FROM sweep_stages")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 }

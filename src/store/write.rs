@@ -47,12 +47,29 @@ pub struct StageRow {
 impl Store {
     /// Record the start of a sweep (replacing the cells of an earlier run of the
     /// same experiment name) with its cells and planned stages, in one transaction.
-    pub fn begin_sweep(&mut self, sweep: &SweepRow, cells: &[CellRow], stages: &[StageRow]) -> Result<i64, StoreError> {
+    pub fn begin_sweep(
+        &mut self,
+        sweep: &SweepRow,
+        cells: &[CellRow],
+        stages: &[StageRow],
+    ) -> Result<i64, StoreError> {
         let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
-        let existing: Option<i64> =
-            tx.query_row("SELECT id FROM sweeps WHERE name = ?1", [&sweep.name], |r| r.get(0)).optional().map_err(err)?;
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let existing: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM sweeps WHERE name = ?1",
+                [&sweep.name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
         let sets = serde_json::to_string(&sweep.sets).unwrap_or_default();
         let axes = serde_json::to_string(&sweep.axes).unwrap_or_default();
         let id = match existing {
@@ -68,8 +85,10 @@ impl Store {
                     ],
                 )
                 .map_err(err)?;
-                tx.execute("DELETE FROM cells WHERE sweep_id = ?1", [id]).map_err(err)?;
-                tx.execute("DELETE FROM sweep_stages WHERE sweep_id = ?1", [id]).map_err(err)?;
+                tx.execute("DELETE FROM cells WHERE sweep_id = ?1", [id])
+                    .map_err(err)?;
+                tx.execute("DELETE FROM sweep_stages WHERE sweep_id = ?1", [id])
+                    .map_err(err)?;
                 id
             }
             None => {
@@ -110,7 +129,9 @@ impl Store {
                         status
                     ])
                     .map_err(err)?;
-                ins_ss.execute(params![id, s.key, s.reused as i64]).map_err(err)?;
+                ins_ss
+                    .execute(params![id, s.key, s.reused as i64])
+                    .map_err(err)?;
             }
             let mut ins_cell = tx
                 .prepare(
@@ -118,8 +139,11 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
-            let mut ins_cs =
-                tx.prepare("INSERT OR REPLACE INTO cell_stages (cell_id, kind, key) VALUES (?1, ?2, ?3)").map_err(err)?;
+            let mut ins_cs = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO cell_stages (cell_id, kind, key) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
             for (pos, c) in cells.iter().enumerate() {
                 ins_cell
                     .execute(params![
@@ -145,12 +169,20 @@ impl Store {
 
     pub fn finish_sweep(&self, id: i64, status: &str) -> Result<(), StoreError> {
         self.conn
-            .execute("UPDATE sweeps SET finished_at = ?2, status = ?3 WHERE id = ?1", params![id, now(), status])
+            .execute(
+                "UPDATE sweeps SET finished_at = ?2, status = ?3 WHERE id = ?1",
+                params![id, now(), status],
+            )
             .map_err(self.err())?;
         Ok(())
     }
 
-    pub fn stage_started(&self, key: &str, host: Option<&str>, job_id: Option<&str>) -> Result<(), StoreError> {
+    pub fn stage_started(
+        &self,
+        key: &str,
+        host: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE stages SET status='running', started_at=?2, host=COALESCE(?3, host), job_id=?4, error=NULL
@@ -162,7 +194,13 @@ impl Store {
     }
 
     /// Mark a stage failed / skipped / interrupted.
-    pub fn stage_ended(&self, key: &str, status: &str, error: Option<&str>, wall_s: Option<f64>) -> Result<(), StoreError> {
+    pub fn stage_ended(
+        &self,
+        key: &str,
+        status: &str,
+        error: Option<&str>,
+        wall_s: Option<f64>,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE stages SET status=?2, error=?3, finished_at=?4, wall_s=COALESCE(?5, wall_s) WHERE key=?1",
@@ -172,7 +210,13 @@ impl Store {
         Ok(())
     }
 
-    pub fn log_event(&self, sweep: i64, key: Option<&str>, what: &str, detail: Option<&str>) -> Result<(), StoreError> {
+    pub fn log_event(
+        &self,
+        sweep: i64,
+        key: Option<&str>,
+        what: &str,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO events (sweep_id, at, key, what, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -186,9 +230,15 @@ impl Store {
     /// captions, in one transaction (idempotent: re-ingesting replaces).
     pub fn ingest(&mut self, out: &crate::cache::StageOutputs) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let m = &out.manifest;
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         tx.execute(
             "UPDATE stages SET status='done', error=NULL, host=?2, started_at=?3, finished_at=?4, wall_s=?5, cpu_s=?6,
              peak_rss_kb=?7, trainable_params=?8, total_params=?9, log_path=?10 WHERE key=?1",
@@ -206,16 +256,20 @@ impl Store {
             ],
         )
         .map_err(err)?;
-        tx.execute("DELETE FROM metrics WHERE stage_key = ?1", [&m.key]).map_err(err)?;
-        tx.execute("DELETE FROM curves WHERE stage_key = ?1", [&m.key]).map_err(err)?;
-        tx.execute("DELETE FROM captions WHERE stage_key = ?1", [&m.key]).map_err(err)?;
+        tx.execute("DELETE FROM metrics WHERE stage_key = ?1", [&m.key])
+            .map_err(err)?;
+        tx.execute("DELETE FROM curves WHERE stage_key = ?1", [&m.key])
+            .map_err(err)?;
+        tx.execute("DELETE FROM captions WHERE stage_key = ?1", [&m.key])
+            .map_err(err)?;
         {
             let mut ins = tx
                 .prepare("INSERT OR REPLACE INTO metrics (stage_key, split, metric, value) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
             for (split, metric, value) in &out.metrics {
                 if value.is_finite() {
-                    ins.execute(params![m.key, split, metric, value]).map_err(err)?;
+                    ins.execute(params![m.key, split, metric, value])
+                        .map_err(err)?;
                 }
             }
             let mut ins = tx
@@ -223,7 +277,8 @@ impl Store {
                 .map_err(err)?;
             for (step, name, value) in &out.curves {
                 if value.is_finite() {
-                    ins.execute(params![m.key, *step as i64, name, value]).map_err(err)?;
+                    ins.execute(params![m.key, *step as i64, name, value])
+                        .map_err(err)?;
                 }
             }
             let mut ins = tx
@@ -233,8 +288,14 @@ impl Store {
                 )
                 .map_err(err)?;
             for c in &out.captions {
-                ins.execute(params![m.key, c.split, c.image_id, c.caption, c.scores.as_ref().map(|s| s.to_string())])
-                    .map_err(err)?;
+                ins.execute(params![
+                    m.key,
+                    c.split,
+                    c.image_id,
+                    c.caption,
+                    c.scores.as_ref().map(|s| s.to_string())
+                ])
+                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;

@@ -355,7 +355,11 @@ pub fn load(path: &Path, optim: &mut AdamW, cfg: &TrainConfig) -> Result<Restore
 /// The configuration as stored in (and compared against) a checkpoint: the fields that shape the
 /// weights; how often to checkpoint or validate may change between the killed and the resumed run.
 fn config_json(cfg: &TrainConfig) -> String {
-    let shaping = TrainConfig { ckpt_every: 0, val_every: 0, ..cfg.clone() };
+    let shaping = TrainConfig {
+        ckpt_every: 0,
+        val_every: 0,
+        ..cfg.clone()
+    };
     // a struct of numbers and bools always serialises
     serde_json::to_string(&shaping).unwrap_or_default()
 }

@@ -22,11 +22,11 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use config::Baseline;
-pub use loss::smoothed_cross_entropy;
-pub use scst::{draw_images, scst_closure, scst_loss, Policy, SampleOpts, ScstStats};
 pub use config::{Group, GroupLr, ScstConfig, TrainConfig};
+pub use loss::smoothed_cross_entropy;
 pub use optim::{AdamW, ParamSpec};
 pub use schedule::lr_at;
+pub use scst::{draw_images, scst_closure, scst_loss, Policy, SampleOpts, ScstStats};
 pub use trainer::{fit, CurveRecord, FitSummary, Hooks, Micro, StepCtx, Trainer};
 
 /// Error type for closures the caller hands to the loop (loss, validation, policy): any error converts.
