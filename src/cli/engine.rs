@@ -89,8 +89,14 @@ pub struct RunStageArgs {
     /// Report progress as JSON lines on stdout.
     #[arg(long)]
     pub progress: bool,
+    /// Pooled worker: read stage keys from stdin, one a line, run each (its
+    /// stderr going to the stage's log), and answer each with a JSON line
+    /// `{"finished": KEY, "ok": .., "error": ..}` on stdout; exit at end of input.
+    #[arg(long, conflicts_with = "key")]
+    pub serve: bool,
     /// The stage's cache key.
-    pub key: String,
+    #[arg(required_unless_present = "serve")]
+    pub key: Option<String>,
 }
 
 fn usage<E: std::fmt::Display>(e: E) -> CliError {
@@ -161,6 +167,13 @@ pub fn plan(a: &PlanArgs) -> CliResult {
     let format: crate::plan::Format = a.format.parse().map_err(CliError::Usage)?;
     let (_spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
     let cached = |k: &str| cache.is_complete(k);
+    if format == crate::plan::Format::Json {
+        // Streamed: a 10,000-cell plan is tens of MB of JSON.
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        plan.write_json(&mut out, &cached).map_err(other)?;
+        std::io::Write::flush(&mut out).map_err(other)?;
+        return Ok(());
+    }
     print!("{}", plan.render(format, &cached));
     Ok(())
 }
@@ -626,6 +639,10 @@ pub fn gc(a: &GcArgs) -> CliResult {
 }
 
 pub fn run_stage(a: &RunStageArgs) -> CliResult {
+    if a.serve {
+        return serve_stages(&a.runs);
+    }
+    let key = a.key.as_deref().unwrap_or_default();
     let progress = a.progress;
     let report = move |step: u64, total: u64| {
         if progress {
@@ -635,8 +652,70 @@ pub fn run_stage(a: &RunStageArgs) -> CliResult {
             let _ = out.flush();
         }
     };
-    match crate::stages::run_stage(&a.runs, &a.key, &report) {
+    match crate::stages::run_stage(&a.runs, key, &report, crate::cache::Durability::Now) {
         Ok(_) => Ok(()),
         Err(e) => Err(CliError::failed(crate::stages::error_chain(&e))),
     }
+}
+
+/// `run-stage --serve`: the pooled worker of the local executor. Saves a
+/// process start per cheap stage; each stage still runs in a child process of
+/// the sweep (a crash takes only this worker and its current stage with it),
+/// with the thread budget the worker was started with, and its stderr
+/// (messages, panics) in its own log file as with a one-shot `run-stage`.
+/// Outputs are published with deferred durability; the executor syncs them.
+fn serve_stages(runs: &Path) -> CliResult {
+    use std::io::{BufRead, Write};
+    let cache = Cache::open(runs).map_err(other)?;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(other)?;
+        let key = line.trim();
+        if key.is_empty() {
+            continue;
+        }
+        if !key.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(CliError::usage(format!("not a stage key: `{key}`")));
+        }
+        redirect_stderr(&cache.log_path(key)).map_err(other)?;
+        let report = |step: u64, total: u64| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{{\"progress\":[{step},{total}]}}");
+            let _ = out.flush();
+        };
+        let reply = match crate::stages::run_stage(
+            runs,
+            key,
+            &report,
+            crate::cache::Durability::Deferred,
+        ) {
+            Ok(_) => serde_json::json!({"finished": key, "ok": true}),
+            Err(e) => {
+                let msg = crate::stages::error_chain(&e);
+                eprintln!("error: {msg}");
+                serde_json::json!({"finished": key, "ok": false, "error": msg})
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{reply}").map_err(other)?;
+        out.flush().map_err(other)?;
+    }
+    Ok(())
+}
+
+/// Point this process's stderr (fd 2) at `log`, appending.
+fn redirect_stderr(log: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 2 with a descriptor we own; `f` may close after.
+        if unsafe { libc::dup2(f.as_raw_fd(), 2) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -1,21 +1,37 @@
-//! The local executor: runs ready stages as `ecic run-stage` child processes,
-//! at most `jobs` at a time, each with a thread budget.
+//! The local executor: runs ready stages as child processes of the sweep, at
+//! most `jobs` at a time, each with a thread budget.
 //!
 //! Child processes (rather than threads) give each stage its own thread pool
 //! size (`RAYON_NUM_THREADS`), its own peak-RSS and CPU-time figures, and the
 //! same isolation a cluster job has: a stage that crashes or is killed takes
-//! nothing else with it. Children report progress as JSON lines on stdout; their
-//! stderr is the stage's log file.
+//! nothing else with it. Children report progress as JSON lines on stdout;
+//! their stderr is the stage's log file.
+//!
+//! Two kinds of child:
+//! - training stages (`pretrain-align`, `domain-adapt`, `cider-optimize`) run
+//!   one-shot `ecic run-stage KEY` processes and publish with full fsync
+//!   durability: they are long, so a fresh process and ~6 fsyncs cost nothing
+//!   that matters, and each gets a clean heap;
+//! - cheap stages (`preprocess`, `evaluate`; see [`super::pooled_kind`]) are
+//!   handed, one key a line, to pooled `ecic run-stage --serve` workers (at
+//!   most `jobs`, started on demand, reused while the sweep runs; a worker's
+//!   stderr is pointed at each stage's log in turn). They publish with
+//!   deferred durability, and [`Cache::sync_deferred`] makes everything they
+//!   published durable with one `syncfs` before `execute` returns. Measured on
+//!   trivial stages, a process start plus the per-file fsyncs were ~40 ms of
+//!   orchestration per stage.
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Event, ExecError, Executor, Outcome, StageJob, Worker};
+use crate::cache::Cache;
 
 pub struct LocalExecutor {
     pub worker: Worker,
@@ -24,17 +40,51 @@ pub struct LocalExecutor {
     pub interrupted: Arc<AtomicBool>,
 }
 
+/// Messages from the reader thread of each child process (`slot` names it).
 enum Msg {
     Progress {
-        key: String,
+        slot: usize,
         step: u64,
         total: u64,
     },
-    Exited {
-        key: String,
+    /// A pooled worker finished the stage it was given.
+    Finished {
+        slot: usize,
         ok: bool,
         detail: String,
     },
+    /// The process exited (for a one-shot child, the end of its stage).
+    Gone {
+        slot: usize,
+        ok: bool,
+        detail: String,
+    },
+}
+
+/// A live child process.
+struct Proc {
+    pid: u32,
+    /// Pooled workers only: where keys are written (a socket, so that a write
+    /// to a worker that just died fails with EPIPE instead of raising SIGPIPE,
+    /// which ends `ecic`; see `main.rs`).
+    stdin: Option<UnixStream>,
+    /// Its thread budget (a pooled worker only takes stages of the same budget).
+    threads: usize,
+    /// The stage it runs now, and since when.
+    running: Option<(String, Instant)>,
+}
+
+impl Proc {
+    fn kill(&self) {
+        // Children run in their own process group: signal the whole group.
+        // SAFETY: signalling a process group this executor started. It is
+        // removed from `procs` as soon as its reader thread reports having
+        // reaped it, so the pid can only have been reused in that short window.
+        #[cfg(unix)]
+        unsafe {
+            libc::kill(-(self.pid as i32), libc::SIGKILL);
+        }
+    }
 }
 
 impl Executor for LocalExecutor {
@@ -44,19 +94,29 @@ impl Executor for LocalExecutor {
         keep_going: bool,
         events: &mut dyn FnMut(Event),
     ) -> Result<(), ExecError> {
+        let cache = Cache::open(&self.worker.runs).map_err(|e| ExecError::Io {
+            what: "opening the cache".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut pending: Vec<&StageJob> = jobs.iter().collect();
         let mut done: HashSet<String> = HashSet::new();
         let mut bad: HashMap<String, String> = HashMap::new(); // key -> root failure key
-        let mut running: HashMap<String, (Arc<std::sync::Mutex<Child>>, Instant)> = HashMap::new();
+        let mut procs: HashMap<usize, Proc> = HashMap::new();
+        let mut next_slot = 0usize;
         let mut stop_starting = false;
-        loop {
+        let mut killed = false;
+        let limit = self.jobs.max(1);
+        let busy =
+            |procs: &HashMap<usize, Proc>| procs.values().filter(|p| p.running.is_some()).count();
+        let result = loop {
             if self.interrupted.load(Ordering::SeqCst) {
                 stop_starting = true;
-                for (child, _) in running.values() {
-                    if let Ok(mut c) = child.lock() {
-                        let _ = c.kill();
+                if !killed {
+                    for p in procs.values().filter(|p| p.running.is_some()) {
+                        p.kill();
                     }
+                    killed = true;
                 }
             }
             // Skip jobs whose dependencies failed.
@@ -78,69 +138,130 @@ impl Executor for LocalExecutor {
             // Start ready jobs.
             if !stop_starting {
                 let mut i = 0;
-                while i < pending.len() && running.len() < self.jobs.max(1) {
+                while i < pending.len() && busy(&procs) < limit {
                     let job = pending[i];
-                    if job.deps.iter().all(|d| done.contains(d)) {
-                        pending.remove(i);
-                        let child = self.spawn(job, tx.clone())?;
-                        running.insert(job.key.clone(), (child, Instant::now()));
-                        events(Event::Started {
-                            key: job.key.clone(),
-                            host: None,
-                            job_id: None,
-                        });
-                    } else {
+                    if !job.deps.iter().all(|d| done.contains(d)) {
                         i += 1;
+                        continue;
                     }
-                }
-            }
-            if running.is_empty() {
-                break;
-            }
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Msg::Progress { key, step, total }) => {
-                    events(Event::Progress {
-                        key,
-                        step,
-                        total,
-                        note: None,
-                    });
-                }
-                Ok(Msg::Exited { key, ok, detail }) => {
-                    let started = running
-                        .remove(&key)
-                        .map(|(_, t)| t)
-                        .unwrap_or_else(Instant::now);
-                    let wall = started.elapsed();
-                    let complete = self
-                        .worker
-                        .runs
-                        .join(crate::cache::OBJECTS)
-                        .join(&key)
-                        .join("manifest.json")
-                        .is_file();
-                    let outcome = if self.interrupted.load(Ordering::SeqCst) && !complete {
-                        Outcome::Interrupted("interrupted by the user".into())
-                    } else if ok && complete {
-                        Outcome::Done
-                    } else if ok {
-                        Outcome::Failed("the stage exited without publishing its output".into())
+                    pending.remove(i);
+                    let slot = if super::pooled_kind(&job.kind) {
+                        self.dispatch_pooled(job, &mut procs, &mut next_slot, &tx)
                     } else {
-                        Outcome::Failed(detail)
+                        self.spawn(job, None, next_slot, tx.clone()).map(|p| {
+                            procs.insert(next_slot, p);
+                            next_slot += 1;
+                            next_slot - 1
+                        })
                     };
-                    match &outcome {
-                        Outcome::Done => {
-                            done.insert(key.clone());
-                        }
-                        _ => {
-                            bad.insert(key.clone(), key.clone());
+                    let slot = match slot {
+                        Ok(s) => s,
+                        Err(e) => {
+                            bad.insert(job.key.clone(), job.key.clone());
                             if !keep_going {
                                 stop_starting = true;
                             }
+                            events(Event::Finished {
+                                key: job.key.clone(),
+                                outcome: Outcome::Failed(e.to_string()),
+                                wall: Duration::ZERO,
+                            });
+                            continue;
                         }
+                    };
+                    if let Some(p) = procs.get_mut(&slot) {
+                        p.running = Some((job.key.clone(), Instant::now()));
                     }
-                    events(Event::Finished { key, outcome, wall });
+                    events(Event::Started {
+                        key: job.key.clone(),
+                        host: None,
+                        job_id: None,
+                    });
                 }
+            }
+            if busy(&procs) == 0 {
+                break Ok(());
+            }
+            let msg = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            };
+            let (slot, ended) = match msg {
+                Msg::Progress { slot, step, total } => {
+                    if let Some((key, _)) = procs.get(&slot).and_then(|p| p.running.as_ref()) {
+                        events(Event::Progress {
+                            key: key.clone(),
+                            step,
+                            total,
+                            note: None,
+                        });
+                    }
+                    continue;
+                }
+                Msg::Finished { slot, ok, detail } => (slot, Some((ok, detail))),
+                Msg::Gone { slot, ok, detail } => {
+                    let was = procs.remove(&slot);
+                    match was.and_then(|p| p.running.map(|r| (r, p.stdin.is_some()))) {
+                        // A one-shot child's exit ends its stage; a pooled
+                        // worker that dies mid-stage fails it.
+                        Some(((key, t0), pooled)) => {
+                            let detail = if pooled && ok {
+                                "the stage worker exited before finishing the stage".to_string()
+                            } else {
+                                detail
+                            };
+                            let ok = ok && !pooled;
+                            self.finish(
+                                &cache,
+                                key,
+                                t0,
+                                ok,
+                                detail,
+                                keep_going,
+                                &mut done,
+                                &mut bad,
+                                &mut stop_starting,
+                                events,
+                            );
+                        }
+                        None => {}
+                    }
+                    continue;
+                }
+            };
+            let Some(p) = procs.get_mut(&slot) else {
+                continue;
+            };
+            let Some((key, t0)) = p.running.take() else {
+                continue;
+            };
+            let (ok, detail) = ended.expect("finished");
+            self.finish(
+                &cache,
+                key,
+                t0,
+                ok,
+                detail,
+                keep_going,
+                &mut done,
+                &mut bad,
+                &mut stop_starting,
+                events,
+            );
+        };
+        // Idle pooled workers: end of input makes them exit; wait for that so
+        // no process of this sweep outlives it.
+        for p in procs.values_mut() {
+            p.stdin.take();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !procs.is_empty() && Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Msg::Gone { slot, .. }) => {
+                    procs.remove(&slot);
+                }
+                Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
@@ -163,33 +284,124 @@ impl Executor for LocalExecutor {
                 wall: Duration::ZERO,
             });
         }
-        Ok(())
+        // One syncfs makes every entry the pooled workers published durable.
+        cache.sync_deferred().map_err(|e| ExecError::Io {
+            what: "syncing published stage outputs".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        result
     }
 }
 
 impl LocalExecutor {
+    /// Report a stage's end, from whether its process said ok and whether its
+    /// entry is complete in the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        cache: &Cache,
+        key: String,
+        t0: Instant,
+        ok: bool,
+        detail: String,
+        keep_going: bool,
+        done: &mut HashSet<String>,
+        bad: &mut HashMap<String, String>,
+        stop_starting: &mut bool,
+        events: &mut dyn FnMut(Event),
+    ) {
+        let wall = t0.elapsed();
+        let complete = cache.is_complete(&key);
+        let outcome = if self.interrupted.load(Ordering::SeqCst) && !complete {
+            Outcome::Interrupted("interrupted by the user".into())
+        } else if ok && complete {
+            Outcome::Done
+        } else if ok {
+            Outcome::Failed("the stage exited without publishing its output".into())
+        } else {
+            Outcome::Failed(detail)
+        };
+        match &outcome {
+            Outcome::Done => {
+                done.insert(key.clone());
+            }
+            _ => {
+                bad.insert(key.clone(), key.clone());
+                if !keep_going {
+                    *stop_starting = true;
+                }
+            }
+        }
+        events(Event::Finished { key, outcome, wall });
+    }
+
+    /// Hand `job` to an idle pooled worker of its thread budget, starting one
+    /// if none is idle. Returns the worker's slot.
+    fn dispatch_pooled(
+        &self,
+        job: &StageJob,
+        procs: &mut HashMap<usize, Proc>,
+        next_slot: &mut usize,
+        tx: &mpsc::Sender<Msg>,
+    ) -> Result<usize, ExecError> {
+        let line = format!("{}\n", job.key);
+        let idle: Vec<usize> = procs
+            .iter()
+            .filter(|(_, p)| p.running.is_none() && p.stdin.is_some() && p.threads == job.threads)
+            .map(|(&s, _)| s)
+            .collect();
+        for slot in idle {
+            let p = procs.get_mut(&slot).expect("listed");
+            let sent = p
+                .stdin
+                .as_ref()
+                .map(|w| send_all(w, line.as_bytes()).is_ok())
+                .unwrap_or(false);
+            if sent {
+                return Ok(slot);
+            }
+            // A worker that cannot take input is gone or going: drop its pipe
+            // (its reader thread reports the exit).
+            p.stdin.take();
+        }
+        // Keep the pool within `jobs` processes: retire an idle worker of
+        // another budget if need be.
+        let pooled = procs.values().filter(|p| p.stdin.is_some()).count();
+        if pooled >= self.jobs.max(1) {
+            if let Some(p) = procs
+                .values_mut()
+                .find(|p| p.running.is_none() && p.stdin.is_some())
+            {
+                p.stdin.take();
+            }
+        }
+        let slot = *next_slot;
+        *next_slot += 1;
+        let p = self.spawn(job, Some(()), slot, tx.clone())?;
+        let w = p.stdin.as_ref().expect("pooled worker has stdin");
+        send_all(w, line.as_bytes()).map_err(|e| ExecError::Io {
+            what: "handing a stage to a new worker".into(),
+            source: e,
+        })?;
+        procs.insert(slot, p);
+        Ok(slot)
+    }
+
+    /// Start a child: a one-shot `run-stage KEY` (`serve` = None) or a pooled
+    /// `run-stage --serve` worker.
     fn spawn(
         &self,
         job: &StageJob,
+        serve: Option<()>,
+        slot: usize,
         tx: mpsc::Sender<Msg>,
-    ) -> Result<Arc<std::sync::Mutex<Child>>, ExecError> {
-        let log = self
-            .worker
-            .runs
-            .join("logs")
-            .join(format!("{}.log", job.key));
+    ) -> Result<Proc, ExecError> {
         let io = |what: String| {
             move |e| ExecError::Io {
                 what: what.clone(),
                 source: e,
             }
         };
-        // Append: a log keeps every attempt (a resumed stage shows where it resumed).
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(io(format!("opening {}", log.display())))?;
         // On Linux, /proc/self/exe is this very binary even if the file was
         // replaced meanwhile (a rebuild during a long sweep).
         let self_exe = std::path::Path::new("/proc/self/exe");
@@ -205,12 +417,33 @@ impl LocalExecutor {
             .arg("--runs")
             .arg(&self.worker.runs)
             .arg("--progress")
-            .arg(&job.key)
             .env("RAYON_NUM_THREADS", job.threads.to_string())
             .env("ECIC_THREADS", job.threads.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file));
+            .stdout(Stdio::piped());
+        let mut keys = None;
+        if serve.is_some() {
+            let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair".into()))?;
+            keys = Some(ours);
+            // The worker points its stderr at each stage's log itself.
+            cmd.arg("--serve")
+                .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+                .stderr(Stdio::null());
+        } else {
+            let log = self
+                .worker
+                .runs
+                .join("logs")
+                .join(format!("{}.log", job.key));
+            // Append: a log keeps every attempt (a resumed stage shows where it resumed).
+            let log_file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(io(format!("opening {}", log.display())))?;
+            cmd.arg(&job.key)
+                .stdin(Stdio::null())
+                .stderr(Stdio::from(log_file));
+        }
         // Children ignore the terminal's Ctrl-C; the dispatcher decides.
         #[cfg(unix)]
         {
@@ -220,41 +453,67 @@ impl LocalExecutor {
         let mut child = cmd
             .spawn()
             .map_err(io(format!("starting {}", self.worker.program.display())))?;
+        // Close our copy of the worker's end now that the child has it (the
+        // worker then sees end of input when `keys` is dropped).
+        drop(cmd);
         let stdout = child.stdout.take().expect("stdout is piped");
-        let child = Arc::new(std::sync::Mutex::new(child));
-        let key = job.key.clone();
-        let waiter = child.clone();
+        let stdin = keys;
+        let pid = child.id();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Some((step, total)) = parse_progress(&line) {
-                    let _ = tx.send(Msg::Progress {
-                        key: key.clone(),
-                        step,
-                        total,
-                    });
+                match parse_line(&line) {
+                    Some(Line::Progress(step, total)) => {
+                        let _ = tx.send(Msg::Progress { slot, step, total });
+                    }
+                    Some(Line::Finished(ok, detail)) => {
+                        let _ = tx.send(Msg::Finished { slot, ok, detail });
+                    }
+                    None => {}
                 }
             }
             // stdout closed: the child is exiting.
-            let status = loop {
-                let r = waiter.lock().map(|mut c| c.try_wait());
-                match r {
-                    Ok(Ok(Some(s))) => break Some(s),
-                    Ok(Ok(None)) => std::thread::sleep(Duration::from_millis(5)),
-                    _ => break None,
-                }
+            let (ok, detail) = match child.wait() {
+                Ok(s) if s.success() => (true, String::new()),
+                Ok(s) => (false, describe_exit(s)),
+                Err(_) => (false, "could not wait for the stage process".into()),
             };
-            let (ok, detail) = match status {
-                Some(s) if s.success() => (true, String::new()),
-                Some(s) => (false, describe_exit(s)),
-                None => (false, "could not wait for the stage process".into()),
-            };
-            let _ = tx.send(Msg::Exited { key, ok, detail });
+            let _ = tx.send(Msg::Gone { slot, ok, detail });
         });
-        Ok(child)
+        Ok(Proc {
+            pid,
+            stdin,
+            threads: job.threads,
+            running: None,
+        })
     }
+}
+
+/// Write all of `bytes` to a worker's key socket without raising SIGPIPE.
+fn send_all(w: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !bytes.is_empty() {
+        // SAFETY: send from a live buffer on a socket we own.
+        let n = unsafe {
+            libc::send(
+                w.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
 }
 
 fn describe_exit(s: std::process::ExitStatus) -> String {
@@ -268,9 +527,23 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
     format!("the stage process exited with {s}")
 }
 
-/// `{"progress": [step, total]}`
-fn parse_progress(line: &str) -> Option<(u64, u64)> {
+enum Line {
+    Progress(u64, u64),
+    Finished(bool, String),
+}
+
+/// `{"progress": [step, total]}` or `{"finished": KEY, "ok": bool, "error": ..}`.
+fn parse_line(line: &str) -> Option<Line> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    let p = v.get("progress")?.as_array()?;
-    Some((p.first()?.as_u64()?, p.get(1)?.as_u64()?))
+    if let Some(p) = v.get("progress").and_then(|p| p.as_array()) {
+        return Some(Line::Progress(p.first()?.as_u64()?, p.get(1)?.as_u64()?));
+    }
+    v.get("finished")?;
+    let ok = v.get("ok")?.as_bool()?;
+    let detail = v
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or_default()
+        .to_string();
+    Some(Line::Finished(ok, detail))
 }

@@ -3,10 +3,10 @@
 //! The dispatcher (in [`crate::cli`]'s sweep) hands an executor the stages that
 //! are not cached, in topological order with their dependencies among
 //! themselves, and consumes the [`Event`]s it sends. Every executor runs a stage
-//! the same way — the hidden `ecic run-stage --runs DIR KEY` command, which
-//! reads the stage's description from `runs/stages/KEY.json`, computes, and
-//! publishes the output into the cache — so a stage's result never depends on
-//! where it ran. Workers never write the SQLite store; the orchestrator ingests
+//! the same way — the hidden `ecic run-stage --runs DIR KEY` command (or its
+//! pooled form `run-stage --serve`, which takes keys on stdin), which reads the
+//! stage's description from `runs/stages/KEY.json`, computes, and publishes the
+//! output into the cache — so a stage's result never depends on where it ran. Workers never write the SQLite store; the orchestrator ingests
 //! each finished stage's manifest.
 
 pub mod local;
@@ -14,6 +14,13 @@ pub mod slurm;
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Stage kinds cheap enough (no training, no long-lived memory) for the local
+/// executor to run in pooled worker processes with deferred durability; the
+/// training kinds get a fresh process each (see [`local`]).
+pub fn pooled_kind(kind: &str) -> bool {
+    matches!(kind, "preprocess" | "evaluate")
+}
 
 /// One stage handed to an executor.
 #[derive(Debug, Clone)]

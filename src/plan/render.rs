@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use comfy_table::{presets, Cell as TCell, Color, ContentArrangement, Table};
-use serde_json::json;
+use serde::{Serialize, Serializer};
 
 use super::{Plan, Sealed};
 
@@ -45,7 +45,11 @@ impl Plan<Sealed> {
         match format {
             Format::Table => self.render_table(cached),
             Format::Dot => self.render_dot(cached),
-            Format::Json => serde_json::to_string_pretty(&self.to_json(cached)).expect("json"),
+            Format::Json => {
+                let mut out = Vec::new();
+                self.write_json(&mut out, cached).expect("json into memory");
+                String::from_utf8(out).expect("json is utf-8")
+            }
         }
     }
 
@@ -120,42 +124,135 @@ impl Plan<Sealed> {
         out
     }
 
-    pub fn to_json(&self, cached: &dyn Fn(&str) -> bool) -> serde_json::Value {
-        let stages: Vec<_> = self
-            .stages()
-            .map(|s| {
-                json!({
-                    "key": s.desc.key,
-                    "kind": s.desc.kind.name(),
-                    "label": s.desc.label,
-                    "cached": cached(&s.desc.key),
-                    "params": s.desc.fingerprint.params,
-                    "inputs": s.desc.inputs.iter().map(|(_, k)| k).collect::<Vec<_>>(),
-                    "cells": s.cells.iter().map(|&i| &self.cells[i].cell.name).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let cells: Vec<_> = self
-            .cells
-            .iter()
-            .map(|c| {
-                json!({
-                    "name": c.cell.name,
-                    "backbone": c.cell.backbone,
-                    "peft": c.cell.peft,
-                    "fusion": c.cell.fusion,
-                    "seed": c.cell.seed,
-                    "overrides": c.cell.overrides.iter().map(|(k, v)| json!({"key": k, "value": v})).collect::<Vec<_>>(),
-                    "stages": c.stages.iter().map(|(k, key)| json!({"kind": k.name(), "key": key})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let to_run = self.stages().filter(|s| !cached(&s.desc.key)).count();
-        json!({
-            "cells": cells,
-            "stages": stages,
-            "summary": {"cells": self.cells.len(), "stages": self.len(), "to_run": to_run, "naive": self.naive_len()},
-            "data_digest": self.data_digest(),
-        })
+    /// The plan as pretty JSON, streamed to `w` (no intermediate `Value`
+    /// tree: a 10,000-cell plan is tens of MB). Objects' keys are in
+    /// alphabetical order, as `serde_json::Value` printed them before.
+    pub fn write_json(
+        &self,
+        w: &mut dyn std::io::Write,
+        cached: &dyn Fn(&str) -> bool,
+    ) -> serde_json::Result<()> {
+        let hits: Vec<bool> = self.stages().map(|s| cached(&s.desc.key)).collect();
+        let to_run = hits.iter().filter(|h| !**h).count();
+        let doc = JsonPlan {
+            cells: JsonCells(self),
+            data_digest: self.data_digest(),
+            stages: JsonStages(self, &hits),
+            summary: JsonSummary {
+                cells: self.cells.len(),
+                naive: self.naive_len(),
+                stages: self.len(),
+                to_run,
+            },
+        };
+        serde_json::to_writer_pretty(w, &doc)
+    }
+}
+
+// Borrowing views of a plan for `write_json`; fields in alphabetical order.
+
+#[derive(Serialize)]
+struct JsonPlan<'a> {
+    cells: JsonCells<'a>,
+    data_digest: &'a str,
+    stages: JsonStages<'a>,
+    summary: JsonSummary,
+}
+
+#[derive(Serialize)]
+struct JsonSummary {
+    cells: usize,
+    naive: usize,
+    stages: usize,
+    to_run: usize,
+}
+
+struct JsonCells<'a>(&'a Plan<Sealed>);
+
+impl Serialize for JsonCells<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.cells.iter().map(|c| {
+            JsonCell {
+                backbone: &c.cell.backbone,
+                fusion: &c.cell.fusion,
+                name: &c.cell.name,
+                overrides: Seq(c
+                    .cell
+                    .overrides
+                    .iter()
+                    .map(|(k, v)| KeyValue { key: k, value: v })),
+                peft: &c.cell.peft,
+                seed: c.cell.seed,
+                stages: Seq(c.stages.iter().map(|(k, key)| KeyKind {
+                    key,
+                    kind: k.name(),
+                })),
+            }
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct JsonCell<'a, O: Serialize, T: Serialize> {
+    backbone: &'a str,
+    fusion: &'a str,
+    name: &'a str,
+    overrides: O,
+    peft: &'a str,
+    seed: u64,
+    stages: T,
+}
+
+#[derive(Serialize)]
+struct KeyValue<'a> {
+    key: &'a str,
+    value: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct KeyKind<'a> {
+    key: &'a str,
+    kind: &'a str,
+}
+
+struct JsonStages<'a>(&'a Plan<Sealed>, &'a [bool]);
+
+impl Serialize for JsonStages<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let plan = self.0;
+        s.collect_seq(plan.stages().zip(self.1).map(|(st, &hit)| JsonStage {
+            cached: hit,
+            cells: Seq(st.cells.iter().map(|&i| plan.cells[i].cell.name.as_str())),
+            inputs: Seq(st.desc.inputs.iter().map(|(_, k)| k.as_str())),
+            key: &st.desc.key,
+            kind: st.desc.kind.name(),
+            label: &st.desc.label,
+            params: &st.desc.fingerprint.params,
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct JsonStage<'a, C: Serialize, I: Serialize> {
+    cached: bool,
+    cells: C,
+    inputs: I,
+    key: &'a str,
+    kind: &'a str,
+    label: &'a str,
+    params: &'a serde_json::Value,
+}
+
+/// A sequence serialized straight from an iterator (cloned: serializing
+/// takes `&self`).
+struct Seq<I>(I);
+
+impl<I> Serialize for Seq<I>
+where
+    I: Iterator + Clone,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
     }
 }

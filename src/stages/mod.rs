@@ -15,7 +15,7 @@ mod training;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::cache::{Cache, CacheError, Manifest};
+use crate::cache::{Cache, CacheError, Durability, Manifest};
 use crate::plan::{StageDesc, StageKind};
 
 pub use outputs::Outputs;
@@ -98,11 +98,14 @@ pub enum RunOutcome {
     AlreadyComplete,
 }
 
-/// Run one stage by key: the body of `ecic run-stage`.
+/// Run one stage by key: the body of `ecic run-stage` (one-shot, with
+/// [`Durability::Now`]) and of its pooled form `run-stage --serve` (with
+/// [`Durability::Deferred`], synced by the executor afterwards).
 pub fn run_stage(
     runs: &Path,
     key: &str,
     progress: &dyn Fn(u64, u64),
+    durability: Durability,
 ) -> Result<RunOutcome, StageError> {
     let cache = Cache::open(runs)?;
     let desc = cache.read_desc(key)?;
@@ -120,7 +123,7 @@ pub fn run_stage(
         key,
         std::process::id()
     );
-    let result = compute(&cache, &desc, progress);
+    let result = compute(&cache, &desc, progress, durability);
     if let Err(e) = &result {
         let marker = serde_json::json!({
             "key": key,
@@ -138,9 +141,14 @@ fn compute(
     cache: &Cache,
     desc: &StageDesc,
     progress: &dyn Fn(u64, u64),
+    durability: Durability,
 ) -> Result<RunOutcome, StageError> {
     let started_at = crate::store::now();
     let t0 = Instant::now();
+    // A pooled worker runs many stages: CPU time is counted from here, and the
+    // peak-RSS mark is reset so it covers this stage only.
+    let cpu0 = rusage().0;
+    reset_peak_rss();
     let mut inputs = Vec::new();
     for (kind, k) in &desc.inputs {
         if !cache.is_complete(k) {
@@ -180,7 +188,9 @@ fn compute(
     if log.is_file() {
         let _ = std::fs::copy(&log, pending.dir().join("stage.log"));
     }
-    let (cpu_s, peak_rss_kb) = rusage();
+    let (cpu1, maxrss) = rusage();
+    let cpu_s = cpu1.map(|c| c - cpu0.unwrap_or(0.0));
+    let peak_rss_kb = peak_rss_kb().or(maxrss);
     let mut files = Vec::new();
     list_files(pending.dir(), pending.dir(), &mut files);
     let manifest = Manifest {
@@ -205,7 +215,7 @@ fn compute(
         total_params: report.total_params,
         files,
     };
-    pending.publish(&manifest)?;
+    pending.publish_with(&manifest, durability)?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(RunOutcome::Computed)
 }
@@ -246,6 +256,19 @@ pub fn git_commit() -> Option<String> {
     option_env!("ECIC_GIT_COMMIT")
         .filter(|s| !s.is_empty())
         .map(str::to_string)
+}
+
+/// Reset the kernel's peak-RSS mark of this process (Linux >= 4.0; ignored
+/// where unavailable).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", b"5");
+}
+
+/// Peak RSS (KiB) since the last [`reset_peak_rss`] (`VmHWM`, Linux).
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU seconds and peak RSS (KiB) of this process.
