@@ -26,6 +26,10 @@ use ecic::train::{AdamW, Group, ParamSpec, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+// The allocator the `ecic` binary trains with (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const VOCAB: usize = 3000;
 const T: usize = 24;
 

@@ -16,6 +16,7 @@
 use candle_core::{Result as CResult, Tensor, D};
 
 use super::config::{Backbone, Fusion, ModelConfig};
+use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::lm::CrossAttention;
 use super::ops::{self, Fwd};
@@ -86,12 +87,8 @@ impl QFormer {
             .contiguous()?;
         for l in &self.layers {
             let qkv = l.qkv.forward(&l.ln1.forward(&x)?, fwd)?;
-            let q = ops::split_heads(&qkv.narrow(2, 0, w)?, l.heads)?;
-            let k = ops::split_heads(&qkv.narrow(2, w, w)?, l.heads)?;
-            let v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, l.heads)?;
-            x = (&x
-                + l.o
-                    .forward(&ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?, fwd)?)?;
+            let a = kernels::self_attention(&qkv, l.heads, false, None)?;
+            x = (&x + l.o.forward(&a, fwd)?)?;
             let (mk, mv) = l.cross.memory(img, fwd)?;
             x = (&x + l.cross.forward(&l.ln2.forward(&x)?, &mk, &mv, fwd)?)?;
             let h = ops::gelu(&l.fc1.forward(&l.ln3.forward(&x)?, fwd)?)?;

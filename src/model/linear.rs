@@ -15,6 +15,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Result as CResult, Tensor};
 
+use super::kernels;
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
 use super::ModelError;
@@ -42,31 +43,18 @@ pub struct Linear {
     lora: Option<Lora>,
 }
 
-/// `x @ w^T` for x of any rank >= 2, flattening leading dims so candle runs one GEMM.
-fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    let dims = x.dims();
-    let inp = dims[dims.len() - 1];
-    let rows = x.elem_count() / inp;
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-    let mut out = dims.to_vec();
-    let last = out.len() - 1;
-    out[last] = w.dim(0)?;
-    y.reshape(out)
-}
-
 impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
-        let mut y = match &self.base {
-            Base::Dense(w) => matmul_t(x, w)?,
-            Base::Quant(q) => matmul_t(x, &q.dequantize(x.device())?)?,
+        let y = match &self.base {
+            Base::Dense(w) => kernels::linear(x, w, self.bias.as_ref())?,
+            Base::Quant(q) => kernels::linear(x, &q.dequantize(x.device())?, self.bias.as_ref())?,
         };
-        if let Some(l) = &self.lora {
-            let xd = ops::dropout(x, l.dropout, fwd)?;
-            let delta = matmul_t(&matmul_t(&xd, &l.a)?, &l.b)?;
-            y = (y + (delta * l.scale)?)?;
-        }
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
+        match &self.lora {
+            Some(l) => {
+                let xd = ops::dropout(x, l.dropout, fwd)?;
+                let delta = kernels::linear(&kernels::linear(&xd, &l.a, None)?, &l.b, None)?;
+                y + (delta * l.scale)?
+            }
             None => Ok(y),
         }
     }
@@ -244,7 +232,7 @@ mod tests {
             bias: None,
             lora: None,
         };
-        let want = matmul_t(&x, &w).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
         let got = lin.forward(&x, Fwd::EVAL).unwrap();
         let norm = |t: &Tensor| -> f32 {
             t.sqr()

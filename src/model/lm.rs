@@ -11,6 +11,7 @@
 use candle_core::{Result as CResult, Tensor};
 
 use super::config::{Fusion, ModelConfig};
+use super::kernels;
 use super::linear::{Adapter, Linear, RmsNorm};
 use super::ops::{self, Fwd, Rope};
 use super::params::{Builder, Component, Init};
@@ -143,22 +144,16 @@ impl Layer {
         })
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; the arguments are the layer's inputs"
-    )]
-    fn forward(
+    /// Self-attention through the KV cache (decoding): appends this step's keys and values.
+    fn cached_attention(
         &self,
-        x: &Tensor,
+        qkv: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         offset: usize,
-        vis: Option<&(Tensor, Tensor)>,
-        fwd: Fwd<'_>,
     ) -> CResult<Tensor> {
         let w = self.width;
-        let qkv = self.qkv_proj.forward(&self.ln1.forward(x)?, fwd)?;
         let q = rope.apply(
             &ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?,
             offset,
@@ -175,7 +170,30 @@ impl Layer {
             }
             *c = Some((k.clone(), v.clone()));
         }
-        let a = ops::merge_heads(&ops::attention(&q, &k, &v, mask)?)?;
+        ops::merge_heads(&ops::attention(&q, &k, &v, mask)?)
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the arguments are the layer's inputs"
+    )]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        offset: usize,
+        vis: Option<&(Tensor, Tensor)>,
+        fwd: Fwd<'_>,
+    ) -> CResult<Tensor> {
+        let qkv = self.qkv_proj.forward(&self.ln1.forward(x)?, fwd)?;
+        let a = if cache.is_none() && offset == 0 {
+            // Training / full recompute: one fused op from qkv to the merged heads.
+            kernels::self_attention(&qkv, self.heads, mask.is_some(), Some(rope.tables()))?
+        } else {
+            self.cached_attention(&qkv, rope, mask, cache, offset)?
+        };
         let mut a = self.o_proj.forward(&a, fwd)?;
         if let Some(ad) = &self.ad_attn {
             a = ad.forward(&a, fwd)?;

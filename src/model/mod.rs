@@ -41,6 +41,7 @@ pub mod captioner;
 pub mod config;
 pub mod connector;
 pub mod fused;
+pub mod kernels;
 pub mod linear;
 pub mod lm;
 pub mod ops;

@@ -165,6 +165,11 @@ impl Rope {
         self.max_pos
     }
 
+    /// The (cos, sin) tables, (max_pos, head_dim / 2) row-major.
+    pub fn tables(&self) -> (&Arc<Vec<f32>>, &Arc<Vec<f32>>) {
+        (&self.cos, &self.sin)
+    }
+
     /// `x`: (B, H, T, head_dim) at positions `offset..offset+T`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;

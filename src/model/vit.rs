@@ -6,6 +6,7 @@
 use candle_core::{Result as CResult, Tensor};
 
 use super::config::VisionConfig;
+use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
@@ -37,12 +38,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
-        let w = x.dim(2)?;
         let qkv = self.qkv.forward(&self.ln1.forward(x)?, fwd)?;
-        let q = ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?;
-        let k = ops::split_heads(&qkv.narrow(2, w, w)?, self.heads)?;
-        let v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, self.heads)?;
-        let a = ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?;
+        let a = kernels::self_attention(&qkv, self.heads, false, None)?;
         let x = (x + self.proj.forward(&a, fwd)?)?;
         let h = ops::gelu(&self.fc1.forward(&self.ln2.forward(&x)?, fwd)?)?;
         x + self.fc2.forward(&h, fwd)?

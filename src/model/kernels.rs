@@ -1,0 +1,546 @@
+//! Fused linear and self-attention CPU ops with their own backward, calling `gemm` (the crate
+//! candle's CPU matmul runs on) directly.
+//!
+//! Why: at the tiny preset a training step was dominated by graph overhead, not by FLOPs. A
+//! linear through candle's basic ops is reshape -> transpose -> matmul -> reshape -> broadcast
+//! add, and in backward each of those nodes allocates a zero gradient and adds into it; the
+//! matmul node also computes the gradient of a frozen weight (LoRA / QLoRA / adapter bases),
+//! which is then thrown away. Self-attention was narrow x3 (whose backward pads each slice with
+//! zeros back to the full qkv width), three head-split copies, two RoPE ops, two batched
+//! matmuls run one small gemm after another, softmax and a head-merge copy.
+//!
+//! - [`linear`]: `y = x w^T (+ b)` for `x` of any rank; backward computes `dx` only when `x` is
+//!   tracked, `dw`/`db` only when the weight/bias is (a frozen base costs no weight gradient).
+//! - [`self_attention`]: from the fused `qkv` projection (B, T, 3W) straight to the merged-head
+//!   output (B, T, W): optional RoPE on q and k, scale, optional causal mask, softmax, weighted
+//!   sum; every (batch, head) pair is one task on the rayon pool (candle's batched matmul ran
+//!   them one after another). The forward keeps the probabilities and rotated q/k for the
+//!   backward.
+//!
+//! The arithmetic is the same as the composed forms (`ops::composed::attention`, a matmul); the
+//! tests in `tests/model.rs` compare values and gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op needs a contiguous input"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `t` (copied first only if `t` is strided).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(slice(c, l)?),
+        _ => candle_core::bail!("fused op: CPU tensors only"),
+    }
+}
+
+/// Splits one gemm over the rayon pool only when it is large enough to gain from it.
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// One strided operand: data, row stride, column stride.
+#[derive(Clone, Copy)]
+struct Mat<'a>(&'a [f32], usize, usize);
+
+impl Mat<'_> {
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * self.1 + (cols - 1) * self.2 < self.0.len(),
+                "gemm operand out of bounds"
+            );
+        }
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] a (m x k) . b (k x n)`.
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    a.check(m, k);
+    b.check(k, n);
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "gemm destination out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every index gemm touches lies inside the slices (checked above): rows 0..m and
+    // columns 0..n of dst, 0..m x 0..k of a and 0..k x 0..n of b with the given strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `y (rows x out) = x (rows x in) . w^T [+ b]`.
+fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, inp: usize, out: usize) -> Vec<f32> {
+    let rows = x.len() / inp;
+    let mut y = match b {
+        Some(b) => {
+            let mut y = Vec::with_capacity(rows * out);
+            for _ in 0..rows {
+                y.extend_from_slice(b);
+            }
+            y
+        }
+        None => vec![0f32; rows * out],
+    };
+    mm(
+        (rows, out, inp),
+        &mut y,
+        out,
+        b.is_some(),
+        Mat(x, inp, 1),
+        Mat(w, 1, inp),
+        parallelism(rows, out, inp),
+    );
+    y
+}
+
+fn out_shape(l: &Layout, out: usize) -> Shape {
+    let mut d = l.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    Shape::from(d)
+}
+
+/// Gradients of a linear: `(dx, dw, db)`, each only where the argument is tracked.
+type LinearGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Tensor) -> Result<LinearGrads> {
+    let (out, inp) = w.dims2()?;
+    let rows = x.elem_count() / inp;
+    with_data(g, |gv| {
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; rows * inp];
+            with_data(w, |wv| {
+                mm(
+                    (rows, inp, out),
+                    &mut dx,
+                    inp,
+                    false,
+                    Mat(gv, out, 1),
+                    Mat(wv, inp, 1),
+                    parallelism(rows, inp, out),
+                );
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; out * inp];
+            with_data(x, |xv| {
+                mm(
+                    (out, inp, rows),
+                    &mut dw,
+                    inp,
+                    false,
+                    Mat(gv, 1, out),
+                    Mat(xv, inp, 1),
+                    parallelism(out, inp, rows),
+                );
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => {
+                let mut db = vec![0f32; out];
+                for r in gv.chunks_exact(out) {
+                    db.iter_mut().zip(r).for_each(|(d, &v)| *d += v);
+                }
+                Some(Tensor::from_vec(db, b.shape(), b.device())?)
+            }
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    })
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "ecic-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, inp) = (l2.dims()[0], l2.dims()[1]);
+        let y = linear_fwd(slice(s1, l1)?, slice(s2, l2)?, None, inp, out);
+        Ok((CpuStorage::F32(y), out_shape(l1, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_bwd(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "ecic-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, inp) = (l2.dims()[0], l2.dims()[1]);
+        let y = linear_fwd(
+            slice(s1, l1)?,
+            slice(s2, l2)?,
+            Some(slice(s3, l3)?),
+            inp,
+            out,
+        );
+        Ok((CpuStorage::F32(y), out_shape(l1, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<LinearGrads> {
+        linear_bwd(x, w, Some(b), g)
+    }
+}
+
+/// `x (..., in) . w^T + b` with `w` (out, in), `b` (out,).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let inp = x.dim(candle_core::D::Minus1)?;
+    if w.rank() != 2 || w.dim(1)? != inp {
+        candle_core::bail!(
+            "linear: weight {:?} does not take input {:?}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
+        None => x.apply_op2(&w, Linear),
+    }
+}
+
+/// What the attention forward keeps for its backward.
+struct Saved {
+    /// Softmax probabilities (B*H, T, T).
+    p: Vec<f32>,
+    /// Rotated queries and keys, head-major (B*H, T, d).
+    q: Vec<f32>,
+    k: Vec<f32>,
+}
+
+struct Attention {
+    heads: usize,
+    causal: bool,
+    /// RoPE (cos, sin) tables (max_pos, d/2), positions from 0.
+    rope: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+impl Attention {
+    /// Copies one head's q or k rows out of qkv, rotating them when RoPE is on. `sign` -1
+    /// applies the inverse rotation (the backward of the rotation) in place on `dst`.
+    fn rotate_in_place(&self, rows: &mut [f32], d: usize, sign: f32) {
+        let Some((cos, sin)) = &self.rope else {
+            return;
+        };
+        let half = d / 2;
+        for (p, r) in rows.chunks_exact_mut(d).enumerate() {
+            let (c, s) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for i in 0..half {
+                let (x1, x2) = (r[i], r[i + half]);
+                let si = sign * s[i];
+                r[i] = x1 * c[i] - x2 * si;
+                r[i + half] = x2 * c[i] + x1 * si;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "ecic-self-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (b, t, c3) = match l.dims() {
+            &[b, t, c] => (b, t, c),
+            d => candle_core::bail!("self_attention: qkv must be (B,T,3W), got {d:?}"),
+        };
+        let (w, h) = (c3 / 3, self.heads);
+        let d = w / h;
+        if let Some((cos, _)) = &self.rope {
+            if cos.len() < t * (d / 2) {
+                candle_core::bail!("self_attention: {t} positions exceed the RoPE table");
+            }
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let bh = b * h;
+        let mut q = vec![0f32; bh * t * d];
+        let mut k = vec![0f32; bh * t * d];
+        let mut p = vec![0f32; bh * t * t];
+        let mut o = vec![0f32; bh * t * d];
+        q.par_chunks_mut(t * d)
+            .zip(k.par_chunks_mut(t * d))
+            .zip(p.par_chunks_mut(t * t))
+            .zip(o.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(idx, (((qh, kh), ph), oh))| {
+                let (bi, hi) = (idx / h, idx % h);
+                let base = bi * t * c3;
+                for ti in 0..t {
+                    let row = &x[base + ti * c3..base + (ti + 1) * c3];
+                    qh[ti * d..(ti + 1) * d].copy_from_slice(&row[hi * d..(hi + 1) * d]);
+                    kh[ti * d..(ti + 1) * d].copy_from_slice(&row[w + hi * d..w + (hi + 1) * d]);
+                }
+                self.rotate_in_place(qh, d, 1.0);
+                self.rotate_in_place(kh, d, 1.0);
+                mm(
+                    (t, t, d),
+                    ph,
+                    t,
+                    false,
+                    Mat(qh, d, 1),
+                    Mat(kh, 1, d),
+                    Parallelism::None,
+                );
+                for (i, r) in ph.chunks_exact_mut(t).enumerate() {
+                    let valid = if self.causal { i + 1 } else { t };
+                    let (live, masked) = r.split_at_mut(valid);
+                    masked.fill(0.0);
+                    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
+                    let mut sum = 0f32;
+                    for v in live.iter_mut() {
+                        *v = (*v * scale - mx).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    live.iter_mut().for_each(|v| *v *= inv);
+                }
+                let v = &x[base + 2 * w + hi * d..];
+                mm(
+                    (t, d, t),
+                    oh,
+                    d,
+                    false,
+                    Mat(ph, t, 1),
+                    Mat(v, c3, 1),
+                    Parallelism::None,
+                );
+            });
+        let mut y = vec![0f32; b * t * w];
+        for (idx, oh) in o.chunks_exact(t * d).enumerate() {
+            let (bi, hi) = (idx / h, idx % h);
+            for ti in 0..t {
+                let at = bi * t * w + ti * w + hi * d;
+                y[at..at + d].copy_from_slice(&oh[ti * d..(ti + 1) * d]);
+            }
+        }
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Saved { p, q, k }));
+        Ok((CpuStorage::F32(y), Shape::from((b, t, w))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(sv) = saved else {
+            candle_core::bail!("self_attention: backward without a forward");
+        };
+        let (b, t, c3) = x.dims3()?;
+        let (w, h) = (c3 / 3, self.heads);
+        let d = w / h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let bh = b * h;
+        let mut dq = vec![0f32; bh * t * d];
+        let mut dk = vec![0f32; bh * t * d];
+        let mut dv = vec![0f32; bh * t * d];
+        with_data(x, |xv| {
+            with_data(g, |gv| {
+                dq.par_chunks_mut(t * d)
+                    .zip(dk.par_chunks_mut(t * d))
+                    .zip(dv.par_chunks_mut(t * d))
+                    .enumerate()
+                    .for_each(|(idx, ((dqh, dkh), dvh))| {
+                        let (bi, hi) = (idx / h, idx % h);
+                        let ph = &sv.p[idx * t * t..(idx + 1) * t * t];
+                        let qh = &sv.q[idx * t * d..(idx + 1) * t * d];
+                        let kh = &sv.k[idx * t * d..(idx + 1) * t * d];
+                        let go = &gv[bi * t * w + hi * d..];
+                        let v = &xv[bi * t * c3 + 2 * w + hi * d..];
+                        // dV = P^T dO
+                        mm(
+                            (t, d, t),
+                            dvh,
+                            d,
+                            false,
+                            Mat(ph, 1, t),
+                            Mat(go, w, 1),
+                            Parallelism::None,
+                        );
+                        // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale
+                        let mut ds = vec![0f32; t * t];
+                        mm(
+                            (t, t, d),
+                            &mut ds,
+                            t,
+                            false,
+                            Mat(go, w, 1),
+                            Mat(v, 1, c3),
+                            Parallelism::None,
+                        );
+                        for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
+                            let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            for (a, &pv) in dr.iter_mut().zip(pr) {
+                                *a = pv * (*a - dot) * scale;
+                            }
+                        }
+                        // dQ = dS K, dK = dS^T Q (in rotated coordinates), then un-rotate.
+                        mm(
+                            (t, d, t),
+                            dqh,
+                            d,
+                            false,
+                            Mat(&ds, t, 1),
+                            Mat(kh, d, 1),
+                            Parallelism::None,
+                        );
+                        mm(
+                            (t, d, t),
+                            dkh,
+                            d,
+                            false,
+                            Mat(&ds, 1, t),
+                            Mat(qh, d, 1),
+                            Parallelism::None,
+                        );
+                        self.rotate_in_place(dqh, d, -1.0);
+                        self.rotate_in_place(dkh, d, -1.0);
+                    });
+                Ok(())
+            })
+        })?;
+        let mut dx = vec![0f32; b * t * c3];
+        for (idx, ((dqh, dkh), dvh)) in dq
+            .chunks_exact(t * d)
+            .zip(dk.chunks_exact(t * d))
+            .zip(dv.chunks_exact(t * d))
+            .enumerate()
+        {
+            let (bi, hi) = (idx / h, idx % h);
+            for ti in 0..t {
+                let at = bi * t * c3 + ti * c3 + hi * d;
+                let src = ti * d..(ti + 1) * d;
+                dx[at..at + d].copy_from_slice(&dqh[src.clone()]);
+                dx[at + w..at + w + d].copy_from_slice(&dkh[src.clone()]);
+                dx[at + 2 * w..at + 2 * w + d].copy_from_slice(&dvh[src]);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Multi-head self-attention from a fused projection `qkv` (B, T, 3W) laid out `[q | k | v]`
+/// (each W = heads x d wide, head-major within) to the merged-head output (B, T, W). `rope`:
+/// (cos, sin) tables of positions `0..`; `causal`: query i sees keys `0..=i`.
+pub fn self_attention(
+    qkv: &Tensor,
+    heads: usize,
+    causal: bool,
+    rope: Option<(&Arc<Vec<f32>>, &Arc<Vec<f32>>)>,
+) -> Result<Tensor> {
+    let c3 = qkv.dim(candle_core::D::Minus1)?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        candle_core::bail!("self_attention: width {c3} does not split into 3 x {heads} heads");
+    }
+    qkv.contiguous()?.apply_op1(Attention {
+        heads,
+        causal,
+        rope: rope.map(|(c, s)| (c.clone(), s.clone())),
+        saved: Mutex::new(None),
+    })
+}
