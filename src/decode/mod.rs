@@ -403,7 +403,16 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
                         .map(|(v, &lp)| (scores[r] + lp as f64, r, v as u32)),
                 );
             }
-            cand.sort_by(|a, c| c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2)));
+            // Only the best 2w candidates are ever read: select them, then order those (the
+            // comparator is a total order, so this equals sorting the whole list).
+            let order = |a: &(f64, usize, u32), c: &(f64, usize, u32)| -> std::cmp::Ordering {
+                c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2))
+            };
+            if cand.len() > 2 * w {
+                cand.select_nth_unstable_by(2 * w, order);
+                cand.truncate(2 * w);
+            }
+            cand.sort_by(order);
             let mut kept = 0;
             for (rank, &(sc, r, v)) in cand.iter().take(2 * w).enumerate() {
                 if v == eos {
