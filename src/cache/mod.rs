@@ -163,6 +163,7 @@ impl Cache {
         let listed: Vec<PathBuf> = match fs::read_dir(&dir) {
             Ok(rd) => rd
                 .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                 .map(|e| e.path())
                 .filter(|p| {
                     fs::read_to_string(p)
@@ -206,6 +207,10 @@ impl Cache {
         use std::io::Write;
         let path = self.desc_path(&desc.key);
         let text = serde_json::to_vec_pretty(desc).expect("stage descriptions serialize");
+        // Unchanged (a resumed sweep): keep it, rather than replace an inode.
+        if fs::read(&path).is_ok_and(|old| old == text) {
+            return Ok(());
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
         tmp.write_all(&text).map_err(io(&path))?;
@@ -366,10 +371,7 @@ impl Pending {
         fs::write(&mpath, text).map_err(io(&mpath))?;
         match durability {
             Durability::Now => sync_tree(&self.dir)?,
-            Durability::Deferred => {
-                let boot = boot_id().unwrap_or_default();
-                fs::write(&self.marker, boot.as_bytes()).map_err(io(&self.marker))?;
-            }
+            Durability::Deferred => write_marker(&self.marker)?,
         }
         if stale {
             // A stale entry (an unsynced one of an earlier boot, or a directory
@@ -438,6 +440,29 @@ fn sync_tree(dir: &Path) -> Result<(), CacheError> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(io(dir))
+}
+
+/// Mark an entry as published without fsync in this boot: a hard link to the
+/// boot's `unsynced/.boot-<id>` file (whose content is the boot id), so that a
+/// marker costs no inode of its own (creating inodes is slow on a busy ext4).
+fn write_marker(marker: &Path) -> Result<(), CacheError> {
+    let boot = boot_id().unwrap_or_default();
+    let dir = marker.parent().unwrap_or(Path::new("."));
+    let shared = dir.join(format!(".boot-{boot}"));
+    if !shared.is_file() {
+        let tmp = dir.join(format!(".boot-{boot}.{}", std::process::id()));
+        fs::write(&tmp, boot.as_bytes()).map_err(io(&tmp))?;
+        fs::rename(&tmp, &shared).map_err(io(&shared))?;
+    }
+    // A marker left by an earlier boot (of the stale entry being replaced)
+    // gives way to this boot's.
+    let _ = fs::remove_file(marker);
+    match fs::hard_link(&shared, marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // No hard links here: a file of its own.
+        Err(_) => fs::write(marker, boot.as_bytes()).map_err(io(marker)),
+    }
 }
 
 /// Flush the whole filesystem holding `path` (Linux `syncfs`; elsewhere

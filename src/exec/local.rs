@@ -21,7 +21,7 @@
 //!   trivial stages, a process start plus the per-file fsyncs were ~40 ms of
 //!   orchestration per stage.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::BufRead;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -64,17 +64,24 @@ enum Msg {
 /// A live child process.
 struct Proc {
     pid: u32,
-    /// Pooled workers only: where keys are written (a socket, so that a write
-    /// to a worker that just died fails with EPIPE instead of raising SIGPIPE,
-    /// which ends `ecic`; see `main.rs`).
+    /// Pooled workers only, until retired: where keys are written (a socket,
+    /// so that a write to a worker that just died fails with EPIPE instead of
+    /// raising SIGPIPE, which ends `ecic`; see `main.rs`).
     stdin: Option<UnixStream>,
+    /// A pooled worker (`stdin` is dropped to retire it).
+    pooled: bool,
     /// Its thread budget (a pooled worker only takes stages of the same budget).
     threads: usize,
-    /// The stage it runs now, and since when.
-    running: Option<(String, Instant)>,
+    /// The stage it runs (front, with when it started) and, for a pooled
+    /// worker, at most one more queued behind it.
+    queue: VecDeque<(String, Instant)>,
 }
 
 impl Proc {
+    fn busy(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
     fn kill(&self) {
         // Children run in their own process group: signal the whole group.
         // SAFETY: signalling a process group this executor started. It is
@@ -100,6 +107,7 @@ impl Executor for LocalExecutor {
         })?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut pending: Vec<&StageJob> = jobs.iter().collect();
+        let by_key: HashMap<&str, &StageJob> = jobs.iter().map(|j| (j.key.as_str(), j)).collect();
         let mut done: HashSet<String> = HashSet::new();
         let mut bad: HashMap<String, String> = HashMap::new(); // key -> root failure key
         let mut procs: HashMap<usize, Proc> = HashMap::new();
@@ -107,13 +115,12 @@ impl Executor for LocalExecutor {
         let mut stop_starting = false;
         let mut killed = false;
         let limit = self.jobs.max(1);
-        let busy =
-            |procs: &HashMap<usize, Proc>| procs.values().filter(|p| p.running.is_some()).count();
-        let result = loop {
+        let busy = |procs: &HashMap<usize, Proc>| procs.values().filter(|p| p.busy()).count();
+        loop {
             if self.interrupted.load(Ordering::SeqCst) {
                 stop_starting = true;
                 if !killed {
-                    for p in procs.values().filter(|p| p.running.is_some()) {
+                    for p in procs.values().filter(|p| p.busy()) {
                         p.kill();
                     }
                     killed = true;
@@ -135,28 +142,45 @@ impl Executor for LocalExecutor {
                     i += 1;
                 }
             }
-            // Start ready jobs.
+            // Start ready jobs: on a free slot (at most `jobs` busy
+            // processes); a cheap stage may also be queued behind the one a
+            // pooled worker runs, so that the worker goes on without waiting
+            // for this loop (it still runs one stage at a time).
             if !stop_starting {
                 let mut i = 0;
-                while i < pending.len() && busy(&procs) < limit {
+                while i < pending.len() {
                     let job = pending[i];
                     if !job.deps.iter().all(|d| done.contains(d)) {
                         i += 1;
                         continue;
                     }
-                    pending.remove(i);
-                    let slot = if super::pooled_kind(&job.kind) {
-                        self.dispatch_pooled(job, &mut procs, &mut next_slot, &tx)
-                    } else {
-                        self.spawn(job, None, next_slot, tx.clone()).map(|p| {
+                    let free = busy(&procs) < limit;
+                    let placed = if super::pooled_kind(&job.kind) {
+                        self.dispatch_pooled(job, free, &mut procs, &mut next_slot, &tx)
+                    } else if free {
+                        self.spawn(job, false, next_slot, tx.clone()).map(|mut p| {
+                            p.queue.push_back((job.key.clone(), Instant::now()));
                             procs.insert(next_slot, p);
                             next_slot += 1;
-                            next_slot - 1
+                            Some(true)
                         })
+                    } else {
+                        Ok(None)
                     };
-                    let slot = match slot {
-                        Ok(s) => s,
+                    match placed {
+                        Ok(None) => i += 1,
+                        Ok(Some(started)) => {
+                            pending.remove(i);
+                            if started {
+                                events(Event::Started {
+                                    key: job.key.clone(),
+                                    host: None,
+                                    job_id: None,
+                                });
+                            }
+                        }
                         Err(e) => {
+                            pending.remove(i);
                             bad.insert(job.key.clone(), job.key.clone());
                             if !keep_going {
                                 stop_starting = true;
@@ -166,30 +190,21 @@ impl Executor for LocalExecutor {
                                 outcome: Outcome::Failed(e.to_string()),
                                 wall: Duration::ZERO,
                             });
-                            continue;
                         }
-                    };
-                    if let Some(p) = procs.get_mut(&slot) {
-                        p.running = Some((job.key.clone(), Instant::now()));
                     }
-                    events(Event::Started {
-                        key: job.key.clone(),
-                        host: None,
-                        job_id: None,
-                    });
                 }
             }
             if busy(&procs) == 0 {
-                break Ok(());
+                break;
             }
             let msg = match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let (slot, ended) = match msg {
+            match msg {
                 Msg::Progress { slot, step, total } => {
-                    if let Some((key, _)) = procs.get(&slot).and_then(|p| p.running.as_ref()) {
+                    if let Some((key, _)) = procs.get(&slot).and_then(|p| p.queue.front()) {
                         events(Event::Progress {
                             key: key.clone(),
                             step,
@@ -197,59 +212,72 @@ impl Executor for LocalExecutor {
                             note: None,
                         });
                     }
-                    continue;
                 }
-                Msg::Finished { slot, ok, detail } => (slot, Some((ok, detail))),
-                Msg::Gone { slot, ok, detail } => {
-                    let was = procs.remove(&slot);
-                    match was.and_then(|p| p.running.map(|r| (r, p.stdin.is_some()))) {
-                        // A one-shot child's exit ends its stage; a pooled
-                        // worker that dies mid-stage fails it.
-                        Some(((key, t0), pooled)) => {
-                            let detail = if pooled && ok {
-                                "the stage worker exited before finishing the stage".to_string()
-                            } else {
-                                detail
-                            };
-                            let ok = ok && !pooled;
-                            self.finish(
-                                &cache,
-                                key,
-                                t0,
-                                ok,
-                                detail,
-                                keep_going,
-                                &mut done,
-                                &mut bad,
-                                &mut stop_starting,
-                                events,
-                            );
-                        }
-                        None => {}
+                Msg::Finished { slot, ok, detail } => {
+                    let Some(p) = procs.get_mut(&slot) else {
+                        continue;
+                    };
+                    let Some((key, t0)) = p.queue.pop_front() else {
+                        continue;
+                    };
+                    // The worker has already gone on with the next queued stage.
+                    if let Some((next, t)) = p.queue.front_mut() {
+                        *t = Instant::now();
+                        events(Event::Started {
+                            key: next.clone(),
+                            host: None,
+                            job_id: None,
+                        });
                     }
-                    continue;
+                    self.finish(
+                        &cache,
+                        key,
+                        t0,
+                        ok,
+                        detail,
+                        keep_going,
+                        &mut done,
+                        &mut bad,
+                        &mut stop_starting,
+                        events,
+                    );
                 }
-            };
-            let Some(p) = procs.get_mut(&slot) else {
-                continue;
-            };
-            let Some((key, t0)) = p.running.take() else {
-                continue;
-            };
-            let (ok, detail) = ended.expect("finished");
-            self.finish(
-                &cache,
-                key,
-                t0,
-                ok,
-                detail,
-                keep_going,
-                &mut done,
-                &mut bad,
-                &mut stop_starting,
-                events,
-            );
-        };
+                Msg::Gone { slot, ok, detail } => {
+                    let Some(mut p) = procs.remove(&slot) else {
+                        continue;
+                    };
+                    let pooled = p.stdin.is_some() || p.pooled;
+                    // Queued behind the running stage, never started: back to pending.
+                    while p.queue.len() > 1 {
+                        let (k, _) = p.queue.pop_back().expect("len > 1");
+                        if let Some(j) = by_key.get(k.as_str()) {
+                            pending.insert(0, j);
+                        }
+                    }
+                    // A one-shot child's exit ends its stage; a pooled worker
+                    // that dies mid-stage fails it.
+                    if let Some((key, t0)) = p.queue.pop_front() {
+                        let detail = if pooled && ok {
+                            "the stage worker exited before finishing the stage".to_string()
+                        } else {
+                            detail
+                        };
+                        self.finish(
+                            &cache,
+                            key,
+                            t0,
+                            ok && !pooled,
+                            detail,
+                            keep_going,
+                            &mut done,
+                            &mut bad,
+                            &mut stop_starting,
+                            events,
+                        );
+                    }
+                }
+            }
+        }
         // Idle pooled workers: end of input makes them exit; wait for that so
         // no process of this sweep outlives it.
         for p in procs.values_mut() {
@@ -289,7 +317,7 @@ impl Executor for LocalExecutor {
             what: "syncing published stage outputs".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        result
+        Ok(())
     }
 }
 
@@ -335,22 +363,38 @@ impl LocalExecutor {
         events(Event::Finished { key, outcome, wall });
     }
 
-    /// Hand `job` to an idle pooled worker of its thread budget, starting one
-    /// if none is idle. Returns the worker's slot.
+    /// Place a cheap stage on a pooled worker of its thread budget: an idle
+    /// one; else, where `free`, a new one; else queued behind the single
+    /// stage a busy worker runs. Returns `Some(started now)`, or `None` where
+    /// there is no room.
     fn dispatch_pooled(
         &self,
         job: &StageJob,
+        free: bool,
         procs: &mut HashMap<usize, Proc>,
         next_slot: &mut usize,
         tx: &mpsc::Sender<Msg>,
-    ) -> Result<usize, ExecError> {
+    ) -> Result<Option<bool>, ExecError> {
         let line = format!("{}\n", job.key);
-        let idle: Vec<usize> = procs
-            .iter()
-            .filter(|(_, p)| p.running.is_none() && p.stdin.is_some() && p.threads == job.threads)
-            .map(|(&s, _)| s)
-            .collect();
-        for slot in idle {
+        let fits = |p: &Proc, depth: usize| {
+            p.stdin.is_some() && p.queue.len() == depth && p.threads == job.threads
+        };
+        let mut candidates: Vec<(usize, usize)> = Vec::new(); // (depth, slot)
+        if free {
+            candidates.extend(
+                procs
+                    .iter()
+                    .filter(|(_, p)| fits(p, 0))
+                    .map(|(&s, _)| (0, s)),
+            );
+        }
+        candidates.extend(
+            procs
+                .iter()
+                .filter(|(_, p)| fits(p, 1))
+                .map(|(&s, _)| (1, s)),
+        );
+        for (depth, slot) in candidates {
             let p = procs.get_mut(&slot).expect("listed");
             let sent = p
                 .stdin
@@ -358,11 +402,15 @@ impl LocalExecutor {
                 .map(|w| send_all(w, line.as_bytes()).is_ok())
                 .unwrap_or(false);
             if sent {
-                return Ok(slot);
+                p.queue.push_back((job.key.clone(), Instant::now()));
+                return Ok(Some(depth == 0));
             }
-            // A worker that cannot take input is gone or going: drop its pipe
-            // (its reader thread reports the exit).
+            // A worker that cannot take input is gone or going: drop its
+            // socket (its reader thread reports the exit).
             p.stdin.take();
+        }
+        if !free {
+            return Ok(None);
         }
         // Keep the pool within `jobs` processes: retire an idle worker of
         // another budget if need be.
@@ -370,29 +418,30 @@ impl LocalExecutor {
         if pooled >= self.jobs.max(1) {
             if let Some(p) = procs
                 .values_mut()
-                .find(|p| p.running.is_none() && p.stdin.is_some())
+                .find(|p| p.queue.is_empty() && p.stdin.is_some())
             {
                 p.stdin.take();
             }
         }
         let slot = *next_slot;
         *next_slot += 1;
-        let p = self.spawn(job, Some(()), slot, tx.clone())?;
+        let mut p = self.spawn(job, true, slot, tx.clone())?;
         let w = p.stdin.as_ref().expect("pooled worker has stdin");
         send_all(w, line.as_bytes()).map_err(|e| ExecError::Io {
             what: "handing a stage to a new worker".into(),
             source: e,
         })?;
+        p.queue.push_back((job.key.clone(), Instant::now()));
         procs.insert(slot, p);
-        Ok(slot)
+        Ok(Some(true))
     }
 
-    /// Start a child: a one-shot `run-stage KEY` (`serve` = None) or a pooled
+    /// Start a child: a one-shot `run-stage KEY` (`serve` = false) or a pooled
     /// `run-stage --serve` worker.
     fn spawn(
         &self,
         job: &StageJob,
-        serve: Option<()>,
+        serve: bool,
         slot: usize,
         tx: mpsc::Sender<Msg>,
     ) -> Result<Proc, ExecError> {
@@ -421,7 +470,7 @@ impl LocalExecutor {
             .env("ECIC_THREADS", job.threads.to_string())
             .stdout(Stdio::piped());
         let mut keys = None;
-        if serve.is_some() {
+        if serve {
             let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair".into()))?;
             keys = Some(ours);
             // The worker points its stderr at each stage's log itself.
@@ -485,8 +534,9 @@ impl LocalExecutor {
         Ok(Proc {
             pid,
             stdin,
+            pooled: serve,
             threads: job.threads,
-            running: None,
+            queue: VecDeque::new(),
         })
     }
 }

@@ -160,7 +160,11 @@ fn compute(
         inputs.push((*kind, cache.entry(k)));
     }
     let scratch = cache.scratch(&desc.key);
-    std::fs::create_dir_all(&scratch).map_err(crate::cache::io(&scratch))?;
+    // Only training stages keep resumable state.
+    let uses_scratch = !matches!(desc.kind, StageKind::Preprocess | StageKind::Evaluate);
+    if uses_scratch {
+        std::fs::create_dir_all(&scratch).map_err(crate::cache::io(&scratch))?;
+    }
     let pending = cache.begin(&desc.key)?;
     let threads = std::env::var("ECIC_THREADS")
         .ok()
@@ -183,10 +187,15 @@ fn compute(
         StageKind::CiderOptimize => cider_optimize::run(&ctx)?,
         StageKind::Evaluate => evaluate::run(&ctx)?,
     };
-    // Keep a copy of the log so far beside the outputs.
+    // Keep the log so far beside the outputs: a hard link where possible (no
+    // copy, no new inode). The log file only grows again if this key is
+    // computed again, which needs this entry to be gone or stale first.
     let log = cache.log_path(&desc.key);
     if log.is_file() {
-        let _ = std::fs::copy(&log, pending.dir().join("stage.log"));
+        let to = pending.dir().join("stage.log");
+        if std::fs::hard_link(&log, &to).is_err() {
+            let _ = std::fs::copy(&log, &to);
+        }
     }
     let (cpu1, maxrss) = rusage();
     let cpu_s = cpu1.map(|c| c - cpu0.unwrap_or(0.0));
@@ -216,7 +225,9 @@ fn compute(
         files,
     };
     pending.publish_with(&manifest, durability)?;
-    let _ = std::fs::remove_dir_all(&scratch);
+    if uses_scratch {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     Ok(RunOutcome::Computed)
 }
 
