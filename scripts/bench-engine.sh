@@ -31,18 +31,23 @@ predict_test = false
 TOML
 $BIN plan "$WORK/trivial.toml" --runs "$WORK/r0" >/dev/null 2>&1   # materialise the data
 overheads=()
-for i in 1 2 3; do
+cpus=()
+for i in 1 2 3 4 5; do
     rm -rf "$WORK/r$i"; mkdir -p "$WORK/r$i"; cp -r "$WORK/r0/data" "$WORK/r$i/"
-    t0=$(now); $BIN sweep "$WORK/trivial.toml" --runs "$WORK/r$i" --jobs 1 --no-report >/dev/null 2>&1; t1=$(now)
-    inside=$(python3 - "$WORK/r$i" <<'PY'
+    $BIN plan "$WORK/trivial.toml" --runs "$WORK/r$i" >/dev/null 2>&1   # data digest memo of the copy
+    # GNU time's user+sys include the waited-for stage processes.
+    t0=$(now); /usr/bin/time -f '%U %S' -o "$WORK/time.txt" \
+        $BIN sweep "$WORK/trivial.toml" --runs "$WORK/r$i" --jobs 1 --no-report >/dev/null 2>&1; t1=$(now)
+    read -r inside inside_cpu n < <(python3 - "$WORK/r$i" <<'PY'
 import json, pathlib, sys
-print(sum(json.loads(p.read_text())["wall_s"] for p in pathlib.Path(sys.argv[1], "objects-v1").glob("*/manifest.json")))
+ms = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1], "objects-v1").glob("*/manifest.json")]
+print(sum(m["wall_s"] for m in ms), sum(m["cpu_s"] or 0 for m in ms), len(ms))
 PY
 )
-    n=$(ls "$WORK/r$i/objects-v1" | grep -vc '^\.tmp$' || true)
     overheads+=("$(python3 -c "print(($t1 - $t0 - $inside) / $n * 1000)")")
+    cpus+=("$(python3 -c "u, s = open('$WORK/time.txt').read().split()[-2:]; print((float(u) + float(s) - $inside_cpu) / $n * 1000)")")
 done
-echo "orchestration overhead per executed stage: $(printf '%s\n' "${overheads[@]}" | median) ms (median of 3; $n trivial stages, --jobs 1; includes process start of each stage and store ingestion)"
+echo "orchestration overhead per executed stage: $(printf '%s\n' "${overheads[@]}" | median) ms wall, $(printf '%s\n' "${cpus[@]}" | median) ms CPU (medians of 5; $n trivial stages, --jobs 1; sweep minus the stages' own wall/CPU time from their manifests, so it includes the sweep's fixed costs / $n; load average $(cut -d' ' -f1-3 /proc/loadavg))"
 
 # --- 1. no-op re-run ----------------------------------------------------------
 SPEC=${2:-$WORK/trivial.toml}
@@ -67,10 +72,12 @@ fusion = ["early", "late", "multilevel"]
 "stages.domain_adapt.steps" = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190, 200, 210, 220, 230, 240, 250, 260, 270, 280, 290, 300, 310, 320, 330, 340, 350, 360, 370]
 TOML
 $BIN plan "$WORK/grid10k.toml" --runs "$WORK/r0" --format json >/dev/null 2>&1
-plans=()
-for i in 1 2 3; do
-    t0=$(now); $BIN plan "$WORK/grid10k.toml" --runs "$WORK/r0" --format json >"$WORK/plan.json" 2>/dev/null; t1=$(now)
-    plans+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+for fmt in json table; do
+    plans=()
+    for i in 1 2 3; do
+        t0=$(now); $BIN plan "$WORK/grid10k.toml" --runs "$WORK/r0" --format $fmt >"$WORK/plan.$fmt" 2>/dev/null; t1=$(now)
+        plans+=("$(python3 -c "print(($t1 - $t0) * 1000)")")
+    done
+    echo "ecic plan of a $(python3 -c "import json; print(json.load(open('$WORK/plan.json'))['summary']['cells'])")-cell grid ($fmt output): $(printf '%s\n' "${plans[@]}" | median) ms (median of 3)"
 done
-cells=$(python3 -c "import json; print(json.load(open('$WORK/plan.json'))['summary']['cells'])")
-echo "ecic plan of a $cells-cell grid (json output): $(printf '%s\n' "${plans[@]}" | median) ms (median of 3)"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
