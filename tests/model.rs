@@ -218,6 +218,76 @@ fn vision_lora_policy_adds_lora_to_encoder_attention_only() {
 }
 
 #[test]
+fn modules_to_save_train_embeddings_and_head_in_full_and_keep_them_unquantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(Backbone::Llava, Fusion::Late);
+    let (_, base) = align_ckpt(&c, &dir);
+    let saved = ["lm.embed_tokens.weight", "lm.lm_head.weight"];
+    for peft in [
+        PeftConfig::lora(4, 8.0),
+        PeftConfig::qlora(4, 8.0),
+        PeftConfig::adapter(8),
+    ] {
+        let what = format!("{:?}", peft.method);
+        let plain = adapt(&c, &peft, &base);
+        let names: Vec<String> = plain.trainable_vars().into_iter().map(|t| t.name).collect();
+        assert!(
+            saved.iter().all(|s| !names.iter().any(|n| n == s)),
+            "{what}: base modules train without modules_to_save: {names:?}"
+        );
+        let peft = PeftConfig {
+            modules_to_save: vec!["embed_tokens".into(), "lm_head".into()],
+            ..peft
+        };
+        let m = adapt(&c, &peft, &base);
+        let vars = m.trainable_vars();
+        let names: Vec<&str> = vars.iter().map(|t| t.name.as_str()).collect();
+        for s in saved {
+            assert!(names.contains(&s), "{what}: {s} not trainable: {names:?}");
+        }
+        // Nothing else of the LM base became trainable.
+        assert_eq!(
+            names.len(),
+            plain.trainable_vars().len() + 2,
+            "{what}: {names:?}"
+        );
+        let img = images(&c, 2, 1);
+        let (inp, tgt, mask) = batch(2, 5, 2);
+        let grads = m
+            .loss(&img, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .backward()
+            .unwrap();
+        check_grads(&m, &grads, &what);
+        // QLoRA keeps the trained head in f32: more frozen bytes are 4-bit without it.
+        if peft.method == ecic::model::PeftMethod::Qlora {
+            let q = plain.counts().frozen_bytes;
+            let f = m.counts().frozen_bytes;
+            assert!(
+                f < q,
+                "{what}: frozen bytes {f} vs {q} without modules_to_save"
+            );
+        }
+        // The trained copies are saved and load back into a fresh model of the same config.
+        let p = dir.path().join(format!("{what}.safetensors"));
+        m.save_trained(&p).unwrap();
+        let mut again = adapt(&c, &peft, &base);
+        again.load_trained(&p).unwrap();
+        let l1 = m
+            .loss(&img, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l2 = again
+            .loss(&img, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l1 - l2).abs() < 1e-6, "{what}: {l1} vs {l2}");
+    }
+}
+
+#[test]
 fn lora_with_zero_b_equals_base_and_merged_equals_unmerged() {
     let dir = tempfile::tempdir().unwrap();
     for (b, f) in [

@@ -403,6 +403,12 @@ pub struct PeftConfig {
     /// Bottleneck width of the adapters.
     pub adapter_dim: usize,
     pub vision: VisionPolicy,
+    /// LM base modules trained in full during `adapt` whatever the method (PEFT libraries call
+    /// them "modules to save"): any of `embed_tokens`, `lm_head`. Needed when the base LM never
+    /// saw the target domain's vocabulary (the tiny presets learn theirs in pretrain-align on
+    /// generic captions): with both frozen, rows of unseen tokens stay untrained and a low-rank
+    /// update cannot make the model emit them.
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for PeftConfig {
@@ -417,6 +423,7 @@ impl Default for PeftConfig {
                 .to_vec(),
             adapter_dim: 16,
             vision: VisionPolicy::Frozen,
+            modules_to_save: Vec::new(),
         }
     }
 }

@@ -104,7 +104,10 @@ impl Builder<'_> {
         } else {
             None
         };
-        if policy.quantize(self.component) && inp.is_multiple_of(32) {
+        if policy.quantize(self.component)
+            && !policy.saved(self.component, &b.prefix)
+            && inp.is_multiple_of(32)
+        {
             let q = b.base_quantized("weight", &[out, inp], Init::Uniform(bound))?;
             let lora = if policy.lora(self.component, name) {
                 Some(b.lora(name, inp, out)?)

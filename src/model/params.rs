@@ -178,6 +178,17 @@ impl Policy {
         }
     }
 
+    /// Whether the base module at `prefix` (a builder path such as `lm.lm_head`) is one of the
+    /// PEFT config's `modules_to_save`: trained in full during `adapt`, never quantized.
+    pub fn saved(&self, c: Component, prefix: &str) -> bool {
+        !self.inference
+            && self.phase == Phase::Adapt
+            && c == Component::Lm
+            && prefix
+                .split('.')
+                .any(|seg| self.peft.modules_to_save.iter().any(|m| m == seg))
+    }
+
     /// Whether the linear `target` of component `c` carries LoRA.
     pub fn lora(&self, c: Component, target: &str) -> bool {
         if self.phase != Phase::Adapt {
@@ -275,7 +286,8 @@ impl<'a> Builder<'a> {
         init: Init,
         decay: bool,
     ) -> Result<Tensor, ModelError> {
-        let trainable = self.policy.base_trainable(self.component);
+        let trainable = self.policy.base_trainable(self.component)
+            || self.policy.saved(self.component, &self.prefix);
         self.get(name, shape, init, self.component, true, trainable, decay)
     }
 

@@ -152,6 +152,17 @@ pub struct LoraSpec {
     /// LM linear layers to wrap, by module name: `qkv_proj`, `o_proj`,
     /// `gate_up_proj`, `down_proj`, `lm_head`.
     pub targets: Vec<String>,
+    /// LM modules trained in full besides the PEFT parameters: `embed_tokens`,
+    /// `lm_head` (see [`default_modules_to_save`]).
+    pub modules_to_save: Vec<String>,
+}
+
+/// The tiny presets' LM learns its vocabulary from the generic captions of
+/// pretrain-align only, so by default domain-adapt also trains the token
+/// embeddings and the output head (as PEFT libraries' "modules to save");
+/// set `modules_to_save = []` for a base whose vocabulary covers the domain.
+pub fn default_modules_to_save() -> Vec<String> {
+    vec!["embed_tokens".to_string(), "lm_head".to_string()]
 }
 
 impl Default for LoraSpec {
@@ -164,6 +175,7 @@ impl Default for LoraSpec {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            modules_to_save: default_modules_to_save(),
         }
     }
 }
@@ -172,11 +184,16 @@ impl Default for LoraSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterSpec {
     pub bottleneck: usize,
+    /// As [`LoraSpec::modules_to_save`].
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for AdapterSpec {
     fn default() -> Self {
-        AdapterSpec { bottleneck: 16 }
+        AdapterSpec {
+            bottleneck: 16,
+            modules_to_save: default_modules_to_save(),
+        }
     }
 }
 

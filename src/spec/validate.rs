@@ -246,6 +246,18 @@ fn lora(issues: &mut Issues, at: &str, l: &LoraSpec) {
             &["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
         );
     }
+    modules_to_save(issues, at, &l.modules_to_save);
+}
+
+fn modules_to_save(issues: &mut Issues, at: &str, mods: &[String]) {
+    for m in mods {
+        one_of(
+            issues,
+            &format!("{at}.modules_to_save"),
+            m,
+            &["embed_tokens", "lm_head"],
+        );
+    }
 }
 
 /// Value checks on a typed config. `backbone` is the cell's backbone ("" for
@@ -303,6 +315,7 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if c.peft.adapter.bottleneck == 0 {
         issues.at("peft.adapter.bottleneck", "must be at least 1");
     }
+    modules_to_save(issues, "peft.adapter", &c.peft.adapter.modules_to_save);
     let p = &c.stages.preprocess;
     if p.image_size != 0 && (p.image_size < 16 || p.image_size > 1024) {
         issues.at(

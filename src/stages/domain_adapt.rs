@@ -45,6 +45,12 @@ fn peft_config(p: &Params) -> PeftConfig {
     if let Some(b) = get_u("bottleneck") {
         c.adapter_dim = b;
     }
+    if let Some(Value::Array(m)) = p.peft_params.get("modules_to_save") {
+        c.modules_to_save = m
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+    }
     if let Some(Value::Array(t)) = p.peft_params.get("targets") {
         c.targets = t
             .iter()
