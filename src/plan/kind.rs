@@ -55,7 +55,8 @@ impl StageKind {
             // 2: tiny preset with ViT patch 16 (fewer visual tokens).
             StageKind::PretrainAlign => 2,
             StageKind::DomainAdapt => 1,
-            StageKind::CiderOptimize => 1,
+            // 2: records valid CIDEr-D of its input and output (cider_d_before/after).
+            StageKind::CiderOptimize => 2,
             StageKind::Evaluate => 1,
         }
     }

@@ -95,6 +95,49 @@ impl Policy for CaptionPolicy<'_> {
     }
 }
 
+/// Corpus CIDEr-D of `model`'s greedy captions on the clean rows of `valid`
+/// (character tokens, as `evaluate` scores by default): recorded before and
+/// after SCST so that its effect on held-out data is visible per cell.
+fn valid_cider(
+    model: &Captioner,
+    tok: &crate::data::tokenizer::CaptionTokenizer,
+    valid: &Split,
+    max_len: usize,
+) -> Result<f64, StageError> {
+    let inference = model
+        .inference()
+        .map_err(StageError::ctx("preparing the model for decoding"))?;
+    let cfg = DecodeConfig {
+        strategy: Strategy::Greedy,
+        max_len: max_len + 1,
+        ..DecodeConfig::default()
+    };
+    let rows = clean_rows(valid);
+    let mut preds = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(64) {
+        let idx = Tensor::new(
+            chunk.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .map_err(StageError::ctx("index"))?;
+        let images = valid
+            .images
+            .index_select(&idx, 0)
+            .map_err(StageError::ctx("selecting valid images"))?;
+        let ids = decode::generate(&inference, &images, &cfg, 0)
+            .map_err(StageError::ctx("decoding the valid split"))?;
+        preds.extend(ids.iter().map(|s| tok.decode(s)));
+    }
+    let refs: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|&r| (valid.ids[r].clone(), valid.captions[r].clone()))
+        .collect();
+    let eval = References::new(&refs, Tokenize::Char)
+        .and_then(|r| r.evaluate_in_order(&preds))
+        .map_err(|e| StageError::msg(format!("scoring the valid split: {e}")))?;
+    Ok(eval.scores.cider_d)
+}
+
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let p: Params = ctx.params()?;
     let adapt = ctx.input(StageKind::DomainAdapt)?;
@@ -111,6 +154,12 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let references = References::new(&refs, Tokenize::Char)
         .map_err(|e| StageError::msg(format!("training references: {e}")))?;
     let cider = references.cider();
+    let valid = training::load_split(&pre, "valid").ok();
+    let max_len = lineage.model.max_caption_len;
+    let before = match &valid {
+        Some(v) => Some(valid_cider(&model, &tok, v, max_len)?),
+        None => None,
+    };
     let cfg = ScstConfig {
         samples: p.samples,
         baseline: p.baseline,
@@ -176,6 +225,14 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         );
     }
     out.metric("", "samples_per_s", summary.mean_samples_per_s);
+    if let (Some(v), Some(b)) = (&valid, before) {
+        out.metric("valid", "cider_d_before", b);
+        out.metric(
+            "valid",
+            "cider_d_after",
+            valid_cider(&model, &tok, v, max_len)?,
+        );
+    }
     let report = training::counts(&model, &mut out);
     let mut lineage = lineage;
     lineage.weights.push(ctx.desc.key.clone());
