@@ -11,29 +11,16 @@
 //! Durability (what survives a power loss or kernel crash, as opposed to a
 //! killed process) comes in two forms, see [`Durability`]:
 //! - `Now`: every file and both directories are fsynced before and after the
-//!   rename. Used by one-shot `run-stage` processes (training stages, cluster
-//!   jobs): a long stage can afford ~6 fsyncs, and a cluster worker shares no
-//!   kernel with the orchestrator.
+//!   rename. Used by `run-stage KEY` as cluster jobs run it: a cluster worker
+//!   shares no kernel (and no page cache) with the orchestrator.
 //! - `Deferred`: nothing is fsynced on the stage's critical path (on this
-//!   machine the fsyncs were ~30 ms of a 45 ms trivial stage). Before the
-//!   rename the publisher writes a marker `runs/unsynced/<key>` holding the
-//!   kernel's boot id; at the end of its execution the local executor calls
-//!   [`Cache::sync_deferred`]: one `syncfs` of the runs directory's filesystem,
-//!   then the markers listed before it are removed. Why this is safe:
-//!   * a killed or crashed *process* never matters: the rename happens after
-//!     every write, and written data lives in the page cache whether or not
-//!     the writer survives;
-//!   * within one boot the page cache is the truth, so an entry with a marker
-//!     of the current boot is complete;
-//!   * after a power loss or kernel crash, an entry that still has a marker
-//!     (its boot id differs, or the marker's content itself was lost) may have
-//!     torn files, so [`Cache::is_complete`] says no and the stage is computed
-//!     again (publishing replaces the stale entry). On a journaling filesystem
-//!     (ext4, xfs) metadata operations reach the disk in order, so if the
-//!     rename survived, the marker created before it survived too;
-//!   * a marker is removed only after a `syncfs` that started after the
-//!     marker, hence after all of that entry's writes, returned successfully.
-//!
+//!   machine the fsyncs were ~30 ms of a 45 ms trivial stage); used by the
+//!   local executor's stages. Before the rename the publisher creates a marker
+//!   `runs/unsynced/<key>` whose content is the kernel's boot id (a hard link
+//!   to `runs/unsynced/.boot-<id>`); the local executor calls
+//!   [`Cache::sync_deferred`] every few seconds while stages publish and once
+//!   at the end: one `syncfs` of the runs directory's filesystem, then the
+//!   markers listed before it are removed. Why this is safe:
 //! Layout of a runs directory:
 //! - `objects-v1/<key>/`: complete stage outputs (manifest.json, metrics.json,
 //!   curves.jsonl, captions.jsonl, stage.log, and the stage's own files)

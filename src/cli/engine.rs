@@ -89,6 +89,10 @@ pub struct RunStageArgs {
     /// Report progress as JSON lines on stdout.
     #[arg(long)]
     pub progress: bool,
+    /// Publish without fsync, leaving an unsynced marker for the executor's
+    /// periodic `syncfs` (the local executor's one-shot stages).
+    #[arg(long, hide = true)]
+    pub deferred: bool,
     /// Pooled worker: read stage keys from stdin, one a line, run each (its
     /// stderr going to the stage's log), and answer each with a JSON line
     /// `{"finished": KEY, "ok": .., "error": ..}` on stdout; exit at end of input.
@@ -655,7 +659,12 @@ pub fn run_stage(a: &RunStageArgs) -> CliResult {
             let _ = out.flush();
         }
     };
-    match crate::stages::run_stage(&a.runs, key, &report, crate::cache::Durability::Now) {
+    let durability = if a.deferred {
+        crate::cache::Durability::Deferred
+    } else {
+        crate::cache::Durability::Now
+    };
+    match crate::stages::run_stage(&a.runs, key, &report, durability) {
         Ok(_) => Ok(()),
         Err(e) => Err(CliError::failed(crate::stages::error_chain(&e))),
     }

@@ -9,17 +9,21 @@
 //!
 //! Two kinds of child:
 //! - training stages (`pretrain-align`, `domain-adapt`, `cider-optimize`) run
-//!   one-shot `ecic run-stage KEY` processes and publish with full fsync
-//!   durability: they are long, so a fresh process and ~6 fsyncs cost nothing
-//!   that matters, and each gets a clean heap;
+//!   one-shot `ecic run-stage KEY` processes: each gets a clean heap, its own
+//!   peak RSS and its own thread pool;
 //! - cheap stages (`preprocess`, `evaluate`; see [`super::pooled_kind`]) are
 //!   handed, one key a line, to pooled `ecic run-stage --serve` workers (at
 //!   most `jobs`, started on demand, reused while the sweep runs; a worker's
-//!   stderr is pointed at each stage's log in turn). They publish with
-//!   deferred durability, and [`Cache::sync_deferred`] makes everything they
-//!   published durable with one `syncfs` before `execute` returns. Measured on
-//!   trivial stages, a process start plus the per-file fsyncs were ~40 ms of
-//!   orchestration per stage.
+//!   stderr is pointed at each stage's log in turn), which saves a process
+//!   start per stage.
+//!
+//! Both publish with deferred durability (no fsync on the stage's critical
+//! path; see [`crate::cache::Durability`]): a background thread of `execute`
+//! calls [`Cache::sync_deferred`] (one `syncfs`) every [`SYNC_EVERY`] while
+//! stages publish, and once more before `execute` returns, so at most that
+//! much finished work is exposed to a power loss (a killed process never
+//! matters). Measured on trivial stages, a process start plus the per-file
+//! fsyncs were ~40 ms of orchestration per stage.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::BufRead;
@@ -32,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use super::{Event, ExecError, Executor, Outcome, StageJob, Worker};
 use crate::cache::Cache;
+
+/// How often published stage outputs are made durable while a sweep runs.
+pub const SYNC_EVERY: Duration = Duration::from_secs(2);
 
 pub struct LocalExecutor {
     pub worker: Worker,
@@ -106,6 +113,22 @@ impl Executor for LocalExecutor {
             source: std::io::Error::other(e.to_string()),
         })?;
         let (tx, rx) = mpsc::channel::<Msg>();
+        let stop_syncing = Arc::new(AtomicBool::new(false));
+        let syncer = {
+            let (cache, stop) = (cache.clone(), stop_syncing.clone());
+            std::thread::spawn(move || loop {
+                let t = Instant::now();
+                while t.elapsed() < SYNC_EVERY && !stop.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(SYNC_EVERY.saturating_sub(t.elapsed()));
+                }
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Err(e) = cache.sync_deferred() {
+                    tracing::warn!("syncing published stage outputs: {e}");
+                }
+            })
+        };
         let mut pending: Vec<&StageJob> = jobs.iter().collect();
         let by_key: HashMap<&str, &StageJob> = jobs.iter().map(|j| (j.key.as_str(), j)).collect();
         let mut done: HashSet<String> = HashSet::new();
@@ -312,7 +335,10 @@ impl Executor for LocalExecutor {
                 wall: Duration::ZERO,
             });
         }
-        // One syncfs makes every entry the pooled workers published durable.
+        // A last syncfs makes every entry published here durable.
+        stop_syncing.store(true, Ordering::SeqCst);
+        syncer.thread().unpark();
+        let _ = syncer.join();
         cache.sync_deferred().map_err(|e| ExecError::Io {
             what: "syncing published stage outputs".into(),
             source: std::io::Error::other(e.to_string()),
@@ -489,7 +515,8 @@ impl LocalExecutor {
                 .append(true)
                 .open(&log)
                 .map_err(io(format!("opening {}", log.display())))?;
-            cmd.arg(&job.key)
+            cmd.arg("--deferred")
+                .arg(&job.key)
                 .stdin(Stdio::null())
                 .stderr(Stdio::from(log_file));
         }
