@@ -47,7 +47,24 @@ PY
     overheads+=("$(python3 -c "print(($t1 - $t0 - $inside) / $n * 1000)")")
     cpus+=("$(python3 -c "u, s = open('$WORK/time.txt').read().split()[-2:]; print((float(u) + float(s) - $inside_cpu) / $n * 1000)")")
 done
+# The sweep's fixed cost (plan, store, worker start, final sync), from a 2-stage sweep.
+sed 's/^seeds = .*/seeds = [0]/' "$WORK/trivial.toml" >"$WORK/one.toml"
+fixed=()
+for i in 1 2 3 4 5; do
+    rm -rf "$WORK/f"; mkdir -p "$WORK/f"; cp -r "$WORK/r0/data" "$WORK/f/"
+    $BIN plan "$WORK/one.toml" --runs "$WORK/f" >/dev/null 2>&1
+    t0=$(now); $BIN sweep "$WORK/one.toml" --runs "$WORK/f" --jobs 1 --no-report >/dev/null 2>&1; t1=$(now)
+    fixed+=("$(python3 - "$WORK/f" "$t0" "$t1" <<'PY'
+import json, pathlib, sys
+ms = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1], "objects-v1").glob("*/manifest.json")]
+print((float(sys.argv[3]) - float(sys.argv[2]) - sum(m["wall_s"] for m in ms)) * 1000)
+PY
+)")
+done
+ov=$(printf '%s\n' "${overheads[@]}" | median)
+fx=$(printf '%s\n' "${fixed[@]}" | median)
 echo "orchestration overhead per executed stage: $(printf '%s\n' "${overheads[@]}" | median) ms wall, $(printf '%s\n' "${cpus[@]}" | median) ms CPU (medians of 5; $n trivial stages, --jobs 1; sweep minus the stages' own wall/CPU time from their manifests, so it includes the sweep's fixed costs / $n; load average $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "  of which fixed per sweep: $fx ms (overhead of a 2-stage sweep, median of 5); marginal per stage: $(python3 -c "print(($ov * $n - $fx) / ($n - 2))") ms wall"
 
 # --- 1. no-op re-run ----------------------------------------------------------
 SPEC=${2:-$WORK/trivial.toml}
