@@ -98,7 +98,7 @@ impl DecodeConfig {
 struct Session<'a> {
     model: &'a Captioner,
     state: Option<LmState>,
-    /// Full-recompute mode: the image row of each decoding row.
+    /// Full-recompute mode: the image of each decoding row (with the cache: unused).
     images: Tensor,
     hist: Vec<Vec<u32>>,
 }
@@ -110,21 +110,31 @@ impl<'a> Session<'a> {
         repeat: usize,
         cache: bool,
     ) -> Result<(Self, Vec<Vec<f32>>), DecodeError> {
-        let images = repeat_rows(images, repeat)?;
-        let n = images.dim(0)?;
+        let n = images.dim(0)? * repeat;
         let hist = vec![Vec::new(); n];
         if cache {
-            let (logits, state) = model.begin(&images, 1)?;
+            // The image and its prefix are encoded once; the cache rows are then repeated
+            // (beams / samples of an image start from the same state).
+            let (logits, mut state) = model.begin(images, 1)?;
+            let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
+            if repeat > 1 {
+                let idx: Vec<u32> = (0..logits.len() as u32)
+                    .flat_map(|i| std::iter::repeat_n(i, repeat))
+                    .collect();
+                state.select(&idx)?;
+                logits = idx.iter().map(|&i| logits[i as usize].clone()).collect();
+            }
             Ok((
                 Self {
                     model,
                     state: Some(state),
-                    images,
+                    images: images.clone(),
                     hist,
                 },
-                logits.to_vec2()?,
+                logits,
             ))
         } else {
+            let images = repeat_rows(images, repeat)?;
             let s = Self {
                 model,
                 state: None,
@@ -162,10 +172,10 @@ impl<'a> Session<'a> {
 
     /// Keeps rows `idx` (beam reordering).
     fn select(&mut self, idx: &[u32]) -> Result<(), DecodeError> {
-        let t = Tensor::from_vec(idx.to_vec(), idx.len(), self.model.device())?;
-        if let Some(st) = &self.state {
-            self.state = Some(st.select(&t)?);
+        if let Some(st) = &mut self.state {
+            st.select(idx)?;
         } else {
+            let t = Tensor::from_vec(idx.to_vec(), idx.len(), self.model.device())?;
             self.images = self.images.index_select(&t, 0)?;
         }
         self.hist = idx.iter().map(|&i| self.hist[i as usize].clone()).collect();

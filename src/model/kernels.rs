@@ -319,25 +319,41 @@ struct Attention {
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
+/// Rotates head rows (each `d` wide) in place, row `p` at position `first + p`; `sign` -1
+/// applies the inverse rotation (the backward of the rotation).
+fn rotate(rows: &mut [f32], d: usize, first: usize, (cos, sin): (&[f32], &[f32]), sign: f32) {
+    let half = d / 2;
+    for (p, r) in rows.chunks_exact_mut(d).enumerate() {
+        let at = (first + p) * half;
+        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+        for i in 0..half {
+            let (x1, x2) = (r[i], r[i + half]);
+            let si = sign * s[i];
+            r[i] = x1 * c[i] - x2 * si;
+            r[i + half] = x2 * c[i] + x1 * si;
+        }
+    }
+}
+
+/// Softmax in place of the first `valid` scores of a row (scaled by `scale`); the rest become 0.
+fn softmax_row(r: &mut [f32], valid: usize, scale: f32) {
+    let (live, masked) = r.split_at_mut(valid);
+    masked.fill(0.0);
+    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
+    let mut sum = 0f32;
+    for v in live.iter_mut() {
+        *v = (*v * scale - mx).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|v| *v *= inv);
+}
+
 impl Attention {
-    /// Copies one head's q or k rows out of qkv, rotating them when RoPE is on. `sign` -1
-    /// applies the inverse rotation (the backward of the rotation) in place on `dst`.
+    /// Rotates head rows at positions `0..` when RoPE is on (see [`rotate`]).
     fn rotate_in_place(&self, rows: &mut [f32], d: usize, sign: f32) {
-        let Some((cos, sin)) = &self.rope else {
-            return;
-        };
-        let half = d / 2;
-        for (p, r) in rows.chunks_exact_mut(d).enumerate() {
-            let (c, s) = (
-                &cos[p * half..(p + 1) * half],
-                &sin[p * half..(p + 1) * half],
-            );
-            for i in 0..half {
-                let (x1, x2) = (r[i], r[i + half]);
-                let si = sign * s[i];
-                r[i] = x1 * c[i] - x2 * si;
-                r[i + half] = x2 * c[i] + x1 * si;
-            }
+        if let Some((cos, sin)) = &self.rope {
+            rotate(rows, d, 0, (&cos[..], &sin[..]), sign);
         }
     }
 }
@@ -391,17 +407,7 @@ impl CustomOp1 for Attention {
                     Parallelism::None,
                 );
                 for (i, r) in ph.chunks_exact_mut(t).enumerate() {
-                    let valid = if self.causal { i + 1 } else { t };
-                    let (live, masked) = r.split_at_mut(valid);
-                    masked.fill(0.0);
-                    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
-                    let mut sum = 0f32;
-                    for v in live.iter_mut() {
-                        *v = (*v * scale - mx).exp();
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|v| *v *= inv);
+                    softmax_row(r, if self.causal { i + 1 } else { t }, scale);
                 }
                 let v = &x[base + 2 * w + hi * d..];
                 mm(
@@ -543,4 +549,169 @@ pub fn self_attention(
         rope: rope.map(|(c, s)| (c.clone(), s.clone())),
         saved: Mutex::new(None),
     })
+}
+
+/// Self-attention keys and values of the rows being decoded, preallocated for `cap` positions
+/// and written in place ([`cached_attention`]); K and V are each laid out (rows, heads, cap, d)
+/// and positions `0..len` are filled. Decoding is detached: nothing here has a backward.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Buffers [`KvCache::select`] gathers into and then swaps with (kept between steps).
+    k2: Vec<f32>,
+    v2: Vec<f32>,
+    rows: usize,
+    heads: usize,
+    d: usize,
+    cap: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(rows: usize, heads: usize, d: usize, cap: usize) -> Self {
+        let n = rows * heads * cap * d;
+        Self {
+            k: vec![0f32; n],
+            v: vec![0f32; n],
+            k2: Vec::new(),
+            v2: Vec::new(),
+            rows,
+            heads,
+            d,
+            cap,
+            len: 0,
+        }
+    }
+
+    /// Rows in the cache.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps rows `idx` (beam reordering, expansion to beams / samples): row `r` becomes old
+    /// row `idx[r]`. Only the filled positions are copied.
+    pub fn select(&mut self, idx: &[u32]) -> Result<()> {
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= self.rows) {
+            candle_core::bail!("kv cache: row {bad} of {}", self.rows);
+        }
+        let blk = self.cap * self.d;
+        let used = self.len * self.d;
+        let need = idx.len() * self.heads * blk;
+        if self.k2.len() != need {
+            self.k2 = vec![0f32; need];
+            self.v2 = vec![0f32; need];
+        }
+        let hb = self.heads * blk;
+        for (bufs, (src_k, src_v)) in self
+            .k2
+            .chunks_exact_mut(hb)
+            .zip(self.v2.chunks_exact_mut(hb))
+            .zip(idx.iter().map(|&i| {
+                let at = i as usize * hb;
+                (&self.k[at..at + hb], &self.v[at..at + hb])
+            }))
+        {
+            let (dk, dv) = bufs;
+            for h in 0..self.heads {
+                let at = h * blk;
+                dk[at..at + used].copy_from_slice(&src_k[at..at + used]);
+                dv[at..at + used].copy_from_slice(&src_v[at..at + used]);
+            }
+        }
+        std::mem::swap(&mut self.k, &mut self.k2);
+        std::mem::swap(&mut self.v, &mut self.v2);
+        self.rows = idx.len();
+        Ok(())
+    }
+}
+
+/// Decoding self-attention over a [`KvCache`]: `qkv` (N, T, 3W) holds the projections of `T`
+/// new positions per row (`[q | k | v]`, head-major within each W), placed after the `len`
+/// cached ones. RoPE (tables `rope`, positions from 0) rotates q and k; the new keys and values
+/// are written into the cache in place; query `i` attends to positions `0..=len + i`. Returns
+/// the merged-head output (N, T, W). No backward (decoding runs on detached weights).
+pub fn cached_attention(
+    qkv: &Tensor,
+    heads: usize,
+    rope: (&[f32], &[f32]),
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let (n, t, c3) = qkv.dims3()?;
+    let w = c3 / 3;
+    if heads != cache.heads || c3 != 3 * heads * cache.d || n != cache.rows {
+        candle_core::bail!(
+            "cached_attention: qkv {:?} does not fit a cache of {} rows x {} heads x {}",
+            qkv.dims(),
+            cache.rows,
+            cache.heads,
+            cache.d
+        );
+    }
+    let (d, cap, offset) = (cache.d, cache.cap, cache.len);
+    let l = offset + t;
+    if l > cap || rope.0.len() < l * (d / 2) || rope.1.len() < l * (d / 2) {
+        candle_core::bail!("cached_attention: {l} positions exceed the cache or RoPE table");
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let blk = cap * d;
+    let mut y = vec![0f32; n * t * w];
+    with_data(qkv, |x| {
+        cache
+            .k
+            .par_chunks_mut(heads * blk)
+            .zip(cache.v.par_chunks_mut(heads * blk))
+            .zip(y.par_chunks_mut(t * w))
+            .enumerate()
+            .for_each(|(r, ((kr, vr), yr))| {
+                let xr = &x[r * t * c3..(r + 1) * t * c3];
+                let mut q = vec![0f32; t * d];
+                let mut p = vec![0f32; t * l];
+                for h in 0..heads {
+                    let kh = &mut kr[h * blk..(h + 1) * blk];
+                    let vh = &mut vr[h * blk..(h + 1) * blk];
+                    for (ti, row) in xr.chunks_exact(c3).enumerate() {
+                        let at = (offset + ti) * d;
+                        q[ti * d..(ti + 1) * d].copy_from_slice(&row[h * d..(h + 1) * d]);
+                        kh[at..at + d].copy_from_slice(&row[w + h * d..w + (h + 1) * d]);
+                        vh[at..at + d].copy_from_slice(&row[2 * w + h * d..2 * w + (h + 1) * d]);
+                    }
+                    rotate(&mut q, d, offset, rope, 1.0);
+                    rotate(&mut kh[offset * d..l * d], d, offset, rope, 1.0);
+                    mm(
+                        (t, l, d),
+                        &mut p,
+                        l,
+                        false,
+                        Mat(&q, d, 1),
+                        Mat(kh, 1, d),
+                        Parallelism::None,
+                    );
+                    for (i, pr) in p.chunks_exact_mut(l).enumerate() {
+                        softmax_row(pr, offset + i + 1, scale);
+                    }
+                    mm(
+                        (t, d, l),
+                        &mut yr[h * d..],
+                        w,
+                        false,
+                        Mat(&p, l, 1),
+                        Mat(vh, d, 1),
+                        Parallelism::None,
+                    );
+                }
+            });
+        Ok(())
+    })?;
+    cache.len = l;
+    Tensor::from_vec(y, (n, t, w), qkv.device())
 }

@@ -11,7 +11,7 @@
 use candle_core::{Result as CResult, Tensor};
 
 use super::config::{Fusion, ModelConfig};
-use super::kernels;
+use super::kernels::{self, KvCache};
 use super::linear::{Adapter, Linear, RmsNorm};
 use super::ops::{self, Fwd, Rope};
 use super::params::{Builder, Component, Init};
@@ -85,29 +85,32 @@ struct Layer {
 /// Per-layer self-attention cache plus the visual keys/values of cross-attention layers.
 #[derive(Debug, Clone)]
 pub struct LmState {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Preallocated for the model's longest sequence on the first forward, written in place.
+    kv: Vec<Option<KvCache>>,
     vis_kv: Vec<Option<(Tensor, Tensor)>>,
     /// Positions already in the cache.
     pub pos: usize,
 }
 
 impl LmState {
-    /// Keeps rows `idx` (beam reordering / sample expansion) of every cached tensor.
-    pub fn select(&self, idx: &Tensor) -> CResult<Self> {
-        let pick = |v: &Vec<Option<(Tensor, Tensor)>>| -> CResult<Vec<Option<(Tensor, Tensor)>>> {
-            v.iter()
-                .map(|e| {
-                    e.as_ref()
-                        .map(|(k, v)| Ok((k.index_select(idx, 0)?, v.index_select(idx, 0)?)))
-                        .transpose()
-                })
-                .collect()
-        };
-        Ok(Self {
-            kv: pick(&self.kv)?,
-            vis_kv: pick(&self.vis_kv)?,
-            pos: self.pos,
-        })
+    /// Keeps rows `idx` (beam reordering / expansion to beams or samples): row `r` becomes old
+    /// row `idx[r]`, in every layer's cache and cross-attention memory.
+    pub fn select(&mut self, idx: &[u32]) -> CResult<()> {
+        for c in self.kv.iter_mut().flatten() {
+            c.select(idx)?;
+        }
+        let identity = idx.iter().enumerate().all(|(r, &i)| i as usize == r);
+        let rows = self.vis_kv.iter().flatten().next().map(|(k, _)| k.dim(0));
+        if let Some(rows) = rows {
+            if !(identity && rows? == idx.len()) {
+                let t = Tensor::from_vec(idx.to_vec(), idx.len(), &candle_core::Device::Cpu)?;
+                for e in self.vis_kv.iter_mut().flatten() {
+                    let t = t.to_device(e.0.device())?;
+                    *e = (e.0.index_select(&t, 0)?, e.1.index_select(&t, 0)?);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -144,55 +147,32 @@ impl Layer {
         })
     }
 
-    /// Self-attention through the KV cache (decoding): appends this step's keys and values.
-    fn cached_attention(
-        &self,
-        qkv: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        offset: usize,
-    ) -> CResult<Tensor> {
-        let w = self.width;
-        let q = rope.apply(
-            &ops::split_heads(&qkv.narrow(2, 0, w)?, self.heads)?,
-            offset,
-        )?;
-        let mut k = rope.apply(
-            &ops::split_heads(&qkv.narrow(2, w, w)?, self.heads)?,
-            offset,
-        )?;
-        let mut v = ops::split_heads(&qkv.narrow(2, 2 * w, w)?, self.heads)?;
-        if let Some(c) = cache {
-            if let Some((pk, pv)) = c.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *c = Some((k.clone(), v.clone()));
-        }
-        ops::merge_heads(&ops::attention(&q, &k, &v, mask)?)
-    }
-
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; the arguments are the layer's inputs"
-    )]
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        offset: usize,
+        causal: bool,
+        cache: Option<&mut Option<KvCache>>,
         vis: Option<&(Tensor, Tensor)>,
         fwd: Fwd<'_>,
     ) -> CResult<Tensor> {
         let qkv = self.qkv_proj.forward(&self.ln1.forward(x)?, fwd)?;
-        let a = if cache.is_none() && offset == 0 {
+        let a = match cache {
+            // Decoding: new keys/values go into the preallocated cache, in place.
+            Some(c) => {
+                let c = c.get_or_insert_with(|| {
+                    KvCache::new(
+                        x.dim(0).unwrap_or(0),
+                        self.heads,
+                        self.width / self.heads,
+                        rope.max_pos(),
+                    )
+                });
+                let (cos, sin) = rope.tables();
+                kernels::cached_attention(&qkv, self.heads, (&cos[..], &sin[..]), c)?
+            }
             // Training / full recompute: one fused op from qkv to the merged heads.
-            kernels::self_attention(&qkv, self.heads, mask.is_some(), Some(rope.tables()))?
-        } else {
-            self.cached_attention(&qkv, rope, mask, cache, offset)?
+            None => kernels::self_attention(&qkv, self.heads, causal, Some(rope.tables()))?,
         };
         let mut a = self.o_proj.forward(&a, fwd)?;
         if let Some(ad) = &self.ad_attn {
@@ -299,26 +279,13 @@ impl Lm {
                 self.rope.max_pos()
             );
         }
-        let mask = if t > 1 {
-            Some(ops::causal_mask(t, offset + t, x.device())?)
-        } else {
-            None
-        };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let (cache, vis) = match state.as_deref_mut() {
                 Some(s) => (Some(&mut s.kv[i]), s.vis_kv[i].clone()),
                 None => (None, vis_kv.get(i).cloned().flatten()),
             };
-            x = layer.forward(
-                &x,
-                &self.rope,
-                mask.as_ref(),
-                cache,
-                offset,
-                vis.as_ref(),
-                fwd,
-            )?;
+            x = layer.forward(&x, &self.rope, t > 1, cache, vis.as_ref(), fwd)?;
         }
         if let Some(s) = state {
             s.pos += t;
