@@ -16,7 +16,7 @@ use crate::error::{CliError, CliResult};
 use crate::exec::{Event, Executor, Outcome, StageJob};
 use crate::plan::{Plan, Sealed};
 use crate::spec::Spec;
-use crate::store::{CellRow, StageRow, Store, SweepRow};
+use crate::store::{CellRow, StageRow, Store, StoreOp, SweepRow};
 
 #[derive(Debug, Args)]
 pub struct SweepArgs {
@@ -283,47 +283,59 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     };
     let mut sink = Sink::new(&to_run, plan.len(), cached.len());
     let mut failures: Vec<(String, String)> = Vec::new();
-    let mut ingest_errors = Vec::new();
+    let recorder = Recorder::start(store, cache.clone());
     let t0 = std::time::Instant::now();
     let mut on_event = |ev: Event| {
         sink.event(&ev);
-        let r = match &ev {
-            Event::Started { key, host, job_id } => {
-                store.stage_started(key, host.as_deref(), job_id.as_deref())
-            }
-            Event::Progress { .. } => Ok(()),
-            Event::Finished { key, outcome, wall } => match outcome {
-                Outcome::Done => match cache.outputs(key) {
-                    Ok(out) => store.ingest(&out),
-                    Err(e) => {
-                        ingest_errors.push(format!("{key}: {e}"));
-                        Ok(())
-                    }
-                },
-                Outcome::Failed(msg) => {
-                    let reason = failure_reason(&cache, key, msg);
-                    failures.push((key.clone(), reason.clone()));
-                    store.stage_ended(key, "failed", Some(&reason), Some(wall.as_secs_f64()))
-                }
-                Outcome::Skipped { because_of } => {
-                    let why = format!(
-                        "skipped: input {} failed",
-                        &because_of[..12.min(because_of.len())]
-                    );
-                    store.stage_ended(key, "skipped", Some(&why), None)
-                }
-                Outcome::Interrupted(why) => store.stage_ended(key, "interrupted", Some(why), None),
+        let at = crate::store::now();
+        let op = match &ev {
+            Event::Started { key, host, job_id } => StoreOp::Started {
+                key: key.clone(),
+                host: host.clone(),
+                job_id: job_id.clone(),
+                at,
             },
+            Event::Progress { .. } => return,
+            Event::Finished { key, outcome, wall } => {
+                let (status, error, wall_s) = match outcome {
+                    Outcome::Done => {
+                        recorder.done(key);
+                        return;
+                    }
+                    Outcome::Failed(msg) => {
+                        let reason = failure_reason(&cache, key, msg);
+                        failures.push((key.clone(), reason.clone()));
+                        ("failed", Some(reason), Some(wall.as_secs_f64()))
+                    }
+                    Outcome::Skipped { because_of } => (
+                        "skipped",
+                        Some(format!(
+                            "skipped: input {} failed",
+                            &because_of[..12.min(because_of.len())]
+                        )),
+                        None,
+                    ),
+                    Outcome::Interrupted(why) => ("interrupted", Some(why.clone()), None),
+                };
+                StoreOp::Ended {
+                    key: key.clone(),
+                    status: status.into(),
+                    error,
+                    wall_s,
+                    at,
+                }
+            }
         };
-        if let Err(e) = r {
-            ingest_errors.push(e.to_string());
-        }
+        recorder.record(op);
     };
-    match attached.as_mut() {
+    let executed = match attached.as_mut() {
         Some(ex) => ex.follow(a.keep_going, &mut on_event).map(|_| ()),
         None => executor.execute(&to_run, a.keep_going, &mut on_event),
-    }
-    .map_err(other)?;
+    };
+    // Whatever the executor did, what finished is recorded before returning.
+    let (store, ingest_errors) = recorder.finish();
+    let store = store.map_err(other)?;
+    executed.map_err(other)?;
     sink.finish();
     let was_interrupted = interrupted.load(Ordering::SeqCst);
     let status = if was_interrupted {
@@ -465,14 +477,116 @@ fn ingest_missing(
         let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(other)?;
         rows.collect::<Result<_, _>>().map_err(other)?
     };
+    let mut ops = Vec::new();
     for s in plan.stages() {
         let key = &s.desc.key;
         if cached.contains(key) && !ingested.contains(key) {
-            let out = cache.outputs(key).map_err(other)?;
-            store.ingest(&out).map_err(other)?;
+            ops.push(StoreOp::Ingest(Box::new(
+                cache.outputs(key).map_err(other)?,
+            )));
         }
     }
-    Ok(())
+    // One transaction for all of them.
+    match store.apply(&ops).into_iter().next() {
+        Some(e) => Err(other(e)),
+        None => Ok(()),
+    }
+}
+
+/// How long the recorder lets finished stages' records wait before one
+/// transaction commits them all (and so the most a killed sweep leaves
+/// unrecorded; the next sweep ingests it from the cache).
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The store's writer while stages run: a thread that owns the store, reads
+/// finished stages' outputs from the cache, and commits the sweep's events in
+/// batches — one transaction at most every [`RECORD_EVERY`], and one at the
+/// end — instead of one or two per stage on the dispatcher's thread.
+///
+/// Nothing computed can be lost this way: a stage's outputs are in the cache
+/// before it is reported finished, an uncommitted batch is simply not in the
+/// store yet, and a sweep ingests every cached stage its store lacks when it
+/// starts (`ingest_missing`). A batch is one transaction, so a killed sweep
+/// leaves the store as it was after some earlier batch.
+struct Recorder {
+    tx: std::sync::mpsc::Sender<Record>,
+    thread: std::thread::JoinHandle<(Store, Vec<String>)>,
+}
+
+enum Record {
+    Op(StoreOp),
+    /// A stage completed in the cache: ingest its outputs.
+    Done(String),
+}
+
+impl Recorder {
+    fn start(mut store: Store, cache: Cache) -> Recorder {
+        let (tx, rx) = std::sync::mpsc::channel::<Record>();
+        let thread = std::thread::spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            let mut errors = Vec::new();
+            let mut batch: Vec<StoreOp> = Vec::new();
+            let mut due: Option<std::time::Instant> = None;
+            loop {
+                let got = match due {
+                    Some(t) => {
+                        rx.recv_timeout(t.saturating_duration_since(std::time::Instant::now()))
+                    }
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                let end = match got {
+                    Ok(Record::Op(op)) => {
+                        batch.push(op);
+                        false
+                    }
+                    Ok(Record::Done(key)) => {
+                        match cache.outputs(&key) {
+                            Ok(out) => batch.push(StoreOp::Ingest(Box::new(out))),
+                            Err(e) => errors.push(format!("{key}: {e}")),
+                        }
+                        false
+                    }
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => true,
+                };
+                let now = std::time::Instant::now();
+                if !batch.is_empty() && due.is_none() {
+                    due = Some(now + RECORD_EVERY);
+                }
+                if end || due.is_some_and(|t| now >= t) {
+                    errors.extend(store.apply(&batch).into_iter().map(|e| e.to_string()));
+                    batch.clear();
+                    due = None;
+                }
+                if end {
+                    return (store, errors);
+                }
+            }
+        });
+        Recorder { tx, thread }
+    }
+
+    fn record(&self, op: StoreOp) {
+        let _ = self.tx.send(Record::Op(op));
+    }
+
+    fn done(&self, key: &str) {
+        let _ = self.tx.send(Record::Done(key.to_string()));
+    }
+
+    /// Commit what is left and hand the store back, with the errors met.
+    fn finish(self) -> (Result<Store, CliError>, Vec<String>) {
+        drop(self.tx);
+        match self.thread.join() {
+            Ok((store, errors)) => (Ok(store), errors),
+            Err(_) => (
+                Err(CliError::Other(anyhow::anyhow!(
+                    "the store writer panicked"
+                ))),
+                Vec::new(),
+            ),
+        }
+    }
 }
 
 fn print_summary(store: &Store, sweep_id: i64) {

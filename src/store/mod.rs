@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-pub use write::{CellRow, StageRow, SweepRow};
+pub use write::{CellRow, StageRow, StoreOp, SweepRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -44,6 +44,30 @@ pub struct StageRow {
     pub reused: bool,
 }
 
+/// One write of the orchestrator's event sink, applied with others in one
+/// transaction by [`Store::apply`]. Times are those of the event, not of the
+/// commit.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// The stage started (`at`: Unix seconds).
+    Started {
+        key: String,
+        host: Option<String>,
+        job_id: Option<String>,
+        at: f64,
+    },
+    /// The stage failed / was skipped / interrupted (see [`Store::stage_ended`]).
+    Ended {
+        key: String,
+        status: String,
+        error: Option<String>,
+        wall_s: Option<f64>,
+        at: f64,
+    },
+    /// The stage completed: its outputs, read from the cache.
+    Ingest(Box<crate::cache::StageOutputs>),
+}
+
 impl Store {
     /// Record the start of a sweep (replacing the cells of an earlier run of the
     /// same experiment name) with its cells and planned stages, in one transaction.
@@ -183,14 +207,7 @@ impl Store {
         host: Option<&str>,
         job_id: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE stages SET status='running', started_at=?2, host=COALESCE(?3, host), job_id=?4, error=NULL
-                 WHERE key=?1",
-                params![key, now(), host, job_id],
-            )
-            .map_err(self.err())?;
-        Ok(())
+        started(&self.conn, key, host, job_id, now()).map_err(self.err())
     }
 
     /// Mark a stage failed / skipped / interrupted.
@@ -201,13 +218,7 @@ impl Store {
         error: Option<&str>,
         wall_s: Option<f64>,
     ) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE stages SET status=?2, error=?3, finished_at=?4, wall_s=COALESCE(?5, wall_s) WHERE key=?1",
-                params![key, status, error, now(), wall_s],
-            )
-            .map_err(self.err())?;
-        Ok(())
+        ended(&self.conn, key, status, error, wall_s, now()).map_err(self.err())
     }
 
     pub fn log_event(
@@ -234,71 +245,142 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let m = &out.manifest;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        tx.execute(
-            "UPDATE stages SET status='done', error=NULL, host=?2, started_at=?3, finished_at=?4, wall_s=?5, cpu_s=?6,
-             peak_rss_kb=?7, trainable_params=?8, total_params=?9, log_path=?10 WHERE key=?1",
-            params![
-                m.key,
-                m.host,
-                m.started_at,
-                m.finished_at,
-                m.wall_s,
-                m.cpu_s,
-                m.peak_rss_kb.map(|v| v as i64),
-                m.trainable_params.map(|v| v as i64),
-                m.total_params.map(|v| v as i64),
-                out.log_path.as_ref().map(|p| p.display().to_string()),
-            ],
-        )
-        .map_err(err)?;
-        tx.execute("DELETE FROM metrics WHERE stage_key = ?1", [&m.key])
-            .map_err(err)?;
-        tx.execute("DELETE FROM curves WHERE stage_key = ?1", [&m.key])
-            .map_err(err)?;
-        tx.execute("DELETE FROM captions WHERE stage_key = ?1", [&m.key])
-            .map_err(err)?;
-        {
-            let mut ins = tx
-                .prepare("INSERT OR REPLACE INTO metrics (stage_key, split, metric, value) VALUES (?1, ?2, ?3, ?4)")
-                .map_err(err)?;
-            for (split, metric, value) in &out.metrics {
-                if value.is_finite() {
-                    ins.execute(params![m.key, split, metric, value])
-                        .map_err(err)?;
-                }
-            }
-            let mut ins = tx
-                .prepare("INSERT OR REPLACE INTO curves (stage_key, step, name, value) VALUES (?1, ?2, ?3, ?4)")
-                .map_err(err)?;
-            for (step, name, value) in &out.curves {
-                if value.is_finite() {
-                    ins.execute(params![m.key, *step as i64, name, value])
-                        .map_err(err)?;
-                }
-            }
-            let mut ins = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO captions (stage_key, split, image_id, caption, scores)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(err)?;
-            for c in &out.captions {
-                ins.execute(params![
-                    m.key,
-                    c.split,
-                    c.image_id,
-                    c.caption,
-                    c.scores.as_ref().map(|s| s.to_string())
-                ])
-                .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)?;
-        Ok(())
+        ingest(&tx, out).map_err(err)?;
+        tx.commit().map_err(err)
     }
+
+    /// Apply `ops` in order, in one transaction: one commit for every stage
+    /// that finished since the last batch, instead of one (or two) per stage.
+    /// All or nothing; where the batch fails, each op is applied in a
+    /// transaction of its own, so that one bad op costs only its own record.
+    /// Returns the errors, one per failed op.
+    pub fn apply(&mut self, ops: &[StoreOp]) -> Vec<StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let batch = |conn: &mut rusqlite::Connection, ops: &[StoreOp]| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for op in ops {
+                apply_op(&tx, op)?;
+            }
+            tx.commit()
+        };
+        if ops.is_empty() || batch(&mut self.conn, ops).is_ok() {
+            return Vec::new();
+        }
+        ops.iter()
+            .filter_map(|op| batch(&mut self.conn, std::slice::from_ref(op)).err())
+            .map(err)
+            .collect()
+    }
+}
+
+fn apply_op(conn: &rusqlite::Connection, op: &StoreOp) -> rusqlite::Result<()> {
+    match op {
+        StoreOp::Started {
+            key,
+            host,
+            job_id,
+            at,
+        } => started(conn, key, host.as_deref(), job_id.as_deref(), *at),
+        StoreOp::Ended {
+            key,
+            status,
+            error,
+            wall_s,
+            at,
+        } => ended(conn, key, status, error.as_deref(), *wall_s, *at),
+        StoreOp::Ingest(out) => ingest(conn, out),
+    }
+}
+
+fn started(
+    conn: &rusqlite::Connection,
+    key: &str,
+    host: Option<&str>,
+    job_id: Option<&str>,
+    at: f64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE stages SET status='running', started_at=?2, host=COALESCE(?3, host), job_id=?4, error=NULL
+         WHERE key=?1",
+    )?
+    .execute(params![key, at, host, job_id])?;
+    Ok(())
+}
+
+fn ended(
+    conn: &rusqlite::Connection,
+    key: &str,
+    status: &str,
+    error: Option<&str>,
+    wall_s: Option<f64>,
+    at: f64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE stages SET status=?2, error=?3, finished_at=?4, wall_s=COALESCE(?5, wall_s) WHERE key=?1",
+    )?
+    .execute(params![key, status, error, at, wall_s])?;
+    Ok(())
+}
+
+/// A completed stage's rows (within the caller's transaction).
+fn ingest(tx: &rusqlite::Connection, out: &crate::cache::StageOutputs) -> rusqlite::Result<()> {
+    let m = &out.manifest;
+    tx.prepare_cached(
+        "UPDATE stages SET status='done', error=NULL, host=?2, started_at=?3, finished_at=?4, wall_s=?5, cpu_s=?6,
+         peak_rss_kb=?7, trainable_params=?8, total_params=?9, log_path=?10 WHERE key=?1",
+    )?
+    .execute(params![
+        m.key,
+        m.host,
+        m.started_at,
+        m.finished_at,
+        m.wall_s,
+        m.cpu_s,
+        m.peak_rss_kb.map(|v| v as i64),
+        m.trainable_params.map(|v| v as i64),
+        m.total_params.map(|v| v as i64),
+        out.log_path.as_ref().map(|p| p.display().to_string()),
+    ])?;
+    for table in ["metrics", "curves", "captions"] {
+        tx.prepare_cached(&format!("DELETE FROM {table} WHERE stage_key = ?1"))?
+            .execute([&m.key])?;
+    }
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO metrics (stage_key, split, metric, value) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (split, metric, value) in &out.metrics {
+        if value.is_finite() {
+            ins.execute(params![m.key, split, metric, value])?;
+        }
+    }
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO curves (stage_key, step, name, value) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (step, name, value) in &out.curves {
+        if value.is_finite() {
+            ins.execute(params![m.key, *step as i64, name, value])?;
+        }
+    }
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO captions (stage_key, split, image_id, caption, scores)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for c in &out.captions {
+        ins.execute(params![
+            m.key,
+            c.split,
+            c.image_id,
+            c.caption,
+            c.scores.as_ref().map(|s| s.to_string())
+        ])?;
+    }
+    Ok(())
 }
