@@ -384,3 +384,175 @@ fn ingest(tx: &rusqlite::Connection, out: &crate::cache::StageOutputs) -> rusqli
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Manifest, StageOutputs};
+
+    fn stage(key: &str) -> StageRow {
+        StageRow {
+            key: key.into(),
+            kind: "evaluate".into(),
+            label: format!("evaluate {key}"),
+            params: serde_json::json!({}),
+            inputs: Vec::new(),
+            reused: false,
+        }
+    }
+
+    fn sweep() -> SweepRow {
+        SweepRow {
+            name: "t".into(),
+            spec_path: "t.toml".into(),
+            spec_text: String::new(),
+            sets: Vec::new(),
+            spec_hash: "h".into(),
+            axes: Vec::new(),
+            data_dir: "d".into(),
+            data_digest: "g".into(),
+            executor: "local".into(),
+            jobs: 1,
+            git_commit: None,
+            host: None,
+        }
+    }
+
+    fn outputs(key: &str) -> StageOutputs {
+        StageOutputs {
+            manifest: Manifest {
+                key: key.into(),
+                kind: "evaluate".into(),
+                label: String::new(),
+                params: serde_json::json!({}),
+                inputs: Vec::new(),
+                kind_version: 1,
+                ecic_version: String::new(),
+                data_digest: String::new(),
+                seed: 0,
+                started_at: 10.0,
+                finished_at: 12.5,
+                wall_s: 2.5,
+                cpu_s: Some(2.0),
+                peak_rss_kb: None,
+                git_commit: None,
+                host: Some("h1".into()),
+                threads: 1,
+                trainable_params: None,
+                total_params: None,
+                files: Vec::new(),
+            },
+            metrics: vec![
+                ("valid".into(), "cider_d".into(), 0.25),
+                ("valid".into(), "bleu4".into(), f64::NAN),
+            ],
+            curves: vec![(1, "loss".into(), 3.0), (2, "loss".into(), 2.0)],
+            captions: Vec::new(),
+            log_path: None,
+        }
+    }
+
+    fn row(store: &Store, key: &str) -> (String, Option<f64>, Option<f64>, Option<String>) {
+        store
+            .conn()
+            .query_row(
+                "SELECT status, started_at, finished_at, error FROM stages WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+    }
+
+    fn count(store: &Store, sql: &str) -> i64 {
+        store.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_batch_records_each_op_with_its_own_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store
+            .begin_sweep(&sweep(), &[], &[stage("a"), stage("b"), stage("c")])
+            .unwrap();
+        let ops = vec![
+            StoreOp::Started {
+                key: "a".into(),
+                host: None,
+                job_id: None,
+                at: 1.0,
+            },
+            StoreOp::Started {
+                key: "b".into(),
+                host: None,
+                job_id: Some("7".into()),
+                at: 2.0,
+            },
+            StoreOp::Ingest(Box::new(outputs("a"))),
+            StoreOp::Ended {
+                key: "b".into(),
+                status: "failed".into(),
+                error: Some("boom".into()),
+                wall_s: Some(1.0),
+                at: 3.0,
+            },
+        ];
+        assert!(store.apply(&ops).is_empty());
+        // The manifest's times win over the event's for a completed stage.
+        assert_eq!(
+            row(&store, "a"),
+            ("done".into(), Some(10.0), Some(12.5), None)
+        );
+        assert_eq!(
+            row(&store, "b"),
+            ("failed".into(), Some(2.0), Some(3.0), Some("boom".into()))
+        );
+        assert_eq!(row(&store, "c"), ("planned".into(), None, None, None));
+        // Non-finite values are left out; re-ingesting replaces.
+        assert!(store.apply(&ops[2..3]).is_empty());
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM metrics WHERE stage_key='a'"),
+            1
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM curves WHERE stage_key='a'"),
+            2
+        );
+    }
+
+    #[test]
+    fn a_failing_op_costs_only_its_own_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store
+            .begin_sweep(&sweep(), &[], &[stage("a"), stage("b")])
+            .unwrap();
+        // Make every ingestion fail (its curves cannot be written).
+        store.conn().execute_batch("DROP TABLE curves").unwrap();
+        let ops = vec![
+            StoreOp::Started {
+                key: "a".into(),
+                host: None,
+                job_id: None,
+                at: 1.0,
+            },
+            StoreOp::Ingest(Box::new(outputs("b"))),
+            StoreOp::Ended {
+                key: "a".into(),
+                status: "interrupted".into(),
+                error: None,
+                wall_s: None,
+                at: 4.0,
+            },
+        ];
+        let errors = store.apply(&ops);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("curves"), "{}", errors[0]);
+        assert_eq!(
+            row(&store, "a"),
+            ("interrupted".into(), Some(1.0), Some(4.0), None)
+        );
+        // The failed ingestion left nothing half-written.
+        assert_eq!(row(&store, "b"), ("planned".into(), None, None, None));
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM metrics"), 0);
+    }
+}
