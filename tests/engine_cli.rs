@@ -460,4 +460,34 @@ fn training_loss_falls_in_the_store() {
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = losses[25..].iter().sum::<f64>() / 5.0;
     assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
+    // cider-optimize records the valid CIDEr-D of its input and of its output; the output's equals
+    // what evaluate (greedy, the default) measured for the cell.
+    let scst: Vec<(String, f64)> = {
+        let mut st = conn
+            .prepare(
+                "SELECT metric, value FROM results WHERE stage = 'cider-optimize' AND split = 'valid'
+                 ORDER BY metric",
+            )
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let names: Vec<&str> = scst.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["cider_d_after", "cider_d_before"], "{scst:?}");
+    assert!(
+        scst.iter().all(|(_, v)| v.is_finite() && *v >= 0.0),
+        "{scst:?}"
+    );
+    let eval = results(&runs)
+        .into_iter()
+        .find(|(_, m, _)| m == "cider_d")
+        .map(|(_, _, v)| v)
+        .expect("evaluate's cider_d");
+    assert!(
+        (scst[0].1 - eval).abs() < 1e-9,
+        "cider_d_after {} vs evaluate {eval}",
+        scst[0].1
+    );
 }
