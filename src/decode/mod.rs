@@ -198,9 +198,13 @@ fn penalize(logits: &mut [f32], hist: &[u32], p: f64) {
     }
 }
 
-fn log_softmax(x: &mut [f32]) {
+fn log_sum_exp(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+    m + x.iter().map(|v| (v - m).exp()).sum::<f32>().ln()
+}
+
+fn log_softmax(x: &mut [f32]) {
+    let lse = log_sum_exp(x);
     x.iter_mut().for_each(|v| *v -= lse);
 }
 
@@ -398,7 +402,14 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
                 }
                 continue;
             }
-            let mut cand: Vec<(f64, usize, u32)> = Vec::new();
+            // Only the best 2w candidates of the image are ever read, and each of them is among
+            // the best 2w of its own row: keep those per row (a bounded insertion while scanning
+            // the vocabulary), then order the at most w x 2w kept ones. The comparator is a total
+            // order, so this equals sorting every (row, token) candidate.
+            let order = |a: &(f64, usize, u32), c: &(f64, usize, u32)| -> std::cmp::Ordering {
+                c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2))
+            };
+            let mut cand: Vec<(f64, usize, u32)> = Vec::with_capacity(2 * w * w);
             for j in 0..w {
                 let r = img * w + j;
                 if scores[r] == f64::NEG_INFINITY {
@@ -406,18 +417,23 @@ fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u3
                 }
                 let l = &mut logits[r];
                 penalize(l, &s.hist[r], cfg.repetition_penalty);
-                log_softmax(l);
-                cand.extend(
-                    l.iter()
-                        .enumerate()
-                        .map(|(v, &lp)| (scores[r] + lp as f64, r, v as u32)),
-                );
+                // log_softmax, applied only to the tokens looked at (same arithmetic).
+                let lse = log_sum_exp(l);
+                let row_start = cand.len();
+                for (v, &x) in l.iter().enumerate() {
+                    let c = (scores[r] + (x - lse) as f64, r, v as u32);
+                    let best = &cand[row_start..];
+                    if best.len() == 2 * w {
+                        if order(&c, &best[2 * w - 1]) != std::cmp::Ordering::Less {
+                            continue;
+                        }
+                        cand.pop();
+                    }
+                    let best = &cand[row_start..];
+                    let at = row_start + best.partition_point(|b| order(b, &c).is_lt());
+                    cand.insert(at, c);
+                }
             }
-            // Only the best 2w candidates are ever read: select them, then order those (the
-            // comparator is a total order, so this equals sorting the whole list).
-            let order = |a: &(f64, usize, u32), c: &(f64, usize, u32)| -> std::cmp::Ordering {
-                c.0.total_cmp(&a.0).then(a.1.cmp(&c.1)).then(a.2.cmp(&c.2))
-            };
             if cand.len() > 2 * w {
                 cand.select_nth_unstable_by(2 * w, order);
                 cand.truncate(2 * w);
