@@ -23,6 +23,7 @@
 //! `plan/exec/cache/store` know stages only through one trait and one enum;
 //! `report` reads `store`. Nothing below imports [`cli`].
 
+pub mod alloc;
 pub mod cache;
 pub mod cli;
 pub mod data;
