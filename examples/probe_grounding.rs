@@ -5,7 +5,7 @@
 //! (SPLIT: valid, train, align_train; a pretrain-align or later training stage key)
 use candle_core::{Device, Tensor};
 use ecic::data::preprocess::Split;
-use ecic::model::{Captioner, ModelConfig, PeftConfig, Phase};
+use ecic::model::{Captioner, ModelConfig, PeftConfig, Phase, TeacherForcing};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -95,32 +95,18 @@ fn main() {
         let mut tot = 0.0;
         let reps = 3;
         for pick in 0..reps {
-            let caps: Vec<Vec<u32>> = (0..n)
+            let caps: Vec<&[u32]> = (0..n)
                 .map(|r| {
                     let t = &split.tokens[r];
-                    let c = &t[pick % t.len()];
-                    c[..c.len().min(maxc)].to_vec()
+                    t[pick % t.len()].as_slice()
                 })
                 .collect();
-            let t = caps.iter().map(Vec::len).max().unwrap() + 1;
-            let (mut inp, mut tgt, mut msk) = (vec![], vec![], vec![]);
-            for c in &caps {
-                for j in 0..t {
-                    inp.push(if j == 0 {
-                        cfg.bos_id
-                    } else {
-                        c.get(j - 1).copied().unwrap_or(cfg.pad_id)
-                    });
-                    tgt.push(if j < c.len() {
-                        c[j]
-                    } else if j == c.len() {
-                        cfg.eos_id
-                    } else {
-                        cfg.pad_id
-                    });
-                    msk.push(if j <= c.len() { 1f32 } else { 0.0 });
-                }
-            }
+            let TeacherForcing {
+                input: inp,
+                target: tgt,
+                mask: msk,
+                len: t,
+            } = TeacherForcing::new(&cfg, &caps);
             let rows: Vec<u32> = (0..n).map(|r| ((r + shift) % n) as u32).collect();
             let img = split
                 .images

@@ -388,27 +388,13 @@ impl Captioner {
                 seqs.len()
             )));
         }
-        let maxc = self.cfg.max_caption_len;
-        let t = seqs.iter().map(|s| s.len().min(maxc)).max().unwrap_or(0) + 1;
-        let (mut inp, mut tgt, mut msk) = (Vec::new(), Vec::new(), Vec::new());
-        for s in seqs {
-            let s = &s[..s.len().min(maxc)];
-            for j in 0..t {
-                inp.push(if j == 0 {
-                    self.cfg.bos_id
-                } else {
-                    s.get(j - 1).copied().unwrap_or(self.cfg.pad_id)
-                });
-                tgt.push(if j < s.len() {
-                    s[j]
-                } else if j == s.len() {
-                    self.cfg.eos_id
-                } else {
-                    self.cfg.pad_id
-                });
-                msk.push(if j <= s.len() { 1f32 } else { 0.0 });
-            }
-        }
+        let seqs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let TeacherForcing {
+            input: inp,
+            target: tgt,
+            mask: msk,
+            len: t,
+        } = TeacherForcing::new(&self.cfg, &seqs);
         let n = seqs.len();
         let inp = Tensor::from_vec(inp, (n, t), &self.device)?;
         let tgt = Tensor::from_vec(tgt, (n * t, 1), &self.device)?;
@@ -473,4 +459,53 @@ pub fn repeat_rows(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
         .flat_map(|i| std::iter::repeat_n(i, k))
         .collect();
     x.index_select(&Tensor::from_vec(idx, n * k, x.device())?, 0)
+}
+
+/// The teacher-forcing layout of captions (token ids without BOS/EOS), each cut to
+/// `max_caption_len`: input `[BOS] + tokens`, target `tokens + [EOS]`, padded with the pad id to
+/// the longest, and a mask of the scored positions; row-major `(seqs, len)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherForcing {
+    pub input: Vec<u32>,
+    pub target: Vec<u32>,
+    pub mask: Vec<f32>,
+    /// Positions per row: the longest (cut) caption plus one.
+    pub len: usize,
+}
+
+impl TeacherForcing {
+    pub fn new(cfg: &ModelConfig, seqs: &[&[u32]]) -> Self {
+        let maxc = cfg.max_caption_len;
+        let seqs: Vec<&[u32]> = seqs.iter().map(|s| &s[..s.len().min(maxc)]).collect();
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
+        let n = seqs.len() * t;
+        let (mut input, mut target, mut mask) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for s in &seqs {
+            for j in 0..t {
+                input.push(if j == 0 {
+                    cfg.bos_id
+                } else {
+                    s.get(j - 1).copied().unwrap_or(cfg.pad_id)
+                });
+                target.push(if j < s.len() {
+                    s[j]
+                } else if j == s.len() {
+                    cfg.eos_id
+                } else {
+                    cfg.pad_id
+                });
+                mask.push(if j <= s.len() { 1.0 } else { 0.0 });
+            }
+        }
+        TeacherForcing {
+            input,
+            target,
+            mask,
+            len: t,
+        }
+    }
 }

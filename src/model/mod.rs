@@ -50,7 +50,7 @@ pub mod vit;
 
 use std::path::PathBuf;
 
-pub use captioner::{Captioner, ParamCounts, TrainableVar};
+pub use captioner::{Captioner, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy};
 pub use lm::LmState;
 pub use params::Component;

@@ -149,34 +149,20 @@ pub fn batch(
     pick: &mut dyn FnMut(usize) -> usize,
     cfg: &ModelConfig,
 ) -> Result<Batch, StageError> {
-    let maxc = cfg.max_caption_len;
     let caps: Vec<&[u32]> = rows
         .iter()
         .map(|&r| {
             let toks = &split.tokens[r];
             let i = pick(toks.len().max(1)).min(toks.len().saturating_sub(1));
-            toks.get(i).map(|t| &t[..t.len().min(maxc)]).unwrap_or(&[])
+            toks.get(i).map(Vec::as_slice).unwrap_or(&[])
         })
         .collect();
-    let t = caps.iter().map(|c| c.len()).max().unwrap_or(0) + 1;
-    let (mut inp, mut tgt, mut msk) = (Vec::new(), Vec::new(), Vec::new());
-    for c in &caps {
-        for j in 0..t {
-            inp.push(if j == 0 {
-                cfg.bos_id
-            } else {
-                c.get(j - 1).copied().unwrap_or(cfg.pad_id)
-            });
-            tgt.push(if j < c.len() {
-                c[j]
-            } else if j == c.len() {
-                cfg.eos_id
-            } else {
-                cfg.pad_id
-            });
-            msk.push(if j <= c.len() { 1f32 } else { 0.0 });
-        }
-    }
+    let crate::model::TeacherForcing {
+        input: inp,
+        target: tgt,
+        mask: msk,
+        len: t,
+    } = crate::model::TeacherForcing::new(cfg, &caps);
     let n = rows.len();
     let idx = Tensor::new(
         rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
