@@ -202,6 +202,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         )));
     }
     let (spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
+    tracing::debug!("sweep: spec, data digest and plan ready");
     let cached: HashSet<String> = plan
         .stages()
         .filter(|s| cache.is_complete(&s.desc.key))
@@ -219,6 +220,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let mut store = Store::open(&a.runs).map_err(other)?;
     let sweep_id = record_sweep(&mut store, &spec, &plan, &cached, &a.executor, jobs)?;
     ingest_missing(&mut store, &cache, &plan, &cached)?;
+    tracing::debug!("sweep: store opened and sweep recorded");
 
     let to_run: Vec<StageJob> = plan
         .stages()
@@ -242,6 +244,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         let node = plan.get(&job.key).expect("job from plan");
         cache.write_desc(&node.desc).map_err(other)?;
     }
+    tracing::debug!("sweep: {} stage descriptions written", to_run.len());
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -259,20 +262,20 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     }
     let mut attached: Option<crate::exec::slurm::SlurmExecutor> = None;
     let mut executor: Box<dyn Executor> = match a.executor.as_str() {
-        "local" => Box::new(crate::exec::local::LocalExecutor {
+        "local" => Box::new(crate::exec::local::LocalExecutor::new(
             worker,
             jobs,
-            interrupted: interrupted.clone(),
-        }),
+            interrupted.clone(),
+        )),
         _ if a.attach => {
             let ex = crate::exec::slurm::SlurmExecutor::attach(worker.clone(), &spec.config.name)
                 .map_err(usage)?;
             attached = Some(ex.interrupt_flag(interrupted.clone(), a.detach));
-            Box::new(crate::exec::local::LocalExecutor {
+            Box::new(crate::exec::local::LocalExecutor::new(
                 worker,
                 jobs,
-                interrupted: interrupted.clone(),
-            })
+                interrupted.clone(),
+            ))
         }
         _ => Box::new(
             crate::exec::slurm::SlurmExecutor::new(worker)
@@ -332,8 +335,10 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         Some(ex) => ex.follow(a.keep_going, &mut on_event).map(|_| ()),
         None => executor.execute(&to_run, a.keep_going, &mut on_event),
     };
+    tracing::debug!("sweep: executor returned");
     // Whatever the executor did, what finished is recorded before returning.
     let (store, ingest_errors) = recorder.finish();
+    tracing::debug!("sweep: store writer finished");
     let store = store.map_err(other)?;
     executed.map_err(other)?;
     sink.finish();
@@ -347,6 +352,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     };
     store.finish_sweep(sweep_id, status).map_err(other)?;
     print_summary(&store, sweep_id);
+    tracing::debug!("sweep: summary printed");
     eprintln!(
         "{} stages run, {} reused from the cache, in {:.1} s",
         to_run.len(),
@@ -367,6 +373,9 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     for e in &ingest_errors {
         eprintln!("error recording results: {e}");
     }
+    // The executor's last sync ran while the above was recorded and printed.
+    executor.durable().map_err(other)?;
+    tracing::debug!("sweep: outputs durable");
     match status {
         "done" => Ok(()),
         "interrupted" => Err(CliError::failed(

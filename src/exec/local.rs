@@ -20,7 +20,8 @@
 //! Both publish with deferred durability (no fsync on the stage's critical
 //! path; see [`crate::cache::Durability`]): a background thread of `execute`
 //! calls [`Cache::sync_deferred`] (one `syncfs`) every [`SYNC_EVERY`] while
-//! stages publish, and once more before `execute` returns, so at most that
+//! stages publish, and once more after the last stage (running while the sweep
+//! records and summarises; [`Executor::durable`] waits for it), so at most that
 //! much finished work is exposed to a power loss (a killed process never
 //! matters). Measured on trivial stages, a process start plus the per-file
 //! fsyncs were ~40 ms of orchestration per stage.
@@ -41,10 +42,12 @@ use crate::cache::Cache;
 pub const SYNC_EVERY: Duration = Duration::from_secs(2);
 
 pub struct LocalExecutor {
-    pub worker: Worker,
-    pub jobs: usize,
+    worker: Worker,
+    jobs: usize,
     /// Set by the interrupt handler: stop starting stages, kill running ones.
-    pub interrupted: Arc<AtomicBool>,
+    interrupted: Arc<AtomicBool>,
+    /// The last `syncfs` of a finished `execute`, still running (see [`Executor::durable`]).
+    final_sync: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
 
 /// Messages from the reader thread of each child process (`slot` names it).
@@ -101,7 +104,32 @@ impl Proc {
     }
 }
 
+impl LocalExecutor {
+    pub fn new(worker: Worker, jobs: usize, interrupted: Arc<AtomicBool>) -> Self {
+        Self {
+            worker,
+            jobs,
+            interrupted,
+            final_sync: None,
+        }
+    }
+}
+
 impl Executor for LocalExecutor {
+    /// Waits for the last `syncfs` that `execute` started on its way out.
+    fn durable(&mut self) -> Result<(), ExecError> {
+        let Some(h) = self.final_sync.take() else {
+            return Ok(());
+        };
+        let res = h
+            .join()
+            .unwrap_or_else(|_| Err("the sync thread panicked".into()));
+        res.map_err(|e| ExecError::Io {
+            what: "syncing published stage outputs".into(),
+            source: std::io::Error::other(e),
+        })
+    }
+
     fn execute(
         &mut self,
         jobs: &[StageJob],
@@ -116,15 +144,21 @@ impl Executor for LocalExecutor {
         let stop_syncing = Arc::new(AtomicBool::new(false));
         let syncer = {
             let (cache, stop) = (cache.clone(), stop_syncing.clone());
+            // Every SYNC_EVERY while stages run; once more when told to stop,
+            // which is the thread's result.
             std::thread::spawn(move || loop {
                 let t = Instant::now();
                 while t.elapsed() < SYNC_EVERY && !stop.load(Ordering::SeqCst) {
                     std::thread::park_timeout(SYNC_EVERY.saturating_sub(t.elapsed()));
                 }
-                if stop.load(Ordering::SeqCst) {
-                    break;
+                let last = stop.load(Ordering::SeqCst);
+                let res = cache.sync_deferred().map_err(|e| e.to_string());
+                if last {
+                    let res = res.map(|_| ());
+                    tracing::debug!("local executor: final sync done");
+                    break res;
                 }
-                if let Err(e) = cache.sync_deferred() {
+                if let Err(e) = res {
                     tracing::warn!("syncing published stage outputs: {e}");
                 }
             })
@@ -301,6 +335,7 @@ impl Executor for LocalExecutor {
                 }
             }
         }
+        tracing::debug!("local executor: every stage ended");
         // Idle pooled workers: end of input makes them exit; wait for that so
         // no process of this sweep outlives it.
         for p in procs.values_mut() {
@@ -335,14 +370,12 @@ impl Executor for LocalExecutor {
                 wall: Duration::ZERO,
             });
         }
-        // A last syncfs makes every entry published here durable.
+        tracing::debug!("local executor: workers gone");
+        // A last syncfs makes every entry published here durable. It runs
+        // while the caller records and summarises; `durable` waits for it.
         stop_syncing.store(true, Ordering::SeqCst);
         syncer.thread().unpark();
-        let _ = syncer.join();
-        cache.sync_deferred().map_err(|e| ExecError::Io {
-            what: "syncing published stage outputs".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        self.final_sync = Some(syncer);
         Ok(())
     }
 }

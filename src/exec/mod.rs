@@ -106,6 +106,12 @@ pub trait Executor {
         keep_going: bool,
         events: &mut dyn FnMut(Event),
     ) -> Result<(), ExecError>;
+
+    /// Returns once every output the last `execute` published is durable (an
+    /// executor may finish that in the background after `execute` returns).
+    fn durable(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
 }
 
 /// Where a run-stage command finds things.
