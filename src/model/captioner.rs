@@ -219,6 +219,26 @@ impl Captioner {
         self.load(path, false)
     }
 
+    /// Loads a real pretrained checkpoint ([`super::hf`]): the LM and the vision tower where
+    /// the checkpoint has them, and the `llava` projector from a LLaVA checkpoint; every one of
+    /// those tensors must be there with the shape its `config.json` implies. Returns how many
+    /// of our tensors were set. Build the model from [`super::hf::Checkpoint::model_config`].
+    pub fn load_pretrained(&mut self, ck: &super::hf::Checkpoint) -> Result<usize, ModelError> {
+        let n = super::hf::fill_store(&self.store, ck, self.cfg.backbone)?;
+        self.net = build(&self.store, &self.policy, &self.cfg)?;
+        Ok(n)
+    }
+
+    /// Logits (B,T,V) of the decoder on text alone (no visual tokens, no cross-attention):
+    /// what a causal-LM checkpoint computes, for checking it against its reference.
+    pub fn lm_logits(&self, input_ids: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_ids(input_ids)?;
+        let fwd = self.fwd(false);
+        let emb = self.net.lm.embed(input_ids)?;
+        let h = self.net.lm.forward(&emb, &[], None, fwd)?;
+        Ok(self.net.lm.logits(&h, fwd)?)
+    }
+
     fn load(&mut self, path: &Path, base_only: bool) -> Result<usize, ModelError> {
         let err = |source| ModelError::Checkpoint {
             path: path.to_path_buf(),

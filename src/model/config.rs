@@ -43,6 +43,70 @@ pub struct VisionConfig {
     pub depth: usize,
     pub heads: usize,
     pub mlp_ratio: usize,
+    /// Class token, embedding norm and activation of pretrained encoders (CLIP); the default
+    /// (none of them, tanh GELU) is the tiny presets' encoder and is not serialized.
+    #[serde(default, skip_serializing_if = "VitLayout::is_plain")]
+    pub layout: VitLayout,
+}
+
+/// MLP activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// GELU, tanh approximation (the tiny presets).
+    #[default]
+    GeluTanh,
+    /// GELU with the exact erf (Hugging Face `gelu`).
+    Gelu,
+    /// `x * sigmoid(1.702 x)` (CLIP's `quick_gelu`).
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The parts of a ViT that pretrained encoders add to the tiny presets' plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitLayout {
+    /// A learned class token before the patch tokens (its position embedding first); the
+    /// connectors read the patch tokens only (LLaVA's `default` feature selection).
+    pub class_token: bool,
+    /// LayerNorm on the embeddings before the first block (CLIP's `pre_layrnorm`).
+    pub pre_norm: bool,
+    /// No bias on the patch embedding (CLIP's convolution has none).
+    pub patch_bias_free: bool,
+    /// Activation of the block MLPs.
+    pub act: Activation,
+}
+
+impl VitLayout {
+    pub fn is_plain(&self) -> bool {
+        *self == Self::default()
+    }
+    /// CLIP's vision tower.
+    pub fn clip(act: Activation) -> Self {
+        Self {
+            class_token: true,
+            pre_norm: true,
+            patch_bias_free: true,
+            act,
+        }
+    }
+}
+
+/// RMSNorm epsilon of the tiny presets.
+pub const DEFAULT_RMS_EPS: f64 = 1e-5;
+
+fn default_rms_eps() -> f64 {
+    DEFAULT_RMS_EPS
+}
+
+fn is_default_rms_eps(e: &f64) -> bool {
+    *e == DEFAULT_RMS_EPS
 }
 
 /// Causal decoder shape (Phi-3 / LLaMA style).
@@ -55,6 +119,12 @@ pub struct LmConfig {
     /// SwiGLU hidden size.
     pub mlp_hidden: usize,
     pub rope_theta: f64,
+    /// RMSNorm epsilon (checkpoints say theirs; 1e-5 is not serialized).
+    #[serde(
+        default = "default_rms_eps",
+        skip_serializing_if = "is_default_rms_eps"
+    )]
+    pub rms_eps: f64,
 }
 
 /// Q-Former shape (used by `blip2` only).
@@ -102,6 +172,9 @@ pub struct ModelConfig {
     pub pretrained: bool,
     /// Seed of the deterministic initialisation (each tensor draws from `(seed, name)`).
     pub seed: u64,
+    /// Activation between the two projector linears (`llava`, `phi3v`); checkpoints say theirs.
+    #[serde(default, skip_serializing_if = "Activation::is_default")]
+    pub projector_act: Activation,
 }
 
 impl ModelConfig {
@@ -129,6 +202,7 @@ impl ModelConfig {
                 depth: 2,
                 heads: 4,
                 mlp_ratio: 2,
+                layout: VitLayout::default(),
             },
             lm: LmConfig {
                 width: 128,
@@ -136,6 +210,7 @@ impl ModelConfig {
                 heads: 4,
                 mlp_hidden: 256,
                 rope_theta: 10_000.0,
+                rms_eps: DEFAULT_RMS_EPS,
             },
             qformer: QFormerConfig {
                 queries: 16,
@@ -156,6 +231,7 @@ impl ModelConfig {
             eos_id: eos,
             pretrained: false,
             seed: 0,
+            projector_act: Activation::default(),
         }
     }
 
@@ -183,6 +259,7 @@ impl ModelConfig {
                     depth: 39,
                     heads: 16,
                     mlp_ratio: 4,
+                    layout: VitLayout::default(),
                 };
                 c.qformer = QFormerConfig {
                     queries: 32,
@@ -196,6 +273,7 @@ impl ModelConfig {
                     heads: 32,
                     mlp_hidden: 6912,
                     rope_theta: 10_000.0,
+                    rms_eps: DEFAULT_RMS_EPS,
                 };
             }
             Backbone::Llava => {
@@ -206,6 +284,7 @@ impl ModelConfig {
                     depth: 24,
                     heads: 16,
                     mlp_ratio: 4,
+                    layout: VitLayout::default(),
                 };
                 c.lm = LmConfig {
                     width: 4096,
@@ -213,6 +292,7 @@ impl ModelConfig {
                     heads: 32,
                     mlp_hidden: 11008,
                     rope_theta: 10_000.0,
+                    rms_eps: DEFAULT_RMS_EPS,
                 };
             }
             Backbone::Phi3v => {
@@ -223,6 +303,7 @@ impl ModelConfig {
                     depth: 24,
                     heads: 16,
                     mlp_ratio: 4,
+                    layout: VitLayout::default(),
                 };
                 c.lm = LmConfig {
                     width: 3072,
@@ -230,6 +311,7 @@ impl ModelConfig {
                     heads: 32,
                     mlp_hidden: 8192,
                     rope_theta: 10_000.0,
+                    rms_eps: DEFAULT_RMS_EPS,
                 };
                 c.hd_grid = 4;
             }

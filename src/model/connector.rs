@@ -15,13 +15,13 @@
 
 use candle_core::{Result as CResult, Tensor, D};
 
-use super::config::{Backbone, Fusion, ModelConfig};
+use super::config::{Activation, Backbone, Fusion, ModelConfig};
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::lm::CrossAttention;
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
-use super::vit::Vit;
+use super::vit::{activate, Vit};
 use super::ModelError;
 
 #[derive(Debug, Clone)]
@@ -156,6 +156,8 @@ pub struct Visual {
     image_size: usize,
     grid: usize,
     lm_width: usize,
+    /// Projector activation (`ModelConfig::projector_act`).
+    act: Activation,
 }
 
 impl Visual {
@@ -207,6 +209,7 @@ impl Visual {
             image_size: cfg.vision.image_size,
             grid: cfg.hd_grid,
             lm_width: dl,
+            act: cfg.projector_act,
         })
     }
 
@@ -240,7 +243,7 @@ impl Visual {
                 proj.forward(&qformer.forward(&self.features(images, fwd)?, fwd)?, fwd)
             }
             Head::Mlp { fc1, fc2 } => fc2.forward(
-                &ops::gelu(&fc1.forward(&self.features(images, fwd)?, fwd)?)?,
+                &activate(self.act, &fc1.forward(&self.features(images, fwd)?, fwd)?)?,
                 fwd,
             ),
             Head::Phi3v {
@@ -275,7 +278,7 @@ impl Visual {
                     .reshape((f.dim(0)?, m, 2, m, 2, dv))?
                     .permute((0, 1, 3, 2, 4, 5))?
                     .reshape((f.dim(0)?, m, m, 4 * dv))?;
-                let tok = fc2.forward(&ops::gelu(&fc1.forward(&merged, fwd)?)?, fwd)?; // (V, m, m, dl)
+                let tok = fc2.forward(&activate(self.act, &fc1.forward(&merged, fwd)?)?, fwd)?; // (V, m, m, dl)
                 let dl = self.lm_width;
                 let glb = tok.narrow(0, 0, bsz)?;
                 let loc = tok

@@ -181,8 +181,14 @@ impl Builder<'_> {
     }
 
     pub fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm, ModelError> {
+        self.rms_norm_eps(name, dim, 1e-5)
+    }
+
+    /// RMSNorm with its own epsilon (a checkpoint's `rms_norm_eps`).
+    pub fn rms_norm_eps(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm, ModelError> {
         Ok(RmsNorm {
             w: self.pp(name).base("weight", &[dim], Init::Ones, false)?,
+            eps,
         })
     }
 }
@@ -202,11 +208,12 @@ impl LayerNorm {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     w: Tensor,
+    eps: f64,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        ops::rms_norm(x, &self.w, 1e-5)
+        ops::rms_norm(x, &self.w, self.eps)
     }
 }
 

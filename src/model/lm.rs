@@ -133,12 +133,12 @@ impl Layer {
             None
         };
         Ok(Self {
-            ln1: b.rms_norm("input_layernorm", w)?,
+            ln1: b.rms_norm_eps("input_layernorm", w, cfg.lm.rms_eps)?,
             qkv_proj: b.pp("self_attn").linear("qkv_proj", w, 3 * w, false)?,
             o_proj: b.pp("self_attn").linear("o_proj", w, w, false)?,
             ad_attn: b.adapter("adapter_attn", w)?,
             xattn,
-            ln2: b.rms_norm("post_attention_layernorm", w)?,
+            ln2: b.rms_norm_eps("post_attention_layernorm", w, cfg.lm.rms_eps)?,
             gate_up_proj: b.pp("mlp").linear("gate_up_proj", w, 2 * h, false)?,
             down_proj: b.pp("mlp").linear("down_proj", h, w, false)?,
             ad_mlp: b.adapter("adapter_mlp", w)?,
@@ -226,7 +226,7 @@ impl Lm {
                 false,
             )?,
             layers,
-            norm: b.rms_norm("norm", w)?,
+            norm: b.rms_norm_eps("norm", w, cfg.lm.rms_eps)?,
             lm_head: b.linear("lm_head", w, cfg.vocab_size, false)?,
             rope: Rope::new(w / cfg.lm.heads, max_pos, cfg.lm.rope_theta, &dev)?,
         })

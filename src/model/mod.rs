@@ -41,6 +41,7 @@ pub mod captioner;
 pub mod config;
 pub mod connector;
 pub mod fused;
+pub mod hf;
 pub mod kernels;
 pub mod linear;
 pub mod lm;
@@ -51,7 +52,10 @@ pub mod vit;
 use std::path::PathBuf;
 
 pub use captioner::{Captioner, ParamCounts, TeacherForcing, TrainableVar};
-pub use config::{Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy};
+pub use config::{
+    Activation, Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy,
+    VitLayout,
+};
 pub use lm::LmState;
 pub use params::Component;
 
@@ -87,4 +91,6 @@ pub enum ModelError {
     },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Hf(#[from] hf::HfError),
 }

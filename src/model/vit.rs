@@ -1,11 +1,13 @@
 //! Vision Transformer encoder (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020),
-//! pre-LN blocks, learned position embeddings, no class token (every backbone reads patch
-//! tokens). Patch embedding is a reshape plus one linear through the seam, equivalent to a
-//! stride-p convolution and quantizable like any other linear.
+//! pre-LN blocks, learned position embeddings; a class token, a LayerNorm of the embeddings
+//! and another MLP activation only where `VisionConfig::layout` asks for them (CLIP
+//! checkpoints, `super::hf`); every backbone reads patch tokens. Patch embedding is a reshape
+//! plus one linear through the seam, equivalent to a stride-p convolution and quantizable like
+//! any other linear.
 
 use candle_core::{Result as CResult, Tensor};
 
-use super::config::VisionConfig;
+use super::config::{Activation, VisionConfig};
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::ops::{self, Fwd};
@@ -21,6 +23,7 @@ struct Block {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
+    act: Activation,
 }
 
 impl Block {
@@ -34,6 +37,7 @@ impl Block {
             fc1: b.pp("mlp").linear("fc1", w, w * cfg.mlp_ratio, true)?,
             fc2: b.pp("mlp").linear("fc2", w * cfg.mlp_ratio, w, true)?,
             heads: cfg.heads,
+            act: cfg.layout.act,
         })
     }
 
@@ -41,7 +45,7 @@ impl Block {
         let qkv = self.qkv.forward(&self.ln1.forward(x)?, fwd)?;
         let a = kernels::self_attention(&qkv, self.heads, false, None)?;
         let x = (x + self.proj.forward(&a, fwd)?)?;
-        let h = ops::gelu(&self.fc1.forward(&self.ln2.forward(&x)?, fwd)?)?;
+        let h = activate(self.act, &self.fc1.forward(&self.ln2.forward(&x)?, fwd)?)?;
         x + self.fc2.forward(&h, fwd)?
     }
 }
@@ -53,6 +57,23 @@ pub struct Vit {
     blocks: Vec<Block>,
     patch_size: usize,
     image_size: usize,
+    /// Class token (`layout.class_token`), first in the sequence, dropped from [`Vit::forward`].
+    cls: Option<Tensor>,
+    /// LayerNorm of the embeddings before the first block (`layout.pre_norm`).
+    pre_norm: Option<LayerNorm>,
+}
+
+/// An MLP activation, differentiable (exact GELU through candle's erf op, which has a
+/// backward; quick GELU from basic ops).
+pub(crate) fn activate(act: Activation, x: &Tensor) -> CResult<Tensor> {
+    match act {
+        Activation::GeluTanh => ops::gelu(x),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::QuickGelu => {
+            let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+            x * s
+        }
+    }
 }
 
 impl Vit {
@@ -65,15 +86,33 @@ impl Vit {
     ) -> Result<Self, ModelError> {
         let p = cfg.patch_size;
         let n = (cfg.image_size / p).pow(2);
+        let lay = cfg.layout;
+        let cls = if lay.class_token {
+            Some(b.base("cls_token", &[cfg.width], Init::Normal(0.02), false)?)
+        } else {
+            None
+        };
+        let pre_norm = if lay.pre_norm {
+            Some(b.layer_norm("pre_norm", cfg.width)?)
+        } else {
+            None
+        };
         let blocks = (0..blocks.min(cfg.depth))
             .map(|i| Block::new(&b.pp("blocks").pp(i), cfg))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            patch: b.linear("patch_embed", 3 * p * p, cfg.width, true)?,
-            pos: b.base("pos_embed", &[n, cfg.width], Init::Normal(0.02), false)?,
+            patch: b.linear("patch_embed", 3 * p * p, cfg.width, !lay.patch_bias_free)?,
+            pos: b.base(
+                "pos_embed",
+                &[n + usize::from(lay.class_token), cfg.width],
+                Init::Normal(0.02),
+                false,
+            )?,
             blocks,
             patch_size: p,
             image_size: cfg.image_size,
+            cls,
+            pre_norm,
         })
     }
 
@@ -81,8 +120,28 @@ impl Vit {
         (self.image_size / self.patch_size).pow(2)
     }
 
-    /// Block outputs `1..=upto` (index 0 of the result is block 1) for images (B,3,S,S).
+    /// Block outputs `1..=upto` (index 0 of the result is block 1) for images (B,3,S,S), patch
+    /// tokens only (without the class token, if any).
     pub fn forward(&self, images: &Tensor, upto: usize, fwd: Fwd<'_>) -> CResult<Vec<Tensor>> {
+        let outs = self.hidden_states(images, upto, fwd)?.into_iter().skip(1);
+        if self.cls.is_none() {
+            return Ok(outs.collect());
+        }
+        outs.map(|x| {
+            let n = x.dim(1)? - 1;
+            x.narrow(1, 1, n)
+        })
+        .collect()
+    }
+
+    /// The embeddings as the first block reads them (after the pre-norm, if any), then block
+    /// outputs `1..=upto`, class token included: Hugging Face's `hidden_states`.
+    pub fn hidden_states(
+        &self,
+        images: &Tensor,
+        upto: usize,
+        fwd: Fwd<'_>,
+    ) -> CResult<Vec<Tensor>> {
         let (bsz, c, h, w) = images.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -90,11 +149,18 @@ impl Vit {
             .reshape((bsz, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((bsz, gh * gw, c * p * p))?;
-        let mut x = self
-            .patch
-            .forward(&patches, fwd)?
-            .broadcast_add(&self.pos)?;
-        let mut outs = Vec::with_capacity(upto);
+        let mut x = self.patch.forward(&patches, fwd)?;
+        if let Some(cls) = &self.cls {
+            let d = cls.dim(0)?;
+            let cls = cls.reshape((1, 1, d))?.broadcast_as((bsz, 1, d))?;
+            x = Tensor::cat(&[&cls, &x], 1)?;
+        }
+        let mut x = x.broadcast_add(&self.pos)?;
+        if let Some(ln) = &self.pre_norm {
+            x = ln.forward(&x)?;
+        }
+        let mut outs = Vec::with_capacity(upto + 1);
+        outs.push(x.clone());
         for blk in self.blocks.iter().take(upto) {
             x = blk.forward(&x, fwd)?;
             outs.push(x.clone());

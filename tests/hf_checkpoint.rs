@@ -1,0 +1,266 @@
+//! Real checkpoints in Hugging Face layout (`ecic::model::hf`) against transformers itself:
+//! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), CLIP
+//! vision and LLaVA checkpoints with transformers 5.24's outputs on fixed inputs, made by
+//! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ecic::model::hf::{Checkpoint, VisionTower};
+use ecic::model::{Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, Phase};
+
+const TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+fn expected(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors")
+}
+
+fn ids(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+fn max_abs_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn pretrained(dir: &Path, backbone: Backbone, fusion: Fusion) -> Captioner {
+    let ck = Checkpoint::open(dir).unwrap();
+    let cfg = ck.model_config(backbone, fusion).unwrap();
+    let mut m = Captioner::new(&cfg, &PeftConfig::default(), Phase::Align, &Device::Cpu).unwrap();
+    let n = m.load_pretrained(&ck).unwrap();
+    assert!(n > 0);
+    m
+}
+
+fn causal_lm_matches(name: &str) {
+    let exp = expected(name);
+    let m = pretrained(&fixture(name), Backbone::Llava, Fusion::Early);
+    let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
+    let err = max_abs_err(&logits, &exp["logits"]);
+    eprintln!("{name}: logits max abs err {err:e}");
+    assert!(err < TOL, "{name}: logits max abs err {err}");
+}
+
+#[test]
+fn llama_gqa_logits_match_transformers() {
+    causal_lm_matches("llama");
+}
+
+#[test]
+fn phi3_sharded_logits_match_transformers() {
+    causal_lm_matches("phi3");
+}
+
+#[test]
+fn clip_hidden_states_match_transformers() {
+    let exp = expected("clip");
+    let tower = VisionTower::load(&fixture("clip"), &Device::Cpu).unwrap();
+    let hs = tower.hidden_states(&exp["pixel_values"]).unwrap();
+    assert_eq!(hs.len(), 3, "embeddings + 2 layers");
+    for (i, h) in hs.iter().enumerate() {
+        let err = max_abs_err(h, &exp[&format!("hidden_states.{i}")]);
+        eprintln!("clip: hidden_states.{i} max abs err {err:e}");
+        assert!(err < TOL, "hidden_states.{i}: max abs err {err}");
+    }
+}
+
+#[test]
+fn llava_logits_match_transformers() {
+    let exp = expected("llava");
+    let m = pretrained(&fixture("llava"), Backbone::Llava, Fusion::Early);
+    assert_eq!(m.num_visual_tokens(), 16);
+    let logits = m
+        .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
+        .unwrap();
+    let err = max_abs_err(&logits, &exp["logits"]);
+    eprintln!("llava: text logits max abs err {err:e}");
+    assert!(err < TOL, "llava: logits max abs err {err}");
+    // Pretrained: pretrain-align trains the connector only.
+    let trainable = m.trainable_vars();
+    assert!(!trainable.is_empty());
+    assert!(trainable
+        .iter()
+        .all(|t| t.component == Component::Connector));
+}
+
+/// The projector is only llava's; other backbones take the checkpoint's encoder and LM and
+/// build their connector from the seed.
+#[test]
+fn other_backbones_load_encoder_and_lm() {
+    let exp = expected("llava");
+    for (b, f) in [
+        (Backbone::Blip2, Fusion::Late),
+        (Backbone::Llava, Fusion::Multilevel),
+    ] {
+        let m = pretrained(&fixture("llava"), b, f);
+        // The text-only decoder is the checkpoint's (same LM as the LLaVA fixture's).
+        let l = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
+        assert_eq!(l.dims(), &[2, 8, 64]);
+    }
+}
+
+/// The tiny presets serialize exactly as before the checkpoint options existed (the options
+/// are skipped at their defaults), so lineages and keys stay unchanged.
+#[test]
+fn tiny_config_serializes_without_the_new_options() {
+    let c = ModelConfig::tiny(Backbone::Llava, Fusion::Early, 100, 0, 1, 2);
+    let j = serde_json::to_value(&c).unwrap();
+    assert!(j["vision"].get("layout").is_none());
+    assert!(j["lm"].get("rms_eps").is_none());
+    assert!(j.get("projector_act").is_none());
+    let back: ModelConfig = serde_json::from_value(j).unwrap();
+    assert_eq!(back, c);
+    let real = pretrained(&fixture("llava"), Backbone::Llava, Fusion::Early);
+    let j = serde_json::to_value(real.config()).unwrap();
+    assert_eq!(j["vision"]["layout"]["act"], "quick_gelu");
+    assert_eq!(j["lm"]["rms_eps"], 1e-6);
+    assert_eq!(j["projector_act"], "gelu");
+    let back: ModelConfig = serde_json::from_value(j).unwrap();
+    assert_eq!(&back, real.config());
+}
+
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
+/// Rewrites `dir/model.safetensors` through `edit`.
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let f = dir.join("model.safetensors");
+    let mut m = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+    edit(&mut m);
+    candle_core::safetensors::save(&m, &f).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let f = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&f, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Opens and loads into a llava/early model; the error's text.
+fn load_error(dir: &Path) -> String {
+    let ck = match Checkpoint::open(dir) {
+        Ok(ck) => ck,
+        Err(e) => return e.to_string(),
+    };
+    let cfg = ck.model_config(Backbone::Llava, Fusion::Early).unwrap();
+    let mut m = Captioner::new(&cfg, &PeftConfig::default(), Phase::Align, &Device::Cpu).unwrap();
+    match m.load_pretrained(&ck) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_tensor_names_the_key_and_the_directory() {
+    let tmp = copy_fixture("llama");
+    edit_weights(tmp.path(), |m| {
+        m.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+    });
+    let e = load_error(tmp.path());
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(e.contains("is missing"), "{e}");
+    assert!(e.contains(&tmp.path().display().to_string()), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_the_file_and_the_key() {
+    let tmp = copy_fixture("llava");
+    edit_weights(tmp.path(), |m| {
+        let k = "language_model.model.layers.0.self_attn.k_proj.weight";
+        m.insert(
+            k.into(),
+            Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let e = load_error(tmp.path());
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("language_model.model.layers.0.self_attn.k_proj.weight")
+            && e.contains("[32, 32]")
+            && e.contains("[16, 32]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_configs_name_config_json_and_the_key() {
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+        (
+            "llama",
+            |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]),
+            "architectures",
+        ),
+        (
+            "llama",
+            |v| v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+            "rope_scaling",
+        ),
+        (
+            "llama",
+            |v| v["attention_bias"] = true.into(),
+            "attention_bias",
+        ),
+        ("phi3", |v| v["hidden_act"] = "gelu".into(), "hidden_act"),
+        (
+            "llava",
+            |v| v["vision_feature_select_strategy"] = "full".into(),
+            "vision_feature_select_strategy",
+        ),
+        (
+            "llava",
+            |v| v["vision_config"]["layer_norm_eps"] = 1e-6.into(),
+            "vision_config.layer_norm_eps",
+        ),
+    ];
+    for (name, edit, key) in cases {
+        let tmp = copy_fixture(name);
+        edit_config(tmp.path(), edit);
+        let e = Checkpoint::open(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains(key),
+            "{name}/{key}: {e}"
+        );
+    }
+}
+
+#[test]
+fn directory_without_weights_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("llama").join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let e = Checkpoint::open(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let e = Checkpoint::open(&tmp.path().join("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
