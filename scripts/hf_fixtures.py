@@ -143,6 +143,23 @@ def llava(out):
     )
 
 
+def tokenizer(out: Path):
+    """A character-level WordLevel tokenizer.json of 63 ids (the LLaVA fixture's vocabulary is
+    64 with the image token last): specials, then Chinese characters frequent in the synthetic
+    captions; anything else is <unk>."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = "夏季春秋冬四男女士同款学生情侣儿童新时尚休闲简约百搭宽松修身韩版潮流纯棉短袖长裤连衣裙外套鞋包黑白红蓝色大小码条纹格子印花"
+    chars = list(dict.fromkeys(chars))[: 63 - 4]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in chars:
+        vocab[c] = len(vocab)
+    assert len(vocab) == 63
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
+    tok.save(str(out / "tokenizer.json"))
+
+
 def main():
     root = Path(sys.argv[1])
     torch.set_default_dtype(torch.float32)
@@ -167,6 +184,7 @@ def main():
     causal_lm(Phi3ForCausalLM, phi3, 5, root / "phi3", max_shard_size="40KB")
     clip(root / "clip")
     llava(root / "llava")
+    tokenizer(root / "llava")
     print(json.dumps({p.name: sum(f.stat().st_size for f in p.iterdir()) for p in root.iterdir()}))
 
 

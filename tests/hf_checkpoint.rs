@@ -264,3 +264,172 @@ fn directory_without_weights_is_an_error() {
         .to_string();
     assert!(e.contains("config.json"), "{e}");
 }
+
+// ---- `model.checkpoint` in a spec, through the `ecic` binary ----
+
+fn ecic() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("ecic").unwrap();
+    c.env("NO_COLOR", "1");
+    c
+}
+
+fn spec_with_checkpoint(dir: &Path, ck: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+name = "hf"
+seeds = [0]
+[data]
+synth = {{ train = 12, valid = 4, test = 2, align = 12 }}
+[model]
+checkpoint = "{}"
+max_len = 16
+[grid]
+backbone = ["llava"]
+peft = ["lora"]
+fusion = ["early"]
+[stages.preprocess]
+augment_copies = 0
+[stages.pretrain_align]
+steps = 2
+batch_size = 4
+[stages.domain_adapt]
+steps = 2
+batch_size = 4
+[stages.evaluate]
+predict_test = false
+"#,
+        ck.display()
+    );
+    let p = dir.join("spec.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn sweep(spec: &Path, runs: &Path) -> std::process::Output {
+    ecic()
+        .arg("sweep")
+        .arg(spec)
+        .arg("--runs")
+        .arg(runs)
+        .arg("--no-report")
+        .output()
+        .unwrap()
+}
+
+/// Stages computed so far (from the sweep logs): "kind key" (e.g. "pretrain-align 6aee...").
+fn computed(runs: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(runs.join("logs")).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines() {
+            if let Some(rest) = line.split("computing ").nth(1) {
+                let w: Vec<&str> = rest.split_whitespace().collect();
+                let key = w.iter().find(|t| t.len() == 64).copied().unwrap_or("");
+                v.push(format!("{} {key}", w.first().copied().unwrap_or("")));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn sweep_trains_from_a_checkpoint_and_reruns_when_its_weights_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("llava");
+    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+    let runs = tmp.path().join("runs");
+    let out = sweep(&spec, &runs);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let first = computed(&runs);
+    assert!(first.len() >= 4, "{first:?}");
+    // The published align base holds the checkpoint's frozen LM and tower, and its lineage
+    // the checkpoint's shapes with `pretrained`.
+    let align = first
+        .iter()
+        .find_map(|s| s.strip_prefix("pretrain-align "))
+        .unwrap();
+    let entry = runs.join("objects-v1").join(align);
+    let w =
+        candle_core::safetensors::load(entry.join("weights.safetensors"), &Device::Cpu).unwrap();
+    let src =
+        candle_core::safetensors::load(ck.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    for (ours, theirs) in [
+        ("lm.norm.weight", "language_model.model.norm.weight"),
+        (
+            "vision.blocks.0.mlp.fc1.weight",
+            "vision_tower.encoder.layers.0.mlp.fc1.weight",
+        ),
+    ] {
+        assert_eq!(max_abs_err(&w[ours], &src[theirs]), 0.0, "{ours}");
+    }
+    let lineage: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(entry.join("lineage.json")).unwrap())
+            .unwrap();
+    assert_eq!(lineage["model"]["pretrained"], true);
+    assert_eq!(lineage["model"]["vocab_size"], 64);
+    assert_eq!(lineage["model"]["vision"]["layout"]["class_token"], true);
+    // Nothing changed: nothing recomputed.
+    let out = sweep(&spec, &runs);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        computed(&runs).len(),
+        first.len(),
+        "a no-op re-run computed stages"
+    );
+    // New weights (same shapes): pretrain-align and what follows re-run, preprocess does not.
+    edit_weights(ck.path(), |m| {
+        let k = "language_model.model.norm.weight";
+        let w = (&m[k] * 1.5).unwrap();
+        m.insert(k.into(), w);
+    });
+    let out = sweep(&spec, &runs);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now = computed(&runs);
+    let again: Vec<&String> = now.iter().filter(|s| !first.contains(s)).collect();
+    assert_eq!(now.len(), first.len() + again.len(), "a stage recomputed under its old key");
+    assert!(again.iter().any(|k| k.contains("pretrain")), "{again:?}");
+    assert!(again.iter().any(|k| k.starts_with("evaluate")), "{again:?}");
+    assert!(!again.iter().any(|k| k.contains("preprocess")), "{again:?}");
+}
+
+#[test]
+fn bad_checkpoints_exit_2_naming_model_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_tok = copy_fixture("llava");
+    std::fs::remove_file(no_tok.path().join("tokenizer.json")).unwrap();
+    let bad_arch = copy_fixture("llava");
+    edit_config(bad_arch.path(), |v| {
+        v["architectures"] = serde_json::json!(["LlavaNextForConditionalGeneration"])
+    });
+    let cases: [(PathBuf, &str); 4] = [
+        (tmp.path().join("nowhere"), "is not a directory"),
+        (fixture("llama"), "has no vision tower"),
+        (no_tok.path().to_path_buf(), "no tokenizer.json"),
+        (
+            bad_arch.path().to_path_buf(),
+            "LlavaNextForConditionalGeneration",
+        ),
+    ];
+    for (dir, msg) in cases {
+        let spec = spec_with_checkpoint(tmp.path(), &dir);
+        let out = ecic()
+            .arg("plan")
+            .arg(&spec)
+            .arg("--runs")
+            .arg(tmp.path().join("runs"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{msg}: {err}");
+        assert!(
+            err.contains("model.checkpoint") && err.contains(msg),
+            "{msg}: {err}"
+        );
+    }
+}

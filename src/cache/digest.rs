@@ -42,13 +42,6 @@ fn data_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, CacheError> {
 
 /// blake3 over (file name, file digest) of every data file, sorted by name.
 pub fn data_digest(dir: &Path, memo_path: &Path) -> Result<String, CacheError> {
-    let mut memo: Memo = fs::read(memo_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let mut changed = false;
-    let mut h = blake3::Hasher::new();
-    h.update(b"ecic-data-v1\0");
     let files = data_files(dir)?;
     if files.is_empty() {
         return Err(CacheError::Corrupt {
@@ -57,7 +50,25 @@ pub fn data_digest(dir: &Path, memo_path: &Path) -> Result<String, CacheError> {
                 .into(),
         });
     }
-    for p in files {
+    files_digest(b"ecic-data-v1\0", &files, memo_path)
+}
+
+/// blake3 over `tag` then (file name, file digest) of each of `files` in the order given;
+/// file digests are memoised in `memo_path` by (absolute path, size, mtime). Data sets and
+/// real checkpoints (`model::hf`) are digested through this.
+pub fn files_digest(
+    tag: &[u8],
+    files: &[std::path::PathBuf],
+    memo_path: &Path,
+) -> Result<String, CacheError> {
+    let mut memo: Memo = fs::read(memo_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut changed = false;
+    let mut h = blake3::Hasher::new();
+    h.update(tag);
+    for p in files.iter().cloned() {
         let meta = fs::metadata(&p).map_err(io(&p))?;
         let mtime_ns = meta
             .modified()

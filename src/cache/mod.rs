@@ -38,7 +38,7 @@ mod entry;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub use digest::data_digest;
+pub use digest::{data_digest, files_digest};
 pub use entry::{CaptionRecord, Manifest, StageOutputs};
 
 /// Bump to start a fresh object root (old entries are then ignored and gc'able).

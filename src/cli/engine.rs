@@ -117,11 +117,12 @@ fn prepare(
     sets: &[String],
     runs: &Path,
 ) -> CliResult<(Spec, Cache, Plan<Sealed>)> {
-    let spec = Spec::load(spec_path, sets).map_err(usage)?;
+    let mut spec = Spec::load(spec_path, sets).map_err(usage)?;
     let cache = Cache::open(runs).map_err(other)?;
     let data_dir = materialise_data(&spec, runs)?;
-    let digest = crate::cache::data_digest(&data_dir, &runs.join("data").join("digests.json"))
-        .map_err(usage)?;
+    let memo = runs.join("data").join("digests.json");
+    let digest = crate::cache::data_digest(&data_dir, &memo).map_err(usage)?;
+    crate::spec::checkpoint::resolve(&mut spec, &memo).map_err(usage)?;
     let data_dir = std::path::absolute(&data_dir).map_err(other)?;
     let plan = Plan::of_spec(&spec, data_dir, digest).map_err(other)?;
     Ok((spec, cache, plan))

@@ -209,6 +209,25 @@ impl Captioner {
         })
     }
 
+    /// Writes every base tensor (trained and frozen, dequantized): the align output when the
+    /// frozen part came from a real checkpoint rather than from the seed, so later stages
+    /// rebuild the model from this file alone.
+    pub fn save_base(&self, path: &Path) -> Result<(), ModelError> {
+        let map = {
+            let store = self.lock();
+            store
+                .entries
+                .iter()
+                .filter(|(_, e)| e.base)
+                .map(|(k, e)| Ok((k.clone(), e.tensor(&store.device)?)))
+                .collect::<Result<HashMap<String, Tensor>, ModelError>>()?
+        };
+        candle_core::safetensors::save(&map, path).map_err(|source| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
     /// Loads the frozen base written by an earlier stage; every base tensor must be present.
     pub fn load_base(&mut self, path: &Path) -> Result<usize, ModelError> {
         self.load(path, true)

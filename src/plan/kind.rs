@@ -102,7 +102,7 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             } else {
                 image_size(&cell.backbone, &c.model.preset)
             };
-            json!({
+            let mut v = json!({
                 "image_size": size,
                 "mean": CLIP_MEAN,
                 "std": CLIP_STD,
@@ -113,16 +113,28 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
                 "tokenizer": p.tokenizer,
                 "min_freq": p.min_freq,
                 "policy": c.data.policy,
-            })
+            });
+            // Only with a checkpoint's tokenizer (spec::checkpoint), so other keys are unchanged.
+            if let Some(d) = &p.tokenizer_digest {
+                v["tokenizer_digest"] = json!(d);
+            }
+            v
         }
-        StageKind::PretrainAlign => json!({
-            "backbone": cell.backbone,
-            "fusion": cell.fusion,
-            "preset": c.model.preset,
-            "checkpoint": c.model.checkpoint,
-            "max_len": c.model.max_len,
-            "train": c.stages.pretrain_align,
-        }),
+        StageKind::PretrainAlign => {
+            let mut v = json!({
+                "backbone": cell.backbone,
+                "fusion": cell.fusion,
+                "preset": c.model.preset,
+                "checkpoint": c.model.checkpoint,
+                "max_len": c.model.max_len,
+                "train": c.stages.pretrain_align,
+            });
+            // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
+            if let Some(d) = &c.model.checkpoint_digest {
+                v["checkpoint_digest"] = json!(d);
+            }
+            v
+        }
         StageKind::DomainAdapt => {
             let peft = match cell.peft.as_str() {
                 "lora" => serde_json::to_value(&c.peft.lora).unwrap_or(Value::Null),

@@ -118,10 +118,15 @@ pub struct ModelSpec {
     pub preset: String,
     /// Longest caption in tokens (BOS/EOS included).
     pub max_len: usize,
-    /// Optional local directory with real pretrained weights.
+    /// Optional local directory with real pretrained weights (Hugging Face layout, see
+    /// `model::hf`); resolved to an absolute path when the plan is built.
     pub checkpoint: Option<PathBuf>,
     /// Vision encoder policy in PEFT stages: `frozen` or `lora`.
     pub vision: String,
+    /// Content digest of the checkpoint's files, set when the plan is built (never read from
+    /// a spec); part of the pretrain-align key.
+    #[serde(skip)]
+    pub checkpoint_digest: Option<String>,
 }
 
 impl Default for ModelSpec {
@@ -131,6 +136,7 @@ impl Default for ModelSpec {
             max_len: 32,
             checkpoint: None,
             vision: "frozen".into(),
+            checkpoint_digest: None,
         }
     }
 }
@@ -219,8 +225,13 @@ pub struct PreprocessSpec {
     pub crop_scale: [f64; 2],
     /// Colour jitter strength (0 = off).
     pub jitter: f64,
-    /// A real checkpoint's tokenizer.json; empty = train one on the captions.
+    /// A real checkpoint's tokenizer.json; empty = train one on the captions (or, with
+    /// `model.checkpoint`, the checkpoint directory's tokenizer.json).
     pub tokenizer: Option<PathBuf>,
+    /// Content digest of the tokenizer taken from `model.checkpoint`, set when the plan is
+    /// built (never read from a spec); part of the preprocess key.
+    #[serde(skip)]
+    pub tokenizer_digest: Option<String>,
     /// Minimum count for a character to enter the trained vocabulary.
     pub min_freq: u32,
 }
@@ -234,6 +245,7 @@ impl Default for PreprocessSpec {
             crop_scale: [0.8, 1.0],
             jitter: 0.1,
             tokenizer: None,
+            tokenizer_digest: None,
             min_freq: 1,
         }
     }

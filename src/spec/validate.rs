@@ -260,6 +260,57 @@ fn modules_to_save(issues: &mut Issues, at: &str, mods: &[String]) {
     }
 }
 
+/// `model.checkpoint` names a directory: it must hold a supported LLaVA checkpoint (vision
+/// tower and LM) with a tokenizer, and a set `stages.preprocess.image_size` must be its input.
+fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
+    let ck = match crate::model::hf::Checkpoint::open(dir) {
+        Ok(ck) => ck,
+        Err(e) => {
+            issues.at("model.checkpoint", e.to_string());
+            return;
+        }
+    };
+    if !(ck.has_lm() && ck.has_vision()) {
+        issues.at(
+            "model.checkpoint",
+            format!(
+                "{}: a {:?} checkpoint has no {}; a sweep needs a \
+                 LlavaForConditionalGeneration (vision tower and language model)",
+                dir.display(),
+                ck.arch(),
+                if ck.has_lm() {
+                    "vision tower"
+                } else {
+                    "language model"
+                }
+            ),
+        );
+        return;
+    }
+    if c.stages.preprocess.tokenizer.is_none() && !dir.join("tokenizer.json").is_file() {
+        issues.at(
+            "model.checkpoint",
+            format!(
+                "{}: no tokenizer.json; captions must be tokenized with the checkpoint's own \
+                 tokenizer (or set stages.preprocess.tokenizer)",
+                dir.display()
+            ),
+        );
+    }
+    let size = c.stages.preprocess.image_size as usize;
+    if let Some(want) = super::checkpoint::input_size(&ck, backbone) {
+        if size != 0 && size != want {
+            issues.at(
+                "stages.preprocess.image_size",
+                format!(
+                    "{size} does not match model.checkpoint's {want} px input for {backbone} \
+                     (leave it 0)"
+                ),
+            );
+        }
+    }
+}
+
 /// Value checks on a typed config. `backbone` is the cell's backbone ("" for
 /// the base spec).
 pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mut Issues) {
@@ -308,6 +359,8 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
                 "model.checkpoint",
                 format!("{} is not a directory", spec_dir.join(ck).display()),
             );
+        } else {
+            checkpoint(c, &spec_dir.join(ck), backbone, issues);
         }
     }
     lora(issues, "peft.lora", &c.peft.lora);

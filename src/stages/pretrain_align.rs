@@ -24,17 +24,35 @@ struct Params {
 
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let p: Params = ctx.params()?;
-    if p.checkpoint.is_some() {
-        return Err(StageError::msg(
-            "loading real pretrained checkpoints is not supported by this build yet; remove `model.checkpoint`",
-        ));
-    }
     let pre = ctx.input(StageKind::Preprocess)?;
     let tok = training::load_tokenizer(pre)?;
     let (v, pad, bos, eos) = (tok.vocab_size(), tok.pad_id(), tok.bos_id(), tok.eos_id());
-    let mut cfg = match p.preset.as_str() {
-        "tiny" => ModelConfig::tiny(p.backbone, p.fusion, v, pad, bos, eos),
-        _ => ModelConfig::real(p.backbone, p.fusion, v, pad, bos, eos),
+    // A real checkpoint (model::hf) fixes the shapes and the vocabulary; the caption
+    // tokenizer (the checkpoint's own, see spec::checkpoint) fixes the special ids.
+    let ck = p
+        .checkpoint
+        .as_deref()
+        .map(crate::model::hf::Checkpoint::open)
+        .transpose()
+        .map_err(StageError::ctx("opening model.checkpoint"))?;
+    let mut cfg = match (&ck, p.preset.as_str()) {
+        (Some(ck), _) => {
+            let mut c = ck
+                .model_config(p.backbone, p.fusion)
+                .map_err(StageError::ctx("model.checkpoint"))?;
+            if v > c.vocab_size {
+                return Err(StageError::msg(format!(
+                    "model.checkpoint {}: the caption tokenizer has {v} ids but the checkpoint's \
+                     vocabulary only {}",
+                    ck.dir().display(),
+                    c.vocab_size
+                )));
+            }
+            (c.pad_id, c.bos_id, c.eos_id) = (pad, bos, eos);
+            c
+        }
+        (None, "tiny") => ModelConfig::tiny(p.backbone, p.fusion, v, pad, bos, eos),
+        (None, _) => ModelConfig::real(p.backbone, p.fusion, v, pad, bos, eos),
     };
     cfg.max_caption_len = p.max_len;
     cfg.seed = ctx.desc.fingerprint.seed;
@@ -44,18 +62,32 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         preprocess: ctx.desc.inputs[0].1.clone(),
         weights: vec![ctx.desc.key.clone()],
     };
-    let model = crate::model::Captioner::new(
+    let mut model = crate::model::Captioner::new(
         &lineage.model,
         &lineage.peft,
         Phase::Align,
         &candle_core::Device::Cpu,
     )
     .map_err(StageError::ctx("building the model"))?;
+    if let Some(ck) = &ck {
+        model
+            .load_pretrained(ck)
+            .map_err(StageError::ctx("loading model.checkpoint"))?;
+    }
     let train = training::load_split(pre, "align_train")?;
     let valid = training::load_split(pre, "align_valid").ok();
     let mut out = Outputs::default();
     let report = training::train_ce(ctx, &model, &train, valid.as_ref(), &p.train, &mut out)?;
-    training::publish_model(ctx, &model, &lineage)?;
+    if ck.is_some() {
+        // The frozen encoder and LM are the checkpoint's, not the seed's: publish the whole
+        // base so later stages rebuild the model from this entry alone.
+        model
+            .save_base(&ctx.out.join(training::WEIGHTS))
+            .map_err(StageError::ctx("saving the base weights"))?;
+        lineage.write(ctx.out)?;
+    } else {
+        training::publish_model(ctx, &model, &lineage)?;
+    }
     out.write(ctx.out)?;
     Ok(report)
 }
