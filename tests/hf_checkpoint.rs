@@ -284,7 +284,7 @@ synth = {{ train = 12, valid = 4, test = 2, align = 12 }}
 checkpoint = "{}"
 max_len = 16
 [grid]
-backbone = ["llava"]
+backbone = ["llava", "phi3v"]
 peft = ["lora"]
 fusion = ["early"]
 [stages.preprocess]
@@ -342,7 +342,18 @@ fn sweep_trains_from_a_checkpoint_and_reruns_when_its_weights_change() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(0), "{err}");
     let first = computed(&runs);
-    assert!(first.len() >= 4, "{first:?}");
+    // Two cells, each preprocess, align, adapt, cider-optimize, evaluate; preprocess at the
+    // checkpoint's input size for each backbone (llava 32 px, phi3v 2x2 crops of 32 px).
+    assert_eq!(first.len(), 10, "{first:?}");
+    let logs = std::fs::read_dir(runs.join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(
+        logs.contains("preprocess 32px") && logs.contains("preprocess 64px"),
+        "{logs}"
+    );
     // The published align base holds the checkpoint's frozen LM and tower, and its lineage
     // the checkpoint's shapes with `pretrained`.
     let align = first
@@ -392,7 +403,11 @@ fn sweep_trains_from_a_checkpoint_and_reruns_when_its_weights_change() {
     );
     let now = computed(&runs);
     let again: Vec<&String> = now.iter().filter(|s| !first.contains(s)).collect();
-    assert_eq!(now.len(), first.len() + again.len(), "a stage recomputed under its old key");
+    assert_eq!(
+        now.len(),
+        first.len() + again.len(),
+        "a stage recomputed under its old key"
+    );
     assert!(again.iter().any(|k| k.contains("pretrain")), "{again:?}");
     assert!(again.iter().any(|k| k.starts_with("evaluate")), "{again:?}");
     assert!(!again.iter().any(|k| k.contains("preprocess")), "{again:?}");

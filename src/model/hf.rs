@@ -636,16 +636,26 @@ impl Checkpoint {
         self.vision.as_ref()
     }
 
-    /// Our model config for `backbone` x `fusion` with this checkpoint's encoder and LM shapes
-    /// (the tiny preset's for a part the checkpoint lacks), its token ids and vocabulary,
-    /// `pretrained = true`.
+    /// Our model config for `backbone` x `fusion`: the tiny preset with this checkpoint laid
+    /// over it ([`Checkpoint::configure`]).
     pub fn model_config(&self, backbone: Backbone, fusion: Fusion) -> Result<ModelConfig, HfError> {
+        let mut c = ModelConfig::tiny(backbone, fusion, 0, 0, 0, 0);
+        self.configure(&mut c)?;
+        Ok(c)
+    }
+
+    /// Lays this checkpoint over a preset's config `c`: the LM shape, vocabulary and token ids,
+    /// the encoder shape (if the checkpoint has a tower) and projector activation, and
+    /// `pretrained = true`; what the checkpoint lacks (Q-Former, HD grid, fusion knobs) stays
+    /// the preset's.
+    pub fn configure(&self, c: &mut ModelConfig) -> Result<(), HfError> {
         let t = self.text.as_ref().ok_or_else(|| HfError::Config {
             path: self.dir.join("config.json"),
             msg: format!("{:?} has no language model", self.arch),
         })?;
-        let mut c = ModelConfig::tiny(backbone, fusion, t.vocab, t.pad, t.bos, t.eos);
         c.lm = t.lm.clone();
+        c.vocab_size = t.vocab;
+        (c.pad_id, c.bos_id, c.eos_id) = (t.pad, t.bos, t.eos);
         if let Some(v) = &self.vision {
             c.vision = v.clone();
         }
@@ -653,7 +663,7 @@ impl Checkpoint {
             c.projector_act = a;
         }
         c.pretrained = true;
-        Ok(c)
+        Ok(())
     }
 
     fn raw(&self, key: &str, cache: &mut FileCache) -> Result<(Tensor, PathBuf), HfError> {

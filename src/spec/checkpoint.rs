@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::model::hf::Checkpoint;
-use crate::model::{Backbone, Fusion};
+use crate::model::{Backbone, Fusion, ModelConfig};
 
 use super::Spec;
 
@@ -64,7 +64,7 @@ pub fn resolve(spec: &mut Spec, memo: &Path) -> Result<(), String> {
             }
         }
         if p.image_size == 0 {
-            if let Some(size) = input_size(ck, &cell.backbone) {
+            if let Some(size) = input_size(ck, &cell.backbone, &c.model.preset) {
                 p.image_size = size as u32;
             }
         }
@@ -72,9 +72,14 @@ pub fn resolve(spec: &mut Spec, memo: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Side of the image tensor a `backbone` cell built on `ck` reads (none for baselines).
-pub(super) fn input_size(ck: &Checkpoint, backbone: &str) -> Option<usize> {
+/// Side of the image tensor a `backbone` cell of `preset` built on `ck` reads (none for
+/// baselines).
+pub(super) fn input_size(ck: &Checkpoint, backbone: &str, preset: &str) -> Option<usize> {
     let b: Backbone = serde_json::from_value(serde_json::json!(backbone)).ok()?;
-    let cfg = ck.model_config(b, Fusion::Early).ok()?;
+    let mut cfg = match preset {
+        "tiny" => ModelConfig::tiny(b, Fusion::Early, 0, 0, 0, 0),
+        _ => ModelConfig::real(b, Fusion::Early, 0, 0, 0, 0),
+    };
+    ck.configure(&mut cfg).ok()?;
     ck.has_vision().then(|| cfg.input_size())
 }

@@ -298,7 +298,7 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
         );
     }
     let size = c.stages.preprocess.image_size as usize;
-    if let Some(want) = super::checkpoint::input_size(&ck, backbone) {
+    if let Some(want) = super::checkpoint::input_size(&ck, backbone, &c.model.preset) {
         if size != 0 && size != want {
             issues.at(
                 "stages.preprocess.image_size",

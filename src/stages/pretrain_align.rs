@@ -35,25 +35,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         .map(crate::model::hf::Checkpoint::open)
         .transpose()
         .map_err(StageError::ctx("opening model.checkpoint"))?;
-    let mut cfg = match (&ck, p.preset.as_str()) {
-        (Some(ck), _) => {
-            let mut c = ck
-                .model_config(p.backbone, p.fusion)
-                .map_err(StageError::ctx("model.checkpoint"))?;
-            if v > c.vocab_size {
-                return Err(StageError::msg(format!(
-                    "model.checkpoint {}: the caption tokenizer has {v} ids but the checkpoint's \
-                     vocabulary only {}",
-                    ck.dir().display(),
-                    c.vocab_size
-                )));
-            }
-            (c.pad_id, c.bos_id, c.eos_id) = (pad, bos, eos);
-            c
-        }
-        (None, "tiny") => ModelConfig::tiny(p.backbone, p.fusion, v, pad, bos, eos),
-        (None, _) => ModelConfig::real(p.backbone, p.fusion, v, pad, bos, eos),
+    let mut cfg = match p.preset.as_str() {
+        "tiny" => ModelConfig::tiny(p.backbone, p.fusion, v, pad, bos, eos),
+        _ => ModelConfig::real(p.backbone, p.fusion, v, pad, bos, eos),
     };
+    if let Some(ck) = &ck {
+        ck.configure(&mut cfg)
+            .map_err(StageError::ctx("model.checkpoint"))?;
+        if v > cfg.vocab_size {
+            return Err(StageError::msg(format!(
+                "model.checkpoint {}: the caption tokenizer has {v} ids but the checkpoint's \
+                 vocabulary only {}",
+                ck.dir().display(),
+                cfg.vocab_size
+            )));
+        }
+        (cfg.pad_id, cfg.bos_id, cfg.eos_id) = (pad, bos, eos);
+    }
     cfg.max_caption_len = p.max_len;
     cfg.seed = ctx.desc.fingerprint.seed;
     let lineage = Lineage {
