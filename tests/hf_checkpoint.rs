@@ -210,7 +210,8 @@ fn wrong_shape_names_the_file_and_the_key() {
 
 #[test]
 fn unsupported_configs_name_config_json_and_the_key() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+    type Case = (&'static str, fn(&mut serde_json::Value), &'static str);
+    let cases: [Case; 6] = [
         (
             "llama",
             |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]),

@@ -68,15 +68,15 @@ pub fn files_digest(
     let mut changed = false;
     let mut h = blake3::Hasher::new();
     h.update(tag);
-    for p in files.iter().cloned() {
-        let meta = fs::metadata(&p).map_err(io(&p))?;
+    for p in files {
+        let meta = fs::metadata(p).map_err(io(p))?;
         let mtime_ns = meta
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let abs = std::path::absolute(&p)
+        let abs = std::path::absolute(p)
             .unwrap_or(p.clone())
             .display()
             .to_string();
@@ -84,7 +84,7 @@ pub fn files_digest(
             Some(e) if e.size == meta.len() && e.mtime_ns == mtime_ns => e.digest.clone(),
             _ => {
                 let mut fh = blake3::Hasher::new();
-                fh.update_mmap(&p).map_err(io(&p))?;
+                fh.update_mmap(p).map_err(io(p))?;
                 let d = fh.finalize().to_hex().to_string();
                 memo.files.insert(
                     abs,

@@ -213,8 +213,47 @@ impl<'a> Cfg<'a> {
     }
 }
 
+/// Values transformers assumes for keys a `config.json` leaves out (it writes only those that
+/// differ from the class defaults, e.g. llava-1.5's `text_config` holds little more than
+/// `model_type` and `vocab_size`).
+struct TextDefaults {
+    vocab: usize,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    rms_eps: f64,
+    bos: u32,
+    eos: u32,
+}
+
+/// `LlamaConfig()`'s defaults.
+const LLAMA_DEFAULTS: TextDefaults = TextDefaults {
+    vocab: 32000,
+    hidden: 4096,
+    inter: 11008,
+    layers: 32,
+    heads: 32,
+    rms_eps: 1e-6,
+    bos: 1,
+    eos: 2,
+};
+
+/// `Phi3Config()`'s defaults.
+const PHI3_DEFAULTS: TextDefaults = TextDefaults {
+    vocab: 32064,
+    hidden: 3072,
+    inter: 8192,
+    layers: 32,
+    heads: 32,
+    rms_eps: 1e-5,
+    bos: 1,
+    eos: 32000,
+};
+
 fn text_config(c: &Cfg<'_>, top: Option<&Cfg<'_>>) -> Result<TextCfg, HfError> {
-    let kind = match c.str_or("model_type", "")? {
+    // LlavaConfig's text model defaults to LLaMA.
+    let kind = match c.str_or("model_type", if top.is_some() { "llama" } else { "" })? {
         "llama" => TextKind::Llama,
         "phi3" => TextKind::Phi3,
         other => {
@@ -225,8 +264,12 @@ fn text_config(c: &Cfg<'_>, top: Option<&Cfg<'_>>) -> Result<TextCfg, HfError> {
             ))
         }
     };
-    let width = c.usize("hidden_size")?;
-    let heads = c.usize("num_attention_heads")?;
+    let d = match kind {
+        TextKind::Llama => &LLAMA_DEFAULTS,
+        TextKind::Phi3 => &PHI3_DEFAULTS,
+    };
+    let width = c.usize_or("hidden_size", d.hidden)?;
+    let heads = c.usize_or("num_attention_heads", d.heads)?;
     let kv_heads = c.usize_or("num_key_value_heads", heads)?;
     if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(c.unsupported(
@@ -284,28 +327,28 @@ fn text_config(c: &Cfg<'_>, top: Option<&Cfg<'_>>) -> Result<TextCfg, HfError> {
     if f != 1.0 {
         return Err(c.unsupported("partial_rotary_factor", f, "RoPE must cover the head"));
     }
-    let vocab = c.usize("vocab_size")?;
+    let vocab = c.usize_or("vocab_size", d.vocab)?;
     let tied = match top {
         Some(t) if c.get("tie_word_embeddings").is_none() => {
             t.bool_or("tie_word_embeddings", false)?
         }
         _ => c.bool_or("tie_word_embeddings", false)?,
     };
-    let eos = c.token("eos_token_id")?.unwrap_or(0);
+    let eos = c.token("eos_token_id")?.unwrap_or(d.eos);
     Ok(TextCfg {
         kind,
         lm: LmConfig {
             width,
-            depth: c.usize("num_hidden_layers")?,
+            depth: c.usize_or("num_hidden_layers", d.layers)?,
             heads,
-            mlp_hidden: c.usize("intermediate_size")?,
+            mlp_hidden: c.usize_or("intermediate_size", d.inter)?,
             rope_theta: theta,
-            rms_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+            rms_eps: c.f64_or("rms_norm_eps", d.rms_eps)?,
         },
         vocab,
         kv_heads,
         tied,
-        bos: c.token("bos_token_id")?.unwrap_or(eos),
+        bos: c.token("bos_token_id")?.unwrap_or(d.bos),
         eos,
         pad: c
             .token("pad_token_id")?
@@ -335,11 +378,16 @@ fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
         return Err(c.unsupported("layer_norm_eps", eps, "our LayerNorm uses 1e-5"));
     }
     if c.usize_or("num_channels", 3)? != 3 {
-        return Err(c.unsupported("num_channels", c.usize("num_channels")?, "RGB only"));
+        return Err(c.unsupported("num_channels", c.usize_or("num_channels", 3)?, "RGB only"));
     }
-    let (image, patch) = (c.usize("image_size")?, c.usize("patch_size")?);
-    let (width, heads) = (c.usize("hidden_size")?, c.usize("num_attention_heads")?);
-    let inter = c.usize("intermediate_size")?;
+    // Omitted keys take `CLIPVisionConfig()`'s defaults (ViT-B/32), as in transformers.
+    let (image, patch) = (
+        c.usize_or("image_size", 224)?,
+        c.usize_or("patch_size", 32)?,
+    );
+    let width = c.usize_or("hidden_size", 768)?;
+    let heads = c.usize_or("num_attention_heads", 12)?;
+    let inter = c.usize_or("intermediate_size", 3072)?;
     if patch == 0 || !image.is_multiple_of(patch) {
         return Err(c.unsupported("patch_size", patch, "must divide image_size"));
     }
@@ -354,7 +402,7 @@ fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
         image_size: image,
         patch_size: patch,
         width,
-        depth: c.usize("num_hidden_layers")?,
+        depth: c.usize_or("num_hidden_layers", 12)?,
         heads,
         mlp_ratio: inter / width,
         layout: VitLayout::clip(act),
@@ -671,9 +719,8 @@ impl Checkpoint {
             return Err(self.missing(key));
         };
         let path = &self.files[i];
-        let map = cache.get(i, path)?;
-        let t = map.get(key).ok_or_else(|| self.missing(key))?;
-        let t = t
+        let t = cache
+            .load(i, path, key)?
             .to_dtype(DType::F32)
             .map_err(|source| HfError::Safetensors {
                 path: path.clone(),
@@ -895,30 +942,35 @@ fn repeat_heads(w: &Tensor, kv_heads: usize, rep: usize, hd: usize) -> candle_co
         .reshape((kv_heads * rep * hd, inp))
 }
 
-/// Safetensors files loaded on first use (one at a time is what a shard costs).
+/// Safetensors files memory-mapped on first use: a tensor is read (and converted to f32) only
+/// when asked for, so loading holds the f32 model plus pages of the files, not whole shards.
 struct FileCache {
     device: Device,
-    loaded: HashMap<usize, HashMap<String, Tensor>>,
+    mapped: HashMap<usize, candle_core::safetensors::MmapedSafetensors>,
 }
 
 impl FileCache {
     fn new(device: &Device) -> Self {
         Self {
             device: device.clone(),
-            loaded: HashMap::new(),
+            mapped: HashMap::new(),
         }
     }
-    fn get(&mut self, i: usize, path: &Path) -> Result<&HashMap<String, Tensor>, HfError> {
-        if !self.loaded.contains_key(&i) {
-            let m = candle_core::safetensors::load(path, &self.device).map_err(|source| {
-                HfError::Safetensors {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-            self.loaded.insert(i, m);
+
+    /// Tensor `key` of file `i` (at `path`), as stored.
+    fn load(&mut self, i: usize, path: &Path, key: &str) -> Result<Tensor, HfError> {
+        let err = |source| HfError::Safetensors {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !self.mapped.contains_key(&i) {
+            // SAFETY: the mapping is only read, and dropped when loading ends; as with every
+            // safetensors loader, the file must not be truncated or rewritten meanwhile.
+            let m =
+                unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(err)?;
+            self.mapped.insert(i, m);
         }
-        Ok(&self.loaded[&i])
+        self.mapped[&i].load(key, &self.device).map_err(err)
     }
 }
 
@@ -977,7 +1029,7 @@ impl VisionTower {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let ck = Checkpoint::open(dir)?;
         let cfg = ck.vision.clone().ok_or_else(|| {
-            ModelError::Hf(HfError::Config {
+            ModelError::from(HfError::Config {
                 path: dir.join("config.json"),
                 msg: format!("{:?} has no vision tower", ck.arch),
             })
@@ -1004,5 +1056,76 @@ impl VisionTower {
     /// `pre_layrnorm`, then each block's output, class token first.
     pub fn hidden_states(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         Ok(self.vit.hidden_states(images, self.depth, Fwd::EVAL)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llava-1.5-7b-hf's config.json as published: transformers writes only non-default keys,
+    /// so the LM and tower shapes come from the class defaults.
+    #[test]
+    fn omitted_keys_take_the_transformers_defaults() {
+        let v: Value = serde_json::from_str(
+            r#"{
+            "architectures": ["LlavaForConditionalGeneration"],
+            "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+            "projector_hidden_act": "gelu",
+            "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                            "model_type": "llama", "rms_norm_eps": 1e-05, "vocab_size": 32064},
+            "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                              "model_type": "clip_vision_model", "num_attention_heads": 16,
+                              "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+            "vocab_size": 32064}"#,
+        )
+        .unwrap();
+        let path = Path::new("config.json");
+        let top = Cfg {
+            path,
+            v: &v,
+            at: String::new(),
+        };
+        let t = text_config(&top.child("text_config").unwrap(), Some(&top)).unwrap();
+        assert_eq!(
+            (
+                t.lm.width,
+                t.lm.depth,
+                t.lm.heads,
+                t.lm.mlp_hidden,
+                t.kv_heads
+            ),
+            (4096, 32, 32, 11008, 32)
+        );
+        assert_eq!(
+            (t.lm.rms_eps, t.lm.rope_theta, t.vocab),
+            (1e-5, 10_000.0, 32064)
+        );
+        assert!(!t.tied);
+        let vc = vision_config(&top.child("vision_config").unwrap()).unwrap();
+        assert_eq!(
+            (
+                vc.image_size,
+                vc.patch_size,
+                vc.width,
+                vc.depth,
+                vc.heads,
+                vc.mlp_ratio
+            ),
+            (336, 14, 1024, 24, 16, 4)
+        );
+        assert_eq!(vc.layout, VitLayout::clip(Activation::QuickGelu));
+        assert_eq!(projector_act(&top).unwrap(), Activation::Gelu);
+    }
+
+    #[test]
+    fn grouped_query_heads_repeat_in_transformers_order() {
+        // 2 kv heads of 1 row each, 3 query heads per group: rows 0 0 0 1 1 1.
+        let w = Tensor::new(&[[0f32, 0.5], [1.0, 1.5]], &Device::Cpu).unwrap();
+        let r = repeat_heads(&w, 2, 3, 1).unwrap();
+        let rows: Vec<Vec<f32>> = r.to_vec2().unwrap();
+        let first: Vec<f32> = rows.iter().map(|r| r[0]).collect();
+        assert_eq!(first, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
     }
 }

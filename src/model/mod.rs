@@ -91,6 +91,13 @@ pub enum ModelError {
     },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Boxed: its variants carry paths and shapes, and `ModelError` travels in every `Result`.
     #[error(transparent)]
-    Hf(#[from] hf::HfError),
+    Hf(Box<hf::HfError>),
+}
+
+impl From<hf::HfError> for ModelError {
+    fn from(e: hf::HfError) -> Self {
+        ModelError::Hf(Box::new(e))
+    }
 }

@@ -18,12 +18,14 @@ use crate::model::{Backbone, Fusion, ModelConfig};
 
 use super::Spec;
 
+/// An opened checkpoint, the digest of its files and its tokenizer with that file's digest.
+type Resolved = (Checkpoint, String, Option<(PathBuf, String)>);
+
 /// Resolves `model.checkpoint` in every cell of `spec` (see the module doc). `memo`: the
 /// digest memo file (the data digests' one). Errors name `model.checkpoint`.
 pub fn resolve(spec: &mut Spec, memo: &Path) -> Result<(), String> {
     let dir = spec.dir();
-    let mut seen: HashMap<PathBuf, (Checkpoint, String, Option<(PathBuf, String)>)> =
-        HashMap::new();
+    let mut seen: HashMap<PathBuf, Resolved> = HashMap::new();
     for cell in &mut spec.cells {
         let Some(rel) = cell.config.model.checkpoint.clone() else {
             continue;
