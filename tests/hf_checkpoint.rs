@@ -449,3 +449,48 @@ fn bad_checkpoints_exit_2_naming_model_checkpoint() {
         );
     }
 }
+
+/// Tied embeddings: without `lm_head.weight`, the head is a copy of `embed_tokens`.
+#[test]
+fn tied_embeddings_give_the_head_a_copy_of_the_embeddings() {
+    let tmp = copy_fixture("llama");
+    edit_weights(tmp.path(), |m| {
+        m.remove("lm_head.weight").unwrap();
+    });
+    // Untied, the missing head is an error naming it.
+    let e = load_error(tmp.path());
+    assert!(
+        e.contains("lm_head.weight") && e.contains("is missing"),
+        "{e}"
+    );
+    edit_config(tmp.path(), |v| v["tie_word_embeddings"] = true.into());
+    let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
+    let out = tmp.path().join("base.safetensors");
+    m.save_base(&out).unwrap();
+    let w = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_err(&w["lm.lm_head.weight"], &w["lm.embed_tokens.weight"]),
+        0.0
+    );
+}
+
+/// Published checkpoints are f16/bf16: read as f32, the logits stay within the rounding of
+/// the stored weights.
+#[test]
+fn half_precision_weights_load_as_f32() {
+    let exp = expected("llama");
+    for dt in [DType::F16, DType::BF16] {
+        let tmp = copy_fixture("llama");
+        edit_weights(tmp.path(), |m| {
+            for t in m.values_mut() {
+                *t = t.to_dtype(dt).unwrap();
+            }
+        });
+        let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
+        let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
+        let err = max_abs_err(&logits, &exp["logits"]);
+        eprintln!("llama as {dt:?}: logits max abs err {err:e}");
+        // bf16 keeps 8 bits of mantissa: ~0.4% per weight.
+        assert!(err > 0.0 && err < 0.1, "{dt:?}: {err}");
+    }
+}
