@@ -494,3 +494,62 @@ fn half_precision_weights_load_as_f32() {
         assert!(err > 0.0 && err < 0.1, "{dt:?}: {err}");
     }
 }
+
+/// Gradients through the checkpoint-only parts (class token, pre-norm, quick GELU, exact GELU
+/// projector): trained from the loaded weights, a directional finite difference of the loss
+/// along the gradient of the CLIP tower's first MLP matches the autograd gradient.
+#[test]
+fn gradients_through_the_clip_tower_match_finite_differences() {
+    let exp = expected("llava");
+    let ck = Checkpoint::open(&fixture("llava")).unwrap();
+    let mut cfg = ck.model_config(Backbone::Llava, Fusion::Early).unwrap();
+    cfg.pretrained = false; // everything trainable
+    let mut m = Captioner::new(&cfg, &PeftConfig::default(), Phase::Align, &Device::Cpu).unwrap();
+    m.load_pretrained(&ck).unwrap();
+    let img = &exp["pixel_values"];
+    let ids = ids(&exp["input_ids"]);
+    let (b, t) = ids.dims2().unwrap();
+    let inp = ids.narrow(1, 0, t - 1).unwrap();
+    let tgt = ids.narrow(1, 1, t - 1).unwrap();
+    let mask = Tensor::ones((b, t - 1), DType::F32, &Device::Cpu).unwrap();
+    let loss = |m: &Captioner| {
+        m.loss(img, &inp, &tgt, &mask, 0.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let l = m.loss(img, &inp, &tgt, &mask, 0.0).unwrap();
+    let grads = l.backward().unwrap();
+    let vars = m.trainable_vars();
+    for name in [
+        "vision.blocks.0.mlp.fc1.weight",
+        "vision.cls_token",
+        "vision.pre_norm.weight",
+        "connector.projector.fc1.weight",
+    ] {
+        let tv = vars.iter().find(|v| v.name == name).expect(name);
+        let g = grads.get(tv.var.as_tensor()).expect(name).clone();
+        let w0 = tv.var.as_tensor().copy().unwrap();
+        let g2 = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(g2 > 0.0 && g2.is_finite(), "{name}: |g|^2 = {g2}");
+        let eps = 1e-2 / g2.sqrt();
+        let at = |s: f64| {
+            tv.var.set(&(&w0 + (&g * s).unwrap()).unwrap()).unwrap();
+            loss(&m)
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        tv.var.set(&w0).unwrap();
+        let rel = (fd - g2).abs() / g2;
+        eprintln!("{name}: |g|^2 {g2:.4e}, finite difference {fd:.4e}, rel err {rel:.2e}");
+        assert!(
+            rel < 0.05,
+            "{name}: autograd {g2} vs finite difference {fd}"
+        );
+    }
+}

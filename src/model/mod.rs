@@ -31,7 +31,8 @@
 //! # Phases and checkpoints
 //! [`Phase::Align`] builds the base without PEFT parameters: the tiny presets have no
 //! pretrained weights, so it trains everything from scratch (with `pretrained = true`, the
-//! connector only). [`Phase::Adapt`] loads that checkpoint as the frozen base
+//! connector only: a real checkpoint loaded by [`hf`] through [`Captioner::load_pretrained`],
+//! whose align output then holds the whole base, see [`Captioner::save_base`]). [`Phase::Adapt`] loads that checkpoint as the frozen base
 //! ([`Captioner::load_base`]), adds the PEFT parameters and trains them with the connector; SCST
 //! continues the same parameters. [`Captioner::save_trained`] writes only the trainable tensors
 //! (safetensors); base + trained deltas rebuild the model exactly because every tensor not in a
