@@ -423,13 +423,21 @@ fn bad_checkpoints_exit_2_naming_model_checkpoint() {
     edit_config(bad_arch.path(), |v| {
         v["architectures"] = serde_json::json!(["LlavaNextForConditionalGeneration"])
     });
-    let cases: [(PathBuf, &str); 4] = [
+    let small_vocab = copy_fixture("llava");
+    edit_config(small_vocab.path(), |v| {
+        v["text_config"]["vocab_size"] = 32.into()
+    });
+    let cases: [(PathBuf, &str); 5] = [
         (tmp.path().join("nowhere"), "is not a directory"),
         (fixture("llama"), "has no vision tower"),
         (no_tok.path().to_path_buf(), "no tokenizer.json"),
         (
             bad_arch.path().to_path_buf(),
             "LlavaNextForConditionalGeneration",
+        ),
+        (
+            small_vocab.path().to_path_buf(),
+            "has 63 ids but the checkpoint's vocabulary only 32",
         ),
     ];
     for (dir, msg) in cases {

@@ -42,6 +42,7 @@ pub fn resolve(spec: &mut Spec, memo: &Path) -> Result<(), String> {
                 .map_err(|e| format!("model.checkpoint: digesting {}: {e}", abs.display()))?;
             let tok = match tok {
                 Some(t) => {
+                    tokenizer_fits(&ck, &t)?;
                     let d = crate::cache::files_digest(
                         b"ecic-tokenizer-v1\0",
                         std::slice::from_ref(&t),
@@ -72,6 +73,21 @@ pub fn resolve(spec: &mut Spec, memo: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The checkpoint's tokenizer must not produce ids beyond its vocabulary (LLaVA's pads the
+/// embedding table past the tokenizer's ids, so fewer is fine).
+fn tokenizer_fits(ck: &Checkpoint, path: &Path) -> Result<(), String> {
+    let tok = crate::data::tokenizer::CaptionTokenizer::load(path)
+        .map_err(|e| format!("model.checkpoint: {e}"))?;
+    match ck.vocab_size() {
+        Some(v) if tok.vocab_size() > v => Err(format!(
+            "model.checkpoint: {} has {} ids but the checkpoint's vocabulary only {v}",
+            path.display(),
+            tok.vocab_size()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Side of the image tensor a `backbone` cell of `preset` built on `ck` reads (none for
