@@ -381,6 +381,12 @@ fn sweep_trains_from_a_checkpoint_and_reruns_when_its_weights_change() {
     assert_eq!(lineage["model"]["pretrained"], true);
     assert_eq!(lineage["model"]["vocab_size"], 64);
     assert_eq!(lineage["model"]["vision"]["layout"]["class_token"], true);
+    // The checkpoint's file digests are memoised beside the data's, by absolute path.
+    let memo = std::fs::read_to_string(runs.join("data/digests.json")).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let abs = std::path::absolute(ck.path().join(f)).unwrap();
+        assert!(memo.contains(&*abs.to_string_lossy()), "{f} not memoised");
+    }
     // Nothing changed: nothing recomputed.
     let out = sweep(&spec, &runs);
     assert_eq!(out.status.code(), Some(0));
