@@ -567,3 +567,39 @@ fn gradients_through_the_clip_tower_match_finite_differences() {
         );
     }
 }
+
+/// The same LLaVA weights under the key layouts transformers has written over time: llava-hf's
+/// original one (`vision_tower.vision_model.`, `language_model.model.`,
+/// `language_model.lm_head`) and the newer nested one (`model.vision_tower.`,
+/// `model.language_model.`, `model.multi_modal_projector.`, `lm_head`). Same logits.
+#[test]
+fn llava_key_layouts_load_alike() {
+    let exp = expected("llava");
+    let renames: [fn(&str) -> String; 2] = [
+        |k| match k.strip_prefix("vision_tower.") {
+            Some(r) => format!("vision_tower.vision_model.{r}"),
+            None => k.to_string(),
+        },
+        |k| {
+            if let Some(r) = k.strip_prefix("language_model.model.") {
+                format!("model.language_model.{r}")
+            } else if k == "language_model.lm_head.weight" {
+                "lm_head.weight".into()
+            } else {
+                format!("model.{k}")
+            }
+        },
+    ];
+    for rename in renames {
+        let tmp = copy_fixture("llava");
+        edit_weights(tmp.path(), |m| {
+            *m = m.drain().map(|(k, v)| (rename(&k), v)).collect();
+        });
+        let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
+        let logits = m
+            .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
+            .unwrap();
+        let err = max_abs_err(&logits, &exp["logits"]);
+        assert!(err < TOL, "{}: {err}", rename("vision_tower.x"));
+    }
+}
