@@ -1,6 +1,7 @@
 //! `pretrain-align`: cross-entropy on the generic-domain corpus (`ALIGN_*`).
-//! With real pretrained weights only the connector trains; the tiny presets
-//! have none, so here the encoder and LM are trained from scratch as well. One
+//! With real pretrained weights (`model.checkpoint`, loaded by `model::hf`) only
+//! the connector trains and the whole base is published; the tiny presets have
+//! none, so here the encoder and LM are trained from scratch as well. One
 //! pretrain-align serves every PEFT variant of its backbone x fusion pair.
 
 use serde::Deserialize;
