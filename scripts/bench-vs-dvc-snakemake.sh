@@ -24,6 +24,9 @@
 # ECIC_BENCH_TRAINING=1 also measures on the ablation DAG itself with 1-step
 # training on a tiny data set (same subtraction; slow: minutes).
 #
+# Every timed run starts after a `sync`, so that no tool pays for writing back what an
+# earlier one left dirty in the page cache (ecic's end-of-sweep syncfs would).
+#
 # DVC and Snakemake are installed from PyPI into a venv under target/
 # (ECIC_BENCH_VENV to put it elsewhere). Each figure is a median; the number of
 # runs is printed, with the load average.
@@ -66,11 +69,11 @@ STAGES=$(python3 -c "import json; print(json.load(open('$WORK/plan.json'))['summ
     git add -A >/dev/null && git commit -qm dag
     for i in $(seq "$N_FULL"); do
         rm -rf out dvc.lock .dvc/cache && mkdir out
-        t0=$(now); dvc repro -q >/dev/null; t1=$(now)
+        sync; t0=$(now); dvc repro -q >/dev/null; t1=$(now)
         printf 'dvc\tper_stage_ms\t%s\n' "$(python3 -c "print(($t1 - $t0) * 1000 / $STAGES)")" >>"$RES"
     done
     for i in $(seq "$N_NOOP"); do
-        t0=$(now); dvc repro -q >/dev/null; t1=$(now)
+        sync; t0=$(now); dvc repro -q >/dev/null; t1=$(now)
         printf 'dvc\tnoop_ms\t%s\n' "$(ms "$t0" "$t1")" >>"$RES"
     done
 )
@@ -81,11 +84,11 @@ STAGES=$(python3 -c "import json; print(json.load(open('$WORK/plan.json'))['summ
     export PATH=$VENV/bin:$PATH
     for i in $(seq "$N_FULL"); do
         rm -rf out .snakemake
-        t0=$(now); snakemake -c1 -q >/dev/null 2>&1; t1=$(now)
+        sync; t0=$(now); snakemake -c1 -q >/dev/null 2>&1; t1=$(now)
         printf 'snakemake\tper_stage_ms\t%s\n' "$(python3 -c "print(($t1 - $t0) * 1000 / $STAGES)")" >>"$RES"
     done
     for i in $(seq "$N_NOOP"); do
-        t0=$(now); snakemake -c1 -q >/dev/null 2>&1; t1=$(now)
+        sync; t0=$(now); snakemake -c1 -q >/dev/null 2>&1; t1=$(now)
         printf 'snakemake\tnoop_ms\t%s\n' "$(ms "$t0" "$t1")" >>"$RES"
     done
 )
@@ -118,7 +121,10 @@ ecic_full() { # name spec runs-prefix extra-args...
     for i in $(seq "$N_FULL"); do
         local r=$prefix-$i
         rm -rf "$r" && mkdir -p "$r" && cp -r "$prefix-data/data" "$r/"
-        t0=$(now); $BIN sweep "$spec" --runs "$r" --jobs 1 --no-report "$@" >/dev/null 2>&1; t1=$(now)
+        # Memoise the copied data set's digest first, as in a runs directory in use:
+        # DVC and Snakemake hash no input data in this DAG either.
+        $BIN plan "$spec" --runs "$r" "$@" >/dev/null 2>&1
+        sync; t0=$(now); $BIN sweep "$spec" --runs "$r" --jobs 1 --no-report "$@" >/dev/null 2>&1; t1=$(now)
         local n in
         n=$(find "$r/objects-v1" -mindepth 2 -maxdepth 2 -name manifest.json | wc -l)
         in=$(inside "$r")
@@ -126,7 +132,7 @@ ecic_full() { # name spec runs-prefix extra-args...
         printf '%s (raw wall/stage)\tper_stage_ms\t%s\n' "$name" "$(python3 -c "print(($t1 - $t0) * 1000 / $n)")" >>"$RES"
     done
     for i in $(seq "$N_NOOP"); do
-        t0=$(now); $BIN sweep "$spec" --runs "$prefix-1" --no-report "$@" >/dev/null 2>&1; t1=$(now)
+        sync; t0=$(now); $BIN sweep "$spec" --runs "$prefix-1" --no-report "$@" >/dev/null 2>&1; t1=$(now)
         printf '%s\tnoop_ms\t%s\n' "$name" "$(ms "$t0" "$t1")" >>"$RES"
     done
 }
