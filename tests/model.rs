@@ -567,73 +567,77 @@ fn fused_ops_match_composed_values_and_gradients() {
             "{what}: value diff {dy}, gradient diff {dg}"
         );
     };
-    let x = rand(&[3, 5, 8]);
-    let w8 = rand(&[8]);
-    let b8 = rand(&[8]);
-    let wy = rand(&[3, 5, 8]);
-    check(
-        "softmax",
-        &|x| ops::softmax_last(x).unwrap(),
-        &|x| ops::composed::softmax_last(x).unwrap(),
-        &x,
-        &wy,
-    );
-    check(
-        "rms_norm",
-        &|x| ops::rms_norm(x, &w8, 1e-5).unwrap(),
-        &|x| ops::composed::rms_norm(x, &w8, 1e-5).unwrap(),
-        &x,
-        &wy,
-    );
-    check(
-        "layer_norm",
-        &|x| ops::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
-        &|x| ops::composed::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
-        &x,
-        &wy,
-    );
-    check(
-        "gelu",
-        &|x| ops::gelu(x).unwrap(),
-        &|x| x.gelu().unwrap(),
-        &x,
-        &wy,
-    );
-    let w4 = rand(&[3, 5, 4]);
-    check(
-        "swiglu",
-        &|x| ops::swiglu(x).unwrap(),
-        &|x| ops::composed::swiglu(x).unwrap(),
-        &x,
-        &w4,
-    );
-    // Weight gradients of the norms.
-    for ln in [false, true] {
-        let wv = Var::from_tensor(&w8).unwrap();
-        let bv = Var::from_tensor(&b8).unwrap();
-        let run = |fused: bool| -> (Tensor, Tensor) {
-            let y = match (ln, fused) {
-                (false, true) => ops::rms_norm(&x, wv.as_tensor(), 1e-5),
-                (false, false) => ops::composed::rms_norm(&x, wv.as_tensor(), 1e-5),
-                (true, true) => ops::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
-                (true, false) => {
-                    ops::composed::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5)
-                }
-            }
-            .unwrap();
-            let g = y.mul(&wy).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = if ln {
-                g.get(bv.as_tensor()).unwrap().clone()
-            } else {
-                w8.zeros_like().unwrap()
-            };
-            (g.get(wv.as_tensor()).unwrap().clone(), gb)
-        };
-        let ((wf, bf), (wc, bc)) = (run(true), run(false));
-        assert!(
-            max_abs_diff(&wf, &wc) < 1e-4 && max_abs_diff(&bf, &bc) < 1e-4,
-            "norm weight grads (ln {ln})"
+    // A small case, and one large enough (40,960 floats) for the ops' row loops to run on the
+    // rayon pool when there is more than one thread.
+    for shape in [[3usize, 5, 8], [4, 64, 160]] {
+        let x = rand(&shape);
+        let w8 = rand(&shape[2..]);
+        let b8 = rand(&shape[2..]);
+        let wy = rand(&shape);
+        check(
+            "softmax",
+            &|x| ops::softmax_last(x).unwrap(),
+            &|x| ops::composed::softmax_last(x).unwrap(),
+            &x,
+            &wy,
         );
+        check(
+            "rms_norm",
+            &|x| ops::rms_norm(x, &w8, 1e-5).unwrap(),
+            &|x| ops::composed::rms_norm(x, &w8, 1e-5).unwrap(),
+            &x,
+            &wy,
+        );
+        check(
+            "layer_norm",
+            &|x| ops::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
+            &|x| ops::composed::layer_norm(x, &w8, &b8, 1e-5).unwrap(),
+            &x,
+            &wy,
+        );
+        check(
+            "gelu",
+            &|x| ops::gelu(x).unwrap(),
+            &|x| x.gelu().unwrap(),
+            &x,
+            &wy,
+        );
+        let w4 = rand(&[shape[0], shape[1], shape[2] / 2]);
+        check(
+            "swiglu",
+            &|x| ops::swiglu(x).unwrap(),
+            &|x| ops::composed::swiglu(x).unwrap(),
+            &x,
+            &w4,
+        );
+        // Weight gradients of the norms.
+        for ln in [false, true] {
+            let wv = Var::from_tensor(&w8).unwrap();
+            let bv = Var::from_tensor(&b8).unwrap();
+            let run = |fused: bool| -> (Tensor, Tensor) {
+                let y = match (ln, fused) {
+                    (false, true) => ops::rms_norm(&x, wv.as_tensor(), 1e-5),
+                    (false, false) => ops::composed::rms_norm(&x, wv.as_tensor(), 1e-5),
+                    (true, true) => ops::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5),
+                    (true, false) => {
+                        ops::composed::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5)
+                    }
+                }
+                .unwrap();
+                let g = y.mul(&wy).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = if ln {
+                    g.get(bv.as_tensor()).unwrap().clone()
+                } else {
+                    w8.zeros_like().unwrap()
+                };
+                (g.get(wv.as_tensor()).unwrap().clone(), gb)
+            };
+            let ((wf, bf), (wc, bc)) = (run(true), run(false));
+            assert!(
+                max_abs_diff(&wf, &wc) < 1e-4 && max_abs_diff(&bf, &bc) < 1e-4,
+                "norm weight grads (ln {ln})"
+            );
+        }
     }
     // Attention with a causal mask (scale + mask + softmax fused) and RoPE.
     let (q, k, v) = (
@@ -686,6 +690,22 @@ fn fused_ops_match_composed_values_and_gradients() {
             &one,
         );
     }
+    // Large enough (64 x 600) for the row loops to run on the rayon pool.
+    let logits = rand(&[64, 600]);
+    let tg = Tensor::from_vec((0..64u32).map(|i| i * 9 % 600).collect(), 64, &Device::Cpu).unwrap();
+    let mk = Tensor::from_vec(
+        (0..64).map(|i| (i % 5 != 0) as u8 as f32).collect(),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(
+        "cross_entropy (large)",
+        &|x| ops::cross_entropy(x, &tg, &mk, 0.1).unwrap(),
+        &|x| ops::composed::cross_entropy(x, &tg, &mk, 0.1).unwrap(),
+        &logits,
+        &one,
+    );
 }
 
 /// The fused linear and self-attention kernels (own backward, direct gemm) against the

@@ -6,10 +6,61 @@
 //! as the composed forms (the tests compare values and gradients against them); the forward
 //! runs row by row over a contiguous last dimension, the backward is computed in plain Rust
 //! and returned as a constant (second-order gradients are not needed).
+//!
+//! Row-local work runs on the rayon pool when there is more than one thread and the tensor is
+//! large enough ([`par`]); sums across rows (norm weight gradients, the cross-entropy total)
+//! stay sequential in row order, so results are bitwise the same whatever the thread count.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether an op over `len` floats goes to the rayon pool (below ~32k floats a task costs more
+/// than it saves).
+fn par(len: usize) -> bool {
+    len >= 1 << 15 && candle_core::utils::get_num_threads() > 1
+}
+
+/// Runs `f(row index, input row, output row)` over the rows of `x` and `y` (row lengths `nx`,
+/// `ny`), on the rayon pool when [`par`] says so. Rows are independent, so the result does not
+/// depend on the thread count.
+fn rows<F>(x: &[f32], nx: usize, y: &mut [f32], ny: usize, f: F)
+where
+    F: Fn(usize, &[f32], &mut [f32]) + Sync + Send,
+{
+    if par(x.len()) {
+        x.par_chunks_exact(nx)
+            .zip(y.par_chunks_exact_mut(ny))
+            .enumerate()
+            .for_each(|(r, (xr, yr))| f(r, xr, yr));
+    } else {
+        x.chunks_exact(nx)
+            .zip(y.chunks_exact_mut(ny))
+            .enumerate()
+            .for_each(|(r, (xr, yr))| f(r, xr, yr));
+    }
+}
+
+/// [`rows`] with a second input of row length `nx` (the incoming gradient).
+fn rows2<F>(x: &[f32], g: &[f32], ng: usize, nx: usize, y: &mut [f32], f: F)
+where
+    F: Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
+{
+    if par(x.len()) {
+        x.par_chunks_exact(nx)
+            .zip(g.par_chunks_exact(ng))
+            .zip(y.par_chunks_exact_mut(nx))
+            .enumerate()
+            .for_each(|(r, ((xr, gr), yr))| f(r, xr, gr, yr));
+    } else {
+        x.chunks_exact(nx)
+            .zip(g.chunks_exact(ng))
+            .zip(y.chunks_exact_mut(nx))
+            .enumerate()
+            .for_each(|(r, ((xr, gr), yr))| f(r, xr, gr, yr));
+    }
+}
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
@@ -43,7 +94,7 @@ impl CustomOp1 for Softmax {
         let n = l.dims()[l.dims().len() - 1];
         let mut y = vec![0f32; x.len()];
         let mrows = self.mask.as_ref().map_or(1, |m| m.len() / n);
-        for (r, (xr, yr)) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)).enumerate() {
+        rows(x, n, &mut y, n, |r, xr, yr| {
             match &self.mask {
                 Some(m) => {
                     let mr = &m[(r % mrows) * n..(r % mrows + 1) * n];
@@ -64,7 +115,7 @@ impl CustomOp1 for Softmax {
             }
             let inv = 1.0 / sum;
             yr.iter_mut().for_each(|o| *o *= inv);
-        }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -72,16 +123,12 @@ impl CustomOp1 for Softmax {
         let n = y.dim(candle_core::D::Minus1)?;
         let (yv, gv) = (data(y)?, data(g)?);
         let mut dx = vec![0f32; yv.len()];
-        for ((yr, gr), dr) in yv
-            .chunks_exact(n)
-            .zip(gv.chunks_exact(n))
-            .zip(dx.chunks_exact_mut(n))
-        {
+        rows2(&yv, &gv, n, n, &mut dx, |_, yr, gr, dr| {
             let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
             for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
                 *d = self.scale * a * (b - dot);
             }
-        }
+        });
         Ok(Some(out(dx, y)?))
     }
 }
@@ -118,13 +165,13 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        rows(x, n, &mut y, n, |_, xr, yr| {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
             let inv = 1.0 / (ms + self.eps).sqrt();
             for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(w) {
                 *o = a * inv * b;
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -137,25 +184,29 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
         let n = wv.len();
-        let mut dx = vec![0f32; xv.len()];
-        let mut dw = vec![0f32; n];
-        for ((xr, gr), dr) in xv
-            .chunks_exact(n)
-            .zip(gv.chunks_exact(n))
-            .zip(dx.chunks_exact_mut(n))
-        {
+        let inv_of = |xr: &[f32]| {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let inv = 1.0 / (ms + self.eps).sqrt();
+            1.0 / (ms + self.eps).sqrt()
+        };
+        let mut dx = vec![0f32; xv.len()];
+        rows2(&xv, &gv, n, n, &mut dx, |_, xr, gr, dr| {
+            let inv = inv_of(xr);
             // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
             let mut dot = 0f32;
             for i in 0..n {
-                let xh = xr[i] * inv;
-                dw[i] += gr[i] * xh;
-                dot += gr[i] * wv[i] * xh;
+                dot += gr[i] * wv[i] * (xr[i] * inv);
             }
             let dot = dot / n as f32;
             for i in 0..n {
                 dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
+            }
+        });
+        // The weight gradient sums over rows: in row order, on this thread.
+        let mut dw = vec![0f32; n];
+        for (xr, gr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)) {
+            let inv = inv_of(xr);
+            for i in 0..n {
+                dw[i] += gr[i] * (xr[i] * inv);
             }
         }
         Ok((Some(out(dx, x)?), Some(out(dw, w)?)))
@@ -196,12 +247,12 @@ impl CustomOp3 for LayerNorm {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        rows(x, n, &mut y, n, |_, xr, yr| {
             let (mean, inv) = ln_stats(xr, self.eps);
             for i in 0..n {
                 yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -216,20 +267,12 @@ impl CustomOp3 for LayerNorm {
         let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
         let n = wv.len();
         let mut dx = vec![0f32; xv.len()];
-        let mut dw = vec![0f32; n];
-        let mut db = vec![0f32; n];
-        for ((xr, gr), dr) in xv
-            .chunks_exact(n)
-            .zip(gv.chunks_exact(n))
-            .zip(dx.chunks_exact_mut(n))
-        {
+        rows2(&xv, &gv, n, n, &mut dx, |_, xr, gr, dr| {
             let (mean, inv) = ln_stats(xr, self.eps);
             // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
             let (mut s1, mut s2) = (0f32, 0f32);
             for i in 0..n {
                 let xh = (xr[i] - mean) * inv;
-                dw[i] += gr[i] * xh;
-                db[i] += gr[i];
                 let d = gr[i] * wv[i];
                 s1 += d;
                 s2 += d * xh;
@@ -238,6 +281,16 @@ impl CustomOp3 for LayerNorm {
             for i in 0..n {
                 let xh = (xr[i] - mean) * inv;
                 dr[i] = inv * (gr[i] * wv[i] - s1 - xh * s2);
+            }
+        });
+        // Weight and bias gradients sum over rows: in row order, on this thread.
+        let mut dw = vec![0f32; n];
+        let mut db = vec![0f32; n];
+        for (xr, gr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)) {
+            let (mean, inv) = ln_stats(xr, self.eps);
+            for i in 0..n {
+                dw[i] += gr[i] * ((xr[i] - mean) * inv);
+                db[i] += gr[i];
             }
         }
         Ok((Some(out(dx, x)?), Some(out(dw, w)?), Some(out(db, b)?)))
@@ -273,24 +326,27 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let y = x
-            .iter()
-            .map(|&v| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v))))
-            .collect();
+        let f = |&v: &f32| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v)));
+        let y = if par(x.len()) {
+            x.par_iter().map(f).collect()
+        } else {
+            x.iter().map(f).collect()
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (xv, gv) = (data(x)?, data(g)?);
-        let dx = xv
-            .iter()
-            .zip(&gv)
-            .map(|(&v, &gr)| {
-                let t = tanh(GELU_K * (v + 0.044_715 * v * v * v));
-                gr * (0.5 * (1.0 + t)
-                    + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
-            })
-            .collect();
+        let f = |(&v, &gr): (&f32, &f32)| {
+            let t = tanh(GELU_K * (v + 0.044_715 * v * v * v));
+            gr * (0.5 * (1.0 + t)
+                + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
+        };
+        let dx = if par(xv.len()) {
+            xv.par_iter().zip(&gv).map(f).collect()
+        } else {
+            xv.iter().zip(&gv).map(f).collect()
+        };
         Ok(Some(out(dx, x)?))
     }
 }
@@ -316,11 +372,13 @@ impl CustomOp1 for SwiGlu {
         let dims = l.dims();
         let h2 = dims[dims.len() - 1];
         let h = h2 / 2;
-        let mut y = Vec::with_capacity(x.len() / 2);
-        for r in x.chunks_exact(h2) {
+        let mut y = vec![0f32; x.len() / 2];
+        rows(x, h2, &mut y, h, |_, r, yr| {
             let (a, b) = r.split_at(h);
-            y.extend(a.iter().zip(b).map(|(&a, &b)| a * sigmoid(a) * b));
-        }
+            for ((o, &a), &b) in yr.iter_mut().zip(a).zip(b) {
+                *o = a * sigmoid(a) * b;
+            }
+        });
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = h;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -331,11 +389,7 @@ impl CustomOp1 for SwiGlu {
         let h2 = x.dim(candle_core::D::Minus1)?;
         let h = h2 / 2;
         let mut dx = vec![0f32; xv.len()];
-        for ((r, gr), dr) in xv
-            .chunks_exact(h2)
-            .zip(gv.chunks_exact(h))
-            .zip(dx.chunks_exact_mut(h2))
-        {
+        rows2(&xv, &gv, h, h2, &mut dx, |_, r, gr, dr| {
             let (a, b) = r.split_at(h);
             let (da, db) = dr.split_at_mut(h);
             for i in 0..h {
@@ -343,7 +397,7 @@ impl CustomOp1 for SwiGlu {
                 da[i] = gr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
                 db[i] = gr[i] * a[i] * s;
             }
-        }
+        });
         Ok(Some(out(dx, x)?))
     }
 }
@@ -364,7 +418,7 @@ impl Rope {
     fn rotate(&self, x: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
         let half = d / 2;
         let mut y = vec![0f32; x.len()];
-        for (r, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+        rows(x, d, &mut y, d, |r, xr, yr| {
             let p = self.offset + r % t;
             let (c, s) = (
                 &self.cos[p * half..(p + 1) * half],
@@ -376,7 +430,7 @@ impl Rope {
                 yr[i] = x1 * c[i] - x2 * si;
                 yr[i + half] = x2 * c[i] + x1 * si;
             }
-        }
+        });
         y
     }
 }
@@ -426,16 +480,24 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
         let v = l.dims()[1];
-        let mut total = 0f64;
-        for ((xr, &t), &w) in x.chunks_exact(v).zip(&self.targets).zip(&self.weight) {
+        // Each row's term (rows of weight 0 have none), then their sum in row order.
+        let mut terms = vec![0f32; x.len() / v];
+        rows(x, v, &mut terms, 1, |r, xr, term| {
+            let (t, w) = (self.targets[r], self.weight[r]);
             if w == 0.0 {
-                continue;
+                return;
             }
             let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = mx + xr.iter().map(|a| (a - mx).exp()).sum::<f32>().ln();
             let nll = lse - xr[t as usize];
             let smooth = lse - xr.iter().sum::<f32>() / v as f32;
-            total += (w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth)) as f64;
+            term[0] = w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth);
+        });
+        let mut total = 0f64;
+        for (&term, &w) in terms.iter().zip(&self.weight) {
+            if w != 0.0 {
+                total += term as f64;
+            }
         }
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
@@ -446,14 +508,10 @@ impl CustomOp1 for CrossEntropy {
         let v = x.dim(1)?;
         let mut dx = vec![0f32; xv.len()];
         let sv = self.smoothing / v as f32;
-        for (((xr, dr), &t), &w) in xv
-            .chunks_exact(v)
-            .zip(dx.chunks_exact_mut(v))
-            .zip(&self.targets)
-            .zip(&self.weight)
-        {
+        rows(&xv, v, &mut dx, v, |r, xr, dr| {
+            let (t, w) = (self.targets[r], self.weight[r]);
             if w == 0.0 {
-                continue;
+                return;
             }
             let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -464,7 +522,7 @@ impl CustomOp1 for CrossEntropy {
             let k = g * w / sum;
             dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
             dr[t as usize] -= g * w * (1.0 - self.smoothing);
-        }
+        });
         Ok(Some(out(dx, x)?))
     }
 }
