@@ -413,8 +413,22 @@ impl Chart for Curves {
                 .y_label_style(font(12))
                 .draw()
                 .map_err(e)?;
-            for (i, (label, points)) in lines.iter().enumerate() {
-                let c = color(i);
+            // Too many stages for a legend: every line in grey, the best few (by their last
+            // value: lowest loss, highest reward) in colour and named.
+            let shown = highlighted(name, lines);
+            for (i, (_, points)) in lines.iter().enumerate() {
+                if !shown.contains(&i) {
+                    chart
+                        .draw_series(LineSeries::new(
+                            points.iter().map(|&(x, y)| (x as f64, y)),
+                            RGBColor(205, 205, 205).stroke_width(1),
+                        ))
+                        .map_err(e)?;
+                }
+            }
+            for (rank, &i) in shown.iter().enumerate() {
+                let (label, points) = &lines[i];
+                let c = color(rank);
                 chart
                     .draw_series(LineSeries::new(
                         points.iter().map(|&(x, y)| (x as f64, y)),
@@ -426,18 +440,49 @@ impl Chart for Curves {
                         PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
                     });
             }
-            if lines.len() <= 12 {
-                chart
-                    .configure_series_labels()
-                    .label_font(font(11))
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK.mix(0.3))
-                    .draw()
-                    .map_err(e)?;
-            }
+            chart
+                .configure_series_labels()
+                .label_font(font(11))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK.mix(0.3))
+                .draw()
+                .map_err(e)?;
         }
         Ok(())
     }
+}
+
+/// Most lines a learning-curve panel names; with more stages only the best this many are in
+/// colour (the rest grey).
+const CURVE_LEGEND_MAX: usize = 6;
+
+/// Indices of the lines of a curve panel drawn in colour, best first: all of them when they fit
+/// in a legend, else the [`CURVE_LEGEND_MAX`] best by their last value (lowest for a loss,
+/// highest for a reward).
+fn highlighted(curve: &str, lines: &[(String, Vec<(i64, f64)>)]) -> Vec<usize> {
+    if lines.len() <= 12 {
+        return (0..lines.len()).collect();
+    }
+    let higher_is_better = curve == "reward";
+    let mut ranked: Vec<(usize, f64)> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, p))| p.last().map(|&(_, v)| (i, v)))
+        .filter(|(_, v)| v.is_finite())
+        .collect();
+    ranked.sort_by(|a, b| {
+        let o = a.1.total_cmp(&b.1);
+        if higher_is_better {
+            o.reverse()
+        } else {
+            o
+        }
+    });
+    ranked
+        .into_iter()
+        .take(CURVE_LEGEND_MAX)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// CIDEr-D against a cost, Pareto-optimal points joined.
@@ -775,4 +820,27 @@ pub fn is_chart_file(name: &str) -> bool {
         .iter()
         .any(|p| name.starts_with(p));
     stem_ok && (name.ends_with(".png") || name.ends_with(".svg"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::highlighted;
+
+    #[test]
+    fn curve_panels_with_many_stages_colour_the_best_by_last_value() {
+        let lines: Vec<(String, Vec<(i64, f64)>)> = (0..20)
+            .map(|i| {
+                (
+                    format!("s{i}"),
+                    vec![(0, 5.0), (10, (i as f64 - 7.3).abs())],
+                )
+            })
+            .collect();
+        // Loss: lowest last value first (7 at 0.3, 8 at 0.7, 6 at 1.3, ...).
+        assert_eq!(highlighted("loss", &lines), vec![7, 8, 6, 9, 5, 10]);
+        // Reward: highest first (19 at 11.7, 18 at 10.7, ..., 0 at 7.3).
+        assert_eq!(highlighted("reward", &lines), vec![19, 18, 17, 16, 15, 0]);
+        // Few enough for a legend: all of them, in order.
+        assert_eq!(highlighted("loss", &lines[..3]), vec![0, 1, 2]);
+    }
 }
