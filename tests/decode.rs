@@ -1,7 +1,9 @@
 //! Decoding invariants: beam width 1 equals greedy, the KV cache equals full recomputation,
 //! seeded sampling is reproducible, and k samples per image come back image-major.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 use ecic::decode::{generate, sample, DecodeConfig, Strategy};
 use ecic::model::{Backbone, Captioner, Fusion, ModelConfig, PeftConfig, Phase};
 use rand::{Rng, SeedableRng};
@@ -108,16 +110,7 @@ fn kv_cache_equals_full_recompute() {
         let (mut step, mut st) = inf.begin(&img, 1).unwrap();
         for j in 0..t {
             let want = full.narrow(1, j, 1).unwrap().squeeze(1).unwrap();
-            let d: f32 = (&want - &step)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_abs_diff(&want, &step);
             assert!(d < 1e-4, "{b:?}/{f:?} position {j}: {d}");
             if j + 1 < t {
                 step = inf.step(&[ids[j + 1], ids[t + j + 1]], &mut st).unwrap();

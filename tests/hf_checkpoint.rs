@@ -3,6 +3,8 @@
 //! vision and LLaVA checkpoints with transformers 5.24's outputs on fixed inputs, made by
 //! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5.
 
+mod common;
+use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,20 +29,6 @@ fn ids(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
 }
 
-fn max_abs_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn pretrained(dir: &Path, backbone: Backbone, fusion: Fusion) -> Captioner {
     let ck = Checkpoint::open(dir).unwrap();
     let cfg = ck.model_config(backbone, fusion).unwrap();
@@ -54,7 +42,7 @@ fn causal_lm_matches(name: &str) {
     let exp = expected(name);
     let m = pretrained(&fixture(name), Backbone::Llava, Fusion::Early);
     let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
-    let err = max_abs_err(&logits, &exp["logits"]);
+    let err = max_abs_diff(&logits, &exp["logits"]);
     eprintln!("{name}: logits max abs err {err:e}");
     assert!(err < TOL, "{name}: logits max abs err {err}");
 }
@@ -76,7 +64,7 @@ fn clip_hidden_states_match_transformers() {
     let hs = tower.hidden_states(&exp["pixel_values"]).unwrap();
     assert_eq!(hs.len(), 3, "embeddings + 2 layers");
     for (i, h) in hs.iter().enumerate() {
-        let err = max_abs_err(h, &exp[&format!("hidden_states.{i}")]);
+        let err = max_abs_diff(h, &exp[&format!("hidden_states.{i}")]);
         eprintln!("clip: hidden_states.{i} max abs err {err:e}");
         assert!(err < TOL, "hidden_states.{i}: max abs err {err}");
     }
@@ -90,7 +78,7 @@ fn llava_logits_match_transformers() {
     let logits = m
         .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
         .unwrap();
-    let err = max_abs_err(&logits, &exp["logits"]);
+    let err = max_abs_diff(&logits, &exp["logits"]);
     eprintln!("llava: text logits max abs err {err:e}");
     assert!(err < TOL, "llava: logits max abs err {err}");
     // Pretrained: pretrain-align trains the connector only.
@@ -373,7 +361,7 @@ fn sweep_trains_from_a_checkpoint_and_reruns_when_its_weights_change() {
             "vision_tower.encoder.layers.0.mlp.fc1.weight",
         ),
     ] {
-        assert_eq!(max_abs_err(&w[ours], &src[theirs]), 0.0, "{ours}");
+        assert_eq!(max_abs_diff(&w[ours], &src[theirs]), 0.0, "{ours}");
     }
     let lineage: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(entry.join("lineage.json")).unwrap())
@@ -483,7 +471,7 @@ fn tied_embeddings_give_the_head_a_copy_of_the_embeddings() {
     m.save_base(&out).unwrap();
     let w = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert_eq!(
-        max_abs_err(&w["lm.lm_head.weight"], &w["lm.embed_tokens.weight"]),
+        max_abs_diff(&w["lm.lm_head.weight"], &w["lm.embed_tokens.weight"]),
         0.0
     );
 }
@@ -502,7 +490,7 @@ fn half_precision_weights_load_as_f32() {
         });
         let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
         let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
-        let err = max_abs_err(&logits, &exp["logits"]);
+        let err = max_abs_diff(&logits, &exp["logits"]);
         eprintln!("llama as {dt:?}: logits max abs err {err:e}");
         // bf16 keeps 8 bits of mantissa: ~0.4% per weight.
         assert!(err > 0.0 && err < 0.1, "{dt:?}: {err}");
@@ -599,7 +587,7 @@ fn llava_key_layouts_load_alike() {
         let logits = m
             .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
             .unwrap();
-        let err = max_abs_err(&logits, &exp["logits"]);
+        let err = max_abs_diff(&logits, &exp["logits"]);
         assert!(err < TOL, "{}: {err}", rename("vision_tower.x"));
     }
 }

@@ -2,7 +2,9 @@
 //! LoRA identities, QLoRA tolerance, checkpoints, and layer numerics against a Python fixture
 //! (`tests/fixtures/model_ops/make_fixture.py`).
 
+mod common;
 use candle_core::{backprop::GradStore, Device, Tensor, D};
+use common::max_abs_diff;
 use ecic::model::{
     ops, Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase,
 };
@@ -44,19 +46,6 @@ fn batch(n: usize, t: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
         Tensor::from_vec(tgt, (n, t), &dev).unwrap(),
         Tensor::ones((n, t), candle_core::DType::F32, &dev).unwrap(),
     )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn align_ckpt(c: &ModelConfig, dir: &tempfile::TempDir) -> (Captioner, std::path::PathBuf) {
