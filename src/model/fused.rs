@@ -188,9 +188,12 @@ impl CustomOp2 for RmsNorm {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
             1.0 / (ms + self.eps).sqrt()
         };
+        // Each row's 1/rms, once, for both passes below.
+        let mut invs = vec![0f32; xv.len() / n];
+        rows(&xv, n, &mut invs, 1, |_, xr, o| o[0] = inv_of(xr));
         let mut dx = vec![0f32; xv.len()];
-        rows2(&xv, &gv, n, n, &mut dx, |_, xr, gr, dr| {
-            let inv = inv_of(xr);
+        rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
+            let inv = invs[r];
             // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
             let mut dot = 0f32;
             for i in 0..n {
@@ -203,8 +206,7 @@ impl CustomOp2 for RmsNorm {
         });
         // The weight gradient sums over rows: in row order, on this thread.
         let mut dw = vec![0f32; n];
-        for (xr, gr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)) {
-            let inv = inv_of(xr);
+        for ((xr, gr), &inv) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(&invs) {
             for i in 0..n {
                 dw[i] += gr[i] * (xr[i] * inv);
             }
@@ -266,9 +268,14 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
         let n = wv.len();
+        // Each row's (mean, 1/std), once, for both passes below.
+        let mut stats = vec![0f32; 2 * (xv.len() / n)];
+        rows(&xv, n, &mut stats, 2, |_, xr, o| {
+            (o[0], o[1]) = ln_stats(xr, self.eps);
+        });
         let mut dx = vec![0f32; xv.len()];
-        rows2(&xv, &gv, n, n, &mut dx, |_, xr, gr, dr| {
-            let (mean, inv) = ln_stats(xr, self.eps);
+        rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
+            let (mean, inv) = (stats[2 * r], stats[2 * r + 1]);
             // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
             let (mut s1, mut s2) = (0f32, 0f32);
             for i in 0..n {
@@ -286,8 +293,12 @@ impl CustomOp3 for LayerNorm {
         // Weight and bias gradients sum over rows: in row order, on this thread.
         let mut dw = vec![0f32; n];
         let mut db = vec![0f32; n];
-        for (xr, gr) in xv.chunks_exact(n).zip(gv.chunks_exact(n)) {
-            let (mean, inv) = ln_stats(xr, self.eps);
+        for ((xr, gr), st) in xv
+            .chunks_exact(n)
+            .zip(gv.chunks_exact(n))
+            .zip(stats.chunks_exact(2))
+        {
+            let (mean, inv) = (st[0], st[1]);
             for i in 0..n {
                 dw[i] += gr[i] * ((xr[i] - mean) * inv);
                 db[i] += gr[i];
