@@ -491,3 +491,59 @@ fn training_loss_falls_in_the_store() {
         scst[0].1
     );
 }
+
+#[test]
+fn failed_pooled_stage_leaves_its_description_for_a_rerun_by_hand() {
+    // Pooled stages (preprocess, evaluate) get their description inline; a
+    // failed one still leaves `runs/stages/KEY.json` behind, so that
+    // `ecic run-stage KEY` retries it alone.
+    let dir = tempfile::tempdir().unwrap();
+    let p = spec(
+        dir.path(),
+        &TINY.replace(r#"backbone = ["llava", "nn"]"#, r#"backbone = ["mfc"]"#),
+    );
+    let runs = dir.path().join("runs");
+    let out = ecic()
+        .arg("plan")
+        .arg(&p)
+        .arg("--runs")
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // Corrupt one valid image: preprocess cannot decode it.
+    let data = std::fs::read_dir(runs.join("data"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .unwrap()
+        .path();
+    let tsv = data.join("IC_valid.tsv");
+    let text = std::fs::read_to_string(&tsv).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let id = first.split('\t').next().unwrap();
+    std::fs::write(&tsv, format!("{id}\tbm90IGFuIGltYWdl\n{rest}")).unwrap();
+    let out = sweep(&p, &runs, &[]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed: preprocess"), "{err}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let key: String = conn
+        .query_row(
+            "SELECT key FROM stages WHERE status = 'failed' AND kind = 'preprocess'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(runs.join("stages").join(format!("{key}.json")).is_file());
+    let again = ecic()
+        .arg("run-stage")
+        .arg("--runs")
+        .arg(&runs)
+        .arg(&key)
+        .output()
+        .unwrap();
+    let again_err = stderr_of(&again);
+    assert!(!again.status.success(), "{again_err}");
+    assert!(again_err.contains("IC_valid.tsv:1"), "{again_err}");
+}

@@ -97,6 +97,7 @@ fn job(key: &str, deps: &[&str]) -> StageJob {
             time: Some("00:05:00".into()),
             ..Resources::default()
         },
+        desc: None,
     }
 }
 

@@ -12,7 +12,7 @@
 //!   one-shot `ecic run-stage KEY` processes: each gets a clean heap, its own
 //!   peak RSS and its own thread pool;
 //! - cheap stages (`preprocess`, `evaluate`; see [`super::pooled_kind`]) are
-//!   handed, one key a line, to pooled `ecic run-stage --serve` workers (at
+//!   handed, one description a line, to pooled `ecic run-stage --serve` workers (at
 //!   most `jobs`, started on demand, reused while the sweep runs; a worker's
 //!   stderr is pointed at each stage's log in turn), which saves a process
 //!   start per stage.
@@ -434,7 +434,7 @@ impl LocalExecutor {
         next_slot: &mut usize,
         tx: &mpsc::Sender<Msg>,
     ) -> Result<Option<bool>, ExecError> {
-        let line = format!("{}\n", job.key);
+        let line = format!("{}\n", job.desc.as_deref().unwrap_or(&job.key));
         let fits = |p: &Proc, depth: usize| {
             p.stdin.is_some() && p.queue.len() == depth && p.threads == job.threads
         };

@@ -4,8 +4,9 @@
 //! are not cached, in topological order with their dependencies among
 //! themselves, and consumes the [`Event`]s it sends. Every executor runs a stage
 //! the same way — the hidden `ecic run-stage --runs DIR KEY` command (or its
-//! pooled form `run-stage --serve`, which takes keys on stdin), which reads the
-//! stage's description from `runs/stages/KEY.json`, computes, and publishes the
+//! pooled form `run-stage --serve`, which takes stage descriptions on stdin,
+//! one JSON line each), which reads the stage's description from
+//! `runs/stages/KEY.json` (or its stdin line), computes, and publishes the
 //! output into the cache — so a stage's result never depends on where it ran. Workers never write the SQLite store; the orchestrator ingests
 //! each finished stage's manifest.
 
@@ -38,6 +39,10 @@ pub struct StageJob {
     pub threads: usize,
     /// Cluster resources for this stage's kind.
     pub resources: Resources,
+    /// The stage's description as one line of JSON, for executors that hand
+    /// it to a worker inline (the local executor's pooled workers) instead of
+    /// through `runs/stages/KEY.json`, which the dispatcher then does not write.
+    pub desc: Option<String>,
 }
 
 /// Resources a stage asks a cluster scheduler for (from the spec's

@@ -68,7 +68,8 @@ pub enum StageError {
     Message(String),
     #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("{context}: {source}")]
+    /// Displayed as the context alone: [`error_chain`] appends the sources.
+    #[error("{context}")]
     Other {
         context: String,
         #[source]
@@ -107,8 +108,20 @@ pub fn run_stage(
     progress: &dyn Fn(u64, u64),
     durability: Durability,
 ) -> Result<RunOutcome, StageError> {
+    let desc = Cache::open(runs)?.read_desc(key)?;
+    run_stage_desc(runs, &desc, progress, durability)
+}
+
+/// [`run_stage`] with the stage's description at hand (a pooled worker's
+/// stdin line) rather than in `runs/stages/KEY.json`.
+pub fn run_stage_desc(
+    runs: &Path,
+    desc: &StageDesc,
+    progress: &dyn Fn(u64, u64),
+    durability: Durability,
+) -> Result<RunOutcome, StageError> {
     let cache = Cache::open(runs)?;
-    let desc = cache.read_desc(key)?;
+    let key = desc.key.as_str();
     if cache.is_complete(key) {
         return Ok(RunOutcome::AlreadyComplete);
     }
@@ -123,7 +136,7 @@ pub fn run_stage(
         key,
         std::process::id()
     );
-    let result = compute(&cache, &desc, progress, durability);
+    let result = compute(&cache, desc, progress, durability);
     if let Err(e) = &result {
         let marker = serde_json::json!({
             "key": key,

@@ -67,6 +67,7 @@ fn job(key: &str, deps: &[&str]) -> StageJob {
         deps: deps.iter().map(|d| d.to_string()).collect(),
         threads: 2,
         resources: Resources::default(),
+        desc: None,
     }
 }
 
