@@ -441,12 +441,22 @@ fn write_marker(marker: &Path) -> Result<(), CacheError> {
         fs::write(&tmp, boot.as_bytes()).map_err(io(&tmp))?;
         fs::rename(&tmp, &shared).map_err(io(&shared))?;
     }
-    // A marker left by an earlier boot (of the stale entry being replaced)
-    // gives way to this boot's.
-    let _ = fs::remove_file(marker);
-    match fs::hard_link(&shared, marker) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+    let link = || match fs::hard_link(&shared, marker) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    };
+    match link() {
+        Ok(true) => Ok(()),
+        // A marker left by an earlier boot (of the stale entry being
+        // replaced) gives way to this boot's.
+        Ok(false) => {
+            let _ = fs::remove_file(marker);
+            match link() {
+                Ok(_) => Ok(()),
+                Err(_) => fs::write(marker, boot.as_bytes()).map_err(io(marker)),
+            }
+        }
         // No hard links here: a file of its own.
         Err(_) => fs::write(marker, boot.as_bytes()).map_err(io(marker)),
     }

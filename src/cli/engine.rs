@@ -838,7 +838,7 @@ fn serve_stages(runs: &Path) -> CliResult {
         };
         let deferred = crate::cache::Durability::Deferred;
         let result = match &desc {
-            Some(d) => crate::stages::run_stage_desc(runs, d, &report, deferred),
+            Some(d) => crate::stages::run_stage_desc(&cache, d, &report, deferred),
             None => crate::stages::run_stage(runs, key, &report, deferred),
         };
         let reply = match result {

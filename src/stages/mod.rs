@@ -108,19 +108,19 @@ pub fn run_stage(
     progress: &dyn Fn(u64, u64),
     durability: Durability,
 ) -> Result<RunOutcome, StageError> {
-    let desc = Cache::open(runs)?.read_desc(key)?;
-    run_stage_desc(runs, &desc, progress, durability)
+    let cache = Cache::open(runs)?;
+    let desc = cache.read_desc(key)?;
+    run_stage_desc(&cache, &desc, progress, durability)
 }
 
 /// [`run_stage`] with the stage's description at hand (a pooled worker's
 /// stdin line) rather than in `runs/stages/KEY.json`.
 pub fn run_stage_desc(
-    runs: &Path,
+    cache: &Cache,
     desc: &StageDesc,
     progress: &dyn Fn(u64, u64),
     durability: Durability,
 ) -> Result<RunOutcome, StageError> {
-    let cache = Cache::open(runs)?;
     let key = desc.key.as_str();
     if cache.is_complete(key) {
         return Ok(RunOutcome::AlreadyComplete);
@@ -136,7 +136,7 @@ pub fn run_stage_desc(
         key,
         std::process::id()
     );
-    let result = compute(&cache, desc, progress, durability);
+    let result = compute(cache, desc, progress, durability);
     if let Err(e) = &result {
         let marker = serde_json::json!({
             "key": key,
