@@ -16,6 +16,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::vmath::exp_in_place;
+
 /// Whether an op over `len` floats goes to the rayon pool (below ~32k floats a task costs more
 /// than it saves).
 fn par(len: usize) -> bool {
@@ -108,11 +110,9 @@ impl CustomOp1 for Softmax {
                     .for_each(|(o, &a)| *o = a * self.scale),
             }
             let mx = yr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for o in yr.iter_mut() {
-                *o = (*o - mx).exp();
-                sum += *o;
-            }
+            yr.iter_mut().for_each(|o| *o -= mx);
+            exp_in_place(yr);
+            let sum: f32 = yr.iter().sum();
             let inv = 1.0 / sum;
             yr.iter_mut().for_each(|o| *o *= inv);
         });
@@ -318,13 +318,36 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
 
-/// tanh through one `exp` (libm's tanhf goes through expm1f and was 8% of a training step).
-fn tanh(u: f32) -> f32 {
-    if u.abs() > 15.0 {
-        return u.signum();
+/// tanh of every element of `u`, in place, through one `exp` each (libm's tanhf goes through
+/// expm1f and was 8% of a training step). |u| > 15 gives ±1 (exactly what f32 rounds to).
+fn tanh_in_place(u: &mut [f32]) {
+    u.iter_mut().for_each(|v| *v = 2.0 * v.clamp(-15.0, 15.0));
+    exp_in_place(u);
+    u.iter_mut().for_each(|e| *e = (*e - 1.0) / (*e + 1.0));
+}
+
+/// `f(chunk of x, same chunk of out)` over blocks of [`BLOCK`] elements, on the rayon pool
+/// when [`par`] says so (blocks are independent: the result does not depend on it).
+fn blocks<F>(x: &[f32], y: &mut [f32], f: F)
+where
+    F: Fn(&[f32], &mut [f32]) + Sync + Send,
+{
+    if par(x.len()) {
+        x.par_chunks(BLOCK)
+            .zip(y.par_chunks_mut(BLOCK))
+            .for_each(|(a, b)| f(a, b));
+    } else {
+        x.chunks(BLOCK)
+            .zip(y.chunks_mut(BLOCK))
+            .for_each(|(a, b)| f(a, b));
     }
-    let e = (2.0 * u).exp();
-    (e - 1.0) / (e + 1.0)
+}
+
+const BLOCK: usize = 1024;
+
+/// The argument of GELU's tanh.
+fn gelu_u(v: f32) -> f32 {
+    GELU_K * (v + 0.044_715 * v * v * v)
 }
 
 /// GELU, tanh approximation (the form candle's `gelu` computes).
@@ -337,27 +360,43 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let f = |&v: &f32| 0.5 * v * (1.0 + tanh(GELU_K * (v + 0.044_715 * v * v * v)));
-        let y = if par(x.len()) {
-            x.par_iter().map(f).collect()
-        } else {
-            x.iter().map(f).collect()
-        };
+        let mut y = vec![0f32; x.len()];
+        blocks(x, &mut y, |xb, yb| {
+            yb.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
+            tanh_in_place(yb);
+            yb.iter_mut()
+                .zip(xb)
+                .for_each(|(t, &v)| *t = 0.5 * v * (1.0 + *t));
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (xv, gv) = (data(x)?, data(g)?);
-        let f = |(&v, &gr): (&f32, &f32)| {
-            let t = tanh(GELU_K * (v + 0.044_715 * v * v * v));
-            gr * (0.5 * (1.0 + t)
-                + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
+        // dx = g * (0.5 (1 + t) + 0.5 v (1 - t^2) k (1 + 3 c v^2)); the incoming gradient
+        // rides along as the block's second half of `both`.
+        let mut dx = vec![0f32; xv.len()];
+        let both: Vec<(f32, f32)> = xv.iter().copied().zip(gv.iter().copied()).collect();
+        let f = |xb: &[(f32, f32)], db: &mut [f32]| {
+            db.iter_mut()
+                .zip(xb)
+                .for_each(|(o, &(v, _))| *o = gelu_u(v));
+            tanh_in_place(db);
+            db.iter_mut().zip(xb).for_each(|(t, &(v, gr))| {
+                *t = gr
+                    * (0.5 * (1.0 + *t)
+                        + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
+            });
         };
-        let dx = if par(xv.len()) {
-            xv.par_iter().zip(&gv).map(f).collect()
+        if par(xv.len()) {
+            both.par_chunks(BLOCK)
+                .zip(dx.par_chunks_mut(BLOCK))
+                .for_each(|(a, b)| f(a, b));
         } else {
-            xv.iter().zip(&gv).map(f).collect()
-        };
+            both.chunks(BLOCK)
+                .zip(dx.chunks_mut(BLOCK))
+                .for_each(|(a, b)| f(a, b));
+        }
         Ok(Some(out(dx, x)?))
     }
 }
@@ -366,8 +405,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
+/// `out[i] = sigmoid(a[i])`.
+fn sigmoid_into(a: &[f32], out: &mut [f32]) {
+    out.iter_mut().zip(a).for_each(|(o, &v)| *o = -v);
+    exp_in_place(out);
+    out.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
 }
 
 /// SwiGLU on a fused `gate_up` projection: `[a | b]` (…, 2h) -> `silu(a) * b` (…, h).
@@ -386,8 +428,9 @@ impl CustomOp1 for SwiGlu {
         let mut y = vec![0f32; x.len() / 2];
         rows(x, h2, &mut y, h, |_, r, yr| {
             let (a, b) = r.split_at(h);
+            sigmoid_into(a, yr);
             for ((o, &a), &b) in yr.iter_mut().zip(a).zip(b) {
-                *o = a * sigmoid(a) * b;
+                *o *= a * b;
             }
         });
         let mut shape = dims.to_vec();
@@ -403,8 +446,9 @@ impl CustomOp1 for SwiGlu {
         rows2(&xv, &gv, h, h2, &mut dx, |_, r, gr, dr| {
             let (a, b) = r.split_at(h);
             let (da, db) = dr.split_at_mut(h);
+            sigmoid_into(a, db);
             for i in 0..h {
-                let s = sigmoid(a[i]);
+                let s = db[i];
                 da[i] = gr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
                 db[i] = gr[i] * a[i] * s;
             }
@@ -499,7 +543,9 @@ impl CustomOp1 for CrossEntropy {
                 return;
             }
             let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = mx + xr.iter().map(|a| (a - mx).exp()).sum::<f32>().ln();
+            let mut e: Vec<f32> = xr.iter().map(|a| a - mx).collect();
+            exp_in_place(&mut e);
+            let lse = mx + e.iter().sum::<f32>().ln();
             let nll = lse - xr[t as usize];
             let smooth = lse - xr.iter().sum::<f32>() / v as f32;
             term[0] = w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth);
@@ -525,11 +571,9 @@ impl CustomOp1 for CrossEntropy {
                 return;
             }
             let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, &a) in dr.iter_mut().zip(xr) {
-                *d = (a - mx).exp();
-                sum += *d;
-            }
+            dr.iter_mut().zip(xr).for_each(|(d, &a)| *d = a - mx);
+            exp_in_place(dr);
+            let sum: f32 = dr.iter().sum();
             let k = g * w / sum;
             dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
             dr[t as usize] -= g * w * (1.0 - self.smoothing);

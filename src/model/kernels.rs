@@ -340,11 +340,9 @@ fn softmax_row(r: &mut [f32], valid: usize, scale: f32) {
     let (live, masked) = r.split_at_mut(valid);
     masked.fill(0.0);
     let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
-    let mut sum = 0f32;
-    for v in live.iter_mut() {
-        *v = (*v * scale - mx).exp();
-        sum += *v;
-    }
+    live.iter_mut().for_each(|v| *v = *v * scale - mx);
+    super::vmath::exp_in_place(live);
+    let sum: f32 = live.iter().sum();
     let inv = 1.0 / sum;
     live.iter_mut().for_each(|v| *v *= inv);
 }

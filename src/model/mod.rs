@@ -49,6 +49,7 @@ pub mod lm;
 pub mod ops;
 pub mod params;
 pub mod vit;
+pub mod vmath;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,91 @@
+//! `exp` over slices in a form the compiler vectorises, for the fused ops' softmax,
+//! cross-entropy, sigmoid and tanh.
+//!
+//! libm's scalar `expf` was ~9% of a training step at the tiny preset (attention softmax over
+//! every score, log-softmax over the 3,000-word vocabulary, SiLU and GELU over every hidden
+//! unit). The release build targets baseline x86-64 (SSE2), where neither libm's `expf` nor
+//! `wide::f32x8::exp` (tried: its f32x8 is emulated there and was as slow as libm in a
+//! training step) vectorises; this branch-free form does: 1.3-1.7 ns per value against libm's
+//! 3.4 (a micro-benchmark over 3,000-value rows), within 1 ulp of libm on
+//! [-87, 88]. Below -87 it gives 0 (libm: at most 1.7e-38), above 88 infinity (libm: up to
+//! 3.4e38 before 88.72), NaN stays NaN. A value never depends on its position in a slice.
+
+/// `exp(x)`: Cody-Waite range reduction `x = n ln2 + r`, a degree-7 polynomial for `exp(r)`,
+/// `2^n` built in the exponent bits. Round-to-nearest of `x log2 e` by the 1.5 * 2^23 trick,
+/// so no float-to-int conversion stands in the way of vectorising.
+#[inline(always)]
+pub fn exp1(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.clamp(-87.0, 88.0);
+    let t = c * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let nbits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let r = c - n * LN2_HI;
+    let r = r - n * LN2_LO;
+    let p = ((((r * (1.0 / 5040.0) + 1.0 / 720.0) * r + 1.0 / 120.0) * r + 1.0 / 24.0) * r
+        + 1.0 / 6.0)
+        * r
+        + 0.5;
+    let e = (p * (r * r) + r + 1.0) * f32::from_bits(nbits.wrapping_add(127) << 23);
+    let e = if x > 88.0 { f32::INFINITY } else { e };
+    let e = if x < -87.0 { 0.0 } else { e };
+    if x.is_nan() {
+        x
+    } else {
+        e
+    }
+}
+
+/// `x <- exp(x)` for every element.
+pub fn exp_in_place(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|v| *v = exp1(*v));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_libm_within_one_ulp_and_handles_the_edges() {
+        let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.0443).collect();
+        xs.extend([
+            0.0, -0.0, 1e-30, -1e-30, 87.99, -86.99, 88.7, -87.3, -103.0, -200.0,
+        ]);
+        let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
+        let mut got = xs.clone();
+        exp_in_place(&mut got);
+        for ((&x, &w), &g) in xs.iter().zip(&want).zip(&got) {
+            let ulp = (w.to_bits() as i64 - g.to_bits() as i64).abs();
+            if (-87.0..=88.0).contains(&x) {
+                assert!(ulp <= 1, "exp({x}) = {g}, libm {w}");
+            } else {
+                assert!(g == 0.0 || g == f32::INFINITY, "exp({x}) = {g}");
+            }
+            assert_eq!(g.to_bits(), exp1(x).to_bits(), "exp1({x})");
+        }
+        let mut edge = vec![f32::NEG_INFINITY, -1e30, f32::INFINITY, 1e30, f32::NAN];
+        exp_in_place(&mut edge);
+        assert_eq!(edge[0], 0.0);
+        assert_eq!(edge[1], 0.0);
+        assert_eq!(edge[2], f32::INFINITY);
+        assert_eq!(edge[3], f32::INFINITY);
+        assert!(edge[4].is_nan());
+    }
+
+    #[test]
+    fn a_value_does_not_depend_on_its_position() {
+        let xs: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+        let mut all = xs.clone();
+        exp_in_place(&mut all);
+        for s in 0..xs.len() {
+            let mut part = xs[s..].to_vec();
+            exp_in_place(&mut part);
+            for (a, b) in part.iter().zip(&all[s..]) {
+                assert_eq!(a.to_bits(), b.to_bits());
+            }
+        }
+    }
+}
