@@ -214,7 +214,7 @@ fn matmul() -> String {
 }
 
 fn main() {
-    ecic::alloc::keep_freed_memory();
+    ecic::runtime::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |k: &str| {
         args.iter()

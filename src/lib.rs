@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod runtime;
 pub mod spec;
 pub mod stages;
 pub mod store;

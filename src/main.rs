@@ -5,7 +5,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    ecic::alloc::keep_freed_memory();
+    ecic::runtime::init();
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`ecic status | head`) instead of failing to print.
     #[cfg(unix)]
