@@ -13,7 +13,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 use super::vmath::exp_in_place;
@@ -72,8 +74,38 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-fn data(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+/// A tensor's f32 values: its own storage where it is contiguous on the CPU (no copy; the
+/// backward passes read every activation and gradient this way), else a contiguous copy.
+enum Data<'a> {
+    /// candle's read guard on the storage, and the tensor's range in it.
+    Borrowed(
+        Box<dyn std::ops::Deref<Target = Storage> + Sync + 'a>,
+        usize,
+        usize,
+    ),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for Data<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Data::Borrowed(guard, a, b) => match &***guard {
+                Storage::Cpu(CpuStorage::F32(v)) => &v[*a..*b],
+                _ => unreachable!("checked when borrowed"),
+            },
+            Data::Owned(v) => v,
+        }
+    }
+}
+
+fn data(t: &Tensor) -> Result<Data<'_>> {
+    let (s, l) = t.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+        return Ok(Data::Borrowed(Box::new(s), a, b));
+    }
+    drop(s);
+    Ok(Data::Owned(t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 fn out(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
@@ -136,7 +168,7 @@ impl CustomOp1 for Softmax {
 /// Softmax over the last dim of `x * scale + mask` (mask (T,S) constant, broadcast over rows).
 pub fn softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let mask = match mask {
-        Some(m) => Some(Arc::new(data(m)?)),
+        Some(m) => Some(Arc::new(data(m)?.to_vec())),
         None => None,
     };
     x.contiguous()?.apply_op1(Softmax {
@@ -594,7 +626,7 @@ pub fn cross_entropy(
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("target id {bad} is outside the vocabulary of {v}");
     }
-    let mask = data(&mask.to_dtype(candle_core::DType::F32)?)?;
+    let mask = data(&mask.to_dtype(candle_core::DType::F32)?)?.to_vec();
     let denom = mask.iter().sum::<f32>().max(1.0);
     let weight = mask.iter().map(|m| m / denom).collect();
     logits.contiguous()?.apply_op1(CrossEntropy {
