@@ -360,9 +360,9 @@ fn tanh_in_place(u: &mut [f32]) {
 
 /// `f(chunk of x, same chunk of out)` over blocks of [`BLOCK`] elements, on the rayon pool
 /// when [`par`] says so (blocks are independent: the result does not depend on it).
-fn blocks<F>(x: &[f32], y: &mut [f32], f: F)
+fn blocks<T: Sync, F>(x: &[T], y: &mut [f32], f: F)
 where
-    F: Fn(&[f32], &mut [f32]) + Sync + Send,
+    F: Fn(&[T], &mut [f32]) + Sync + Send,
 {
     if par(x.len()) {
         x.par_chunks(BLOCK)
@@ -420,15 +420,7 @@ impl CustomOp1 for Gelu {
                         + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
             });
         };
-        if par(xv.len()) {
-            both.par_chunks(BLOCK)
-                .zip(dx.par_chunks_mut(BLOCK))
-                .for_each(|(a, b)| f(a, b));
-        } else {
-            both.chunks(BLOCK)
-                .zip(dx.chunks_mut(BLOCK))
-                .for_each(|(a, b)| f(a, b));
-        }
+        blocks(&both, &mut dx, f);
         Ok(Some(out(dx, x)?))
     }
 }
