@@ -358,20 +358,21 @@ fn tanh_in_place(u: &mut [f32]) {
     u.iter_mut().for_each(|e| *e = (*e - 1.0) / (*e + 1.0));
 }
 
-/// `f(chunk of x, same chunk of out)` over blocks of [`BLOCK`] elements, on the rayon pool
-/// when [`par`] says so (blocks are independent: the result does not depend on it).
-fn blocks<T: Sync, F>(x: &[T], y: &mut [f32], f: F)
+/// `f(offset, block of y)` over the blocks of [`BLOCK`] elements of `y` (the closure reads its
+/// inputs at `offset..offset + block.len()`), on the rayon pool when [`par`] says so (blocks are
+/// independent: the result does not depend on it).
+fn blocks<F>(y: &mut [f32], f: F)
 where
-    F: Fn(&[T], &mut [f32]) + Sync + Send,
+    F: Fn(usize, &mut [f32]) + Sync + Send,
 {
-    if par(x.len()) {
-        x.par_chunks(BLOCK)
-            .zip(y.par_chunks_mut(BLOCK))
-            .for_each(|(a, b)| f(a, b));
+    if par(y.len()) {
+        y.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(i, b)| f(i * BLOCK, b));
     } else {
-        x.chunks(BLOCK)
-            .zip(y.chunks_mut(BLOCK))
-            .for_each(|(a, b)| f(a, b));
+        y.chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(i, b)| f(i * BLOCK, b));
     }
 }
 
@@ -393,7 +394,8 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
         let mut y = vec![0f32; x.len()];
-        blocks(x, &mut y, |xb, yb| {
+        blocks(&mut y, |at, yb| {
+            let xb = &x[at..at + yb.len()];
             yb.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
             tanh_in_place(yb);
             yb.iter_mut()
@@ -405,22 +407,18 @@ impl CustomOp1 for Gelu {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (xv, gv) = (data(x)?, data(g)?);
-        // dx = g * (0.5 (1 + t) + 0.5 v (1 - t^2) k (1 + 3 c v^2)); the incoming gradient
-        // rides along as the block's second half of `both`.
+        // dx = g * (0.5 (1 + t) + 0.5 v (1 - t^2) k (1 + 3 c v^2)).
         let mut dx = vec![0f32; xv.len()];
-        let both: Vec<(f32, f32)> = xv.iter().copied().zip(gv.iter().copied()).collect();
-        let f = |xb: &[(f32, f32)], db: &mut [f32]| {
-            db.iter_mut()
-                .zip(xb)
-                .for_each(|(o, &(v, _))| *o = gelu_u(v));
+        blocks(&mut dx, |at, db| {
+            let (xb, gb) = (&xv[at..at + db.len()], &gv[at..at + db.len()]);
+            db.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
             tanh_in_place(db);
-            db.iter_mut().zip(xb).for_each(|(t, &(v, gr))| {
+            for ((t, &v), &gr) in db.iter_mut().zip(xb).zip(gb) {
                 *t = gr
                     * (0.5 * (1.0 + *t)
-                        + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v))
-            });
-        };
-        blocks(&both, &mut dx, f);
+                        + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v));
+            }
+        });
         Ok(Some(out(dx, x)?))
     }
 }
