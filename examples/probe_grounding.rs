@@ -84,11 +84,27 @@ fn main() {
             max_len: maxc,
             ..Default::default()
         };
-        let k = 12.min(split.len());
-        let got =
-            ecic::decode::generate(&m, &split.images.narrow(0, 0, k).unwrap(), &dc, 0).unwrap();
-        for (i, g) in got.iter().enumerate() {
-            println!("  {} | {}", tok.decode(g), split.captions[i][0]);
+        // PROBE_N=all decodes the whole split (e.g. to score attributes offline).
+        let k = match std::env::var("PROBE_N").ok().as_deref() {
+            Some("all") => split.len(),
+            Some(v) => v.parse().unwrap_or(12),
+            None => 12,
+        }
+        .min(split.len());
+        for start in (0..k).step_by(64) {
+            let len = 64.min(k - start);
+            let got =
+                ecic::decode::generate(&m, &split.images.narrow(0, start, len).unwrap(), &dc, 0)
+                    .unwrap();
+            for (j, g) in got.iter().enumerate() {
+                let i = start + j;
+                println!(
+                    "  {} {} | {}",
+                    split.ids[i],
+                    tok.decode(g),
+                    split.captions[i][0]
+                );
+            }
         }
     }
     for shift in [0usize, 1, 7] {
