@@ -424,6 +424,18 @@ fn diverging_stage_fails_clearly_while_other_cells_go_on() {
         )
         .unwrap();
     assert_eq!(skipped, 3, "domain-adapt, cider-optimize, evaluate");
+    let why: Vec<String> = conn
+        .prepare("SELECT error FROM stages WHERE status = 'skipped'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        why.iter()
+            .all(|w| w.starts_with("skipped: upstream stage ") && w.ends_with(" failed")),
+        "{why:?}"
+    );
 }
 
 #[test]

@@ -291,6 +291,10 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
                 .interrupt_flag(interrupted.clone(), a.detach),
         ),
     };
+    let upstream: HashMap<&str, &[String]> = to_run
+        .iter()
+        .map(|j| (j.key.as_str(), j.deps.as_slice()))
+        .collect();
     let mut sink = Sink::new(&to_run, plan.len(), cached.len());
     let mut failures: Vec<(String, String)> = Vec::new();
     let recorder = Recorder::start(store, cache.clone());
@@ -319,10 +323,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
                     }
                     Outcome::Skipped { because_of } => (
                         "skipped",
-                        Some(format!(
-                            "skipped: input {} failed",
-                            &because_of[..12.min(because_of.len())]
-                        )),
+                        Some(skip_reason(&upstream, key, because_of)),
                         None,
                     ),
                     Outcome::Interrupted(why) => ("interrupted", Some(why.clone()), None),
@@ -397,6 +398,32 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
 
 /// The failure marker's error if the stage wrote one, else the executor's
 /// message, with the log's last lines.
+/// Why a stage was not run: a failed stage upstream of it, or (without `--keep-going`) a
+/// failure elsewhere that stopped the sweep. `deps` maps each stage run now to its inputs.
+fn skip_reason(deps: &HashMap<&str, &[String]>, key: &str, failed: &str) -> String {
+    let short = &failed[..12.min(failed.len())];
+    let mut seen = HashSet::new();
+    let mut todo = vec![key];
+    while let Some(k) = todo.pop() {
+        for d in deps.get(k).copied().unwrap_or_default() {
+            if d == failed {
+                return format!("skipped: upstream stage {short} failed");
+            }
+            if seen.insert(d.as_str()) {
+                todo.push(d);
+            }
+        }
+    }
+    if failed.is_empty() {
+        "skipped: not started after a failure".into()
+    } else {
+        format!(
+            "skipped: not started because stage {short} failed and the sweep stopped \
+             (--keep-going runs independent stages)"
+        )
+    }
+}
+
 fn failure_reason(cache: &Cache, key: &str, fallback: &str) -> String {
     let marker = std::fs::read(cache.failed_marker(key))
         .ok()
@@ -723,7 +750,9 @@ impl Sink {
                 let what = match outcome {
                     Outcome::Done => format!("done     {label} ({:.1} s)", wall.as_secs_f64()),
                     Outcome::Failed(m) => format!("FAILED   {label}: {m}"),
-                    Outcome::Skipped { .. } => format!("skipped  {label} (an input failed)"),
+                    Outcome::Skipped { .. } => {
+                        format!("skipped  {label} (not run after a failure)")
+                    }
                     Outcome::Interrupted(_) => format!("stopped  {label}"),
                 };
                 let line = format!("[{}/{}] {what}", self.finished, self.total);
@@ -877,4 +906,43 @@ fn redirect_stderr(log: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons_tell_an_upstream_failure_from_a_stopped_sweep() {
+        let (a, b, c, x) = (
+            "a".repeat(64),
+            "b".repeat(64),
+            "c".repeat(64),
+            "x".repeat(64),
+        );
+        let (db, dc) = (vec![a.clone()], vec![b.clone()]);
+        let deps: HashMap<&str, &[String]> = [
+            (a.as_str(), &[][..]),
+            (b.as_str(), db.as_slice()),
+            (c.as_str(), dc.as_slice()),
+        ]
+        .into_iter()
+        .collect();
+        // c depends on a through b.
+        assert_eq!(
+            skip_reason(&deps, &c, &a),
+            "skipped: upstream stage aaaaaaaaaaaa failed"
+        );
+        // x failed elsewhere: c was only left unstarted.
+        let why = skip_reason(&deps, &c, &x);
+        assert!(
+            why.starts_with("skipped: not started because stage xxxxxxxxxxxx failed"),
+            "{why}"
+        );
+        assert!(why.contains("--keep-going"), "{why}");
+        assert_eq!(
+            skip_reason(&deps, &c, ""),
+            "skipped: not started after a failure"
+        );
+    }
 }

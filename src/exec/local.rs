@@ -357,11 +357,20 @@ impl Executor for LocalExecutor {
             let outcome = if self.interrupted.load(Ordering::SeqCst) {
                 Outcome::Interrupted("not started: interrupted".into())
             } else {
+                // An upstream failure, else the failure that stopped the sweep (the caller
+                // words the two differently).
                 let root = job
                     .deps
                     .iter()
                     .find_map(|d| bad.get(d).cloned())
-                    .unwrap_or_else(|| "an earlier failure".into());
+                    .or_else(|| {
+                        bad.iter()
+                            .filter(|(k, v)| k == v)
+                            .map(|(k, _)| k)
+                            .min()
+                            .cloned()
+                    })
+                    .unwrap_or_default();
                 Outcome::Skipped { because_of: root }
             };
             events(Event::Finished {
