@@ -91,6 +91,11 @@ fn bad_specs_exit_2_naming_the_key() {
             "stages.domain_adapt.lr",
             "positive",
         ),
+        (
+            "name = \"x\"\n[model]\nstem = \"convv\"\n",
+            "model.stem",
+            "did you mean `conv`",
+        ),
     ];
     for (text, key, msg) in cases {
         let p = spec(dir.path(), text);

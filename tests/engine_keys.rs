@@ -115,7 +115,7 @@ fn first_affected(path: &str) -> StageKind {
     let section = path.split('.').take(2).collect::<Vec<_>>().join(".");
     match section.as_str() {
         "stages.preprocess" => StageKind::Preprocess,
-        "stages.pretrain_align" | "model.max_len" => StageKind::PretrainAlign,
+        "stages.pretrain_align" | "model.max_len" | "model.stem" => StageKind::PretrainAlign,
         "stages.domain_adapt" | "peft.lora" | "peft.adapter" | "model.vision" => {
             StageKind::DomainAdapt
         }
@@ -159,6 +159,7 @@ const MUTATIONS: &[(&str, &str)] = &[
     ("stages.pretrain_align.lr", "0.004"),
     ("stages.pretrain_align.steps", "7"),
     ("model.max_len", "24"),
+    ("model.stem", "\"conv\""),
     ("stages.domain_adapt.lr", "0.0005"),
     ("stages.domain_adapt.label_smoothing", "0.1"),
     ("peft.lora.r", "4"),

@@ -7,6 +7,7 @@ use candle_core::{backprop::GradStore, Device, Tensor, D};
 use common::max_abs_diff;
 use ecic::model::{
     ops, Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase,
+    VitStem,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -169,6 +170,56 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
                 }
             }
         }
+    }
+}
+
+/// `model.stem = "conv"`: every backbone builds with the convolutional stem, its stages get
+/// gradients in align, the token grid is the patch stem's, and a QLoRA adapt stage over it
+/// trains, saves and reloads.
+#[test]
+fn conv_stem_builds_trains_and_keeps_the_token_grid_for_every_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in [Backbone::Blip2, Backbone::Llava, Backbone::Phi3v] {
+        let f = Fusion::Late;
+        let patch =
+            Captioner::new(&cfg(b, f), &PeftConfig::full(), Phase::Align, &Device::Cpu).unwrap();
+        let mut c = cfg(b, f);
+        c.vision.stem = VitStem::Conv;
+        let img = images(&c, 2, 3);
+        let (inp, tgt, mask) = batch(2, 6, 4);
+        let (align, base) = align_ckpt(&c, &dir);
+        let names: Vec<String> = align.trainable_vars().into_iter().map(|t| t.name).collect();
+        // 64 px, patch 16: four stages, no patch embedding.
+        for i in 0..4 {
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n == &format!("vision.stem.{i}.conv.weight")),
+                "{b:?}: stage {i} missing from {names:?}"
+            );
+        }
+        assert!(!names.iter().any(|n| n.contains("patch_embed")), "{b:?}");
+        let loss = align.loss(&img, &inp, &tgt, &mask, 0.0).unwrap();
+        check_grads(
+            &align,
+            &loss.backward().unwrap(),
+            &format!("{b:?} conv align"),
+        );
+        let vis = align.visual_tokens(&img, false).unwrap();
+        let vis_patch = patch.visual_tokens(&img, false).unwrap();
+        assert_eq!(vis.dims(), vis_patch.dims(), "{b:?}: same token grid");
+        let m = adapt(&c, &PeftConfig::qlora(4, 8.0), &base);
+        let loss = m.loss(&img, &inp, &tgt, &mask, 0.0).unwrap();
+        check_grads(&m, &loss.backward().unwrap(), &format!("{b:?} conv qlora"));
+        let p = dir.path().join("conv-adapt.safetensors");
+        m.save_trained(&p).unwrap();
+        let mut again = adapt(&c, &PeftConfig::qlora(4, 8.0), &base);
+        again.load_trained(&p).unwrap();
+        let d = max_abs_diff(
+            &m.logits(&img, &inp).unwrap(),
+            &again.logits(&img, &inp).unwrap(),
+        );
+        assert!(d == 0.0, "{b:?}: reload differs by {d}");
     }
 }
 

@@ -47,6 +47,29 @@ pub struct VisionConfig {
     /// (none of them, tanh GELU) is the tiny presets' encoder and is not serialized.
     #[serde(default, skip_serializing_if = "VitLayout::is_plain")]
     pub layout: VitLayout,
+    /// How pixels become tokens; the default (a patchify linear) is not serialized.
+    #[serde(default, skip_serializing_if = "VitStem::is_patch")]
+    pub stem: VitStem,
+}
+
+/// How the ViT turns pixels into its `(image_size / patch_size)^2` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VitStem {
+    /// One linear over each `patch_size`² patch (a stride-p convolution): pretrained ViTs.
+    #[default]
+    Patch,
+    /// log2(`patch_size`) stages of 3x3 convolution, LayerNorm over channels, GELU and 2x2 max
+    /// pooling (channels 16, 32, 64, ... up to the width), for encoders trained from scratch
+    /// on few images (`model.stem = "conv"`; see docs/models.md for what it does and does not
+    /// learn at the ablation's budget).
+    Conv,
+}
+
+impl VitStem {
+    pub fn is_patch(&self) -> bool {
+        *self == VitStem::Patch
+    }
 }
 
 /// MLP activation.
@@ -203,6 +226,7 @@ impl ModelConfig {
                 heads: 4,
                 mlp_ratio: 2,
                 layout: VitLayout::default(),
+                stem: VitStem::Patch,
             },
             lm: LmConfig {
                 width: 128,
@@ -260,6 +284,7 @@ impl ModelConfig {
                     heads: 16,
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
+                    stem: VitStem::Patch,
                 };
                 c.qformer = QFormerConfig {
                     queries: 32,
@@ -285,6 +310,7 @@ impl ModelConfig {
                     heads: 16,
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
+                    stem: VitStem::Patch,
                 };
                 c.lm = LmConfig {
                     width: 4096,
@@ -304,6 +330,7 @@ impl ModelConfig {
                     heads: 16,
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
+                    stem: VitStem::Patch,
                 };
                 c.lm = LmConfig {
                     width: 3072,
@@ -370,6 +397,13 @@ impl ModelConfig {
         }
         if v.depth == 0 {
             errs.push("vision.depth must be at least 1".into());
+        }
+        if v.stem == VitStem::Conv && (v.patch_size < 2 || !v.patch_size.is_power_of_two()) {
+            errs.push(format!(
+                "vision.stem conv pools by 2 per stage: vision.patch_size {} must be a power of \
+                 two of at least 2",
+                v.patch_size
+            ));
         }
         let l = &self.lm;
         if l.heads == 0

@@ -30,7 +30,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::config::{
-    Activation, Backbone, Fusion, LmConfig, ModelConfig, PeftConfig, Phase, VisionConfig, VitLayout,
+    Activation, Backbone, Fusion, LmConfig, ModelConfig, PeftConfig, Phase, VisionConfig,
+    VitLayout, VitStem,
 };
 use super::ops::Fwd;
 use super::params::{Builder, Component, ParamStore, Policy, Slot};
@@ -406,6 +407,7 @@ fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
         heads,
         mlp_ratio: inter / width,
         layout: VitLayout::clip(act),
+        stem: VitStem::Patch,
     })
 }
 

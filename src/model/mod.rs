@@ -41,6 +41,7 @@
 pub mod captioner;
 pub mod config;
 pub mod connector;
+pub mod conv;
 pub mod fused;
 pub mod hf;
 pub mod kernels;
@@ -56,7 +57,7 @@ use std::path::PathBuf;
 pub use captioner::{Captioner, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{
     Activation, Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy,
-    VitLayout,
+    VitLayout, VitStem,
 };
 pub use lm::LmState;
 pub use params::Component;

@@ -3,11 +3,14 @@
 //! and another MLP activation only where `VisionConfig::layout` asks for them (CLIP
 //! checkpoints, `super::hf`); every backbone reads patch tokens. Patch embedding is a reshape
 //! plus one linear through the seam, equivalent to a stride-p convolution and quantizable like
-//! any other linear.
+//! any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
+//! token grid from log2(p) stages of 3x3 convolution (an unfold plus a linear through the
+//! seam), LayerNorm, GELU and 2x2 max pooling instead.
 
 use candle_core::{Result as CResult, Tensor};
 
-use super::config::{Activation, VisionConfig};
+use super::config::{Activation, VisionConfig, VitStem};
+use super::conv;
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::ops::{self, Fwd};
@@ -50,9 +53,37 @@ impl Block {
     }
 }
 
+/// One stage of the convolutional stem: 3x3 conv, LayerNorm over channels, GELU, 2x2 max pool.
+#[derive(Debug, Clone)]
+struct ConvStage {
+    conv: Linear,
+    norm: LayerNorm,
+}
+
+#[derive(Debug, Clone)]
+enum Stem {
+    Patch(Linear),
+    Conv(Vec<ConvStage>),
+}
+
+/// Output channels of the conv stem's stages: 16, 32, 64, ... capped at `width`, the last one
+/// `width`.
+pub(crate) fn conv_channels(patch: usize, width: usize) -> Vec<usize> {
+    let stages = patch.trailing_zeros() as usize;
+    (0..stages)
+        .map(|i| {
+            if i + 1 == stages {
+                width
+            } else {
+                (16usize << i).min(width)
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct Vit {
-    patch: Linear,
+    stem: Stem,
     pos: Tensor,
     blocks: Vec<Block>,
     patch_size: usize,
@@ -100,8 +131,26 @@ impl Vit {
         let blocks = (0..blocks.min(cfg.depth))
             .map(|i| Block::new(&b.pp("blocks").pp(i), cfg))
             .collect::<Result<_, _>>()?;
+        let stem = match cfg.stem {
+            VitStem::Patch => {
+                Stem::Patch(b.linear("patch_embed", 3 * p * p, cfg.width, !lay.patch_bias_free)?)
+            }
+            VitStem::Conv => {
+                let mut cin = 3;
+                let mut stages = Vec::new();
+                for (i, cout) in conv_channels(p, cfg.width).into_iter().enumerate() {
+                    let s = b.pp("stem").pp(i);
+                    stages.push(ConvStage {
+                        conv: s.linear("conv", 9 * cin, cout, true)?,
+                        norm: s.layer_norm("norm", cout)?,
+                    });
+                    cin = cout;
+                }
+                Stem::Conv(stages)
+            }
+        };
         Ok(Self {
-            patch: b.linear("patch_embed", 3 * p * p, cfg.width, !lay.patch_bias_free)?,
+            stem,
             pos: b.base(
                 "pos_embed",
                 &[n + usize::from(lay.class_token), cfg.width],
@@ -145,11 +194,29 @@ impl Vit {
         let (bsz, c, h, w) = images.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let patches = images
-            .reshape((bsz, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((bsz, gh * gw, c * p * p))?;
-        let mut x = self.patch.forward(&patches, fwd)?;
+        let mut x = match &self.stem {
+            Stem::Patch(patch) => {
+                let patches = images
+                    .reshape((bsz, c, gh, p, gw, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .reshape((bsz, gh * gw, c * p * p))?;
+                patch.forward(&patches, fwd)?
+            }
+            Stem::Conv(stages) => {
+                // Channel-last throughout: the final (B, gh, gw, width) map is token-major.
+                let mut m = images.permute((0, 2, 3, 1))?.contiguous()?;
+                for st in stages {
+                    let (b, mh, mw, _) = m.dims4()?;
+                    let cols = conv::unfold3x3(&m)?;
+                    let cols = cols.reshape((b, mh * mw, cols.dim(3)?))?;
+                    let y = ops::gelu(&st.norm.forward(&st.conv.forward(&cols, fwd)?)?)?;
+                    let cout = y.dim(2)?;
+                    m = conv::max_pool2(&y.reshape((b, mh, mw, cout))?)?;
+                }
+                let d = m.dim(3)?;
+                m.reshape((bsz, gh * gw, d))?
+            }
+        };
         if let Some(cls) = &self.cls {
             let d = cls.dim(0)?;
             let cls = cls.reshape((1, 1, d))?.broadcast_as((bsz, 1, d))?;

@@ -129,6 +129,10 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
                 "max_len": c.model.max_len,
                 "train": c.stages.pretrain_align,
             });
+            // Only when not the default, so the keys of existing specs are unchanged.
+            if c.model.stem != "patch" {
+                v["stem"] = json!(c.model.stem);
+            }
             // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
             if let Some(d) = &c.model.checkpoint_digest {
                 v["checkpoint_digest"] = json!(d);

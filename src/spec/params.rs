@@ -123,6 +123,9 @@ pub struct ModelSpec {
     pub checkpoint: Option<PathBuf>,
     /// Vision encoder policy in PEFT stages: `frozen` or `lora`.
     pub vision: String,
+    /// How the ViT turns pixels into tokens: `patch` (one linear per patch) or `conv` (a
+    /// convolutional stem, for encoders trained from scratch).
+    pub stem: String,
     /// Content digest of the checkpoint's files, set when the plan is built (never read from
     /// a spec); part of the pretrain-align key.
     #[serde(skip)]
@@ -136,6 +139,7 @@ impl Default for ModelSpec {
             max_len: 32,
             checkpoint: None,
             vision: "frozen".into(),
+            stem: "patch".into(),
             checkpoint_digest: None,
         }
     }

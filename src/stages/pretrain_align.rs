@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 
-use crate::model::{Backbone, Fusion, ModelConfig, PeftConfig, Phase};
+use crate::model::{Backbone, Fusion, ModelConfig, PeftConfig, Phase, VitStem};
 use crate::plan::StageKind;
 use crate::spec::params::TrainSpec;
 
@@ -21,6 +21,9 @@ struct Params {
     checkpoint: Option<std::path::PathBuf>,
     max_len: usize,
     train: TrainSpec,
+    /// `conv`: the ViT's convolutional stem (absent: the patch embedding).
+    #[serde(default)]
+    stem: Option<String>,
 }
 
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
@@ -54,6 +57,9 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         (cfg.pad_id, cfg.bos_id, cfg.eos_id) = (pad, bos, eos);
     }
     cfg.max_caption_len = p.max_len;
+    if p.stem.as_deref() == Some("conv") {
+        cfg.vision.stem = VitStem::Conv;
+    }
     cfg.seed = ctx.desc.fingerprint.seed;
     let lineage = Lineage {
         model: cfg,
