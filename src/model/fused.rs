@@ -18,7 +18,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::vmath::exp_in_place;
+use super::vmath::{self, exp_in_place};
 
 /// Whether an op over `len` floats goes to the rayon pool (below ~32k floats a task costs more
 /// than it saves).
@@ -141,10 +141,10 @@ impl CustomOp1 for Softmax {
                     .zip(xr)
                     .for_each(|(o, &a)| *o = a * self.scale),
             }
-            let mx = yr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mx = vmath::max(yr);
             yr.iter_mut().for_each(|o| *o -= mx);
             exp_in_place(yr);
-            let sum: f32 = yr.iter().sum();
+            let sum = vmath::sum(yr);
             let inv = 1.0 / sum;
             yr.iter_mut().for_each(|o| *o *= inv);
         });
@@ -156,7 +156,7 @@ impl CustomOp1 for Softmax {
         let (yv, gv) = (data(y)?, data(g)?);
         let mut dx = vec![0f32; yv.len()];
         rows2(&yv, &gv, n, n, &mut dx, |_, yr, gr, dr| {
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            let dot = vmath::dot(yr, gr);
             for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
                 *d = self.scale * a * (b - dot);
             }
@@ -198,7 +198,7 @@ impl CustomOp2 for RmsNorm {
         let n = w.len();
         let mut y = vec![0f32; x.len()];
         rows(x, n, &mut y, n, |_, xr, yr| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let ms = vmath::dot(xr, xr) / n as f32;
             let inv = 1.0 / (ms + self.eps).sqrt();
             for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(w) {
                 *o = a * inv * b;
@@ -217,7 +217,7 @@ impl CustomOp2 for RmsNorm {
         let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
         let n = wv.len();
         let inv_of = |xr: &[f32]| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let ms = vmath::dot(xr, xr) / n as f32;
             1.0 / (ms + self.eps).sqrt()
         };
         // Each row's 1/rms, once, for both passes below.
@@ -227,11 +227,7 @@ impl CustomOp2 for RmsNorm {
         rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
             let inv = invs[r];
             // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
-            let mut dot = 0f32;
-            for i in 0..n {
-                dot += gr[i] * wv[i] * (xr[i] * inv);
-            }
-            let dot = dot / n as f32;
+            let dot = inv * dot3(gr, &wv, xr) / n as f32;
             for i in 0..n {
                 dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
             }
@@ -247,6 +243,20 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// `sum a * b * c` in [`vmath`]'s lane order.
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len().min(b.len()).min(c.len());
+    let full = n - n % 8;
+    for j in (0..full).step_by(8) {
+        for i in 0..8 {
+            acc[i] += a[j + i] * b[j + i] * c[j + i];
+        }
+    }
+    let tail: f32 = (full..n).map(|i| a[i] * b[i] * c[i]).sum();
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+}
+
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
@@ -259,8 +269,8 @@ struct LayerNorm {
 
 fn ln_stats(xr: &[f32], eps: f32) -> (f32, f32) {
     let n = xr.len() as f32;
-    let mean = xr.iter().sum::<f32>() / n;
-    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = vmath::sum(xr) / n;
+    let var = vmath::sum_sq_dev(xr, mean) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -564,12 +574,12 @@ impl CustomOp1 for CrossEntropy {
             if w == 0.0 {
                 return;
             }
-            let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mx = vmath::max(xr);
             let mut e: Vec<f32> = xr.iter().map(|a| a - mx).collect();
             exp_in_place(&mut e);
-            let lse = mx + e.iter().sum::<f32>().ln();
+            let lse = mx + vmath::sum(&e).ln();
             let nll = lse - xr[t as usize];
-            let smooth = lse - xr.iter().sum::<f32>() / v as f32;
+            let smooth = lse - vmath::sum(xr) / v as f32;
             term[0] = w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth);
         });
         let mut total = 0f64;
@@ -592,10 +602,10 @@ impl CustomOp1 for CrossEntropy {
             if w == 0.0 {
                 return;
             }
-            let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mx = vmath::max(xr);
             dr.iter_mut().zip(xr).for_each(|(d, &a)| *d = a - mx);
             exp_in_place(dr);
-            let sum: f32 = dr.iter().sum();
+            let sum = vmath::sum(dr);
             let k = g * w / sum;
             dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
             dr[t as usize] -= g * w * (1.0 - self.smoothing);

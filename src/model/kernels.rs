@@ -373,10 +373,10 @@ fn rotate(rows: &mut [f32], d: usize, first: usize, (cos, sin): (&[f32], &[f32])
 fn softmax_row(r: &mut [f32], valid: usize, scale: f32) {
     let (live, masked) = r.split_at_mut(valid);
     masked.fill(0.0);
-    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
+    let mx = super::vmath::max(live) * scale;
     live.iter_mut().for_each(|v| *v = *v * scale - mx);
     super::vmath::exp_in_place(live);
-    let sum: f32 = live.iter().sum();
+    let sum = super::vmath::sum(live);
     let inv = 1.0 / sum;
     live.iter_mut().for_each(|v| *v *= inv);
 }
@@ -512,7 +512,7 @@ impl CustomOp1 for Attention {
                             Parallelism::None,
                         );
                         for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
-                            let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            let dot = super::vmath::dot(dr, pr);
                             for (a, &pv) in dr.iter_mut().zip(pr) {
                                 *a = pv * (*a - dot) * scale;
                             }
