@@ -227,7 +227,7 @@ impl CustomOp2 for RmsNorm {
         rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
             let inv = invs[r];
             // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
-            let dot = inv * dot3(gr, &wv, xr) / n as f32;
+            let dot = inv * vmath::dot3(gr, &wv, xr) / n as f32;
             for i in 0..n {
                 dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
             }
@@ -241,20 +241,6 @@ impl CustomOp2 for RmsNorm {
         }
         Ok((Some(out(dx, x)?), Some(out(dw, w)?)))
     }
-}
-
-/// `sum a * b * c` in [`vmath`]'s lane order.
-fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n = a.len().min(b.len()).min(c.len());
-    let full = n - n % 8;
-    for j in (0..full).step_by(8) {
-        for i in 0..8 {
-            acc[i] += a[j + i] * b[j + i] * c[j + i];
-        }
-    }
-    let tail: f32 = (full..n).map(|i| a[i] * b[i] * c[i]).sum();
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

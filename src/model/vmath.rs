@@ -84,6 +84,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce2(a, b, |x, y| x * y)
 }
 
+/// `sum a * b * c` over three slices of one length.
+pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    debug_assert!(a.len() == b.len() && b.len() == c.len());
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0f32; LANES];
+    let full = n - n % LANES;
+    for ((x, y), z) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+        .zip(c[..full].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    let tail = (full..n).map(|i| a[i] * b[i] * c[i]).sum::<f32>();
+    combine(acc, tail)
+}
+
 /// `sum (x - c)^2`.
 pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
     reduce2(x, x, |v, _| (v - c) * (v - c))
@@ -122,6 +142,12 @@ mod tests {
             assert!((sum(&a) as f64 - s64).abs() < tol, "sum n={n}");
             assert!((dot(&a, &b) as f64 - d64).abs() < tol, "dot n={n}");
             assert!((sum_sq_dev(&a, 0.5) as f64 - q64).abs() < tol, "sq n={n}");
+            let t64: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f64 * y as f64 * y as f64)
+                .sum();
+            assert!((dot3(&a, &b, &b) as f64 - t64).abs() < tol, "dot3 n={n}");
             let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max(&a).to_bits(), m.to_bits(), "max n={n}");
             // Same values, same bits, wherever the slice comes from.
