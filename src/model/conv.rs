@@ -13,38 +13,13 @@
 //! loss at the ablation's budget it did not help (figures in docs/models.md), so it is an
 //! option, not the tiny presets' default.
 
+use super::fused::{data, rows, rows2, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-/// Runs `f(image, input, output)` per image, on the rayon pool when there is more than one
-/// image and thread (images are independent, so results do not depend on the thread count).
-fn per_image<F>(x: &[f32], nx: usize, y: &mut [f32], ny: usize, f: F)
-where
-    F: Fn(&[f32], &mut [f32]) + Sync + Send,
-{
-    if x.len() >= 1 << 15 && candle_core::utils::get_num_threads() > 1 {
-        x.par_chunks_exact(nx)
-            .zip(y.par_chunks_exact_mut(ny))
-            .for_each(|(a, b)| f(a, b));
-    } else {
-        x.chunks_exact(nx)
-            .zip(y.chunks_exact_mut(ny))
-            .for_each(|(a, b)| f(a, b));
-    }
-}
 
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     match *l.dims() {
         [b, h, w, c] => Ok((b, h, w, c)),
         ref d => candle_core::bail!("conv stem op needs a (B, H, W, C) map, got {d:?}"),
-    }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv stem op needs a contiguous input"),
     }
 }
 
@@ -56,6 +31,18 @@ fn tap(y: usize, x: usize, k: usize, h: usize, w: usize) -> Option<usize> {
     Some(sy * w + sx)
 }
 
+/// Calls `f(tap offset in the unfolded row, source pixel)` for every in-bounds tap of every
+/// pixel of an `h x w` map, in one fixed order (the fold's sums depend on it).
+fn for_each_tap(h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    for p in 0..h * w {
+        for k in 0..9 {
+            if let Some(q) = tap(p / w, p % w, k, h, w) {
+                f(p * 9 + k, q);
+            }
+        }
+    }
+}
+
 /// (B, H, W, C) -> (B, H, W, 9C): each pixel's 3x3 neighbourhood, zero outside the map.
 struct Unfold3;
 
@@ -65,19 +52,14 @@ impl CustomOp1 for Unfold3 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l)?;
+        let x = slice(s, l)?;
         let (b, h, w, c) = dims4(l)?;
         let mut y = vec![0f32; x.len() * 9];
         if !x.is_empty() {
-            per_image(x, h * w * c, &mut y, h * w * 9 * c, |xi, yi| {
-                for p in 0..h * w {
-                    for k in 0..9 {
-                        if let Some(q) = tap(p / w, p % w, k, h, w) {
-                            let o = (p * 9 + k) * c;
-                            yi[o..o + c].copy_from_slice(&xi[q * c..(q + 1) * c]);
-                        }
-                    }
-                }
+            rows(x, h * w * c, &mut y, h * w * 9 * c, |_, xi, yi| {
+                for_each_tap(h, w, |t, q| {
+                    yi[t * c..(t + 1) * c].copy_from_slice(&xi[q * c..(q + 1) * c]);
+                });
             });
         }
         Ok((CpuStorage::F32(y), Shape::from((b, h, w, 9 * c))))
@@ -99,7 +81,7 @@ impl CustomOp1 for Fold3 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous(s, l)?;
+        let g = slice(s, l)?;
         let (b, h, w, c) = self.like;
         if l.dims() != [b, h, w, 9 * c] {
             candle_core::bail!(
@@ -110,18 +92,13 @@ impl CustomOp1 for Fold3 {
         }
         let mut dx = vec![0f32; b * h * w * c];
         if !dx.is_empty() {
-            per_image(g, h * w * 9 * c, &mut dx, h * w * c, |gi, di| {
-                for p in 0..h * w {
-                    for k in 0..9 {
-                        if let Some(q) = tap(p / w, p % w, k, h, w) {
-                            let o = (p * 9 + k) * c;
-                            di[q * c..(q + 1) * c]
-                                .iter_mut()
-                                .zip(&gi[o..o + c])
-                                .for_each(|(d, &v)| *d += v);
-                        }
-                    }
-                }
+            rows(g, h * w * 9 * c, &mut dx, h * w * c, |_, gi, di| {
+                for_each_tap(h, w, |t, q| {
+                    di[q * c..(q + 1) * c]
+                        .iter_mut()
+                        .zip(&gi[t * c..(t + 1) * c])
+                        .for_each(|(d, &v)| *d += v);
+                });
             });
         }
         Ok((CpuStorage::F32(dx), Shape::from((b, h, w, c))))
@@ -156,7 +133,7 @@ impl CustomOp1 for MaxPool2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l)?;
+        let x = slice(s, l)?;
         let (b, h, w, c) = dims4(l)?;
         if h % 2 != 0 || w % 2 != 0 {
             candle_core::bail!("maxpool2: H and W must be even, got {h}x{w}");
@@ -164,7 +141,7 @@ impl CustomOp1 for MaxPool2 {
         let (oh, ow) = (h / 2, w / 2);
         let mut y = vec![0f32; b * oh * ow * c];
         if !y.is_empty() {
-            per_image(x, h * w * c, &mut y, oh * ow * c, |xi, yi| {
+            rows(x, h * w * c, &mut y, oh * ow * c, |_, xi, yi| {
                 for oy in 0..oh {
                     for ox in 0..ow {
                         for ch in 0..c {
@@ -180,29 +157,25 @@ impl CustomOp1 for MaxPool2 {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, h, w, c) = x.dims4()?;
         let (oh, ow) = (h / 2, w / 2);
-        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gv = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (xv, gv) = (data(x)?, data(g)?);
         let mut dx = vec![0f32; xv.len()];
         if !dx.is_empty() {
-            let f = |(xi, (gi, di)): (&[f32], (&[f32], &mut [f32]))| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        for ch in 0..c {
-                            di[window_max(xi, w, c, oy, ox, ch)] = gi[(oy * ow + ox) * c + ch];
+            rows2(
+                &xv,
+                &gv,
+                oh * ow * c,
+                h * w * c,
+                &mut dx,
+                |_, xi, gi, di| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            for ch in 0..c {
+                                di[window_max(xi, w, c, oy, ox, ch)] = gi[(oy * ow + ox) * c + ch];
+                            }
                         }
                     }
-                }
-            };
-            let (nx, ng) = (h * w * c, oh * ow * c);
-            if xv.len() >= 1 << 15 && candle_core::utils::get_num_threads() > 1 {
-                xv.par_chunks_exact(nx)
-                    .zip(gv.par_chunks_exact(ng).zip(dx.par_chunks_exact_mut(nx)))
-                    .for_each(f);
-            } else {
-                xv.chunks_exact(nx)
-                    .zip(gv.chunks_exact(ng).zip(dx.chunks_exact_mut(nx)))
-                    .for_each(f);
-            }
+                },
+            );
         }
         Ok(Some(Tensor::from_vec(dx, (b, h, w, c), x.device())?))
     }

@@ -29,7 +29,7 @@ fn par(len: usize) -> bool {
 /// Runs `f(row index, input row, output row)` over the rows of `x` and `y` (row lengths `nx`,
 /// `ny`), on the rayon pool when [`par`] says so. Rows are independent, so the result does not
 /// depend on the thread count.
-fn rows<F>(x: &[f32], nx: usize, y: &mut [f32], ny: usize, f: F)
+pub(crate) fn rows<F>(x: &[f32], nx: usize, y: &mut [f32], ny: usize, f: F)
 where
     F: Fn(usize, &[f32], &mut [f32]) + Sync + Send,
 {
@@ -47,7 +47,7 @@ where
 }
 
 /// [`rows`] with a second input of row length `nx` (the incoming gradient).
-fn rows2<F>(x: &[f32], g: &[f32], ng: usize, nx: usize, y: &mut [f32], f: F)
+pub(crate) fn rows2<F>(x: &[f32], g: &[f32], ng: usize, nx: usize, y: &mut [f32], f: F)
 where
     F: Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
 {
@@ -66,7 +66,8 @@ where
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU storage (fused, kernel and conv ops).
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -76,7 +77,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 
 /// A tensor's f32 values: its own storage where it is contiguous on the CPU (no copy; the
 /// backward passes read every activation and gradient this way), else a contiguous copy.
-enum Data<'a> {
+pub(crate) enum Data<'a> {
     /// candle's read guard on the storage, and the tensor's range in it.
     Borrowed(
         Box<dyn std::ops::Deref<Target = Storage> + Sync + 'a>,
@@ -99,7 +100,7 @@ impl std::ops::Deref for Data<'_> {
     }
 }
 
-fn data(t: &Tensor) -> Result<Data<'_>> {
+pub(crate) fn data(t: &Tensor) -> Result<Data<'_>> {
     let (s, l) = t.storage_and_layout();
     if let (Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
         return Ok(Data::Borrowed(Box::new(s), a, b));

@@ -28,13 +28,7 @@ use candle_core::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused op needs a contiguous input"),
-    }
-}
+use super::fused::slice;
 
 /// Runs `f` on the contiguous f32 data of `t` (copied first only if `t` is strided).
 fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -100,29 +94,44 @@ fn mm(
     }
     // SAFETY: every index gemm touches lies inside the slices (checked above): rows 0..m and
     // columns 0..n of dst, 0..m x 0..k of a and 0..k x 0..n of b with the given strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), dst_rs, accumulate, a, b, par) }
+}
+
+/// gemm with unit column stride for `dst` and `alpha = beta = 1`.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `accumulate`, reads) of rows `0..m` x columns
+/// `0..n` at row stride `dst_rs`, and `a`, `b` must hold `m x k` and `k x n` at their strides.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.0.as_ptr(),
+        a.2 as isize,
+        a.1 as isize,
+        b.0.as_ptr(),
+        b.2 as isize,
+        b.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// `a (m x k) . b (k x n)` into a new `m x n` buffer (row stride n). The buffer is not
@@ -141,27 +150,7 @@ fn mm_new((m, n, k): (usize, usize, usize), a: Mat<'_>, b: Mat<'_>, par: Paralle
     // destination, and it writes every one of its m x n elements; the length is set after
     // that, so no uninitialised element is ever read or referenced.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_raw((m, n, k), dst.as_mut_ptr(), n, false, a, b, par);
         dst.set_len(len);
     }
     dst
