@@ -396,8 +396,6 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     }
 }
 
-/// The failure marker's error if the stage wrote one, else the executor's
-/// message, with the log's last lines.
 /// Why a stage was not run: a failed stage upstream of it, or (without `--keep-going`) a
 /// failure elsewhere that stopped the sweep. `deps` maps each stage run now to its inputs.
 fn skip_reason(deps: &HashMap<&str, &[String]>, key: &str, failed: &str) -> String {
@@ -424,6 +422,8 @@ fn skip_reason(deps: &HashMap<&str, &[String]>, key: &str, failed: &str) -> Stri
     }
 }
 
+/// The failure marker's error if the stage wrote one, else the executor's
+/// message, with the log's last lines.
 fn failure_reason(cache: &Cache, key: &str, fallback: &str) -> String {
     let marker = std::fs::read(cache.failed_marker(key))
         .ok()

@@ -1,5 +1,6 @@
-//! The optional convolutional stem of the ViT (`model.stem = "conv"`), as two CPU ops with their own backward
-//! over channel-last (B, H, W, C) maps: a 3x3 "same" unfold (im2col) and a 2x2 max pool.
+//! The optional convolutional stem of the ViT (`model.stem = "conv"`), as two CPU ops with
+//! their own backward over channel-last (B, H, W, C) maps: a 3x3 "same" unfold (im2col) and a
+//! 2x2 max pool.
 //!
 //! A 3x3 convolution is then `unfold` followed by one linear through the seam (weight
 //! (out, 9·in), taps in row-major (ky, kx) order, channels innermost), so it is initialised,
@@ -13,8 +14,9 @@
 //! loss at the ablation's budget it did not help (figures in docs/models.md), so it is an
 //! option, not the tiny presets' default.
 
-use super::fused::{data, rows, rows2, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::fused::{data, rows, rows2, slice};
 
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     match *l.dims() {

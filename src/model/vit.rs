@@ -68,7 +68,7 @@ enum Stem {
 
 /// Output channels of the conv stem's stages: 16, 32, 64, ... capped at `width`, the last one
 /// `width`.
-pub(crate) fn conv_channels(patch: usize, width: usize) -> Vec<usize> {
+fn conv_channels(patch: usize, width: usize) -> Vec<usize> {
     let stages = patch.trailing_zeros() as usize;
     (0..stages)
         .map(|i| {
