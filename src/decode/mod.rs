@@ -12,8 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::captioner::repeat_rows;
-use crate::model::{Captioner, LmState, ModelError};
+use crate::model::{Captioner, Inputs, LmState, ModelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -98,24 +97,24 @@ impl DecodeConfig {
 struct Session<'a> {
     model: &'a Captioner,
     state: Option<LmState>,
-    /// Full-recompute mode: the image of each decoding row (with the cache: unused).
-    images: Tensor,
+    /// Full-recompute mode: the image (and prompt) of each decoding row (with the cache: unused).
+    inputs: Inputs,
     hist: Vec<Vec<u32>>,
 }
 
 impl<'a> Session<'a> {
     fn begin(
         model: &'a Captioner,
-        images: &Tensor,
+        inputs: &Inputs,
         repeat: usize,
         cache: bool,
     ) -> Result<(Self, Vec<Vec<f32>>), DecodeError> {
-        let n = images.dim(0)? * repeat;
+        let n = inputs.images.dim(0)? * repeat;
         let hist = vec![Vec::new(); n];
         if cache {
             // The image and its prefix are encoded once; the cache rows are then repeated
             // (beams / samples of an image start from the same state).
-            let (logits, mut state) = model.begin(images, 1)?;
+            let (logits, mut state) = model.begin(inputs, 1)?;
             let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
             if repeat > 1 {
                 let idx: Vec<u32> = (0..logits.len() as u32)
@@ -128,17 +127,16 @@ impl<'a> Session<'a> {
                 Self {
                     model,
                     state: Some(state),
-                    images: images.clone(),
+                    inputs: inputs.clone(),
                     hist,
                 },
                 logits,
             ))
         } else {
-            let images = repeat_rows(images, repeat)?;
             let s = Self {
                 model,
                 state: None,
-                images,
+                inputs: inputs.repeat(repeat)?,
                 hist,
             };
             let l = s.recompute()?;
@@ -155,7 +153,7 @@ impl<'a> Session<'a> {
             .flat_map(|h| std::iter::once(m.bos_id).chain(h.iter().copied()))
             .collect();
         let ids = Tensor::from_vec(ids, (self.hist.len(), t), self.model.device())?;
-        let l = self.model.logits(&self.images, &ids)?;
+        let l = self.model.logits(&self.inputs, &ids)?;
         Ok(l.narrow(1, t - 1, 1)?.squeeze(1)?.to_vec2()?)
     }
 
@@ -176,7 +174,7 @@ impl<'a> Session<'a> {
             st.select(idx)?;
         } else {
             let t = Tensor::from_vec(idx.to_vec(), idx.len(), self.model.device())?;
-            self.images = self.images.index_select(&t, 0)?;
+            self.inputs = self.inputs.select(&t)?;
         }
         self.hist = idx.iter().map(|&i| self.hist[i as usize].clone()).collect();
         Ok(())
@@ -227,14 +225,16 @@ fn inference(model: &Captioner) -> Result<Option<Captioner>, DecodeError> {
     })
 }
 
-/// Generates one caption per image (token ids without BOS/EOS).
+/// Generates one caption per image (token ids without BOS/EOS). `inputs`: the images (a
+/// `&Tensor`), or [`Inputs`] with retrieved captions for a retrieval-augmented model.
 pub fn generate(
     model: &Captioner,
-    images: &Tensor,
+    inputs: impl Into<Inputs>,
     cfg: &DecodeConfig,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, DecodeError> {
     cfg.validate()?;
+    let images = &inputs.into();
     let owned = inference(model)?;
     let m = owned.as_ref().unwrap_or(model);
     match cfg.strategy {
@@ -247,12 +247,13 @@ pub fn generate(
 /// `k` nucleus/temperature samples per image (image-major), for SCST.
 pub fn sample(
     model: &Captioner,
-    images: &Tensor,
+    inputs: impl Into<Inputs>,
     k: usize,
     cfg: &DecodeConfig,
     seed: u64,
 ) -> Result<Vec<Vec<Vec<u32>>>, DecodeError> {
     cfg.validate()?;
+    let images = &inputs.into();
     if k == 0 {
         return Err(DecodeError::Config(
             "k samples per image must be at least 1".into(),
@@ -270,7 +271,7 @@ fn max_len(m: &Captioner, cfg: &DecodeConfig) -> usize {
 
 fn greedy(
     m: &Captioner,
-    images: &Tensor,
+    images: &Inputs,
     cfg: &DecodeConfig,
 ) -> Result<Vec<Vec<u32>>, DecodeError> {
     let eos = m.config().eos_id;
@@ -303,7 +304,7 @@ fn greedy(
 
 fn sample_rows(
     m: &Captioner,
-    images: &Tensor,
+    images: &Inputs,
     k: usize,
     cfg: &DecodeConfig,
     seed: u64,
@@ -376,7 +377,7 @@ struct Hyp {
     score: f64,
 }
 
-fn beam(m: &Captioner, images: &Tensor, cfg: &DecodeConfig) -> Result<Vec<Vec<u32>>, DecodeError> {
+fn beam(m: &Captioner, images: &Inputs, cfg: &DecodeConfig) -> Result<Vec<Vec<u32>>, DecodeError> {
     let eos = m.config().eos_id;
     let w = cfg.beam_width;
     let (mut s, mut logits) = Session::begin(m, images, w, cfg.kv_cache)?;

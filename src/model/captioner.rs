@@ -47,6 +47,88 @@ struct Net {
     nv: usize,
 }
 
+/// What captions are conditioned on: images and, for a model built with `retrieved > 0`
+/// (`model.retrieve`), the token ids of the captions retrieved for each image. A `&Tensor` of
+/// images converts into one without a prompt.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// (B,3,H,W) f32.
+    pub images: Tensor,
+    /// (B,P) u32: each image's retrieved captions, each closed by EOS, padded with the pad id
+    /// (see [`prompt_tensor`]).
+    pub prompt: Option<Tensor>,
+}
+
+impl From<&Tensor> for Inputs {
+    fn from(images: &Tensor) -> Self {
+        Inputs {
+            images: images.clone(),
+            prompt: None,
+        }
+    }
+}
+
+impl From<&Inputs> for Inputs {
+    fn from(x: &Inputs) -> Self {
+        x.clone()
+    }
+}
+
+impl Inputs {
+    pub fn new(images: Tensor, prompt: Option<Tensor>) -> Self {
+        Inputs { images, prompt }
+    }
+
+    /// Rows `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Inputs> {
+        Ok(Inputs {
+            images: self.images.narrow(0, start, len)?,
+            prompt: self
+                .prompt
+                .as_ref()
+                .map(|p| p.narrow(0, start, len))
+                .transpose()?,
+        })
+    }
+
+    /// Rows `idx` (u32 indices).
+    pub fn select(&self, idx: &Tensor) -> candle_core::Result<Inputs> {
+        Ok(Inputs {
+            images: self.images.index_select(idx, 0)?,
+            prompt: self
+                .prompt
+                .as_ref()
+                .map(|p| p.index_select(idx, 0))
+                .transpose()?,
+        })
+    }
+
+    /// Each row `k` times consecutively.
+    pub fn repeat(&self, k: usize) -> candle_core::Result<Inputs> {
+        Ok(Inputs {
+            images: repeat_rows(&self.images, k)?,
+            prompt: self
+                .prompt
+                .as_ref()
+                .map(|p| repeat_rows(p, k))
+                .transpose()?,
+        })
+    }
+}
+
+/// The (B,P) prompt of retrieved captions: row `i` holds `prompts[i]` (already EOS-closed token
+/// ids), left-padded with `pad` to the longest row (at least one column), so that every prompt
+/// ends right before the caption's BOS.
+pub fn prompt_tensor(prompts: &[&[u32]], pad: u32, device: &Device) -> candle_core::Result<Tensor> {
+    let p = prompts.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(prompts.len() * p);
+    for r in prompts {
+        ids.extend(std::iter::repeat_n(pad, p - r.len()));
+        ids.extend_from_slice(r);
+    }
+    Tensor::from_vec(ids, (prompts.len(), p), device)
+}
+
 pub struct Captioner {
     cfg: ModelConfig,
     policy: Policy,
@@ -70,7 +152,9 @@ fn build(store: &Mutex<ParamStore>, policy: &Policy, cfg: &ModelConfig) -> Resul
     let conn = Builder::root(store, policy, Component::Connector).pp("connector");
     let visual = Visual::new(&vision, &conn, cfg)?;
     let nv = visual.num_tokens(cfg);
-    let prefix = if cfg.fusion == Fusion::Early { nv } else { 0 };
+    // Decoder positions before the caption: the visual prefix (early fusion), then the
+    // retrieved captions.
+    let prefix = if cfg.fusion == Fusion::Early { nv } else { 0 } + cfg.prompt_len();
     let lm = Lm::new(
         &Builder::root(store, policy, Component::Lm).pp("lm"),
         cfg,
@@ -337,34 +421,103 @@ impl Captioner {
         Ok(self.net.visual.forward(images, self.fwd(train))?)
     }
 
-    /// Text-position logits (B,T,V) for teacher-forced `input_ids` (B,T) given visual tokens.
+    /// What the caption is conditioned on: the visual tokens (B,Nv,D_lm) and, for retrieval
+    /// augmentation, the embedded retrieved-caption prompt (B,P,D_lm), which the decoder reads
+    /// as text before BOS (in its self-attention, as SmallCap does), whatever the fusion.
+    fn condition(&self, x: &Inputs, train: bool) -> Result<(Tensor, Option<Tensor>), ModelError> {
+        let vis = self.visual_tokens(&x.images, train)?;
+        let prompt = match (self.cfg.retrieved, &x.prompt) {
+            (0, None) => None,
+            (1.., Some(p)) => {
+                let (b, n) = p.dims2().map_err(|_| {
+                    ModelError::Input(format!("prompt ids must be (B,P), got {:?}", p.dims()))
+                })?;
+                let most = self.cfg.prompt_len();
+                if b != vis.dim(0)? || n == 0 || n > most || p.dtype() != DType::U32 {
+                    return Err(ModelError::Input(format!(
+                        "prompt ids must be u32 (B={},P) with 1 <= P <= {most}, got {:?} {:?}",
+                        vis.dim(0)?,
+                        p.dtype(),
+                        p.dims()
+                    )));
+                }
+                Some(self.net.lm.embed(p)?)
+            }
+            (0, Some(_)) => {
+                return Err(ModelError::Input(
+                    "retrieved captions were given to a model built without model.retrieve".into(),
+                ))
+            }
+            (r @ 1.., None) => {
+                return Err(ModelError::Input(format!(
+                    "this model reads {r} retrieved caption(s) per image (model.retrieve) and \
+                     none were given"
+                )))
+            }
+        };
+        Ok((vis, prompt))
+    }
+
+    /// The decoder's self-attention input: [visual tokens (early fusion)] [prompt] `text`, with
+    /// the cross-attention memory (late / multilevel); and how many positions precede `text`.
+    #[expect(
+        clippy::type_complexity,
+        reason = "private helper returning three parts"
+    )]
+    fn sequence(
+        &self,
+        vis: &Tensor,
+        prompt: Option<&Tensor>,
+        text: &Tensor,
+        fwd: Fwd<'_>,
+    ) -> Result<(Tensor, Vec<Option<(Tensor, Tensor)>>, usize), ModelError> {
+        let mut parts: Vec<&Tensor> = Vec::with_capacity(3);
+        let mem = if self.cfg.fusion == Fusion::Early {
+            parts.push(vis);
+            Vec::new()
+        } else {
+            self.net.lm.memory(vis, fwd)?
+        };
+        parts.extend(prompt);
+        let before = parts
+            .iter()
+            .map(|p| p.dim(1))
+            .sum::<candle_core::Result<usize>>()?;
+        parts.push(text);
+        let x = if parts.len() == 1 {
+            text.clone()
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        Ok((x, mem, before))
+    }
+
+    /// Text-position logits (B,T,V) for teacher-forced `input_ids` (B,T) given the condition.
     fn text_logits(
         &self,
         vis: &Tensor,
+        prompt: Option<&Tensor>,
         input_ids: &Tensor,
         train: bool,
     ) -> Result<Tensor, ModelError> {
         let fwd = self.fwd(train);
         let t = input_ids.dim(1)?;
         let emb = self.net.lm.embed(input_ids)?;
-        let hidden = if self.cfg.fusion == Fusion::Early {
-            let x = Tensor::cat(&[vis, &emb], 1)?;
-            self.net
-                .lm
-                .forward(&x, &[], None, fwd)?
-                .narrow(1, self.net.nv, t)?
+        let (x, mem, before) = self.sequence(vis, prompt, &emb, fwd)?;
+        let hidden = self.net.lm.forward(&x, &mem, None, fwd)?;
+        let hidden = if before > 0 {
+            hidden.narrow(1, before, t)?
         } else {
-            let mem = self.net.lm.memory(vis, fwd)?;
-            self.net.lm.forward(&emb, &mem, None, fwd)?
+            hidden
         };
         Ok(self.net.lm.logits(&hidden, fwd)?)
     }
 
     /// Full-recompute logits (B,T,V) (evaluation mode); decoding tests compare the KV cache to it.
-    pub fn logits(&self, images: &Tensor, input_ids: &Tensor) -> Result<Tensor, ModelError> {
+    pub fn logits(&self, x: impl Into<Inputs>, input_ids: &Tensor) -> Result<Tensor, ModelError> {
         self.check_ids(input_ids)?;
-        let vis = self.visual_tokens(images, false)?;
-        self.text_logits(&vis, input_ids, false)
+        let (vis, prompt) = self.condition(&x.into(), false)?;
+        self.text_logits(&vis, prompt.as_ref(), input_ids, false)
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(), ModelError> {
@@ -389,7 +542,7 @@ impl Captioner {
     /// Teacher-forced cross-entropy: `input_ids`/`target_ids` (B,T) u32, `mask` (B,T) (1 = scored).
     pub fn loss(
         &self,
-        images: &Tensor,
+        x: impl Into<Inputs>,
         input_ids: &Tensor,
         target_ids: &Tensor,
         mask: &Tensor,
@@ -401,8 +554,8 @@ impl Captioner {
                 "input_ids, target_ids and mask must have one shape".into(),
             ));
         }
-        let vis = self.visual_tokens(images, true)?;
-        let logits = self.text_logits(&vis, input_ids, true)?;
+        let (vis, prompt) = self.condition(&x.into(), true)?;
+        let logits = self.text_logits(&vis, prompt.as_ref(), input_ids, true)?;
         let v = logits.dim(D::Minus1)?;
         Ok(ops::cross_entropy(
             &logits.reshape(((), v))?,
@@ -416,11 +569,12 @@ impl Captioner {
     /// `seqs` holds `per_image` captions per image, image-major; tokens exclude BOS/EOS.
     pub fn log_probs(
         &self,
-        images: &Tensor,
+        x: impl Into<Inputs>,
         seqs: &[Vec<u32>],
         per_image: usize,
     ) -> Result<Tensor, ModelError> {
-        let b = self.check_images(images)?;
+        let x = x.into();
+        let b = self.check_images(&x.images)?;
         if per_image == 0 || seqs.len() != b * per_image {
             return Err(ModelError::Input(format!(
                 "{} sequences for {b} images x {per_image}",
@@ -438,9 +592,10 @@ impl Captioner {
         let inp = Tensor::from_vec(inp, (n, t), &self.device)?;
         let tgt = Tensor::from_vec(tgt, (n * t, 1), &self.device)?;
         let msk = Tensor::from_vec(msk, (n, t), &self.device)?;
-        let vis = self.visual_tokens(images, true)?;
+        let (vis, prompt) = self.condition(&x, true)?;
         let vis = repeat_rows(&vis, per_image)?;
-        let logits = self.text_logits(&vis, &inp, true)?;
+        let prompt = prompt.map(|p| repeat_rows(&p, per_image)).transpose()?;
+        let logits = self.text_logits(&vis, prompt.as_ref(), &inp, true)?;
         let v = logits.dim(D::Minus1)?;
         let lp = ops::log_softmax_last(&logits.reshape((n * t, v))?)?
             .gather(&tgt, 1)?
@@ -450,17 +605,19 @@ impl Captioner {
 
     /// Starts decoding: encodes `images`, repeats each `repeat` times (image-major), feeds the
     /// visual prefix (early fusion) and BOS; returns next-token logits (N,V) and the cache.
-    pub fn begin(&self, images: &Tensor, repeat: usize) -> Result<(Tensor, LmState), ModelError> {
-        let vis = repeat_rows(&self.visual_tokens(images, false)?, repeat.max(1))?;
+    pub fn begin(
+        &self,
+        x: impl Into<Inputs>,
+        repeat: usize,
+    ) -> Result<(Tensor, LmState), ModelError> {
+        let (vis, prompt) = self.condition(&x.into(), false)?;
+        let vis = repeat_rows(&vis, repeat.max(1))?;
+        let prompt = prompt.map(|p| repeat_rows(&p, repeat.max(1))).transpose()?;
         let n = vis.dim(0)?;
         let fwd = self.fwd(false);
         let bos = Tensor::full(self.cfg.bos_id, (n, 1), &self.device)?;
         let emb = self.net.lm.embed(&bos)?;
-        let (x, mem) = if self.cfg.fusion == Fusion::Early {
-            (Tensor::cat(&[&vis, &emb], 1)?, Vec::new())
-        } else {
-            (emb, self.net.lm.memory(&vis, fwd)?)
-        };
+        let (x, mem, _) = self.sequence(&vis, prompt.as_ref(), &emb, fwd)?;
         let mut state = self.net.lm.new_state(if mem.is_empty() {
             vec![None; self.cfg.lm.depth]
         } else {

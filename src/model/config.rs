@@ -198,6 +198,14 @@ pub struct ModelConfig {
     /// Activation between the two projector linears (`llava`, `phi3v`); checkpoints say theirs.
     #[serde(default, skip_serializing_if = "Activation::is_default")]
     pub projector_act: Activation,
+    /// Retrieval augmentation (`model.retrieve`): how many captions of each image's nearest
+    /// training images the decoder reads beside the visual tokens (0: none, not serialized).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retrieved: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ModelConfig {
@@ -256,6 +264,7 @@ impl ModelConfig {
             pretrained: false,
             seed: 0,
             projector_act: Activation::default(),
+            retrieved: 0,
         }
     }
 
@@ -352,6 +361,12 @@ impl ModelConfig {
             Backbone::Phi3v => self.vision.image_size * self.hd_grid,
             _ => self.vision.image_size,
         }
+    }
+
+    /// Longest retrieved-caption prompt in tokens: `retrieved` captions of at most
+    /// `max_caption_len` tokens, each closed by EOS.
+    pub fn prompt_len(&self) -> usize {
+        self.retrieved * (self.max_caption_len + 1)
     }
 
     /// Encoder block outputs (1-based) pooled by `multilevel`.

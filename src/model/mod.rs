@@ -54,7 +54,7 @@ pub mod vmath;
 
 use std::path::PathBuf;
 
-pub use captioner::{Captioner, ParamCounts, TeacherForcing, TrainableVar};
+pub use captioner::{prompt_tensor, Captioner, Inputs, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{
     Activation, Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy,
     VitLayout, VitStem,

@@ -133,6 +133,9 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             if c.model.stem != "patch" {
                 v["stem"] = json!(c.model.stem);
             }
+            if c.model.retrieve > 0 {
+                v["retrieve"] = json!(c.model.retrieve);
+            }
             // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
             if let Some(d) = &c.model.checkpoint_digest {
                 v["checkpoint_digest"] = json!(d);
@@ -182,6 +185,9 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
                     "nucleus" => {
                         m.insert("top_p".into(), json!(e.top_p));
                         m.insert("temperature".into(), json!(e.temperature));
+                    }
+                    "rerank" => {
+                        m.insert("rerank_weight".into(), json!(e.rerank_weight));
                     }
                     _ => {}
                 }

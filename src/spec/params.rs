@@ -126,6 +126,10 @@ pub struct ModelSpec {
     /// How the ViT turns pixels into tokens: `patch` (one linear per patch) or `conv` (a
     /// convolutional stem, for encoders trained from scratch).
     pub stem: String,
+    /// Retrieval augmentation: how many captions of each image's nearest training images (the
+    /// `nn` baseline's retrieval, leave-one-out in training) the decoder reads beside the
+    /// visual tokens; 0 = none.
+    pub retrieve: usize,
     /// Content digest of the checkpoint's files, set when the plan is built (never read from
     /// a spec); part of the pretrain-align key.
     #[serde(skip)]
@@ -140,6 +144,7 @@ impl Default for ModelSpec {
             checkpoint: None,
             vision: "frozen".into(),
             stem: "patch".into(),
+            retrieve: 0,
             checkpoint_digest: None,
         }
     }
@@ -337,13 +342,16 @@ impl Default for CiderSpec {
 pub struct EvaluateSpec {
     /// Split to score: `valid` (or `test` when it carries references).
     pub split: String,
-    /// `greedy`, `beam` or `nucleus`.
+    /// `greedy`, `beam`, `nucleus` or `rerank` (retrieve-and-rerank with the model as judge).
     pub method: String,
     pub beam_width: usize,
     pub length_penalty: f64,
     pub top_p: f64,
     pub temperature: f64,
     pub repetition_penalty: f64,
+    /// `rerank`: weight of the candidates' consensus CIDEr-D beside the model's mean token
+    /// log-probability.
+    pub rerank_weight: f64,
     pub max_len: usize,
     /// Metric tokenization: `char`, `space`, `jieba`.
     pub tokenize: String,
@@ -362,6 +370,7 @@ impl Default for EvaluateSpec {
             top_p: 0.9,
             temperature: 1.0,
             repetition_penalty: 1.0,
+            rerank_weight: 1.0,
             max_len: 32,
             tokenize: "char".into(),
             predict_test: true,

@@ -21,6 +21,8 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "grid",
     "exclude",
 ];
+/// Most retrieved captions per image (`model.retrieve`).
+const MAX_RETRIEVE: usize = 4;
 const STAGE_KINDS: &[&str] = &[
     "preprocess",
     "pretrain_align",
@@ -358,6 +360,16 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
              patch embedding (leave model.stem at \"patch\")",
         );
     }
+    if c.model.retrieve > MAX_RETRIEVE {
+        issues.at(
+            "model.retrieve",
+            format!(
+                "{} retrieved captions per image is more than the {MAX_RETRIEVE} supported \
+                 (each adds up to model.max_len tokens the decoder reads)",
+                c.model.retrieve
+            ),
+        );
+    }
     if c.model.max_len < 4 {
         issues.at("model.max_len", "must be at least 4 tokens");
     }
@@ -430,7 +442,7 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
         issues,
         "stages.evaluate.method",
         &e.method,
-        &["greedy", "beam", "nucleus"],
+        &["greedy", "beam", "nucleus", "rerank"],
     );
     one_of(
         issues,
@@ -448,6 +460,12 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
         );
     }
     positive(issues, "stages.evaluate.temperature", e.temperature);
+    if !(e.rerank_weight >= 0.0 && e.rerank_weight.is_finite()) {
+        issues.at(
+            "stages.evaluate.rerank_weight",
+            format!("must be a finite number >= 0 (got {})", e.rerank_weight),
+        );
+    }
     positive(
         issues,
         "stages.evaluate.repetition_penalty",

@@ -57,56 +57,157 @@ pub fn nearest_neighbour(
     query: &Split,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<String>, StageError> {
-    let rows = clean_rows(train);
-    let idx = Tensor::new(
-        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-        train.images.device(),
-    )
-    .map_err(tensor_err)?;
-    let train_imgs = train.images.index_select(&idx, 0).map_err(tensor_err)?;
-    let te = embed(&train_imgs)?;
-    let qe = embed(&query.images)?;
-    let sims = qe
-        .matmul(&te.t().map_err(tensor_err)?)
-        .map_err(tensor_err)?;
-    let sims: Vec<Vec<f32>> = sims
-        .to_dtype(DType::F32)
-        .and_then(|s| s.to_vec2())
-        .map_err(tensor_err)?;
-    let refs: Vec<(String, Vec<String>)> = rows
+    let picks = retrieve(train, query, 1, progress)?;
+    Ok(picks
         .iter()
-        .map(|&r| (train.ids[r].clone(), train.captions[r].clone()))
-        .collect();
-    let references = References::new(&refs, Tokenize::Char)
-        .map_err(|e| StageError::msg(format!("nn baseline references: {e}")))?;
-    let cider = references.cider();
-    let total = sims.len() as u64;
-    let mut out = Vec::with_capacity(sims.len());
-    for (qi, row) in sims.iter().enumerate() {
-        let mut order: Vec<usize> = (0..row.len()).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        let nbrs = &order[..NEIGHBOURS.min(order.len())];
-        let mut best: Option<(f64, &str)> = None;
-        for &n in nbrs {
-            for cand in &refs[n].1 {
-                let mut s = 0.0;
-                for &m in nbrs {
-                    s += cider
-                        .score_text(m, cand)
-                        .map_err(|e| StageError::msg(e.to_string()))?;
+        .map(|p| {
+            p.first()
+                .map(|&(r, j)| train.captions[r][j].clone())
+                .unwrap_or_default()
+        })
+        .collect())
+}
+
+/// For every row of `query`, up to `k` distinct captions of its nearest clean training images,
+/// best first, as (training row, caption index): the first `k` distinct texts of its
+/// [`Pool`] (the `nn` baseline's choice is the first).
+pub fn retrieve(
+    train: &Split,
+    query: &Split,
+    k: usize,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<Vec<(usize, usize)>>, StageError> {
+    let index = Index::new(train)?;
+    let pools = index.pools(query, progress)?;
+    Ok(pools
+        .iter()
+        .map(|pool| {
+            let mut picked: Vec<(usize, usize)> = Vec::with_capacity(k);
+            for c in &pool.cands {
+                if picked.len() == k {
+                    break;
                 }
-                let s = s / nbrs.len() as f64;
-                if best.is_none_or(|(b, _)| s > b) {
-                    best = Some((s, cand));
+                let text = &train.captions[c.row][c.caption];
+                if picked.iter().all(|&(r, j)| &train.captions[r][j] != text) {
+                    picked.push((c.row, c.caption));
                 }
             }
-        }
-        out.push(best.map(|(_, c)| c.to_string()).unwrap_or_default());
-        if qi % 16 == 0 {
-            progress(qi as u64, total);
-        }
+            picked
+        })
+        .collect())
+}
+
+/// One candidate caption of a [`Pool`].
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// Mean CIDEr-D of the caption against each of the pool's neighbours' references.
+    pub consensus: f64,
+    /// Training row and caption index.
+    pub row: usize,
+    pub caption: usize,
+}
+
+/// What retrieval finds for one query image: its nearest clean training images and their
+/// captions, ranked by consensus (best first; ties keep neighbour then caption order).
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// Neighbours, most similar first, as positions in the index.
+    pub nbrs: Vec<usize>,
+    pub cands: Vec<Candidate>,
+}
+
+/// The clean training images as a retrieval index: mean-centred, L2-normalised 8x8 colour
+/// thumbnails compared by cosine similarity, and the training references for consensus
+/// scores (CIDEr-D, document frequencies from the training references).
+pub struct Index<'a> {
+    train: &'a Split,
+    rows: Vec<usize>,
+    embedded: Tensor,
+    references: References,
+}
+
+impl<'a> Index<'a> {
+    pub fn new(train: &'a Split) -> Result<Self, StageError> {
+        let rows = clean_rows(train);
+        let idx = Tensor::new(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            train.images.device(),
+        )
+        .map_err(tensor_err)?;
+        let embedded = embed(&train.images.index_select(&idx, 0).map_err(tensor_err)?)?;
+        let refs: Vec<(String, Vec<String>)> = rows
+            .iter()
+            .map(|&r| (train.ids[r].clone(), train.captions[r].clone()))
+            .collect();
+        let references = References::new(&refs, Tokenize::Char)
+            .map_err(|e| StageError::msg(format!("nn retrieval references: {e}")))?;
+        Ok(Index {
+            train,
+            rows,
+            embedded,
+            references,
+        })
     }
-    Ok(out)
+
+    /// The split the index was built from.
+    pub fn train(&self) -> &'a Split {
+        self.train
+    }
+
+    /// Mean CIDEr-D of `text` against the references of each of `nbrs`.
+    pub fn consensus(&self, nbrs: &[usize], text: &str) -> Result<f64, StageError> {
+        let cider = self.references.cider();
+        let mut s = 0.0;
+        for &m in nbrs {
+            s += cider
+                .score_text(m, text)
+                .map_err(|e| StageError::msg(e.to_string()))?;
+        }
+        Ok(s / nbrs.len().max(1) as f64)
+    }
+
+    /// The [`Pool`] of every row of `query`: its 5 most similar training images, never one
+    /// with the query's own image id (leave-one-out, so that a training image queried
+    /// against its own split sees what an unseen image sees).
+    pub fn pools(
+        &self,
+        query: &Split,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Vec<Pool>, StageError> {
+        let qe = embed(&query.images)?;
+        let sims: Vec<Vec<f32>> = qe
+            .matmul(&self.embedded.t().map_err(tensor_err)?)
+            .and_then(|s| s.to_dtype(DType::F32))
+            .and_then(|s| s.to_vec2())
+            .map_err(tensor_err)?;
+        let ids = self.references.ids();
+        let total = sims.len() as u64;
+        let mut out = Vec::with_capacity(sims.len());
+        for (qi, row) in sims.iter().enumerate() {
+            let mut order: Vec<usize> = (0..row.len())
+                .filter(|&n| ids[n] != query.ids[qi])
+                .collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            order.truncate(NEIGHBOURS);
+            let mut cands = Vec::new();
+            for &n in &order {
+                let r = self.rows[n];
+                for (j, text) in self.train.captions[r].iter().enumerate() {
+                    cands.push(Candidate {
+                        consensus: self.consensus(&order, text)?,
+                        row: r,
+                        caption: j,
+                    });
+                }
+            }
+            cands.sort_by(|a, b| b.consensus.total_cmp(&a.consensus));
+            out.push(Pool { nbrs: order, cands });
+            if qi % 16 == 0 {
+                progress(qi as u64, total);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The most frequent training caption (ties: the shorter, then the smaller).

@@ -4,7 +4,7 @@
 //! from the training references; baseline: the greedy caption's reward or the
 //! mean of the other samples.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::data::preprocess::Split;
 use crate::decode::{self, DecodeConfig, Strategy};
 use crate::metrics::{References, Tokenize};
-use crate::model::{Captioner, Phase};
+use crate::model::{Captioner, Inputs, Phase};
 use crate::plan::StageKind;
 use crate::train::{Baseline, BoxError, Policy, SampleOpts, ScstConfig};
 
@@ -39,13 +39,19 @@ struct CaptionPolicy<'a> {
     model: &'a Captioner,
     train: &'a Split,
     rows: &'a [usize],
+    /// Retrieved captions of every training row (retrieval-augmented models).
+    prompts: Option<&'a [Vec<u32>]>,
 }
 
 impl CaptionPolicy<'_> {
-    fn images(&self, images: &[usize]) -> Result<Tensor, BoxError> {
-        let idx: Vec<u32> = images.iter().map(|&i| self.rows[i] as u32).collect();
-        let idx = Tensor::new(idx, &Device::Cpu)?;
-        Ok(self.train.images.index_select(&idx, 0)?)
+    fn images(&self, images: &[usize]) -> Result<Inputs, BoxError> {
+        let rows: Vec<usize> = images.iter().map(|&i| self.rows[i]).collect();
+        Ok(training::inputs(
+            self.train,
+            self.prompts,
+            &rows,
+            self.model.config(),
+        )?)
     }
 }
 
@@ -102,6 +108,7 @@ fn valid_cider(
     model: &Captioner,
     tok: &crate::data::tokenizer::CaptionTokenizer,
     valid: &Split,
+    prompts: Option<&[Vec<u32>]>,
     max_len: usize,
 ) -> Result<f64, StageError> {
     let inference = model
@@ -115,16 +122,8 @@ fn valid_cider(
     let rows = clean_rows(valid);
     let mut preds = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(64) {
-        let idx = Tensor::new(
-            chunk.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            &Device::Cpu,
-        )
-        .map_err(StageError::ctx("index"))?;
-        let images = valid
-            .images
-            .index_select(&idx, 0)
-            .map_err(StageError::ctx("selecting valid images"))?;
-        let ids = decode::generate(&inference, &images, &cfg, 0)
+        let inputs = training::inputs(valid, prompts, chunk, model.config())?;
+        let ids = decode::generate(&inference, inputs, &cfg, 0)
             .map_err(StageError::ctx("decoding the valid split"))?;
         preds.extend(ids.iter().map(|s| tok.decode(s)));
     }
@@ -156,8 +155,19 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let cider = references.cider();
     let valid = training::load_split(&pre, "valid").ok();
     let max_len = lineage.model.max_caption_len;
+    let train_prompts = training::prompts(&lineage.model, &train, &train)?;
+    let valid_prompts = match &valid {
+        Some(v) => training::prompts(&lineage.model, &train, v)?,
+        None => None,
+    };
     let before = match &valid {
-        Some(v) => Some(valid_cider(&model, &tok, v, max_len)?),
+        Some(v) => Some(valid_cider(
+            &model,
+            &tok,
+            v,
+            valid_prompts.as_deref(),
+            max_len,
+        )?),
         None => None,
     };
     let cfg = ScstConfig {
@@ -187,6 +197,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         model: &model,
         train: &train,
         rows: &rows,
+        prompts: train_prompts.as_deref(),
     };
     let reward = |i: usize, seq: &[u32]| cider.score_text(i, &tok.decode(seq)).unwrap_or(0.0);
     let log = training::CurveLog::new(ctx.scratch);
@@ -230,7 +241,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         out.metric(
             "valid",
             "cider_d_after",
-            valid_cider(&model, &tok, v, max_len)?,
+            valid_cider(&model, &tok, v, valid_prompts.as_deref(), max_len)?,
         );
     }
     let report = training::counts(&model, &mut out);

@@ -25,13 +25,16 @@ struct Params {
     tokenize: Tokenize,
     predict_test: bool,
     baseline: Option<String>,
-    method: Option<Strategy>,
+    /// `greedy`, `beam`, `nucleus` (a [`Strategy`]) or `rerank`.
+    method: Option<String>,
     max_len: Option<usize>,
     repetition_penalty: Option<f64>,
     beam_width: Option<usize>,
     length_penalty: Option<f64>,
     top_p: Option<f64>,
     temperature: Option<f64>,
+    /// `rerank`: weight of the consensus score beside the model's log-probability.
+    rerank_weight: Option<f64>,
 }
 
 /// Something that captions a split.
@@ -43,6 +46,11 @@ enum Captioner<'a> {
         tok: crate::data::tokenizer::CaptionTokenizer,
         cfg: DecodeConfig,
         seed: u64,
+        /// The training split, where a retrieval-augmented model retrieves its captions and
+        /// rerank decoding its candidates.
+        retrieval: Option<Split>,
+        /// `rerank` decoding: the consensus weight (the model's greedy caption is one candidate).
+        rerank: Option<f64>,
     },
 }
 
@@ -60,26 +68,47 @@ impl Captioner<'_> {
                 tok,
                 cfg,
                 seed,
+                retrieval,
+                rerank,
             } => {
                 let inference = model
                     .inference()
                     .map_err(StageError::ctx("preparing the model for decoding"))?;
+                let prompts = match retrieval {
+                    Some(train) => training::prompts(model.config(), train, split)?,
+                    None => None,
+                };
                 let n = split.len();
                 let bs = 64;
-                let mut out = Vec::with_capacity(n);
+                let mut ids_all: Vec<Vec<u32>> = Vec::with_capacity(n);
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
-                    let images = split
-                        .images
-                        .narrow(0, start, len)
-                        .map_err(StageError::ctx("batching images"))?;
+                    let rows: Vec<usize> = (start..start + len).collect();
+                    let inputs =
+                        training::inputs(split, prompts.as_deref(), &rows, model.config())?;
                     let ids =
-                        decode::generate(&inference, &images, cfg, seed.wrapping_add(start as u64))
+                        decode::generate(&inference, inputs, cfg, seed.wrapping_add(start as u64))
                             .map_err(StageError::ctx("decoding"))?;
-                    out.extend(ids.iter().map(|s| tok.decode(s)));
+                    ids_all.extend(ids);
                     progress((start + len) as u64, n as u64);
                 }
-                Ok(out)
+                match (rerank, retrieval) {
+                    (Some(weight), Some(train)) => {
+                        let index = baseline::Index::new(train)?;
+                        let pools = index.pools(split, &|_, _| {})?;
+                        super::rerank::rerank(
+                            &inference,
+                            tok,
+                            &index,
+                            &pools,
+                            split,
+                            prompts.as_deref(),
+                            &ids_all,
+                            *weight,
+                        )
+                    }
+                    _ => Ok(ids_all.iter().map(|s| tok.decode(s)).collect()),
+                }
             }
         }
     }
@@ -136,8 +165,20 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             let model = lineage.build(ctx, Phase::Adapt)?;
             report = training::counts(&model, &mut out);
             let tok = training::load_tokenizer(&pre)?;
+            let rerank = match p.method.as_deref() {
+                Some("rerank") => Some(p.rerank_weight.unwrap_or(1.0)),
+                _ => None,
+            };
+            let strategy = match p.method.as_deref() {
+                None | Some("rerank") => Strategy::Greedy,
+                Some(m) => serde_json::from_value(serde_json::json!(m)).map_err(|_| {
+                    StageError::msg(format!(
+                        "unknown decoding method `{m}` (greedy, beam, nucleus, rerank)"
+                    ))
+                })?,
+            };
             let cfg = DecodeConfig {
-                strategy: p.method.unwrap_or(Strategy::Greedy),
+                strategy,
                 beam_width: p.beam_width.unwrap_or(1),
                 length_penalty: p.length_penalty.unwrap_or(1.0),
                 top_p: p.top_p.unwrap_or(1.0),
@@ -146,11 +187,18 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
                 max_len: p.max_len.unwrap_or(32) + 1,
                 kv_cache: true,
             };
+            let retrieval = if model.config().retrieved > 0 || rerank.is_some() {
+                Some(training::load_split(&pre, "train")?)
+            } else {
+                None
+            };
             Captioner::Model {
                 model,
                 tok,
                 cfg,
                 seed: ctx.desc.fingerprint.seed,
+                retrieval,
+                rerank,
             }
         }
     };

@@ -10,6 +10,7 @@ mod evaluate;
 mod outputs;
 mod preprocess;
 mod pretrain_align;
+mod rerank;
 mod training;
 
 use std::path::{Path, PathBuf};

@@ -24,6 +24,9 @@ struct Params {
     /// `conv`: the ViT's convolutional stem (absent: the patch embedding).
     #[serde(default)]
     stem: Option<String>,
+    /// Retrieved captions per image (absent: none).
+    #[serde(default)]
+    retrieve: usize,
 }
 
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
@@ -60,6 +63,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     if p.stem.as_deref() == Some("conv") {
         cfg.vision.stem = VitStem::Conv;
     }
+    cfg.retrieved = p.retrieve;
     cfg.seed = ctx.desc.fingerprint.seed;
     let lineage = Lineage {
         model: cfg,

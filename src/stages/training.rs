@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::preprocess::Split;
 use crate::data::tokenizer::CaptionTokenizer;
-use crate::model::{Captioner, Component, ModelConfig, PeftConfig, Phase};
+use crate::model::{Captioner, Component, Inputs, ModelConfig, PeftConfig, Phase};
 use crate::spec::params::TrainSpec;
 use crate::train::{CurveRecord, Group, GroupLr, ParamSpec, TrainConfig};
 
@@ -134,10 +134,67 @@ pub fn train_config(t: &TrainSpec) -> TrainConfig {
     }
 }
 
+/// Retrieval augmentation (`model.retrieve`): for every row of `query`, the token ids of the
+/// `cfg.retrieved` captions retrieved for it from the clean rows of `train`
+/// ([`super::baseline::retrieve`], leave-one-out), each cut to `max_caption_len` and closed by
+/// EOS. `None` when the model reads no retrieved captions.
+pub fn prompts(
+    cfg: &ModelConfig,
+    train: &Split,
+    query: &Split,
+) -> Result<Option<Vec<Vec<u32>>>, StageError> {
+    if cfg.retrieved == 0 {
+        return Ok(None);
+    }
+    let picks = super::baseline::retrieve(train, query, cfg.retrieved, &|_, _| {})?;
+    Ok(Some(
+        picks
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .flat_map(|&(r, j)| {
+                        let t = &train.tokens[r][j];
+                        t[..t.len().min(cfg.max_caption_len)]
+                            .iter()
+                            .copied()
+                            .chain(std::iter::once(cfg.eos_id))
+                    })
+                    .collect()
+            })
+            .collect(),
+    ))
+}
+
+/// The model inputs for `rows`: their images and, with `prompts`, their retrieved captions.
+pub fn inputs(
+    split: &Split,
+    prompts: Option<&[Vec<u32>]>,
+    rows: &[usize],
+    cfg: &ModelConfig,
+) -> Result<Inputs, StageError> {
+    let idx = Tensor::new(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .map_err(StageError::ctx("index"))?;
+    let images = split
+        .images
+        .index_select(&idx, 0)
+        .map_err(StageError::ctx("selecting images"))?;
+    let prompt = prompts
+        .map(|p| {
+            let sel: Vec<&[u32]> = rows.iter().map(|&r| p[r].as_slice()).collect();
+            crate::model::prompt_tensor(&sel, cfg.pad_id, &Device::Cpu)
+        })
+        .transpose()
+        .map_err(StageError::ctx("batching retrieved captions"))?;
+    Ok(Inputs::new(images, prompt))
+}
+
 /// Teacher-forcing tensors for `rows` of a split, one caption each
 /// (`pick(row)` chooses which): input `[BOS] + tokens`, target `tokens + [EOS]`.
 pub struct Batch {
-    pub images: Tensor,
+    pub inputs: Inputs,
     pub input: Tensor,
     pub target: Tensor,
     pub mask: Tensor,
@@ -145,6 +202,7 @@ pub struct Batch {
 
 pub fn batch(
     split: &Split,
+    prompts: Option<&[Vec<u32>]>,
     rows: &[usize],
     pick: &mut dyn FnMut(usize) -> usize,
     cfg: &ModelConfig,
@@ -164,22 +222,14 @@ pub fn batch(
         len: t,
     } = crate::model::TeacherForcing::new(cfg, &caps);
     let n = rows.len();
-    let idx = Tensor::new(
-        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .map_err(StageError::ctx("index"))?;
-    let images = split
-        .images
-        .index_select(&idx, 0)
-        .map_err(StageError::ctx("selecting images"))?;
+    let inputs = inputs(split, prompts, rows, cfg)?;
     let (input, target, mask) = (
         Tensor::from_vec(inp, (n, t), &Device::Cpu),
         Tensor::from_vec(tgt, (n, t), &Device::Cpu),
         Tensor::from_vec(msk, (n, t), &Device::Cpu),
     );
     Ok(Batch {
-        images,
+        inputs,
         input: input.map_err(StageError::ctx("batch input"))?,
         target: target.map_err(StageError::ctx("batch target"))?,
         mask: mask.map_err(StageError::ctx("batch mask"))?,
@@ -215,6 +265,11 @@ pub fn train_ce(
     let val_rows: Vec<usize> = valid
         .map(|v| (0..v.len().min(64)).collect())
         .unwrap_or_default();
+    let train_prompts = prompts(&mcfg, train, train)?;
+    let valid_prompts = valid
+        .map(|v| prompts(&mcfg, train, v))
+        .transpose()?
+        .flatten();
     let log = CurveLog::new(ctx.scratch);
     let summary = {
         let mut hooks = crate::train::Hooks::new()
@@ -223,9 +278,10 @@ pub fn train_ce(
         if let Some(v) = valid.filter(|_| !val_rows.is_empty()) {
             let mcfg = mcfg.clone();
             let rows = val_rows.clone();
+            let vp = valid_prompts.as_deref();
             hooks = hooks.validate(move |_step| {
-                let b = batch(v, &rows, &mut |_| 0, &mcfg)?;
-                let l = model.loss(&b.images, &b.input, &b.target, &b.mask, 0.0)?;
+                let b = batch(v, vp, &rows, &mut |_| 0, &mcfg)?;
+                let l = model.loss(&b.inputs, &b.input, &b.target, &b.mask, 0.0)?;
                 Ok(l.to_scalar::<f32>()? as f64)
             });
         }
@@ -238,9 +294,15 @@ pub fn train_ce(
                         picks.push(sc.rng.gen_range(0..1000));
                     }
                     let mut it = picks.into_iter();
-                    let b = batch(train, &rows, &mut |k| it.next().unwrap_or(0) % k, &mcfg)?;
+                    let b = batch(
+                        train,
+                        train_prompts.as_deref(),
+                        &rows,
+                        &mut |k| it.next().unwrap_or(0) % k,
+                        &mcfg,
+                    )?;
                     let loss =
-                        model.loss(&b.images, &b.input, &b.target, &b.mask, label_smoothing)?;
+                        model.loss(&b.inputs, &b.input, &b.target, &b.mask, label_smoothing)?;
                     Ok(crate::train::Micro::new(loss, bs))
                 },
                 &mut hooks,
