@@ -564,3 +564,77 @@ fn failed_pooled_stage_leaves_its_description_for_a_rerun_by_hand() {
     assert!(!again.status.success(), "{again_err}");
     assert!(again_err.contains("IC_valid.tsv:1"), "{again_err}");
 }
+
+/// `model.retrieve` and `method = "rerank"` end to end: a retrieval-augmented cell trains,
+/// cider-optimizes and evaluates; rerank picks every caption from its candidates (the cell's
+/// greedy caption or a training caption), and with a consensus weight this large it makes the
+/// `nn` baseline's choice.
+#[test]
+fn retrieval_and_rerank_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY
+        .replace(
+            "fusion = [\"early\"]",
+            "fusion = [\"late\"]\n\"stages.evaluate.method\" = [\"greedy\", \"rerank\"]",
+        )
+        .replace(
+            "[stages.evaluate]",
+            "[model]\nretrieve = 1\n[stages.evaluate]\nrerank_weight = 1000.0",
+        )
+        .replace(
+            "[stages.domain_adapt]\nsteps = 40",
+            "[stages.domain_adapt]\nsteps = 4",
+        );
+    let p = spec(dir.path(), &text);
+    let runs = dir.path().join("runs");
+    let out = sweep(&p, &runs, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let captions = |clause: &str| -> std::collections::BTreeMap<String, String> {
+        let q = format!(
+            "SELECT c.image_id, c.caption FROM captions c JOIN stages s ON s.key = c.stage_key
+             WHERE s.kind = 'evaluate' AND c.split = 'valid' AND {clause}"
+        );
+        let mut st = conn.prepare(&q).unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let greedy = captions("s.params LIKE '%\"method\":\"greedy\"%'");
+    let rerank = captions("s.params LIKE '%\"method\":\"rerank\"%'");
+    let nn = captions("s.params LIKE '%\"baseline\":\"nn\"%'");
+    assert_eq!(greedy.len(), 8);
+    assert_eq!(rerank.len(), 8);
+    let train: std::collections::HashSet<String> = std::fs::read_dir(runs.join("data"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path().join("IC_train.jsonl");
+            std::fs::read_to_string(p).ok()
+        })
+        .flat_map(|text| {
+            text.lines()
+                .flat_map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["text"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.as_str().unwrap().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!train.is_empty());
+    for (id, c) in &rerank {
+        assert!(
+            train.contains(c) || greedy.get(id) == Some(c),
+            "{id}: `{c}` is neither a training caption nor the greedy one"
+        );
+    }
+    assert_eq!(
+        rerank, nn,
+        "a large consensus weight should make nn's choices"
+    );
+}

@@ -115,7 +115,9 @@ fn first_affected(path: &str) -> StageKind {
     let section = path.split('.').take(2).collect::<Vec<_>>().join(".");
     match section.as_str() {
         "stages.preprocess" => StageKind::Preprocess,
-        "stages.pretrain_align" | "model.max_len" | "model.stem" => StageKind::PretrainAlign,
+        "stages.pretrain_align" | "model.max_len" | "model.stem" | "model.retrieve" => {
+            StageKind::PretrainAlign
+        }
         "stages.domain_adapt" | "peft.lora" | "peft.adapter" | "model.vision" => {
             StageKind::DomainAdapt
         }
@@ -160,6 +162,7 @@ const MUTATIONS: &[(&str, &str)] = &[
     ("stages.pretrain_align.steps", "7"),
     ("model.max_len", "24"),
     ("model.stem", "\"conv\""),
+    ("model.retrieve", "1"),
     ("stages.domain_adapt.lr", "0.0005"),
     ("stages.domain_adapt.label_smoothing", "0.1"),
     ("peft.lora.r", "4"),
@@ -171,6 +174,7 @@ const MUTATIONS: &[(&str, &str)] = &[
     ("stages.evaluate.max_len", "20"),
     ("stages.evaluate.beam_width", "5"),
     ("stages.evaluate.top_p", "0.5"),
+    ("stages.evaluate.rerank_weight", "0.5"),
     ("stages.evaluate.tokenize", "\"space\""),
 ];
 

@@ -6,8 +6,8 @@ mod common;
 use candle_core::{backprop::GradStore, Device, Tensor, D};
 use common::max_abs_diff;
 use ecic::model::{
-    ops, Backbone, Captioner, Component, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase,
-    VitStem,
+    ops, prompt_tensor, Backbone, Captioner, Component, Fusion, Inputs, ModelConfig, PeftConfig,
+    PeftMethod, Phase, VitStem,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -220,6 +220,90 @@ fn conv_stem_builds_trains_and_keeps_the_token_grid_for_every_backbone() {
             &again.logits(&img, &inp).unwrap(),
         );
         assert!(d == 0.0, "{b:?}: reload differs by {d}");
+    }
+}
+
+/// `model.retrieve`: for every fusion the retrieved captions change the caption logits (the
+/// decoder reads them), gradients reach every trainable tensor in align and LoRA adapt, the
+/// left padding of shorter prompts is what `prompt_tensor` says, and a model built with
+/// retrieval refuses inputs without prompts (and the other way round) with a clear error.
+#[test]
+fn retrieval_prompts_are_read_by_every_fusion_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = prompt_tensor(&[&[5, 6, 2], &[7, 2]], 0, &Device::Cpu).unwrap();
+    assert_eq!(
+        p.to_vec2::<u32>().unwrap(),
+        vec![vec![5, 6, 2], vec![0, 7, 2]]
+    );
+    for f in [Fusion::Early, Fusion::Late, Fusion::Multilevel] {
+        let mut c = cfg(Backbone::Llava, f);
+        c.retrieved = 2;
+        let img = images(&c, 2, 3);
+        let (inp, tgt, mask) = batch(2, 6, 4);
+        let prompt = |ids: &[&[u32]]| {
+            Inputs::new(
+                img.clone(),
+                Some(prompt_tensor(ids, 0, &Device::Cpu).unwrap()),
+            )
+        };
+        let a = prompt(&[&[5, 6, 2, 9, 2], &[7, 2, 8, 2]]);
+        let b = prompt(&[&[11, 12, 2, 13, 2], &[14, 2, 15, 2]]);
+        let (align, base) = align_ckpt(&c, &dir);
+        let la = align.logits(&a, &inp).unwrap();
+        let lb = align.logits(&b, &inp).unwrap();
+        assert_eq!(la.dims(), &[2, 6, V]);
+        assert!(
+            max_abs_diff(&la, &lb) > 1e-4,
+            "{f:?}: the prompt is not read"
+        );
+        let loss = align.loss(&a, &inp, &tgt, &mask, 0.0).unwrap();
+        check_grads(
+            &align,
+            &loss.backward().unwrap(),
+            &format!("{f:?} retrieval align"),
+        );
+        let m = adapt(&c, &PeftConfig::lora(4, 8.0), &base);
+        let loss = m.loss(&a, &inp, &tgt, &mask, 0.0).unwrap();
+        check_grads(
+            &m,
+            &loss.backward().unwrap(),
+            &format!("{f:?} retrieval lora"),
+        );
+        // log_probs (SCST) agrees with the teacher-forced loss on the same prompt.
+        let seqs: Vec<Vec<u32>> = vec![vec![3, 4, 5], vec![6, 7]];
+        let lp = m.log_probs(&a, &seqs, 1).unwrap().to_vec1::<f32>().unwrap();
+        assert!(lp.iter().all(|v| v.is_finite() && *v < 0.0), "{lp:?}");
+        let e = m
+            .loss(&img, &inp, &tgt, &mask, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.retrieve") && e.contains("none were given"),
+            "{e}"
+        );
+        let plain = Captioner::new(
+            &cfg(Backbone::Llava, f),
+            &PeftConfig::full(),
+            Phase::Align,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = plain
+            .loss(&a, &inp, &tgt, &mask, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without model.retrieve"), "{e}");
+        let long = Tensor::zeros(
+            (2, c.prompt_len() + 1),
+            candle_core::DType::U32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = m
+            .logits(Inputs::new(img.clone(), Some(long)), &inp)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prompt ids"), "{e}");
     }
 }
 

@@ -228,3 +228,72 @@ pub fn most_frequent_caption(train: &Split) -> String {
         .map(|(c, _)| c.to_string())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Rows of 8x8 images: row `i` shows pattern `pattern[i]` (a bright pixel at that position).
+    fn split(ids: &[&str], pattern: &[usize], captions: &[&str]) -> Split {
+        let n = ids.len();
+        let mut data = vec![0f32; n * 3 * 64];
+        for (i, &p) in pattern.iter().enumerate() {
+            for c in 0..3 {
+                data[i * 192 + c * 64 + p] = 1.0;
+            }
+        }
+        Split {
+            name: "train".into(),
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            copies: vec![0; n],
+            images: Tensor::from_vec(data, (n, 3, 8, 8), &Device::Cpu).unwrap(),
+            captions: captions.iter().map(|c| vec![c.to_string()]).collect(),
+            tokens: vec![vec![vec![]]; n],
+        }
+    }
+
+    /// Queried against its own split, an image never retrieves itself (leave-one-out), its
+    /// twin (same pixels, other id) is its nearest neighbour, and the `nn` baseline's caption
+    /// is the first retrieved one.
+    #[test]
+    fn retrieval_leaves_the_query_image_out() {
+        let train = split(
+            &["a", "a2", "b", "b2", "c", "d", "e"],
+            &[0, 0, 9, 9, 20, 33, 47],
+            &[
+                "红色T恤",
+                "红色短袖T恤",
+                "蓝色长裙",
+                "蓝色裙子",
+                "白色帽子",
+                "黑色手表",
+                "绿色水杯",
+            ],
+        );
+        let index = Index::new(&train).unwrap();
+        let pools = index.pools(&train, &|_, _| {}).unwrap();
+        for (i, pool) in pools.iter().enumerate() {
+            assert_eq!(pool.nbrs.len(), NEIGHBOURS);
+            assert!(
+                pool.cands.iter().all(|c| c.row != i),
+                "row {i} retrieved itself"
+            );
+            assert!(pool
+                .cands
+                .windows(2)
+                .all(|w| w[0].consensus >= w[1].consensus));
+        }
+        assert_eq!(train.ids[pools[0].nbrs[0]], "a2");
+        assert_eq!(train.ids[pools[3].nbrs[0]], "b");
+        let picks = retrieve(&train, &train, 2, &|_, _| {}).unwrap();
+        let nn = nearest_neighbour(&train, &train, &|_, _| {}).unwrap();
+        for (i, p) in picks.iter().enumerate() {
+            assert_eq!(p.len(), 2);
+            assert_ne!(p[0], p[1]);
+            assert_eq!(train.captions[p[0].0][p[0].1], nn[i]);
+            assert!(p.iter().all(|&(r, _)| r != i));
+        }
+    }
+}
