@@ -27,6 +27,12 @@ Achieved GFLOP/s of training cases count the matmul FLOPs of one step as the mod
 plus 2*m*n*k for the weight gradient where the weight is trained), counted by hooks in one
 PyTorch forward; the same count divides both sides' step times.
 
+Every timed run of either side is a fresh process (candle: `bench_candle`; torch: this script
+with `--torch-one`), so that per-process effects (memory placement, which kernels a library picks
+at start-up) are sampled run by run on both sides rather than fixed for a whole invocation: on
+this project's machines PyTorch's 1-thread speed is bimodal between invocations. Each row prints
+the medians and, on the right, each side's slowest and fastest run.
+
 Usage: scripts/bench-vs-torch.sh [--threads 1,2] [--runs 3] [--cases full,lora,...]
        [--patch 8,16] [--steps 8] [--check]
 """
@@ -500,6 +506,14 @@ def candle(case, patch, threads, steps, warmup, export=None):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def torch_fresh(case, patch, threads, steps, warmup):
+    """One torch run in a fresh process (see the module doc)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-one",
+           f"{case},{patch},{threads},{steps},{warmup}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def check(patch):
     """Loads candle's initial weights and batch into the PyTorch model and compares the losses
     of the first training steps: the two sides compute the same function and update."""
@@ -554,8 +568,15 @@ def main():
     ap.add_argument("--check", action="store_true", help="only check that both sides agree")
     ap.add_argument("--no-matmul", action="store_true")
     ap.add_argument("--json", help="also write every run here (json lines)")
+    ap.add_argument("--torch-one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_interop_threads(1)
+    if a.torch_one:
+        case, patch, th, steps, warm = a.torch_one.split(",")
+        torch.set_num_threads(int(th))
+        fn = torch_decode if case in ("greedy", "beam3") else torch_train
+        print(json.dumps(fn(case, int(patch), int(steps), int(warm))))
+        return
     patches = [int(p) for p in a.patch.split(",")]
     if a.check:
         sys.exit(0 if all(check(p) for p in patches) else 1)
@@ -590,10 +611,8 @@ def main():
                     for side in order:
                         if side == "candle":
                             cr.append(candle(case, patch, th, steps, warm))
-                        elif dec:
-                            tr.append(torch_decode(case, patch, steps, warm))
                         else:
-                            tr.append(torch_train(case, patch, steps, warm))
+                            tr.append(torch_fresh(case, patch, th, steps, warm))
                         if log:
                             rec = (cr if side == "candle" else tr)[-1]
                             log.write(json.dumps(dict(rec, side=side, case=case, patch=patch, threads=th)) + "\n")
@@ -602,6 +621,8 @@ def main():
                 tm = statistics.median(x[key] for x in tr)
                 row = {"threads": th, "patch": patch, "case": case, "candle": cm, "torch": tm}
                 line = f"{th:>2} {patch:>5} {case:<8} {cm:>9.1f} {tm:>9.1f} {cm / tm:>6.2f}x"
+                span = lambda xs: f"{min(x[key] for x in xs):.0f}-{max(x[key] for x in xs):.0f}"
+                row["candle_range"], row["torch_range"] = span(cr), span(tr)
                 if not dec:
                     f = tr[0]["flops"]
                     cg = f * cm / (CASES[case][1] * 1e9)
@@ -612,7 +633,7 @@ def main():
                         f" torch {med(tr, 'fwd_ms'):.0f}+{med(tr, 'bwd_ms'):.0f}+{med(tr, 'opt_ms'):.0f} ms"
                     )
                 rows.append(row)
-                print(line, flush=True)
+                print(line + f"   runs: candle {row['candle_range']}, torch {row['torch_range']}", flush=True)
     print(f"load average at end {os.getloadavg()}")
 
 
