@@ -2,6 +2,7 @@
 //! shape and normalisation, a tokenizer that round-trips every training
 //! caption, and the per-split bad-record policies.
 
+mod common;
 use std::path::{Path, PathBuf};
 
 use ecic::data::muge::BadRecordPolicy;
@@ -51,19 +52,7 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn captions(dir: &Path, prefix: &str) -> Vec<String> {
-    std::fs::read_to_string(dir.join(format!("{prefix}.jsonl")))
-        .unwrap()
-        .lines()
-        .flat_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["text"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c.as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    common::jsonl_captions(&dir.join(format!("{prefix}.jsonl")))
 }
 
 #[test]

@@ -39,6 +39,42 @@ const PAIRS: [(Backbone, Fusion); 3] = [
     (Backbone::Phi3v, Fusion::Multilevel),
 ];
 
+/// Captions of `x` by greedy, beam-3 and nucleus decoding, each with the KV cache and with full
+/// recomputation.
+fn cached_and_recomputed(
+    m: &Captioner,
+    x: &Inputs,
+) -> Vec<(DecodeConfig, Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    [
+        cfg(Strategy::Greedy),
+        DecodeConfig {
+            beam_width: 3,
+            ..cfg(Strategy::Beam)
+        },
+        DecodeConfig {
+            top_p: 0.8,
+            temperature: 1.5,
+            ..cfg(Strategy::Nucleus)
+        },
+    ]
+    .into_iter()
+    .map(|c| {
+        let with = generate(m, x, &c, 5).unwrap();
+        let without = generate(
+            m,
+            x,
+            &DecodeConfig {
+                kv_cache: false,
+                ..c.clone()
+            },
+            5,
+        )
+        .unwrap();
+        (c, with, without)
+    })
+    .collect()
+}
+
 #[test]
 fn beam_width_one_equals_greedy() {
     for (b, f) in PAIRS {
@@ -77,29 +113,7 @@ fn kv_cache_equals_full_recompute() {
     for (b, f) in PAIRS {
         let m = model(b, f, 3);
         let img = images(&m, 2, 4);
-        for c in [
-            cfg(Strategy::Greedy),
-            DecodeConfig {
-                beam_width: 3,
-                ..cfg(Strategy::Beam)
-            },
-            DecodeConfig {
-                top_p: 0.8,
-                temperature: 1.5,
-                ..cfg(Strategy::Nucleus)
-            },
-        ] {
-            let with = generate(&m, &img, &c, 5).unwrap();
-            let without = generate(
-                &m,
-                &img,
-                &DecodeConfig {
-                    kv_cache: false,
-                    ..c.clone()
-                },
-                5,
-            )
-            .unwrap();
+        for (c, with, without) in cached_and_recomputed(&m, &Inputs::from(&img)) {
             assert_eq!(with, without, "{b:?}/{f:?} {:?}", c.strategy);
             assert!(with.iter().all(|s| s.len() <= 11 && !s.contains(&2)));
         }
@@ -135,29 +149,7 @@ fn kv_cache_equals_full_recompute_with_retrieved_captions() {
         let img = images(&m, 2, 4);
         let prompt = prompt_tensor(&[&[5, 6, 7, 2], &[9, 2]], 0, &Device::Cpu).unwrap();
         let x = Inputs::new(img, Some(prompt));
-        for dc in [
-            cfg(Strategy::Greedy),
-            DecodeConfig {
-                beam_width: 3,
-                ..cfg(Strategy::Beam)
-            },
-            DecodeConfig {
-                top_p: 0.8,
-                temperature: 1.5,
-                ..cfg(Strategy::Nucleus)
-            },
-        ] {
-            let with = generate(&m, &x, &dc, 5).unwrap();
-            let without = generate(
-                &m,
-                &x,
-                &DecodeConfig {
-                    kv_cache: false,
-                    ..dc.clone()
-                },
-                5,
-            )
-            .unwrap();
+        for (dc, with, without) in cached_and_recomputed(&m, &x) {
             assert_eq!(with, without, "{f:?} {:?}", dc.strategy);
         }
         let k3 = sample(&m, &x, 3, &cfg(Strategy::Nucleus), 9).unwrap();

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 
+mod common;
+
 fn ecic() -> Command {
     let mut c = Command::cargo_bin("ecic").unwrap();
     c.env("NO_COLOR", "1");
@@ -608,23 +610,9 @@ fn retrieval_and_rerank_run_end_to_end() {
     assert_eq!(rerank.len(), 8);
     let train: std::collections::HashSet<String> = std::fs::read_dir(runs.join("data"))
         .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path().join("IC_train.jsonl");
-            std::fs::read_to_string(p).ok()
-        })
-        .flat_map(|text| {
-            text.lines()
-                .flat_map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v["text"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|t| t.as_str().unwrap().to_string())
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<_>>()
-        })
+        .map(|e| e.unwrap().path().join("IC_train.jsonl"))
+        .filter(|p| p.is_file())
+        .flat_map(|p| common::jsonl_captions(&p))
         .collect();
     assert!(!train.is_empty());
     for (id, c) in &rerank {

@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests (each test file includes this with `mod common;`).
+#![allow(dead_code, reason = "each test file uses some of these helpers")]
 
 use candle_core::Tensor;
 
@@ -15,4 +16,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Every reference caption of a MUGE `.jsonl` file (`{"image_id": .., "text": [..]}` per line).
+pub fn jsonl_captions(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["text"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
