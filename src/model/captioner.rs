@@ -79,18 +79,6 @@ impl Inputs {
         Inputs { images, prompt }
     }
 
-    /// Rows `start..start + len`.
-    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Inputs> {
-        Ok(Inputs {
-            images: self.images.narrow(0, start, len)?,
-            prompt: self
-                .prompt
-                .as_ref()
-                .map(|p| p.narrow(0, start, len))
-                .transpose()?,
-        })
-    }
-
     /// Rows `idx` (u32 indices).
     pub fn select(&self, idx: &Tensor) -> candle_core::Result<Inputs> {
         Ok(Inputs {

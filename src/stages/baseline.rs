@@ -57,7 +57,7 @@ pub fn nearest_neighbour(
     query: &Split,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<String>, StageError> {
-    let picks = retrieve(train, query, 1, progress)?;
+    let picks = retrieve(&Index::new(train)?, query, 1, progress)?;
     Ok(picks
         .iter()
         .map(|p| {
@@ -70,14 +70,14 @@ pub fn nearest_neighbour(
 
 /// For every row of `query`, up to `k` distinct captions of its nearest clean training images,
 /// best first, as (training row, caption index): the first `k` distinct texts of its
-/// [`Pool`] (the `nn` baseline's choice is the first).
+/// [`Pool`] in `index` (the `nn` baseline's choice is the first).
 pub fn retrieve(
-    train: &Split,
+    index: &Index,
     query: &Split,
     k: usize,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<Vec<(usize, usize)>>, StageError> {
-    let index = Index::new(train)?;
+    let train = index.train();
     let pools = index.pools(query, progress)?;
     Ok(pools
         .iter()
@@ -287,7 +287,7 @@ mod tests {
         }
         assert_eq!(train.ids[pools[0].nbrs[0]], "a2");
         assert_eq!(train.ids[pools[3].nbrs[0]], "b");
-        let picks = retrieve(&train, &train, 2, &|_, _| {}).unwrap();
+        let picks = retrieve(&index, &train, 2, &|_, _| {}).unwrap();
         let nn = nearest_neighbour(&train, &train, &|_, _| {}).unwrap();
         for (i, p) in picks.iter().enumerate() {
             assert_eq!(p.len(), 2);

@@ -155,11 +155,16 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let cider = references.cider();
     let valid = training::load_split(&pre, "valid").ok();
     let max_len = lineage.model.max_caption_len;
-    let train_prompts = training::prompts(&lineage.model, &train, &train)?;
-    let valid_prompts = match &valid {
-        Some(v) => training::prompts(&lineage.model, &train, v)?,
-        None => None,
-    };
+    let index = training::retrieval_index(&lineage.model, &train)?;
+    let train_prompts = index
+        .as_ref()
+        .map(|i| training::prompts(&lineage.model, i, &train))
+        .transpose()?;
+    let valid_prompts = index
+        .as_ref()
+        .zip(valid.as_ref())
+        .map(|(i, v)| training::prompts(&lineage.model, i, v))
+        .transpose()?;
     let before = match &valid {
         Some(v) => Some(valid_cider(
             &model,

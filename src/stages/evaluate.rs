@@ -74,9 +74,13 @@ impl Captioner<'_> {
                 let inference = model
                     .inference()
                     .map_err(StageError::ctx("preparing the model for decoding"))?;
-                let prompts = match retrieval {
-                    Some(train) => training::prompts(model.config(), train, split)?,
-                    None => None,
+                // One index serves the prompts and the rerank candidates.
+                let index = retrieval.as_ref().map(baseline::Index::new).transpose()?;
+                let prompts = match &index {
+                    Some(i) if model.config().retrieved > 0 => {
+                        Some(training::prompts(model.config(), i, split)?)
+                    }
+                    _ => None,
                 };
                 let n = split.len();
                 let bs = 64;
@@ -92,14 +96,13 @@ impl Captioner<'_> {
                     ids_all.extend(ids);
                     progress((start + len) as u64, n as u64);
                 }
-                match (rerank, retrieval) {
-                    (Some(weight), Some(train)) => {
-                        let index = baseline::Index::new(train)?;
+                match (rerank, &index) {
+                    (Some(weight), Some(index)) => {
                         let pools = index.pools(split, &|_, _| {})?;
                         super::rerank::rerank(
                             &inference,
                             tok,
-                            &index,
+                            index,
                             &pools,
                             split,
                             prompts.as_deref(),

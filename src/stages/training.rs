@@ -20,6 +20,7 @@ use crate::model::{Captioner, Component, Inputs, ModelConfig, PeftConfig, Phase}
 use crate::spec::params::TrainSpec;
 use crate::train::{CurveRecord, Group, GroupLr, ParamSpec, TrainConfig};
 
+use super::baseline::Index;
 use super::{Outputs, StageCtx, StageError, StageReport};
 
 pub const WEIGHTS: &str = "weights.safetensors";
@@ -134,35 +135,39 @@ pub fn train_config(t: &TrainSpec) -> TrainConfig {
     }
 }
 
-/// Retrieval augmentation (`model.retrieve`): for every row of `query`, the token ids of the
-/// `cfg.retrieved` captions retrieved for it from the clean rows of `train`
-/// ([`super::baseline::retrieve`], leave-one-out), each cut to `max_caption_len` and closed by
-/// EOS. `None` when the model reads no retrieved captions.
+/// The retrieval index over `train` for a model that reads retrieved captions
+/// (`model.retrieve`); `None` for one that does not.
+pub fn retrieval_index<'a>(
+    cfg: &ModelConfig,
+    train: &'a Split,
+) -> Result<Option<Index<'a>>, StageError> {
+    (cfg.retrieved > 0).then(|| Index::new(train)).transpose()
+}
+
+/// Retrieval augmentation: for every row of `query`, the token ids of the `cfg.retrieved`
+/// captions retrieved for it from `index` ([`super::baseline::retrieve`], leave-one-out), each
+/// cut to `max_caption_len` and closed by EOS.
 pub fn prompts(
     cfg: &ModelConfig,
-    train: &Split,
+    index: &Index,
     query: &Split,
-) -> Result<Option<Vec<Vec<u32>>>, StageError> {
-    if cfg.retrieved == 0 {
-        return Ok(None);
-    }
-    let picks = super::baseline::retrieve(train, query, cfg.retrieved, &|_, _| {})?;
-    Ok(Some(
-        picks
-            .iter()
-            .map(|p| {
-                p.iter()
-                    .flat_map(|&(r, j)| {
-                        let t = &train.tokens[r][j];
-                        t[..t.len().min(cfg.max_caption_len)]
-                            .iter()
-                            .copied()
-                            .chain(std::iter::once(cfg.eos_id))
-                    })
-                    .collect()
-            })
-            .collect(),
-    ))
+) -> Result<Vec<Vec<u32>>, StageError> {
+    let train = index.train();
+    let picks = super::baseline::retrieve(index, query, cfg.retrieved, &|_, _| {})?;
+    Ok(picks
+        .iter()
+        .map(|p| {
+            p.iter()
+                .flat_map(|&(r, j)| {
+                    let t = &train.tokens[r][j];
+                    t[..t.len().min(cfg.max_caption_len)]
+                        .iter()
+                        .copied()
+                        .chain(std::iter::once(cfg.eos_id))
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// The model inputs for `rows`: their images and, with `prompts`, their retrieved captions.
@@ -265,11 +270,16 @@ pub fn train_ce(
     let val_rows: Vec<usize> = valid
         .map(|v| (0..v.len().min(64)).collect())
         .unwrap_or_default();
-    let train_prompts = prompts(&mcfg, train, train)?;
-    let valid_prompts = valid
-        .map(|v| prompts(&mcfg, train, v))
-        .transpose()?
-        .flatten();
+    let index = retrieval_index(&mcfg, train)?;
+    let train_prompts = index
+        .as_ref()
+        .map(|i| prompts(&mcfg, i, train))
+        .transpose()?;
+    let valid_prompts = index
+        .as_ref()
+        .zip(valid)
+        .map(|(i, v)| prompts(&mcfg, i, v))
+        .transpose()?;
     let log = CurveLog::new(ctx.scratch);
     let summary = {
         let mut hooks = crate::train::Hooks::new()
