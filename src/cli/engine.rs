@@ -141,6 +141,7 @@ fn materialise_data(spec: &Spec, runs: &Path) -> CliResult<PathBuf> {
         valid: d.synth.valid,
         test: d.synth.test,
         align: d.synth.align,
+        foundation: d.synth.foundation,
         ..Default::default()
     };
     let id = crate::plan::hash_value(&serde_json::to_value(&cfg).map_err(other)?);

@@ -28,6 +28,10 @@ pub struct SynthArgs {
     /// Images in ALIGN_train (generic-domain captions).
     #[arg(long)]
     pub align: Option<usize>,
+    /// Images in FOUNDATION_train (generic-domain pretraining pairs for the foundation
+    /// stages; 0 writes none). Default: what a spec's `data.synth.foundation` defaults to.
+    #[arg(long)]
+    pub foundation: Option<usize>,
 }
 
 /// `ecic data inspect`: statistics and bad records of a data directory.
@@ -45,6 +49,9 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
         valid: a.valid.unwrap_or(d.valid),
         test: a.test.unwrap_or(d.test),
         align: a.align.unwrap_or(d.align),
+        foundation: a
+            .foundation
+            .unwrap_or(crate::spec::params::SynthSpec::default().foundation),
         ..d
     };
     let t = std::time::Instant::now();

@@ -16,7 +16,9 @@
 //!   BOS/EOS).
 //!
 //! Splits: `train` (IC_train, plus augmented copies), `valid`, `test`,
-//! `align_train` (ALIGN_train, when present) and `align_valid` (when present).
+//! `align_train` (ALIGN_train, when present) and `align_valid` (when present);
+//! or, with [`PreprocessParams::foundation`], the foundation corpus alone
+//! (`foundation`, from FOUNDATION_train).
 //! Work is streamed a chunk of images at a time; a shard holds at most
 //! ~64 MiB, so memory stays flat whatever the split size.
 
@@ -47,6 +49,11 @@ pub const SPLITS: &[(&str, &str)] = &[
     ("align_train", "ALIGN_train"),
     ("align_valid", "ALIGN_valid"),
 ];
+
+/// The split name and file prefix of the foundation stages' corpus (see
+/// [`PreprocessParams::foundation`]).
+pub const FOUNDATION_SPLIT: &str = "foundation";
+pub const FOUNDATION_PREFIX: &str = "FOUNDATION_train";
 
 /// Bad-record policy per split (CONTRACT §3: `skip` for training data,
 /// `fail` for what is scored).
@@ -109,6 +116,12 @@ pub struct PreprocessParams {
     pub tokenizer: TokenizerParams,
     /// Longest accepted line of a data file, in bytes.
     pub max_line_bytes: usize,
+    /// Preprocess the generic-domain pretraining corpus alone, as split `foundation`
+    /// (`FOUNDATION_train`, or `ALIGN_train` where a data set has none): the input of the
+    /// foundation stages, at the vision tower's resolution, kept apart from the IC splits so
+    /// that a large corpus is decoded once per sweep rather than once per image size.
+    #[serde(default)]
+    pub foundation: bool,
 }
 
 impl Default for PreprocessParams {
@@ -121,6 +134,7 @@ impl Default for PreprocessParams {
             policy: SplitPolicies::default(),
             tokenizer: TokenizerParams::default(),
             max_line_bytes: 16 << 20,
+            foundation: false,
         }
     }
 }
@@ -166,7 +180,9 @@ pub enum PreprocessError {
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
-    #[error("unknown split {0:?} (expected train, valid, test, align_train or align_valid)")]
+    #[error(
+        "unknown split {0:?} (expected train, valid, test, align_train, align_valid or foundation)"
+    )]
     UnknownSplit(String),
     #[error("split {split} was not preprocessed into {dir}")]
     MissingSplit { split: String, dir: PathBuf },
@@ -439,7 +455,17 @@ pub fn run(
     let tok = build_tokenizer(data_dir, params)?;
     tok.save(&out_dir.join("tokenizer.json"))?;
     let mut splits = Vec::new();
-    for &(name, prefix) in SPLITS {
+    let todo: Vec<(&str, &str)> = if params.foundation {
+        let prefix = if muge::split_paths(data_dir, FOUNDATION_PREFIX).0.exists() {
+            FOUNDATION_PREFIX
+        } else {
+            "ALIGN_train"
+        };
+        vec![(FOUNDATION_SPLIT, prefix)]
+    } else {
+        SPLITS.to_vec()
+    };
+    for (name, prefix) in todo {
         if prefix.starts_with("ALIGN") && !muge::split_paths(data_dir, prefix).0.exists() {
             continue;
         }
@@ -485,7 +511,7 @@ impl Split {
     /// Loads split `name` (`train`, `valid`, `test`, `align_train`,
     /// `align_valid`) of a [`run`] output.
     pub fn load(out_dir: &Path, name: &str) -> Result<Self, PreprocessError> {
-        if !SPLITS.iter().any(|(n, _)| *n == name) {
+        if !SPLITS.iter().any(|(n, _)| *n == name) && name != FOUNDATION_SPLIT {
             return Err(PreprocessError::UnknownSplit(name.to_owned()));
         }
         let meta = PreprocessMeta::load(out_dir)?;

@@ -165,6 +165,7 @@ impl Captioner {
             peft: peft.clone(),
             pretrained: cfg.pretrained,
             inference: false,
+            unfrozen: cfg.align_unfreeze.clone(),
         };
         let store = Mutex::new(ParamStore::new(device, cfg.seed));
         let net = build(&store, &policy, cfg)?;
@@ -308,6 +309,77 @@ impl Captioner {
     /// Loads tensors trained by an earlier stage (PEFT and/or base tensors of this model).
     pub fn load_trained(&mut self, path: &Path) -> Result<usize, ModelError> {
         self.load(path, false)
+    }
+
+    /// Loads the tensors of `component` (the vision tower or the LM) from a foundation stage's
+    /// weights: every base tensor of this model's component must be there with its shape
+    /// (cross-attention layers inside the LM belong to the connector and keep their
+    /// initialisation); tensors this model does not build (blocks past the one its connector
+    /// reads) are skipped. Returns how many tensors were set.
+    pub fn load_foundation(
+        &mut self,
+        path: &Path,
+        component: Component,
+    ) -> Result<usize, ModelError> {
+        let err = |source| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
+        let mut set = 0;
+        {
+            let mut store = self.lock();
+            let wanted: Vec<String> = store
+                .entries
+                .iter()
+                .filter(|(_, e)| e.base && e.component == component)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if let Some(first) = wanted.iter().find(|k| !tensors.contains_key(*k)) {
+                return Err(ModelError::MissingTensors {
+                    path: path.to_path_buf(),
+                    count: wanted.iter().filter(|k| !tensors.contains_key(*k)).count(),
+                    example: first.clone(),
+                });
+            }
+            for name in &wanted {
+                let t = tensors[name].to_dtype(DType::F32).map_err(err)?;
+                let e = store.entries.get_mut(name).expect("listed above");
+                let expected = match &e.slot {
+                    Slot::Var(v) => v.dims().to_vec(),
+                    Slot::Const(c) => c.dims().to_vec(),
+                    Slot::Quant(q) => q.shape().dims().to_vec(),
+                };
+                if t.dims() != expected.as_slice() {
+                    return Err(ModelError::Shape {
+                        name: name.clone(),
+                        expected,
+                        found: t.dims().to_vec(),
+                    });
+                }
+                match &e.slot {
+                    Slot::Var(v) => v.set(&t).map_err(err)?,
+                    _ => e.slot = Slot::Const(t),
+                }
+                set += 1;
+            }
+        }
+        self.net = build(&self.store, &self.policy, &self.cfg)?;
+        Ok(set)
+    }
+
+    /// Writes the trainable tensors of one component (the LM alone, for `pretrain-lm`).
+    pub fn save_component(&self, path: &Path, component: Component) -> Result<(), ModelError> {
+        let map: HashMap<String, Tensor> = self
+            .trainable_vars()
+            .into_iter()
+            .filter(|t| t.component == component)
+            .map(|t| (t.name, t.var.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).map_err(|source| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Loads a real pretrained checkpoint ([`super::hf`]): the LM and the vision tower where

@@ -202,6 +202,11 @@ pub struct ModelConfig {
     /// training images the decoder reads beside the visual tokens (0: none, not serialized).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retrieved: usize,
+    /// Components that `align` trains beside the connector when the encoder and LM are
+    /// pretrained (`stages.pretrain_align.unfreeze`; empty: the connector only, as LLaVA's
+    /// first stage).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub align_unfreeze: Vec<super::params::Component>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -265,6 +270,7 @@ impl ModelConfig {
             seed: 0,
             projector_act: Activation::default(),
             retrieved: 0,
+            align_unfreeze: Vec::new(),
         }
     }
 

@@ -1041,6 +1041,7 @@ impl VisionTower {
             peft: PeftConfig::default(),
             pretrained: true,
             inference: true,
+            unfrozen: Vec::new(),
         };
         let store = Mutex::new(ParamStore::new(device, 0));
         let b = Builder::root(&store, &policy, Component::Vision).pp("vision");

@@ -39,6 +39,7 @@
 //! checkpoint is initialised deterministically from `(seed, name)`.
 
 pub mod captioner;
+pub mod clip;
 pub mod config;
 pub mod connector;
 pub mod conv;
@@ -56,8 +57,8 @@ use std::path::PathBuf;
 
 pub use captioner::{prompt_tensor, Captioner, Inputs, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{
-    Activation, Backbone, Fusion, ModelConfig, PeftConfig, PeftMethod, Phase, VisionPolicy,
-    VitLayout, VitStem,
+    Activation, Backbone, Fusion, LmConfig, ModelConfig, PeftConfig, PeftMethod, Phase,
+    VisionConfig, VisionPolicy, VitLayout, VitStem,
 };
 pub use lm::LmState;
 pub use params::Component;

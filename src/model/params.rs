@@ -163,6 +163,8 @@ pub(crate) struct Policy {
     pub pretrained: bool,
     /// Inference build: everything constant, LoRA merged, no quantized forward.
     pub inference: bool,
+    /// Base components `align` trains although they are pretrained.
+    pub unfrozen: Vec<Component>,
 }
 
 impl Policy {
@@ -172,7 +174,7 @@ impl Policy {
         }
         match (self.phase, c) {
             (_, Component::Connector) | (_, Component::Adapter) => true,
-            (Phase::Align, _) => !self.pretrained,
+            (Phase::Align, c) => !self.pretrained || self.unfrozen.contains(&c),
             (Phase::Adapt, Component::Lm) => self.peft.method == PeftMethod::Full,
             (Phase::Adapt, Component::Vision) => false,
         }

@@ -5,11 +5,15 @@ use serde_json::{json, Value};
 
 use crate::spec::Cell;
 
-/// The five stage kinds of CONTRACT §5, in pipeline order.
+/// The stage kinds, in pipeline order (`docs/spec.md`, "Stages"). `pretrain-vision` and
+/// `pretrain-lm` are the foundation stages: the pretrained tower and LM a real VLM starts
+/// from, trained once per sweep for the tiny presets and absent with `model.checkpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageKind {
     Preprocess,
+    PretrainVision,
+    PretrainLm,
     PretrainAlign,
     DomainAdapt,
     CiderOptimize,
@@ -17,8 +21,10 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 5] = [
+    pub const ALL: [StageKind; 7] = [
         StageKind::Preprocess,
+        StageKind::PretrainVision,
+        StageKind::PretrainLm,
         StageKind::PretrainAlign,
         StageKind::DomainAdapt,
         StageKind::CiderOptimize,
@@ -29,6 +35,8 @@ impl StageKind {
     pub fn name(self) -> &'static str {
         match self {
             StageKind::Preprocess => "preprocess",
+            StageKind::PretrainVision => "pretrain-vision",
+            StageKind::PretrainLm => "pretrain-lm",
             StageKind::PretrainAlign => "pretrain-align",
             StageKind::DomainAdapt => "domain-adapt",
             StageKind::CiderOptimize => "cider-optimize",
@@ -40,6 +48,8 @@ impl StageKind {
     pub fn spec_name(self) -> &'static str {
         match self {
             StageKind::Preprocess => "preprocess",
+            StageKind::PretrainVision => "pretrain_vision",
+            StageKind::PretrainLm => "pretrain_lm",
             StageKind::PretrainAlign => "pretrain_align",
             StageKind::DomainAdapt => "domain_adapt",
             StageKind::CiderOptimize => "cider_optimize",
@@ -52,8 +62,11 @@ impl StageKind {
     pub fn version(self) -> u32 {
         match self {
             StageKind::Preprocess => 1,
+            StageKind::PretrainVision => 1,
+            StageKind::PretrainLm => 1,
             // 2: tiny preset with ViT patch 16 (fewer visual tokens).
-            StageKind::PretrainAlign => 2,
+            // 3: starts from the foundation stages (connector only unless unfrozen).
+            StageKind::PretrainAlign => 3,
             StageKind::DomainAdapt => 1,
             // 2: records valid CIDEr-D of its input and output (cider_d_before/after).
             StageKind::CiderOptimize => 2,
@@ -120,6 +133,24 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             }
             v
         }
+        StageKind::PretrainVision => {
+            let (vision, _) = towers(cell);
+            json!({
+                "vision": vision,
+                "max_len": c.model.max_len,
+                "embed_dim": c.foundation.embed_dim,
+                "text_width": c.foundation.text_width,
+                "train": c.stages.pretrain_vision,
+            })
+        }
+        StageKind::PretrainLm => {
+            let (_, lm) = towers(cell);
+            json!({
+                "lm": lm,
+                "max_len": c.model.max_len,
+                "train": c.stages.pretrain_lm,
+            })
+        }
         StageKind::PretrainAlign => {
             let mut v = json!({
                 "backbone": cell.backbone,
@@ -135,6 +166,9 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             }
             if c.model.retrieve > 0 {
                 v["retrieve"] = json!(c.model.retrieve);
+            }
+            if !c.stages.pretrain_align.unfreeze.is_empty() {
+                v["unfreeze"] = json!(c.stages.pretrain_align.unfreeze);
             }
             // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
             if let Some(d) = &c.model.checkpoint_digest {
@@ -197,17 +231,55 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
     }
 }
 
+/// Whether `cell` trains its vision tower and LM in the foundation stages (a trained cell
+/// without `model.checkpoint`: a checkpoint brings its own).
+pub fn has_foundations(cell: &Cell) -> bool {
+    !cell.is_baseline() && cell.config.model.checkpoint.is_none()
+}
+
+/// The vision tower's and the LM's configuration of `cell`'s preset, as the foundation stages
+/// key them: equal for every backbone of the tiny preset, so one pair of foundations serves a
+/// whole sweep.
+pub fn towers(cell: &Cell) -> (Value, Value) {
+    use crate::model::{Backbone, Fusion, ModelConfig, VitStem};
+    let c = &cell.config;
+    let backbone: Backbone =
+        serde_json::from_value(json!(cell.backbone)).unwrap_or(Backbone::Llava);
+    let mut m = match c.model.preset.as_str() {
+        "tiny" => ModelConfig::tiny(backbone, Fusion::Early, 0, 0, 0, 0),
+        _ => ModelConfig::real(backbone, Fusion::Early, 0, 0, 0, 0),
+    };
+    if c.model.stem == "conv" {
+        m.vision.stem = VitStem::Conv;
+    }
+    (
+        serde_json::to_value(m.vision).unwrap_or(Value::Null),
+        serde_json::to_value(m.lm).unwrap_or(Value::Null),
+    )
+}
+
+/// The parameters of the preprocess node that decodes the foundation corpus for `cell`: the
+/// cell's preprocess settings at the vision tower's resolution, foundation split only.
+pub fn foundation_preprocess_params(cell: &Cell) -> Value {
+    let mut v = params(StageKind::Preprocess, cell);
+    let (vision, _) = towers(cell);
+    v["image_size"] = vision["image_size"].clone();
+    v["foundation"] = json!(true);
+    v
+}
+
 /// The kinds a cell runs, in order (baselines: preprocess then evaluate;
-/// cider-optimize only when enabled).
+/// the foundation stages unless a checkpoint supplies them; cider-optimize
+/// only when enabled).
 pub fn chain(cell: &Cell) -> Vec<StageKind> {
     if cell.is_baseline() {
         return vec![StageKind::Preprocess, StageKind::Evaluate];
     }
-    let mut v = vec![
-        StageKind::Preprocess,
-        StageKind::PretrainAlign,
-        StageKind::DomainAdapt,
-    ];
+    let mut v = vec![StageKind::Preprocess];
+    if has_foundations(cell) {
+        v.extend([StageKind::PretrainVision, StageKind::PretrainLm]);
+    }
+    v.extend([StageKind::PretrainAlign, StageKind::DomainAdapt]);
     if cell.config.stages.cider_optimize.enabled {
         v.push(StageKind::CiderOptimize);
     }

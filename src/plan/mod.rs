@@ -87,74 +87,144 @@ impl Plan<Building> {
         }
     }
 
-    /// Add a cell's chain of stages, sharing nodes whose keys already exist.
+    /// Add a cell's stages, sharing nodes whose keys already exist.
+    ///
+    /// Each stage reads the one before it in the cell's chain, except: the foundation stages
+    /// read their own preprocess node (the foundation corpus at the tower's resolution, not a
+    /// stage of the cell's chain), pretrain-align reads the cell's preprocess and both
+    /// foundations, and evaluate also reads the cell's preprocess.
     pub fn add_cell(&mut self, cell: &Cell) {
         let cell_idx = self.cells.len();
         let mut stages = Vec::new();
         let mut prev: Option<(StageKind, String)> = None;
         let mut preprocess: Option<String> = None;
+        let mut foundations: Vec<(StageKind, String)> = Vec::new();
+        let foundation_seed = cell.config.foundation.seed;
+        let foundation_pre = kind::has_foundations(cell).then(|| {
+            let params = kind::foundation_preprocess_params(cell);
+            let size = params["image_size"].clone();
+            self.node(
+                cell_idx,
+                cell,
+                StageKind::Preprocess,
+                params,
+                Vec::new(),
+                foundation_seed,
+                format!("preprocess foundation {size}px"),
+            )
+        });
         for kind in kind::chain(cell) {
-            let mut inputs: Vec<(StageKind, String)> = prev.iter().cloned().collect();
-            if kind == StageKind::Evaluate && !cell.is_baseline() {
-                if let Some(p) = &preprocess {
-                    inputs.push((StageKind::Preprocess, p.clone()));
+            let (inputs, seed) = match kind {
+                StageKind::PretrainVision | StageKind::PretrainLm => {
+                    let pre = foundation_pre.clone().expect("chain has foundations");
+                    (vec![(StageKind::Preprocess, pre)], foundation_seed)
                 }
-            }
-            let fp = Fingerprint {
-                kind: kind.name().to_string(),
-                version: kind.version(),
-                params: kind::params(kind, cell),
-                inputs: inputs.iter().map(|(_, k)| k.clone()).collect(),
-                data_digest: self.data_digest.clone(),
-                seed: cell.seed,
-            };
-            let key = fp.key();
-            let node = match self.index.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let label = label(kind, cell);
-                    let desc = StageDesc {
-                        key: key.clone(),
-                        kind,
-                        fingerprint: fp,
-                        inputs: inputs.clone(),
-                        data_dir: self.data_dir.clone(),
-                        label,
-                    };
-                    let resources = cell
-                        .config
-                        .resources
-                        .get(kind.spec_name())
-                        .cloned()
-                        .unwrap_or_default();
-                    let n = self.graph.add_node(StageNode {
-                        desc,
-                        cells: Vec::new(),
-                        resources,
-                    });
-                    for (_, input) in &inputs {
-                        let from = self.index[input];
-                        // A new node: its input edges cannot exist yet.
-                        self.graph.add_edge(from, n, ());
-                    }
-                    self.index.insert(key.clone(), n);
-                    n
+                StageKind::PretrainAlign => {
+                    let mut v: Vec<(StageKind, String)> = preprocess
+                        .iter()
+                        .map(|p| (StageKind::Preprocess, p.clone()))
+                        .collect();
+                    v.extend(foundations.iter().cloned());
+                    (v, cell.seed)
                 }
+                StageKind::Evaluate if !cell.is_baseline() => {
+                    let mut v: Vec<(StageKind, String)> = prev.iter().cloned().collect();
+                    v.extend(
+                        preprocess
+                            .iter()
+                            .map(|p| (StageKind::Preprocess, p.clone())),
+                    );
+                    (v, cell.seed)
+                }
+                _ => (prev.iter().cloned().collect(), cell.seed),
             };
-            let cells = &mut self.graph[node].cells;
-            if cells.last() != Some(&cell_idx) {
-                cells.push(cell_idx);
-            }
-            if kind == StageKind::Preprocess {
-                preprocess = Some(key.clone());
+            let key = self.node(
+                cell_idx,
+                cell,
+                kind,
+                kind::params(kind, cell),
+                inputs,
+                seed,
+                label(kind, cell),
+            );
+            match kind {
+                StageKind::Preprocess => preprocess = Some(key.clone()),
+                StageKind::PretrainVision | StageKind::PretrainLm => {
+                    foundations.push((kind, key.clone()))
+                }
+                _ => {}
             }
             stages.push((kind, key.clone()));
+            // The foundation stages hang off their own preprocess: the next stage of the
+            // chain (pretrain-align) names its inputs itself.
             prev = Some((kind, key));
         }
         self.cells.push(CellPlan {
             cell: cell.clone(),
             stages,
         });
+    }
+
+    /// The node with this description's key (added if new), used by cell `cell_idx`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call per stage, each argument a different part of the key"
+    )]
+    fn node(
+        &mut self,
+        cell_idx: usize,
+        cell: &Cell,
+        kind: StageKind,
+        params: serde_json::Value,
+        inputs: Vec<(StageKind, String)>,
+        seed: u64,
+        label: String,
+    ) -> String {
+        let fp = Fingerprint {
+            kind: kind.name().to_string(),
+            version: kind.version(),
+            params,
+            inputs: inputs.iter().map(|(_, k)| k.clone()).collect(),
+            data_digest: self.data_digest.clone(),
+            seed,
+        };
+        let key = fp.key();
+        let node = match self.index.get(&key) {
+            Some(&n) => n,
+            None => {
+                let desc = StageDesc {
+                    key: key.clone(),
+                    kind,
+                    fingerprint: fp,
+                    inputs: inputs.clone(),
+                    data_dir: self.data_dir.clone(),
+                    label,
+                };
+                let resources = cell
+                    .config
+                    .resources
+                    .get(kind.spec_name())
+                    .cloned()
+                    .unwrap_or_default();
+                let n = self.graph.add_node(StageNode {
+                    desc,
+                    cells: Vec::new(),
+                    resources,
+                });
+                for (_, input) in &inputs {
+                    let from = self.index[input];
+                    // A new node: its input edges cannot exist yet.
+                    self.graph.add_edge(from, n, ());
+                }
+                self.index.insert(key.clone(), n);
+                n
+            }
+        };
+        let cells = &mut self.graph[node].cells;
+        if cells.last() != Some(&cell_idx) {
+            cells.push(cell_idx);
+        }
+        key
     }
 
     /// Check the graph is acyclic and fix the run order.
@@ -242,6 +312,17 @@ fn label(kind: StageKind, cell: &Cell) -> String {
             format!("{}px", kind::params(kind, cell)["image_size"])
         }
         StageKind::PretrainAlign => format!("{}/{}", cell.backbone, cell.fusion),
+        // Shared by every backbone of a preset: named by the preset, not the cell.
+        StageKind::PretrainVision | StageKind::PretrainLm => {
+            let c = &cell.config;
+            return format!(
+                "{} {}{} s{}",
+                kind.name(),
+                c.model.preset,
+                if c.model.stem == "conv" { " conv" } else { "" },
+                c.foundation.seed
+            );
+        }
         _ if cell.is_baseline() => cell.backbone.clone(),
         _ => format!("{}/{}/{}", cell.backbone, cell.peft, cell.fusion),
     };

@@ -90,7 +90,10 @@ impl Spec {
             }
         }
         let base: Value = match figment.extract() {
-            Ok(v) => v,
+            Ok(mut v) => {
+                fill_stage_defaults(&mut v);
+                v
+            }
             Err(e) => {
                 for err in e {
                     let key = err.path.join(".");
@@ -123,6 +126,26 @@ impl Spec {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// A nested table missing some keys takes them from its type's `Default`, which for
+/// [`params::TrainSpec`] is the generic one; the foundation stages have defaults of their own
+/// ([`params::StagesSpec::default`]), filled in here so that `[stages.pretrain_vision]
+/// steps = 100` keeps that stage's batch size and learning rate.
+fn fill_stage_defaults(base: &mut Value) {
+    let defaults = serde_json::to_value(params::StagesSpec::default()).unwrap_or(Value::Null);
+    let Some(Value::Object(stages)) = base.get_mut("stages") else {
+        return;
+    };
+    for kind in ["pretrain_vision", "pretrain_lm"] {
+        if let (Some(Value::Object(given)), Some(Value::Object(d))) =
+            (stages.get_mut(kind), defaults.get(kind))
+        {
+            for (k, v) in d {
+                given.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
     }
 }
 

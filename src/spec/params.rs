@@ -31,6 +31,8 @@ pub struct Config {
     #[serde(default)]
     pub peft: PeftSpec,
     #[serde(default)]
+    pub foundation: FoundationSpec,
+    #[serde(default)]
     pub stages: StagesSpec,
     /// Cluster resources per stage kind (`preprocess`, `pretrain_align`, ...).
     #[serde(default)]
@@ -79,6 +81,8 @@ pub struct SynthSpec {
     pub valid: usize,
     pub test: usize,
     pub align: usize,
+    /// Generic-domain pretraining pairs for the foundation stages (`FOUNDATION_train`).
+    pub foundation: usize,
 }
 
 impl Default for SynthSpec {
@@ -89,6 +93,7 @@ impl Default for SynthSpec {
             valid: 200,
             test: 200,
             align: 1000,
+            foundation: 20000,
         }
     }
 }
@@ -212,10 +217,35 @@ impl Default for AdapterSpec {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The foundation stages (`pretrain-vision`, `pretrain-lm`): what they share besides their
+/// training settings. Their keys hold this seed instead of the cell's, so every seed of a
+/// sweep fine-tunes from the same foundations, as research on a published checkpoint does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FoundationSpec {
+    pub seed: u64,
+    /// Width of the contrastive joint embedding space (pretrain-vision).
+    pub embed_dim: usize,
+    /// Width of the contrastive text tower's token embeddings (pretrain-vision).
+    pub text_width: usize,
+}
+
+impl Default for FoundationSpec {
+    fn default() -> Self {
+        FoundationSpec {
+            seed: 0,
+            embed_dim: 128,
+            text_width: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StagesSpec {
     pub preprocess: PreprocessSpec,
+    pub pretrain_vision: TrainSpec,
+    pub pretrain_lm: TrainSpec,
     pub pretrain_align: TrainSpec,
     pub domain_adapt: TrainSpec,
     pub cider_optimize: CiderSpec,
@@ -277,6 +307,10 @@ pub struct TrainSpec {
     pub val_every: u64,
     /// Learning-rate multipliers per component: `vision`, `connector`, `lm`, `adapter`.
     pub lr_mult: BTreeMap<String, f64>,
+    /// pretrain-align only: pretrained components (`vision`, `lm`) trained beside the
+    /// connector. Empty (the default) trains the connector alone, as LLaVA's first stage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unfreeze: Vec<String>,
 }
 
 impl Default for TrainSpec {
@@ -294,6 +328,38 @@ impl Default for TrainSpec {
             ckpt_every: 100,
             val_every: 100,
             lr_mult: BTreeMap::new(),
+            unfreeze: Vec::new(),
+        }
+    }
+}
+
+impl Default for StagesSpec {
+    fn default() -> Self {
+        StagesSpec {
+            preprocess: PreprocessSpec::default(),
+            pretrain_vision: TrainSpec {
+                steps: 1500,
+                batch_size: 128,
+                lr: 1e-3,
+                warmup: 50,
+                weight_decay: 0.05,
+                ckpt_every: 250,
+                val_every: 250,
+                ..TrainSpec::default()
+            },
+            pretrain_lm: TrainSpec {
+                steps: 600,
+                batch_size: 64,
+                lr: 3e-3,
+                warmup: 30,
+                ckpt_every: 200,
+                val_every: 200,
+                ..TrainSpec::default()
+            },
+            pretrain_align: TrainSpec::default(),
+            domain_adapt: TrainSpec::default(),
+            cider_optimize: CiderSpec::default(),
+            evaluate: EvaluateSpec::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "data",
     "model",
     "peft",
+    "foundation",
     "stages",
     "resources",
     "grid",
@@ -25,6 +26,8 @@ pub(super) const TOP_KEYS: &[&str] = &[
 const MAX_RETRIEVE: usize = 4;
 const STAGE_KINDS: &[&str] = &[
     "preprocess",
+    "pretrain_vision",
+    "pretrain_lm",
     "pretrain_align",
     "domain_adapt",
     "cider_optimize",
@@ -110,12 +113,17 @@ pub(super) fn sections(tree: &Value, issues: &mut Issues) -> Option<Config> {
     if let Some(v) = top.get("peft") {
         typed::<PeftSpec>("peft", v, issues);
     }
+    if let Some(v) = top.get("foundation") {
+        typed::<FoundationSpec>("foundation", v, issues);
+    }
     if let Some(Value::Object(stages)) = top.get("stages") {
         for (k, v) in stages {
             let at = format!("stages.{k}");
             match k.as_str() {
                 "preprocess" => drop(typed::<PreprocessSpec>(&at, v, issues)),
-                "pretrain_align" | "domain_adapt" => drop(typed::<TrainSpec>(&at, v, issues)),
+                "pretrain_vision" | "pretrain_lm" | "pretrain_align" | "domain_adapt" => {
+                    drop(typed::<TrainSpec>(&at, v, issues))
+                }
                 "cider_optimize" => drop(typed::<CiderSpec>(&at, v, issues)),
                 "evaluate" => drop(typed::<EvaluateSpec>(&at, v, issues)),
                 other => {
@@ -405,8 +413,34 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if !(0.0..=1.0).contains(&p.jitter) {
         issues.at("stages.preprocess.jitter", "must be in [0, 1]");
     }
+    train(issues, "stages.pretrain_vision", &c.stages.pretrain_vision);
+    train(issues, "stages.pretrain_lm", &c.stages.pretrain_lm);
     train(issues, "stages.pretrain_align", &c.stages.pretrain_align);
     train(issues, "stages.domain_adapt", &c.stages.domain_adapt);
+    for u in &c.stages.pretrain_align.unfreeze {
+        one_of(
+            issues,
+            "stages.pretrain_align.unfreeze",
+            u,
+            &["vision", "lm"],
+        );
+    }
+    for (at, t) in [
+        ("stages.pretrain_vision", &c.stages.pretrain_vision),
+        ("stages.pretrain_lm", &c.stages.pretrain_lm),
+        ("stages.domain_adapt", &c.stages.domain_adapt),
+    ] {
+        if !t.unfreeze.is_empty() {
+            issues.at(
+                format!("{at}.unfreeze"),
+                "only pretrain_align freezes pretrained components (in domain-adapt the PEFT \
+                 method decides what trains)",
+            );
+        }
+    }
+    if c.foundation.embed_dim == 0 || c.foundation.text_width == 0 {
+        issues.at("foundation", "embed_dim and text_width must be at least 1");
+    }
     let s = &c.stages.cider_optimize;
     positive(issues, "stages.cider_optimize.lr", s.lr);
     if s.samples == 0 {

@@ -10,6 +10,8 @@ mod evaluate;
 mod outputs;
 mod preprocess;
 mod pretrain_align;
+mod pretrain_lm;
+mod pretrain_vision;
 mod rerank;
 mod training;
 
@@ -196,6 +198,8 @@ fn compute(
     };
     let report = match desc.kind {
         StageKind::Preprocess => preprocess::run(&ctx)?,
+        StageKind::PretrainVision => pretrain_vision::run(&ctx)?,
+        StageKind::PretrainLm => pretrain_lm::run(&ctx)?,
         StageKind::PretrainAlign => pretrain_align::run(&ctx)?,
         StageKind::DomainAdapt => domain_adapt::run(&ctx)?,
         StageKind::CiderOptimize => cider_optimize::run(&ctx)?,

@@ -1,6 +1,8 @@
 //! `preprocess`: decode, resize, normalise and augment once into tensor shards,
 //! and train (or load) the caption tokenizer. Shared by every cell whose
-//! backbone has the same input resolution.
+//! backbone has the same input resolution. A second preprocess node per sweep,
+//! with `foundation` set, decodes the generic-domain pretraining corpus at the
+//! vision tower's resolution for the foundation stages.
 
 use serde::Deserialize;
 
@@ -23,6 +25,9 @@ struct Params {
     tokenizer: Option<std::path::PathBuf>,
     min_freq: u32,
     policy: Policy,
+    /// The foundation corpus alone (absent: the IC and ALIGN splits).
+    #[serde(default)]
+    foundation: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +61,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             path: p.tokenizer,
             min_freq: p.min_freq,
         },
+        foundation: p.foundation,
         ..PreprocessParams::default()
     };
     ctx.progress(0, 1);

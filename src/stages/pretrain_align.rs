@@ -1,12 +1,14 @@
-//! `pretrain-align`: cross-entropy on the generic-domain corpus (`ALIGN_*`).
-//! With real pretrained weights (`model.checkpoint`, loaded by `model::hf`) only
-//! the connector trains and the whole base is published; the tiny presets have
-//! none, so here the encoder and LM are trained from scratch as well. One
+//! `pretrain-align`: cross-entropy on the generic-domain corpus (`ALIGN_*`), starting
+//! from pretrained weights: a real checkpoint (`model.checkpoint`, loaded by
+//! `model::hf`) or, for the tiny presets, the two foundation stages (the vision
+//! tower of `pretrain-vision`, the LM of `pretrain-lm`). The connector trains,
+//! and whatever `stages.pretrain_align.unfreeze` names; the whole base is
+//! published, so later stages rebuild the model from this entry alone. One
 //! pretrain-align serves every PEFT variant of its backbone x fusion pair.
 
 use serde::Deserialize;
 
-use crate::model::{Backbone, Fusion, ModelConfig, PeftConfig, Phase, VitStem};
+use crate::model::{Backbone, Component, Fusion, ModelConfig, PeftConfig, Phase, VitStem};
 use crate::plan::StageKind;
 use crate::spec::params::TrainSpec;
 
@@ -27,6 +29,9 @@ struct Params {
     /// Retrieved captions per image (absent: none).
     #[serde(default)]
     retrieve: usize,
+    /// Pretrained components trained beside the connector (absent: none).
+    #[serde(default)]
+    unfreeze: Vec<crate::model::Component>,
 }
 
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
@@ -65,6 +70,26 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     }
     cfg.retrieved = p.retrieve;
     cfg.seed = ctx.desc.fingerprint.seed;
+    let vision_f = ctx
+        .inputs
+        .iter()
+        .find(|(k, _)| *k == StageKind::PretrainVision)
+        .map(|(_, p)| p.clone());
+    let lm_f = ctx
+        .inputs
+        .iter()
+        .find(|(k, _)| *k == StageKind::PretrainLm)
+        .map(|(_, p)| p.clone());
+    if ck.is_some() || vision_f.is_some() || lm_f.is_some() {
+        cfg.pretrained = true;
+        cfg.align_unfreeze = p.unfreeze.clone();
+    }
+    if let Some(f) = &vision_f {
+        check_vision_foundation(f, &cfg)?;
+    }
+    if let Some(f) = &lm_f {
+        check_same_tokenizer(f, pre)?;
+    }
     let lineage = Lineage {
         model: cfg,
         peft: PeftConfig::default(),
@@ -83,13 +108,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             .load_pretrained(ck)
             .map_err(StageError::ctx("loading model.checkpoint"))?;
     }
+    for (f, component, what) in [
+        (&vision_f, Component::Vision, "vision"),
+        (&lm_f, Component::Lm, "language"),
+    ] {
+        if let Some(f) = f {
+            model
+                .load_foundation(&f.join(training::WEIGHTS), component)
+                .map_err(StageError::ctx(format!("loading the {what} foundation")))?;
+        }
+    }
     let train = training::load_split(pre, "align_train")?;
     let valid = training::load_split(pre, "align_valid").ok();
     let mut out = Outputs::default();
     let report = training::train_ce(ctx, &model, &train, valid.as_ref(), &p.train, &mut out)?;
-    if ck.is_some() {
-        // The frozen encoder and LM are the checkpoint's, not the seed's: publish the whole
-        // base so later stages rebuild the model from this entry alone.
+    if lineage.model.pretrained {
+        // The frozen encoder and LM are the checkpoint's or the foundations', not the seed's:
+        // publish the whole base so later stages rebuild the model from this entry alone.
         model
             .save_base(&ctx.out.join(training::WEIGHTS))
             .map_err(StageError::ctx("saving the base weights"))?;
@@ -99,4 +134,40 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     }
     out.write(ctx.out)?;
     Ok(report)
+}
+
+/// The tower pretrain-vision trained must be the one this model builds.
+fn check_vision_foundation(entry: &std::path::Path, cfg: &ModelConfig) -> Result<(), StageError> {
+    let path = entry.join(super::pretrain_vision::FOUNDATION);
+    let bytes =
+        std::fs::read(&path).map_err(StageError::ctx(format!("reading {}", path.display())))?;
+    let f: super::pretrain_vision::VisionFoundation = serde_json::from_slice(&bytes)
+        .map_err(StageError::ctx(format!("parsing {}", path.display())))?;
+    if f.vision != cfg.vision {
+        return Err(StageError::msg(format!(
+            "the vision foundation in {} was trained for {:?}, but this model builds {:?}",
+            entry.display(),
+            f.vision,
+            cfg.vision
+        )));
+    }
+    Ok(())
+}
+
+/// The LM's token ids mean what this cell's tokenizer says they mean.
+fn check_same_tokenizer(entry: &std::path::Path, pre: &std::path::Path) -> Result<(), StageError> {
+    let a = entry.join(super::pretrain_lm::TOKENIZER);
+    let b = pre.join(super::pretrain_lm::TOKENIZER);
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(StageError::ctx(format!("reading {}", p.display())))
+    };
+    if read(&a)? != read(&b)? {
+        return Err(StageError::msg(format!(
+            "the language foundation's tokenizer {} differs from this cell's {}: the LM's token \
+             ids would mean other characters",
+            a.display(),
+            b.display()
+        )));
+    }
+    Ok(())
 }

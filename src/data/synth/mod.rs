@@ -8,7 +8,8 @@
 //! some images hold a second product), while the selling points around them
 //! are noise no model can see, as in MUGE. A second, generic domain
 //! (`ALIGN_*`) describes the same kind of images plainly, for the
-//! pretrain-align stage.
+//! pretrain-align stage, and a larger corpus of it (`FOUNDATION_train`) for the
+//! foundation stages that pretrain the vision tower and the LM.
 //!
 //! Every image is generated from its own ChaCha stream, keyed by seed, split
 //! and index, so the bytes are the same whatever the thread count.
@@ -40,6 +41,11 @@ pub struct SynthConfig {
     pub align: usize,
     /// `ALIGN_valid` is written only when this is above 0.
     pub align_valid: usize,
+    /// Images of the generic-domain pretraining corpus (`FOUNDATION_train`, written only
+    /// when above 0): the image-text pairs and caption text the foundation stages learn the
+    /// vision tower and the LM from, the stand-in for a real VLM's web-scale pretraining data.
+    #[serde(default)]
+    pub foundation: usize,
     /// Side of the square images in pixels.
     pub image_size: u32,
     pub jpeg_quality: u8,
@@ -59,6 +65,7 @@ impl Default for SynthConfig {
             test: 200,
             align: 1000,
             align_valid: 0,
+            foundation: 0,
             image_size: 128,
             jpeg_quality: 90,
             two_item_rate: 0.15,
@@ -96,6 +103,9 @@ fn plan(cfg: &SynthConfig) -> Vec<(&'static str, usize)> {
     ];
     if cfg.align_valid > 0 {
         v.push(("ALIGN_valid", cfg.align_valid));
+    }
+    if cfg.foundation > 0 {
+        v.push(("FOUNDATION_train", cfg.foundation));
     }
     v
 }
@@ -222,7 +232,7 @@ fn make_image(
     let mut rng = ChaCha8Rng::from_seed(key);
     let scene = sample_scene(&mut rng, cfg.image_size as f32, cfg.two_item_rate);
     let n = rng.gen_range(cfg.captions_min..=cfg.captions_max);
-    let captions = if prefix.starts_with("ALIGN") {
+    let captions = if prefix.starts_with("ALIGN") || prefix.starts_with("FOUNDATION") {
         text::distinct(&mut rng, n, |r| text::plain(r, &scene))
     } else {
         text::distinct(&mut rng, n, |r| text::ecommerce(r, &scene))
@@ -314,4 +324,60 @@ pub fn attribute_names() -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static 
         vocab::COLOURS.iter().map(|c| c.0).collect(),
         vocab::PATTERNS.iter().map(|p| p.0).collect(),
     )
+}
+
+/// What one synthetic image shows, as the words a caption may use for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truth {
+    /// Category index (into [`attribute_names`]'s categories) and every word that names it.
+    pub category: usize,
+    pub category_words: Vec<&'static str>,
+    pub colour: &'static str,
+    /// The pattern's words; a plain item may go unnamed, so `plain` says whether it is plain.
+    pub pattern_words: Vec<&'static str>,
+    pub plain: bool,
+    /// The second item's category words, when the image holds two products.
+    pub second_words: Option<Vec<&'static str>>,
+}
+
+/// Category words of `cat`: its name and its e-commerce synonyms.
+fn category_words(cat: usize) -> Vec<&'static str> {
+    let c = &vocab::CATEGORIES[cat];
+    let mut w = vec![c.name];
+    w.extend(c.synonyms.iter().copied().filter(|s| *s != c.name));
+    w
+}
+
+/// The truth of every image of split `prefix` (`IC_valid`, ...) of a set generated with `cfg`,
+/// by image id, recomputed from the seed without drawing. Only the `n` first indices are
+/// visited; ids not among them are simply absent.
+pub fn truths(
+    cfg: &SynthConfig,
+    prefix: &str,
+    n: usize,
+) -> std::collections::HashMap<String, Truth> {
+    (0..n)
+        .into_par_iter()
+        .map(|index| {
+            let key = image_key(cfg.seed, prefix, index);
+            let id: String = key[..16].iter().map(|b| format!("{b:02x}")).collect();
+            let mut rng = ChaCha8Rng::from_seed(key);
+            let scene = sample_scene(&mut rng, cfg.image_size as f32, cfg.two_item_rate);
+            let it = &scene.items[0];
+            let pat = &vocab::PATTERNS[it.pattern];
+            let mut pattern_words = vec![pat.0];
+            pattern_words.extend(pat.1.iter().copied().filter(|s| *s != pat.0));
+            (
+                id,
+                Truth {
+                    category: it.cat,
+                    category_words: category_words(it.cat),
+                    colour: vocab::COLOURS[it.colour].0,
+                    pattern_words,
+                    plain: it.pattern == 0,
+                    second_words: scene.items.get(1).map(|s| category_words(s.cat)),
+                },
+            )
+        })
+        .collect()
 }
