@@ -19,6 +19,7 @@ pub mod bootstrap;
 mod cider;
 pub mod cmd;
 mod corpus;
+pub mod diversity;
 pub mod jsonl;
 mod ngram;
 mod rouge;

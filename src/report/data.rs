@@ -18,7 +18,13 @@ pub const HEADLINE: [(&str, &str); 3] = [
 ];
 
 /// Stage kinds that train (their wall time is "training time").
-pub const TRAINING_KINDS: [&str; 3] = ["pretrain-align", "domain-adapt", "cider-optimize"];
+pub const TRAINING_KINDS: [&str; 5] = [
+    "pretrain-vision",
+    "pretrain-lm",
+    "pretrain-align",
+    "domain-adapt",
+    "cider-optimize",
+];
 
 /// One cell of the grid with what the report shows of it.
 #[derive(Debug, Clone)]
@@ -46,7 +52,13 @@ pub struct CellResult {
     pub status: String,
     /// (kind, key) in pipeline order.
     pub stages: Vec<(String, String)>,
+    /// cider-optimize's valid figures: `cider_d_before`, `cider_d_after`, `cider_d_gain_p`.
+    pub scst: BTreeMap<String, f64>,
 }
+
+/// A cell whose most frequent caption is written for more than this share of the images has
+/// collapsed: its score says little about what it sees, and it is not ranked.
+pub const COLLAPSED_SHARE: f64 = 0.2;
 
 impl CellResult {
     pub fn stage_key(&self, kind: &str) -> Option<&str> {
@@ -80,6 +92,18 @@ pub struct GroupResult {
 impl GroupResult {
     pub fn metric(&self, key: &str) -> Option<Stat> {
         self.metrics.get(key).copied()
+    }
+
+    /// The mean share of the most frequent caption, when it exceeds [`COLLAPSED_SHARE`].
+    pub fn collapsed(&self) -> Option<f64> {
+        self.metric("top_caption_share")
+            .map(|s| s.mean)
+            .filter(|&m| m > COLLAPSED_SHARE)
+    }
+
+    /// Trained (not a baseline).
+    pub fn trained(&self) -> bool {
+        !crate::spec::params::BASELINES.contains(&self.backbone.as_str())
     }
 }
 
@@ -135,6 +159,14 @@ impl SweepData {
                 .and_then(|e| e.get(""))
                 .and_then(|m| m.get("captions_per_s"))
                 .copied();
+            let scst: BTreeMap<String, f64> = c
+                .stages
+                .iter()
+                .find(|(k, _)| k == "cider-optimize")
+                .and_then(|(_, key)| metrics.get(key.as_str()))
+                .and_then(|m| m.get("valid"))
+                .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+                .unwrap_or_default();
             let mut trainable: Option<f64> = None;
             let (mut train_s, mut wall_s, mut run, mut reused) = (0.0, 0.0, 0, 0);
             let mut statuses = Vec::new();
@@ -182,6 +214,7 @@ impl SweepData {
                 stages_reused: reused,
                 status: cell_status(&statuses).to_string(),
                 stages: c.stages.clone(),
+                scst,
             });
         }
         let groups = group_cells(&cells);
@@ -213,9 +246,13 @@ impl SweepData {
     }
 
     /// The group with the highest mean CIDEr-D (ties: first in grid order).
+    /// The group with the highest mean CIDEr-D among those that did not collapse.
     pub fn best_group(&self) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, g) in self.groups.iter().enumerate() {
+            if g.collapsed().is_some() {
+                continue;
+            }
             if let Some(s) = g.metric("cider_d") {
                 if best.is_none_or(|(_, b)| s.mean > b) {
                     best = Some((i, s.mean));

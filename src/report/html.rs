@@ -39,16 +39,32 @@ tr.best td{background:#fff7d6;font-weight:600}
 figure{display:inline-block;margin:.4rem .8rem .8rem 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#555}
-.gallery td{text-align:left}.gallery img{width:160px;height:auto}
+.gallery{table-layout:fixed;width:100%}.gallery td{text-align:left;white-space:normal;overflow-wrap:anywhere}
+.gallery>tbody>tr>td:first-child{width:170px}.gallery>tbody>tr>td:nth-child(2){width:32%}
+.gallery td table{width:100%}.gallery img{width:160px;height:auto}
+.findings li{margin:.2rem 0}
 pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem;border:1px solid #eee}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
 "#;
+
+/// What the captions say, shown beside the scores where measured: the share of captions
+/// naming the image's true category / colour / pattern (synthetic data only), distinct
+/// captions, and the share of the most frequent one.
+const CAPTION_CHECKS: [(&str, &str); 5] = [
+    ("grounding_category", "category named"),
+    ("grounding_colour", "colour named"),
+    ("grounding_pattern", "pattern named"),
+    ("distinct_ratio", "distinct captions"),
+    ("top_caption_share", "top caption"),
+];
 
 /// What the page shows besides the sweep model.
 pub struct Page<'a> {
     pub data: &'a SweepData,
     pub plots: &'a Plots,
     pub significance: Option<&'a (String, Vec<SigRow>)>,
+    /// The answer in sentences ([`super::findings`]).
+    pub findings: &'a [String],
     pub gallery: &'a Gallery,
     pub generated_at: f64,
     pub font_note: String,
@@ -98,11 +114,26 @@ pub fn render(page: &Page) -> String {
     // summary
     let seeds = d.groups.iter().any(|g| g.cells.len() > 1);
     o.push_str("<h2 id=\"summary\">Summary</h2>\n");
+    if !page.findings.is_empty() {
+        o.push_str("<ul class=\"findings\">");
+        for f in page.findings {
+            let _ = write!(o, "<li>{}</li>", esc(f));
+        }
+        o.push_str("</ul>\n");
+    }
     if seeds {
         o.push_str("<p>Cells that differ only by seed are one row: mean ± 95% CI (Student t) over seeds.</p>\n");
     }
     o.push_str("<table><tr><th class=\"l\">configuration</th><th>seeds</th>");
     for (_, l) in HEADLINE {
+        let _ = write!(o, "<th>{l}</th>");
+    }
+    let checks: Vec<(&str, &str)> = CAPTION_CHECKS
+        .iter()
+        .copied()
+        .filter(|(k, _)| d.groups.iter().any(|g| g.metric(k).is_some()))
+        .collect();
+    for (_, l) in &checks {
         let _ = write!(o, "<th>{l}</th>");
     }
     o.push_str("<th>trainable params</th><th>training time</th><th>captions/s</th><th>stages run / reused</th><th class=\"l\">status</th></tr>\n");
@@ -131,9 +162,26 @@ pub fn render(page: &Page) -> String {
                 g.metric(k).map(|s| s.show(SCALE, 2)).unwrap_or_else(dash)
             );
         }
+        for (k, _) in &checks {
+            let _ = write!(
+                o,
+                "<td>{}</td>",
+                g.metric(k)
+                    .map(|s| format!("{:.0}%", 100.0 * s.mean))
+                    .unwrap_or_else(dash)
+            );
+        }
+        let status = match g.collapsed() {
+            Some(s) => format!(
+                "{} · collapsed: one caption for {:.0}% of images, not ranked",
+                g.status,
+                100.0 * s
+            ),
+            None => g.status.clone(),
+        };
         let _ = write!(
             o,
-            "<td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td class=\"l\">{}</td></tr>\n",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td class=\"l{}\">{}</td></tr>\n",
             g.trainable_params.map(count).unwrap_or_else(dash),
             g.train_s.map(|s| duration(s.mean)).unwrap_or_else(dash),
             g.captions_per_s
@@ -141,7 +189,8 @@ pub fn render(page: &Page) -> String {
                 .unwrap_or_else(dash),
             g.stages_run,
             g.stages_reused,
-            esc(&g.status)
+            if g.collapsed().is_some() { " sig" } else { "" },
+            esc(&status)
         );
     }
     o.push_str("</table>\n");

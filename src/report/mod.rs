@@ -8,6 +8,7 @@
 mod backend;
 pub mod cmd;
 pub mod data;
+pub mod findings;
 #[doc(hidden)]
 pub mod fixture;
 pub mod font;
@@ -107,6 +108,8 @@ pub fn write_report(
     }
     let plots = plots::write_all(&data, dir, svg)?;
     let sig = significance::against_best(store, &data)?;
+    let baseline_tests = significance::best_vs_baselines(store, &data)?;
+    let findings = findings::findings(&data, &baseline_tests);
     let gallery = gallery::build(store, &data, dir)?;
     let fonts = font::Fonts::shared();
     let font_note = match &fonts.fallback {
@@ -120,6 +123,7 @@ pub fn write_report(
         data: &data,
         plots: &plots,
         significance: sig.as_ref(),
+        findings: &findings,
         gallery: &gallery,
         generated_at: crate::store::now(),
         font_note,

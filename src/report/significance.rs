@@ -55,10 +55,17 @@ pub struct SigRow {
     pub note: Option<String>,
 }
 
-/// The cell every other one is tested against: the highest CIDEr-D.
+/// The cell every other one is tested against: the highest CIDEr-D among cells that did not
+/// collapse (one caption for most images).
 pub fn best_cell(data: &SweepData) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (i, c) in data.cells.iter().enumerate() {
+        if c.metrics
+            .get("top_caption_share")
+            .is_some_and(|&s| s > super::data::COLLAPSED_SHARE)
+        {
+            continue;
+        }
         if let Some(&v) = c.metrics.get("cider_d") {
             if best.is_none_or(|(_, b)| v > b) {
                 best = Some((i, v));
@@ -111,4 +118,56 @@ pub fn against_best(
         rows.push(row);
     }
     Ok(Some((best.name.clone(), rows)))
+}
+
+/// The best configuration's run of one seed against a baseline's run of the same seed.
+#[derive(Debug, Clone)]
+pub struct BaselineTest {
+    pub seed: i64,
+    pub baseline: String,
+    /// CIDEr-D of the best run and of the baseline's (raw scale), and the paired test of
+    /// "the best is no better than the baseline".
+    pub best: f64,
+    pub other: f64,
+    pub p_value: f64,
+}
+
+/// For every seed, the best configuration ([`SweepData::best_group`]) against each baseline,
+/// paired over images on CIDEr-D: the claim a paper makes, tested per seed.
+pub fn best_vs_baselines(
+    store: &Store,
+    data: &SweepData,
+) -> Result<Vec<BaselineTest>, ReportError> {
+    let Some(best) = data.best_group().map(|i| &data.groups[i]) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for &bi in &best.cells {
+        let b = &data.cells[bi];
+        let Ok(bs) = image_scores(store, b, &data.split) else {
+            continue;
+        };
+        for g in data.groups.iter().filter(|g| !g.trained()) {
+            let Some(&oi) = g.cells.iter().find(|&&i| data.cells[i].seed == b.seed) else {
+                continue;
+            };
+            let o = &data.cells[oi];
+            let Ok(os) = image_scores(store, o, &data.split) else {
+                continue;
+            };
+            let Ok(tests) = paired(&bs, &os, RESAMPLES, SEED) else {
+                continue;
+            };
+            if let Some(t) = tests.iter().find(|t| t.metric.key() == "cider_d") {
+                out.push(BaselineTest {
+                    seed: b.seed,
+                    baseline: g.name.clone(),
+                    best: t.a,
+                    other: t.b,
+                    p_value: t.p_value,
+                });
+            }
+        }
+    }
+    Ok(out)
 }

@@ -63,6 +63,13 @@ pub fn count(n: f64) -> String {
     }
 }
 
+/// Caption checks shown beside the scores: the share of captions naming the image's true
+/// category, and of distinct captions (a collapsed cell writes one caption for most images).
+pub const GROUNDING_COLUMNS: [(&str, &str); 2] = [
+    ("grounding_category", "category"),
+    ("distinct_ratio", "distinct"),
+];
+
 /// The table printed after `ecic sweep`: one row per cell configuration
 /// (mean ± 95% CI when several seeds share it), CIDEr-D / BLEU-4 / ROUGE-L ×100,
 /// wall time, stages run vs reused.
@@ -78,6 +85,13 @@ pub fn summary_table(data: &SweepData) -> String {
         header.push("seeds");
     }
     header.extend(HEADLINE.iter().map(|(_, l)| *l));
+    // What the captions say, where measured (grounding on synthetic data only).
+    let extra: Vec<(&str, &str)> = GROUNDING_COLUMNS
+        .iter()
+        .copied()
+        .filter(|(k, _)| data.groups.iter().any(|g| g.metric(k).is_some()))
+        .collect();
+    header.extend(extra.iter().map(|(_, l)| *l));
     header.extend(["wall", "run/reused", "status"]);
     let mut t = new_table(header);
     let best = data.best_group();
@@ -94,6 +108,13 @@ pub fn summary_table(data: &SweepData) -> String {
             row.push(
                 g.metric(k)
                     .map(|s| s.show(SCALE, 2))
+                    .unwrap_or_else(|| "–".into()),
+            );
+        }
+        for (k, _) in &extra {
+            row.push(
+                g.metric(k)
+                    .map(|s| format!("{:.0}%", 100.0 * s.mean))
                     .unwrap_or_else(|| "–".into()),
             );
         }

@@ -101,16 +101,19 @@ impl Policy for CaptionPolicy<'_> {
     }
 }
 
-/// Corpus CIDEr-D of `model`'s greedy captions on the clean rows of `valid`
-/// (character tokens, as `evaluate` scores by default): recorded before and
-/// after SCST so that its effect on held-out data is visible per cell.
+/// Resamples of the paired bootstrap of SCST's effect on valid CIDEr-D.
+const SCST_RESAMPLES: usize = 1000;
+
+/// Scores of `model`'s greedy captions on the clean rows of `valid` (character
+/// tokens, as `evaluate` scores by default): taken before and after SCST so
+/// that its effect on held-out data is visible per cell, with a paired test.
 fn valid_cider(
     model: &Captioner,
     tok: &crate::data::tokenizer::CaptionTokenizer,
     valid: &Split,
     prompts: Option<&[Vec<u32>]>,
     max_len: usize,
-) -> Result<f64, StageError> {
+) -> Result<crate::metrics::Evaluation, StageError> {
     let inference = model
         .inference()
         .map_err(StageError::ctx("preparing the model for decoding"))?;
@@ -134,7 +137,7 @@ fn valid_cider(
     let eval = References::new(&refs, Tokenize::Char)
         .and_then(|r| r.evaluate_in_order(&preds))
         .map_err(|e| StageError::msg(format!("scoring the valid split: {e}")))?;
-    Ok(eval.scores.cider_d)
+    Ok(eval)
 }
 
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
@@ -242,12 +245,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     }
     out.metric("", "samples_per_s", summary.mean_samples_per_s);
     if let (Some(v), Some(b)) = (&valid, before) {
-        out.metric("valid", "cider_d_before", b);
-        out.metric(
-            "valid",
-            "cider_d_after",
-            valid_cider(&model, &tok, v, valid_prompts.as_deref(), max_len)?,
-        );
+        let after = valid_cider(&model, &tok, v, valid_prompts.as_deref(), max_len)?;
+        out.metric("valid", "cider_d_before", b.scores.cider_d);
+        out.metric("valid", "cider_d_after", after.scores.cider_d);
+        // Paired bootstrap over the valid images: p of "SCST did not raise CIDEr-D".
+        let tests = crate::metrics::bootstrap::paired(
+            &after.images,
+            &b.images,
+            SCST_RESAMPLES,
+            ctx.desc.fingerprint.seed,
+        )
+        .map_err(|e| StageError::msg(format!("paired bootstrap of SCST's effect: {e}")))?;
+        if let Some(t) = tests
+            .iter()
+            .find(|t| t.metric == crate::metrics::Metric::CiderD)
+        {
+            out.metric("valid", "cider_d_gain_p", t.p_value);
+        }
     }
     let report = training::counts(&model, &mut out);
     let mut lineage = lineage;

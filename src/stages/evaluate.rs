@@ -209,6 +209,20 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     if p.predict_test && p.split != "test" {
         splits.push("test".into());
     }
+    // On synthetic data the truth of every image is known: grounding metrics.
+    let truths = crate::data::synth::SynthConfig::of_dir(&ctx.desc.data_dir).map(|cfg| {
+        splits
+            .iter()
+            .map(|name| {
+                let (prefix, n) = match name.as_str() {
+                    "valid" => ("IC_valid", cfg.valid),
+                    "test" => ("IC_test", cfg.test),
+                    _ => ("IC_train", cfg.train),
+                };
+                (name.clone(), crate::data::synth::truths(&cfg, prefix, n))
+            })
+            .collect::<std::collections::HashMap<_, _>>()
+    });
     let total_t0 = Instant::now();
     let mut captioned = 0usize;
     for name in &splits {
@@ -222,6 +236,23 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         };
         let preds = captioner.caption(&split, &|a, b| ctx.progress(a, b))?;
         captioned += preds.len();
+        let d = crate::metrics::diversity::diversity(&preds, p.tokenize);
+        out.metric(name, "distinct_ratio", d.distinct_ratio);
+        out.metric(name, "top_caption_share", d.top_share);
+        out.metric(name, "vocab_used", d.vocab as f64);
+        if let Some(truths) = truths.as_ref().and_then(|t| t.get(name.as_str())) {
+            let g = crate::data::synth::grounding(truths, &split.ids, &preds);
+            for (m, v) in [
+                ("grounding_category", g.category),
+                ("grounding_colour", g.colour),
+                ("grounding_pattern", g.pattern),
+                ("grounding_second", g.second),
+            ] {
+                if let Some(v) = v {
+                    out.metric(name, m, v);
+                }
+            }
+        }
         let has_refs = split.captions.iter().all(|c| !c.is_empty()) && !split.captions.is_empty();
         let mut scores: Vec<Option<serde_json::Value>> = vec![None; preds.len()];
         if has_refs {

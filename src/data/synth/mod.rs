@@ -85,6 +85,18 @@ pub enum SynthError {
     Config(String),
 }
 
+/// The file [`generate`] leaves beside the data: its [`SynthConfig`].
+pub const SYNTH_JSON: &str = "synth.json";
+
+impl SynthConfig {
+    /// The settings a synthetic data directory was generated with; `None` for any other
+    /// directory (or an unreadable file: grounding is then simply not measured).
+    pub fn of_dir(dir: &Path) -> Option<SynthConfig> {
+        let bytes = std::fs::read(dir.join(SYNTH_JSON)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
 /// What [`generate`] wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthSummary {
@@ -284,6 +296,12 @@ pub fn generate(out_dir: &Path, cfg: &SynthConfig) -> Result<SynthSummary, Synth
         w.finish()?;
         splits.push((prefix.to_owned(), n));
     }
+    // The settings that regenerate the truth of every image (grounding metrics, see
+    // [`truths`]); a data set without this file is not known to be synthetic.
+    let path = out_dir.join(SYNTH_JSON);
+    let json = serde_json::to_vec_pretty(cfg).expect("json");
+    std::fs::write(&path, json)
+        .map_err(|e| SynthError::Config(format!("{}: {e}", path.display())))?;
     Ok(SynthSummary {
         dir: out_dir.to_owned(),
         splits,
@@ -380,4 +398,48 @@ pub fn truths(
             )
         })
         .collect()
+}
+
+/// Share of captions that name what their image shows (see `docs/store.md`, grounding
+/// metrics); each share is over the images it applies to, `None` where none does.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Grounding {
+    pub category: Option<f64>,
+    pub colour: Option<f64>,
+    /// Over images whose main item is patterned (a plain item may go unnamed).
+    pub pattern: Option<f64>,
+    /// Over two-item images: the second item's category is named.
+    pub second: Option<f64>,
+}
+
+/// Scores `captions` of images `ids` against `truths`; images without a truth are skipped.
+pub fn grounding(
+    truths: &std::collections::HashMap<String, Truth>,
+    ids: &[String],
+    captions: &[String],
+) -> Grounding {
+    let (mut n, mut cat, mut col) = (0usize, 0usize, 0usize);
+    let (mut np, mut pat, mut ns, mut sec) = (0usize, 0usize, 0usize, 0usize);
+    let names = |words: &[&str], c: &str| words.iter().any(|w| c.contains(w));
+    for (id, c) in ids.iter().zip(captions) {
+        let Some(t) = truths.get(id) else { continue };
+        n += 1;
+        cat += usize::from(names(&t.category_words, c));
+        col += usize::from(c.contains(t.colour));
+        if !t.plain {
+            np += 1;
+            pat += usize::from(names(&t.pattern_words, c));
+        }
+        if let Some(w) = &t.second_words {
+            ns += 1;
+            sec += usize::from(names(w, c));
+        }
+    }
+    let share = |k: usize, of: usize| (of > 0).then(|| k as f64 / of as f64);
+    Grounding {
+        category: share(cat, n),
+        colour: share(col, n),
+        pattern: share(pat, np),
+        second: share(sec, ns),
+    }
 }
