@@ -19,13 +19,19 @@ const TINY: &str = r#"
 name = "tiny"
 seeds = [0]
 [data]
-synth = { train = 24, valid = 8, test = 4, align = 24 }
+synth = { train = 24, valid = 8, test = 4, align = 24, foundation = 24 }
 [grid]
 backbone = ["llava", "nn"]
 peft = ["lora"]
 fusion = ["early"]
 [stages.preprocess]
 augment_copies = 0
+[stages.pretrain_vision]
+steps = 3
+batch_size = 8
+[stages.pretrain_lm]
+steps = 3
+batch_size = 8
 [stages.pretrain_align]
 steps = 4
 batch_size = 4

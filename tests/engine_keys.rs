@@ -102,22 +102,104 @@ fn sharing_counts() {
     // Cells: (2 model backbones x 2 peft x 2 fusion + nn) x 2 seeds = 18.
     assert_eq!(p.cells.len(), 18);
     let count = |k: StageKind| p.stages().filter(|s| s.desc.kind == k).count();
-    assert_eq!(count(StageKind::Preprocess), 2); // one per seed (64 px for all three)
+    // One per seed (64 px for all three), plus the foundation corpus's, shared by all.
+    assert_eq!(count(StageKind::Preprocess), 2 + 1);
+    // One pair of foundations for the whole sweep: keyed by the tower's and the LM's
+    // configuration and the foundation seed, not by backbone, fusion or cell seed.
+    assert_eq!(count(StageKind::PretrainVision), 1);
+    assert_eq!(count(StageKind::PretrainLm), 1);
     assert_eq!(count(StageKind::PretrainAlign), 2 * 2 * 2); // backbone x fusion x seed
     assert_eq!(count(StageKind::DomainAdapt), 8 * 2);
     assert_eq!(count(StageKind::Evaluate), 8 * 2 + 2);
-    assert_eq!(p.naive_len(), 16 * 5 + 2 * 2);
+    assert_eq!(p.naive_len(), 16 * 7 + 2 * 2);
+    // Another fine-tuning seed reuses the same foundations.
+    let foundations = |p: &Plan<ecic::plan::Sealed>| -> Vec<String> {
+        p.stages()
+            .filter(|s| matches!(s.desc.kind, StageKind::PretrainVision | StageKind::PretrainLm))
+            .map(|s| s.desc.key.clone())
+            .collect()
+    };
+    let other_seed = plan_of(BASE, &["seeds=[7]".to_string()]);
+    assert_eq!(foundations(&p), foundations(&other_seed));
+    for c in p.cells.iter().filter(|c| c.cell.backbone != "nn") {
+        let kinds: Vec<StageKind> = c.stages.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            [
+                StageKind::Preprocess,
+                StageKind::PretrainVision,
+                StageKind::PretrainLm,
+                StageKind::PretrainAlign,
+                StageKind::DomainAdapt,
+                StageKind::CiderOptimize,
+                StageKind::Evaluate
+            ]
+        );
+    }
 }
 
-/// Which stage kinds a change of `path` must re-key: the first kind that
-/// depends on it and everything after.
+/// A checkpoint is the foundation: no foundation stage in the plan, the same chain after it.
+#[test]
+fn a_checkpoint_replaces_the_foundation_stages() {
+    let ck = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llava");
+    let text = format!("{BASE}\n[model]\ncheckpoint = \"{}\"\n", ck.display());
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "spec.toml", &text);
+    let spec = Spec::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::of_spec(&spec, PathBuf::from("/data"), "digest".into()).unwrap();
+    let count = |k: StageKind| plan.stages().filter(|s| s.desc.kind == k).count();
+    assert_eq!(count(StageKind::PretrainVision), 0);
+    assert_eq!(count(StageKind::PretrainLm), 0);
+    for c in plan.cells.iter().filter(|c| c.cell.backbone != "nn") {
+        let kinds: Vec<StageKind> = c.stages.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            [
+                StageKind::Preprocess,
+                StageKind::PretrainAlign,
+                StageKind::DomainAdapt,
+                StageKind::CiderOptimize,
+                StageKind::Evaluate
+            ]
+        );
+        let align = plan.get(&c.stages[1].1).unwrap();
+        assert_eq!(align.desc.inputs.len(), 1, "pretrain-align reads its preprocess only");
+    }
+}
+
+/// Whether a change of `path` must re-key a stage of `kind`: the kinds that read it, and
+/// everything downstream of them. The foundation stages read only their own settings, the
+/// tower's (`model.stem`), the caption length, the foundation seed and what shapes the
+/// tokenizer; pretrain-align reads both foundations.
+fn affected(path: &str, kind: StageKind) -> bool {
+    use StageKind::*;
+    let foundations = |vision: bool, lm: bool| match kind {
+        PretrainVision => vision,
+        PretrainLm => lm,
+        Preprocess => false,
+        _ => true,
+    };
+    match path {
+        "stages.preprocess.jitter" | "stages.preprocess.augment_copies" => {
+            kind == Preprocess || kind >= PretrainAlign
+        }
+        "stages.preprocess.min_freq" => true,
+        "model.max_len" => foundations(true, true),
+        "model.stem" => foundations(true, false),
+        "foundation.seed" => foundations(true, true),
+        "foundation.embed_dim" => foundations(true, false),
+        _ if path.starts_with("stages.pretrain_vision.") => foundations(true, false),
+        _ if path.starts_with("stages.pretrain_lm.") => foundations(false, true),
+        _ => kind >= first_affected(path),
+    }
+}
+
+/// The first kind a change of `path` re-keys (then everything after), for settings that do
+/// not reach the foundation stages.
 fn first_affected(path: &str) -> StageKind {
     let section = path.split('.').take(2).collect::<Vec<_>>().join(".");
     match section.as_str() {
-        "stages.preprocess" => StageKind::Preprocess,
-        "stages.pretrain_align" | "model.max_len" | "model.stem" | "model.retrieve" => {
-            StageKind::PretrainAlign
-        }
+        "stages.pretrain_align" | "model.retrieve" => StageKind::PretrainAlign,
         "stages.domain_adapt" | "peft.lora" | "peft.adapter" | "model.vision" => {
             StageKind::DomainAdapt
         }
@@ -158,6 +240,13 @@ fn relevant(path: &str, backbone: &str, peft: &str) -> bool {
 const MUTATIONS: &[(&str, &str)] = &[
     ("stages.preprocess.jitter", "0.3"),
     ("stages.preprocess.augment_copies", "2"),
+    ("stages.preprocess.min_freq", "2"),
+    ("stages.pretrain_vision.lr", "0.002"),
+    ("stages.pretrain_vision.steps", "9"),
+    ("stages.pretrain_lm.batch_size", "16"),
+    ("foundation.seed", "3"),
+    ("foundation.embed_dim", "64"),
+    ("stages.pretrain_align.unfreeze", "[\"lm\"]"),
     ("stages.pretrain_align.lr", "0.004"),
     ("stages.pretrain_align.steps", "7"),
     ("model.max_len", "24"),
@@ -197,7 +286,7 @@ proptest! {
             for ((kind, key_a), (_, key_b)) in cell_a.stages.iter().zip(&cell_b.stages) {
                 let expect_rerun = changes.iter().any(|(path, _)| {
                     relevant(path, &cell_a.cell.backbone, &cell_a.cell.peft)
-                        && *kind >= first_affected(path)
+                        && affected(path, *kind)
                 });
                 let reruns = !done.contains(key_b.as_str());
                 prop_assert_eq!(reruns, expect_rerun, "{} {} after {:?}", cell_a.cell.name, kind, changes);

@@ -259,12 +259,19 @@ pub fn towers(cell: &Cell) -> (Value, Value) {
 }
 
 /// The parameters of the preprocess node that decodes the foundation corpus for `cell`: the
-/// cell's preprocess settings at the vision tower's resolution, foundation split only.
+/// cell's preprocess settings at the vision tower's resolution, foundation split only, without
+/// the augmentation settings (they apply to `IC_train` alone), so that changing them never
+/// re-runs a foundation stage.
 pub fn foundation_preprocess_params(cell: &Cell) -> Value {
     let mut v = params(StageKind::Preprocess, cell);
     let (vision, _) = towers(cell);
     v["image_size"] = vision["image_size"].clone();
     v["foundation"] = json!(true);
+    if let Value::Object(m) = &mut v {
+        for k in ["augment_copies", "flip", "crop_scale", "jitter"] {
+            m.remove(k);
+        }
+    }
     v
 }
 

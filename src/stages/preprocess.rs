@@ -18,9 +18,14 @@ struct Params {
     image_size: u32,
     mean: [f32; 3],
     std: [f32; 3],
+    // Absent for the foundation corpus (no augmented copies): the defaults, unused.
+    #[serde(default)]
     augment_copies: u32,
+    #[serde(default)]
     flip: bool,
+    #[serde(default = "full_crop")]
     crop_scale: [f32; 2],
+    #[serde(default)]
     jitter: f32,
     tokenizer: Option<std::path::PathBuf>,
     min_freq: u32,
@@ -28,6 +33,10 @@ struct Params {
     /// The foundation corpus alone (absent: the IC and ALIGN splits).
     #[serde(default)]
     foundation: bool,
+}
+
+fn full_crop() -> [f32; 2] {
+    [1.0, 1.0]
 }
 
 #[derive(Debug, Deserialize)]
