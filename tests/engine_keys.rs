@@ -115,7 +115,12 @@ fn sharing_counts() {
     // Another fine-tuning seed reuses the same foundations.
     let foundations = |p: &Plan<ecic::plan::Sealed>| -> Vec<String> {
         p.stages()
-            .filter(|s| matches!(s.desc.kind, StageKind::PretrainVision | StageKind::PretrainLm))
+            .filter(|s| {
+                matches!(
+                    s.desc.kind,
+                    StageKind::PretrainVision | StageKind::PretrainLm
+                )
+            })
             .map(|s| s.desc.key.clone())
             .collect()
     };
@@ -163,7 +168,11 @@ fn a_checkpoint_replaces_the_foundation_stages() {
             ]
         );
         let align = plan.get(&c.stages[1].1).unwrap();
-        assert_eq!(align.desc.inputs.len(), 1, "pretrain-align reads its preprocess only");
+        assert_eq!(
+            align.desc.inputs.len(),
+            1,
+            "pretrain-align reads its preprocess only"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! `pretrain-vision`: the vision tower learned contrastively from generic-domain image-text
 //! pairs ([`crate::model::clip`]), the stand-in for the CLIP-family tower a real VLM starts
-//! from. It reads the foundation corpus (the preprocess node with `foundation` set), holds out
+//! from. Training images are mirrored at random (half of each batch). It reads the
+//! foundation corpus (the preprocess node with `foundation` set), holds out
 //! its last images to measure cross-modal retrieval, and publishes the tower alone
 //! (`vision.*`), which pretrain-align of every backbone then loads. Keyed by the tower's
 //! configuration and the foundation seed, not the cell's: one per sweep for the tiny presets.
@@ -156,6 +157,8 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
                     let picks: Vec<usize> = (0..bs).map(|_| sc.rng.gen_range(0..1000)).collect();
                     let mut it = picks.into_iter();
                     let (images, ids, mask) = batch(&rows, &mut |k| it.next().unwrap_or(0) % k)?;
+                    let flips: Vec<bool> = (0..bs).map(|_| sc.rng.gen_bool(0.5)).collect();
+                    let images = mirror(&images, &flips)?;
                     let loss = clip.loss(&images, &ids, &mask, fwd)?;
                     Ok(crate::train::Micro::new(loss, bs))
                 },
@@ -226,6 +229,20 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         trainable_params: Some(trainable as u64),
         total_params: Some(trainable as u64),
     })
+}
+
+/// `images` (B, 3, S, S) with the rows marked in `flips` mirrored left to right: CLIP-style
+/// augmentation against memorising the corpus (no caption of the generic domain depends on
+/// left and right).
+fn mirror(images: &Tensor, flips: &[bool]) -> candle_core::Result<Tensor> {
+    let (b, _, _, w) = images.dims4()?;
+    let rev = Tensor::new((0..w as u32).rev().collect::<Vec<_>>(), images.device())?;
+    let flipped = images.index_select(&rev, 3)?;
+    let m: Vec<f32> = flips.iter().map(|&f| f32::from(u8::from(f))).collect();
+    let m = Tensor::from_vec(m, (b, 1, 1, 1), images.device())?;
+    flipped
+        .broadcast_mul(&m)?
+        .add(&images.broadcast_mul(&(1.0 - &m)?)?)
 }
 
 /// Recall@1 both ways among `rows` (pair i is image i with caption i), encoded in chunks.
