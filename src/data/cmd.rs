@@ -28,6 +28,9 @@ pub struct SynthArgs {
     /// Images in ALIGN_train (generic-domain captions).
     #[arg(long)]
     pub align: Option<usize>,
+    /// Replace MUGE files (IC_*, ALIGN_*) already in the directory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `ecic data inspect`: statistics and bad records of a data directory.
@@ -47,6 +50,16 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
         align: a.align.unwrap_or(d.align),
         ..d
     };
+    if !a.force {
+        let existing = existing_data_files(&a.out);
+        if !existing.is_empty() {
+            return Err(CliError::usage(format!(
+                "{} already holds a data set ({}); pass --force to replace it",
+                a.out.display(),
+                existing.join(", ")
+            )));
+        }
+    }
     let t = std::time::Instant::now();
     let summary = synth::generate(&a.out, &cfg).map_err(|e| match e {
         synth::SynthError::Config(_) => CliError::usage(e.to_string()),
@@ -62,6 +75,22 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
         cfg.seed
     );
     Ok(())
+}
+
+/// MUGE files (`IC_*` / `ALIGN_*` `.tsv` / `.jsonl`) in `dir`, sorted.
+fn existing_data_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| {
+            (n.starts_with("IC_") || n.starts_with("ALIGN_"))
+                && (n.ends_with(".tsv") || n.ends_with(".jsonl"))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 pub fn run_inspect(a: &InspectArgs) -> CliResult {
@@ -80,9 +109,18 @@ pub fn run_inspect(a: &InspectArgs) -> CliResult {
     }
     print!("{}", report.render());
     let bad: usize = report.splits.iter().map(|s| s.bad.len()).sum();
-    if bad > 0 {
+    let empty = report.empty_splits();
+    if bad > 0 || !empty.is_empty() {
+        let mut problems = Vec::new();
+        if bad > 0 {
+            problems.push(format!("{bad} bad record(s)"));
+        }
+        if !empty.is_empty() {
+            problems.push(format!("no usable image in {}", empty.join(", ")));
+        }
         return Err(CliError::usage(format!(
-            "{bad} bad record(s) in {}",
+            "{} in {}",
+            problems.join(" and "),
             a.dir.display()
         )));
     }
