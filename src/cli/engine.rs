@@ -262,13 +262,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
             key: s.desc.key.clone(),
             kind: s.desc.kind.name().to_string(),
             label: s.desc.label.clone(),
-            deps: s
-                .desc
-                .inputs
-                .iter()
-                .map(|(_, k)| k.clone())
-                .filter(|k| !cached.contains(k))
-                .collect(),
+            deps: pending_ancestors(&plan, &s.desc.key, &cached),
             threads,
             resources: s.resources.clone(),
             // The local executor hands cheap stages to its pooled workers
@@ -450,6 +444,29 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
             failures.len().max(ingest_errors.len())
         ))),
     }
+}
+
+/// The stages to run among every ancestor of `key`, not only its inputs: a
+/// stage reads entries further up (a model lineage's weights, the
+/// preprocessed data), and one of those may be a quarantined entry computed
+/// again below a cached input.
+fn pending_ancestors(plan: &Plan<Sealed>, key: &str, cached: &HashSet<String>) -> Vec<String> {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut stack = vec![key];
+    let mut out = Vec::new();
+    while let Some(k) = stack.pop() {
+        let Some(node) = plan.get(k) else { continue };
+        for (_, input) in &node.desc.inputs {
+            if seen.insert(input.as_str()) {
+                if !cached.contains(input) {
+                    out.push(input.clone());
+                }
+                stack.push(input.as_str());
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Why a stage was not run: a failed stage upstream of it, or (without `--keep-going`) a

@@ -76,9 +76,13 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        // Off while migrating (the bundled SQLite turns them on by default): a
+        // migration that rebuilds a table drops it, which would otherwise
+        // cascade to the rows referencing it. The pragma is a no-op inside a
+        // transaction, so it is set here, before `migrate` begins one.
+        conn.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(err)?;
         let mut store = Store { conn, path };
-        // Before foreign keys are on: a migration that rebuilds a table drops
-        // it, which would otherwise cascade to the rows referencing it.
         store.migrate()?;
         store
             .conn
