@@ -616,3 +616,51 @@ fn chmod_tree(p: &Path, writable: bool) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode(false))).unwrap();
     }
 }
+
+#[test]
+fn a_full_disk_leaves_no_truncated_chart_and_says_so_once() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not run: a small full filesystem needs a mount namespace (root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), BASELINES);
+    let runs = dir.path().join("runs");
+    let out = ecic()
+        .arg("sweep")
+        .arg(&spec)
+        .arg("--runs")
+        .arg(&runs)
+        .arg("--no-report")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let full = dir.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("ecic");
+    // A 40 KiB filesystem: too small for the charts. Its files are copied out
+    // before the namespace (and the mount) goes away.
+    let kept = dir.path().join("kept");
+    let out = StdCommand::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=40k tmpfs '{f}' && '{bin}' report faults --runs '{r}' --out '{f}'; \
+             rc=$?; cp -a '{f}' '{k}'; exit $rc",
+            f = full.display(),
+            bin = bin.display(),
+            r = runs.display(),
+            k = kept.display()
+        ))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert_eq!(t.matches("No space left on device").count(), 1, "{t}");
+    for e in std::fs::read_dir(&kept).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".png") {
+            assert!(!name.starts_with('.'), "a temporary was left: {name}");
+            image::open(e.path()).unwrap_or_else(|err| panic!("{name} is truncated: {err}"));
+        }
+    }
+}
