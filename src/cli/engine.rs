@@ -1,6 +1,9 @@
-//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`: the
-//! dispatcher that owns run state. Executors send events; the sinks here (the
-//! store, progress bars, plain log lines) consume them.
+//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`. The sweep is
+//! the dispatcher: it decides what runs (the plan less the verified cache
+//! hits), hands that to an executor and consumes the events it sends. Run
+//! state (what is pending, running, done, failed) is the executor's; the
+//! sinks here (the store's writer thread, progress bars, plain log lines) only
+//! record what the events say.
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;

@@ -48,7 +48,7 @@ pub const SPLITS: &[(&str, &str)] = &[
     ("align_valid", "ALIGN_valid"),
 ];
 
-/// Bad-record policy per split (CONTRACT §3: `skip` for training data,
+/// Bad-record policy per split (docs/data.md: `skip` for training data,
 /// `fail` for what is scored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

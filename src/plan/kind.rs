@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use crate::spec::Cell;
 
-/// The five stage kinds of CONTRACT §5, in pipeline order.
+/// The five stage kinds (docs/models.md, "Stages and what they train"), in pipeline order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageKind {
