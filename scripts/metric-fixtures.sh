@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate tests/fixtures/metrics/*.json from pycocoevalcap 1.2 itself (the reference the Rust
-# metrics are checked against, CONTRACT §4). Needs python3 and PyPI; the venv lives in
+# metrics are checked against, docs/metrics.md). Needs python3 and PyPI; the venv lives in
 # scripts/.venv-metrics (git-ignored) and is reused on later runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

@@ -1,4 +1,4 @@
-"""Write the metric fixtures the Rust tests check `src/metrics` against (CONTRACT §4).
+"""Write the metric fixtures the Rust tests check `src/metrics` against (docs/metrics.md).
 
 The numbers come from pycocoevalcap 1.2 itself (Bleu, Rouge, Cider), fed the strings our tokenizer
 produces: PTBTokenizer is never called. The `char` rule is ported below so that the fixture also

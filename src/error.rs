@@ -1,4 +1,5 @@
-//! The one error type the command line maps to exit codes (CONTRACT §2).
+//! The one error type the command line maps to exit codes (the README's
+//! "Exit codes").
 //!
 //! Library modules keep their own typed errors; at the command edge they are
 //! sorted into "bad input found before anything ran" (exit 2) and "some work
@@ -13,6 +14,10 @@ pub enum CliError {
     /// Some asked work failed: exit 1.
     #[error("{0}")]
     Failed(String),
+    /// Stopped by Ctrl-C, SIGTERM or SIGHUP: exit 130, as shells report a
+    /// command ended by SIGINT.
+    #[error("{0}")]
+    Interrupted(String),
     /// Anything else: exit 1.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -29,6 +34,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Failed(_) | CliError::Other(_) => 1,
+            CliError::Interrupted(_) => 130,
         }
     }
 }

@@ -20,8 +20,10 @@
 //! - [`report`]: terminal tables, plots, HTML.
 //!
 //! Dependencies point one way: `stages` uses `model/train/data/metrics`;
-//! `plan/exec/cache/store` know stages only through one trait and one enum;
-//! `report` reads `store`. Nothing below imports [`cli`].
+//! `plan/exec/cache/store` know stages only through one description
+//! ([`plan::StageDesc`]) and one enum ([`plan::StageKind`]), and run them
+//! through one function ([`stages::run_stage`]); `report` reads `store`.
+//! Nothing below imports [`cli`].
 
 pub mod alloc;
 pub mod cache;

@@ -340,6 +340,7 @@ fn only_published_entries_are_complete() {
         trainable_params: None,
         total_params: None,
         files: vec!["out.txt".into()],
+        digests: Default::default(),
     };
     pending.publish(&m).unwrap();
     assert!(cache.is_complete("abc"));

@@ -357,3 +357,74 @@ fn configs_parse_from_toml_with_defaults() {
     assert_eq!(s.baseline, ecic::train::Baseline::Mean);
     s.validate().unwrap();
 }
+
+#[test]
+fn a_corrupt_checkpoint_is_discarded_and_the_one_before_it_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = Toy::new(1);
+    {
+        let mut t = Trainer::new(reference.specs(), &cfg(20), 7)
+            .unwrap()
+            .with_checkpoints(dir.path().join("a"));
+        t.fit(loss_fn(&reference), &mut Hooks::new()).unwrap();
+    }
+    let ckpts = dir.path().join("b");
+    {
+        let first = Toy::new(1);
+        let mut t = Trainer::new(first.specs(), &cfg(20), 7)
+            .unwrap()
+            .with_checkpoints(&ckpts);
+        t.fit_until(13, loss_fn(&first), &mut Hooks::new()).unwrap();
+    }
+    // Three bytes of the newest checkpoint's tensor data: it still parses.
+    let newest = ckpts.join("step-00000010.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 40..n - 37] {
+        *b ^= 0x10;
+    }
+    std::fs::write(&newest, bytes).unwrap();
+    let report = checkpoint::verify_dir(&ckpts).unwrap();
+    assert_eq!(report.len(), 2);
+    assert!(report[0].1.is_none(), "{report:?}");
+    assert!(
+        report[1]
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains("content differs"),
+        "{report:?}"
+    );
+    let resumed = Toy::new(12345);
+    let mut t = Trainer::new(resumed.specs(), &cfg(20), 7)
+        .unwrap()
+        .with_checkpoints(&ckpts);
+    assert_eq!(t.resume().unwrap(), Some(5), "resumed the corrupt step 10");
+    assert!(!newest.exists(), "the corrupt checkpoint was kept");
+    t.fit(loss_fn(&resumed), &mut Hooks::new()).unwrap();
+    assert_eq!(
+        resumed.values(),
+        reference.values(),
+        "weights differ after resuming from the last good checkpoint"
+    );
+
+    // Every checkpoint damaged (one without its digest file): start from zero.
+    let steps: Vec<std::path::PathBuf> = checkpoint::list(&ckpts)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(steps.len(), 2);
+    let mut b = std::fs::read(&steps[0]).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    std::fs::write(&steps[0], b).unwrap();
+    let mut digest = steps[1].clone().into_os_string();
+    digest.push(".b3");
+    std::fs::remove_file(digest).unwrap();
+    let mut t = Trainer::new(Toy::new(1).specs(), &cfg(20), 7)
+        .unwrap()
+        .with_checkpoints(&ckpts);
+    assert_eq!(t.resume().unwrap(), None);
+    assert!(checkpoint::list(&ckpts).unwrap().is_empty());
+}

@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{io, CacheError};
+use super::verify::{check, read_manifest, Damage, FileDigest};
+use super::CacheError;
 
 /// `manifest.json`: written last; its presence marks the entry complete.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +34,12 @@ pub struct Manifest {
     pub total_params: Option<u64>,
     /// Files of the entry, relative to it.
     pub files: Vec<String>,
+    /// Size and blake3 digest of every file but `stage.log`, filled in by
+    /// [`Pending::publish_with`](super::Pending::publish_with) (see
+    /// [`verify`](super::verify)). Empty in entries of older ecic versions,
+    /// which therefore do not verify.
+    #[serde(default)]
+    pub digests: BTreeMap<String, FileDigest>,
 }
 
 /// One generated caption (`captions.jsonl`).
@@ -60,20 +66,46 @@ pub struct StageOutputs {
 }
 
 impl StageOutputs {
+    /// Read an entry's results, checking each file against the manifest's
+    /// digest as it is read (one read per file: the same bytes are hashed and
+    /// parsed). A missing or differing file is [`CacheError::Damaged`].
     pub fn read(dir: &Path, log_path: Option<PathBuf>) -> Result<StageOutputs, CacheError> {
-        let corrupt = |path: &Path, message: String| CacheError::Corrupt {
-            path: path.to_path_buf(),
-            message,
+        let damaged = |damage: Damage| CacheError::Damaged {
+            entry: dir.to_path_buf(),
+            damage,
         };
-        let mpath = dir.join("manifest.json");
-        let manifest: Manifest = serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?)
-            .map_err(|e| corrupt(&mpath, e.to_string()))?;
+        let manifest = read_manifest(dir).map_err(damaged)?;
+        if manifest.digests.is_empty() {
+            return Err(damaged(Damage::NoDigests));
+        }
+        // A recorded file, verified; `None` if the stage did not write it.
+        let read = |file: &str| -> Result<Option<Vec<u8>>, CacheError> {
+            let Some(want) = manifest.digests.get(file) else {
+                return Ok(None);
+            };
+            let bytes = fs::read(dir.join(file)).map_err(|e| {
+                damaged(if e.kind() == std::io::ErrorKind::NotFound {
+                    Damage::Missing { file: file.into() }
+                } else {
+                    Damage::Unreadable {
+                        file: file.into(),
+                        message: e.to_string(),
+                    }
+                })
+            })?;
+            check(file, want, &FileDigest::of_bytes(&bytes)).map_err(damaged)?;
+            Ok(Some(bytes))
+        };
+        let corrupt = |file: &str, message: String| {
+            damaged(Damage::Unreadable {
+                file: file.into(),
+                message,
+            })
+        };
         let mut metrics = Vec::new();
-        let path = dir.join("metrics.json");
-        if path.is_file() {
-            let m: BTreeMap<String, BTreeMap<String, f64>> =
-                serde_json::from_slice(&fs::read(&path).map_err(io(&path))?)
-                    .map_err(|e| corrupt(&path, e.to_string()))?;
+        if let Some(bytes) = read("metrics.json")? {
+            let m: BTreeMap<String, BTreeMap<String, f64>> = serde_json::from_slice(&bytes)
+                .map_err(|e| corrupt("metrics.json", e.to_string()))?;
             for (split, ms) in m {
                 for (k, v) in ms {
                     metrics.push((split.clone(), k, v));
@@ -81,28 +113,27 @@ impl StageOutputs {
             }
         }
         let mut curves = Vec::new();
-        for (i, line) in read_lines(&dir.join("curves.jsonl"))?
-            .into_iter()
-            .enumerate()
-        {
-            #[derive(Deserialize)]
-            struct Point {
-                step: u64,
-                name: String,
-                value: f64,
+        if let Some(bytes) = read("curves.jsonl")? {
+            for (i, line) in lines(&bytes) {
+                #[derive(Deserialize)]
+                struct Point {
+                    step: u64,
+                    name: String,
+                    value: f64,
+                }
+                let p: Point = serde_json::from_str(line)
+                    .map_err(|e| corrupt("curves.jsonl", format!("line {}: {e}", i + 1)))?;
+                curves.push((p.step, p.name, p.value));
             }
-            let p: Point = serde_json::from_str(&line)
-                .map_err(|e| corrupt(&dir.join("curves.jsonl"), format!("line {}: {e}", i + 1)))?;
-            curves.push((p.step, p.name, p.value));
         }
         let mut captions = Vec::new();
-        for (i, line) in read_lines(&dir.join("captions.jsonl"))?
-            .into_iter()
-            .enumerate()
-        {
-            captions.push(serde_json::from_str(&line).map_err(|e| {
-                corrupt(&dir.join("captions.jsonl"), format!("line {}: {e}", i + 1))
-            })?);
+        if let Some(bytes) = read("captions.jsonl")? {
+            for (i, line) in lines(&bytes) {
+                captions.push(
+                    serde_json::from_str(line)
+                        .map_err(|e| corrupt("captions.jsonl", format!("line {}: {e}", i + 1)))?,
+                );
+            }
         }
         let log_path = log_path.filter(|p| p.is_file());
         Ok(StageOutputs {
@@ -115,17 +146,12 @@ impl StageOutputs {
     }
 }
 
-fn read_lines(path: &Path) -> Result<Vec<String>, CacheError> {
-    if !path.is_file() {
-        return Ok(Vec::new());
-    }
-    let f = fs::File::open(path).map_err(io(path))?;
-    let mut out = Vec::new();
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line.map_err(io(path))?;
-        if !line.trim().is_empty() {
-            out.push(line);
-        }
-    }
-    Ok(out)
+/// Non-blank lines with their 0-based numbers (invalid UTF-8 becomes U+FFFD,
+/// which then fails to parse with the line's number).
+fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &str)> {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| (i, std::str::from_utf8(l).unwrap_or("\u{fffd}")))
+        .filter(|(_, l)| !l.trim().is_empty())
 }

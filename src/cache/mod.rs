@@ -20,7 +20,22 @@
 //!   to `runs/unsynced/.boot-<id>`); the local executor calls
 //!   [`Cache::sync_deferred`] every few seconds while stages publish and once
 //!   at the end: one `syncfs` of the runs directory's filesystem, then the
-//!   markers listed before it are removed. Why this is safe:
+//!   markers listed before it are removed. Why this is safe: a killed process
+//!   never matters (the rename comes after every write, and the page cache
+//!   keeps what a dead process wrote); after a power loss or kernel crash an
+//!   entry whose marker is still there reads another boot id, so it is not
+//!   complete and its stage runs again. On a journaling filesystem metadata
+//!   reaches the disk in order, so an entry whose rename survived has its
+//!   marker too; the loss is bounded by what published since the last sync.
+//!
+//! Trust: every file of an entry has its blake3 digest and size in the
+//! manifest, checked whenever the entry's content is reused; a damaged entry
+//! is moved into `quarantine/` and its stage computed again ([`verify`]).
+//!
+//! Locks: a sweep holds the runs directory's root lock shared for as long as
+//! it runs, `ecic gc` takes it exclusively ([`Cache::root_lock`]), so nothing
+//! is collected while a sweep may be about to reuse it.
+//!
 //! Layout of a runs directory:
 //! - `objects-v1/<key>/`: complete stage outputs (manifest.json, metrics.json,
 //!   curves.jsonl, captions.jsonl, stage.log, and the stage's own files)
@@ -30,18 +45,23 @@
 //! - `status/<key>.failed`: why the last attempt of a stage failed
 //! - `logs/<key>.log`: the log of the current or last attempt
 //! - `data/`: materialised data sets (the synthetic default)
+//! - `quarantine/<key>.<secs>/`: damaged entries moved aside, with `damage.txt`
+//! - `locks/`: per-key locks and the root lock
 //! - `ecic.sqlite`: the store
 
 mod digest;
 mod entry;
+pub mod verify;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 pub use digest::{data_digest, files_digest};
 pub use entry::{CaptionRecord, Manifest, StageOutputs};
+pub use verify::{Damage, FileDigest, Quarantined};
 
-/// Bump to start a fresh object root (old entries are then ignored and gc'able).
+/// Bump to start a fresh object root (old entries are then ignored, and `ecic
+/// gc` removes older roots, see [`Cache::gc`]).
 pub const OBJECTS: &str = "objects-v1";
 
 /// Markers of entries published with [`Durability::Deferred`] and not yet synced.
@@ -78,12 +98,55 @@ pub enum CacheError {
     },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// A complete entry whose content does not match its manifest.
+    #[error("cache entry {entry}: {damage}")]
+    Damaged { entry: PathBuf, damage: Damage },
+    #[error("{path} is in use by a running sweep; try again when it has finished")]
+    Busy { path: PathBuf },
 }
 
 pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// `runs/objects-v1/<key>/`: where an entry lives, for those that hold a runs
+/// path but no [`Cache`] (which creates the layout when opened).
+pub fn entry_path(runs: &Path, key: &str) -> PathBuf {
+    runs.join(OBJECTS).join(key)
+}
+
+/// `runs/status/<key>.failed`: why the last attempt of a stage failed.
+pub fn failed_marker_path(runs: &Path, key: &str) -> PathBuf {
+    runs.join("status").join(format!("{key}.failed"))
+}
+
+/// `runs/logs/<key>.log`: the log of the current or last attempt.
+pub fn log_path(runs: &Path, key: &str) -> PathBuf {
+    runs.join("logs").join(format!("{key}.log"))
+}
+
+fn sweep_lock_path(runs: &Path, sweep_id: i64) -> PathBuf {
+    runs.join("locks").join(format!("sweep-{sweep_id}.lock"))
+}
+
+/// Whether a process still runs the sweep recorded as `sweep_id` in `runs`
+/// (it holds its [`Cache::sweep_lock`]). A sweep killed with SIGKILL, or on a
+/// machine that rebooted, holds nothing. Works on a read-only runs directory.
+pub fn sweep_alive(runs: &Path, sweep_id: i64) -> bool {
+    let Ok(file) = fs::File::open(sweep_lock_path(runs, sweep_id)) else {
+        return false;
+    };
+    match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
+        Ok(true) => {
+            let _ = fs4::fs_std::FileExt::unlock(&file);
+            false
+        }
+        Ok(false) => true,
+        // Cannot tell (no locks on this filesystem): as recorded.
+        Err(_) => true,
     }
 }
 
@@ -113,12 +176,30 @@ impl Cache {
         })
     }
 
+    /// A cache to read only (`ecic verify`, status of an archived runs
+    /// directory): creates nothing, so it works on a read-only filesystem.
+    pub fn open_read(runs: &Path) -> Cache {
+        Cache {
+            runs: runs.to_path_buf(),
+        }
+    }
+
     pub fn runs(&self) -> &Path {
         &self.runs
     }
 
+    /// The object root (`runs/objects-v1/`).
+    pub fn objects(&self) -> PathBuf {
+        self.runs.join(OBJECTS)
+    }
+
     pub fn entry(&self, key: &str) -> PathBuf {
-        self.runs.join(OBJECTS).join(key)
+        entry_path(&self.runs, key)
+    }
+
+    /// Where materialised data sets live (`runs/data/`).
+    pub fn data_root(&self) -> PathBuf {
+        self.runs.join("data")
     }
 
     /// Complete = published with a manifest, and not an unsynced entry of an
@@ -179,11 +260,11 @@ impl Cache {
     }
 
     pub fn failed_marker(&self, key: &str) -> PathBuf {
-        self.runs.join("status").join(format!("{key}.failed"))
+        failed_marker_path(&self.runs, key)
     }
 
     pub fn log_path(&self, key: &str) -> PathBuf {
-        self.runs.join("logs").join(format!("{key}.log"))
+        log_path(&self.runs, key)
     }
 
     /// Write a stage's description for `run-stage` (atomically: temp file +
@@ -230,8 +311,9 @@ impl Cache {
         Ok(StageLock { _file: file })
     }
 
-    /// A lock on the whole runs directory's orchestration (one sweep process
-    /// ingests at a time per key; used around store ingest of shared stages).
+    /// The key's lock if no other process holds it, else `None` (without
+    /// waiting). Used where a held lock means "someone is on it already":
+    /// gc's temporaries, quarantining.
     pub fn try_lock(&self, key: &str) -> Result<Option<StageLock>, CacheError> {
         let path = self.runs.join("locks").join(format!("{key}.lock"));
         let file = fs::OpenOptions::new()
@@ -245,6 +327,47 @@ impl Cache {
             Ok(false) => Ok(None),
             Err(e) => Err(CacheError::Io { path, source: e }),
         }
+    }
+
+    /// The runs directory's root lock: shared by every sweep for as long as it
+    /// runs (waiting for a running gc), exclusive for `ecic gc`, which fails
+    /// with [`CacheError::Busy`] rather than wait for a sweep of hours.
+    pub fn root_lock(&self, exclusive: bool) -> Result<StageLock, CacheError> {
+        let path = self.runs.join("locks").join("root.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let got = if exclusive {
+            fs4::fs_std::FileExt::try_lock_exclusive(&file)
+        } else {
+            fs4::fs_std::FileExt::lock_shared(&file).map(|()| true)
+        };
+        match got {
+            Ok(true) => Ok(StageLock { _file: file }),
+            Ok(false) => Err(CacheError::Busy {
+                path: self.runs.clone(),
+            }),
+            Err(e) => Err(CacheError::Io { path, source: e }),
+        }
+    }
+
+    /// Held (shared) by a sweep process for as long as it runs: how `ecic
+    /// status` tells a running sweep from one that was killed (see
+    /// [`sweep_alive`]). Never waits for long: only a status check takes the
+    /// lock exclusively, for an instant.
+    pub fn sweep_lock(&self, sweep_id: i64) -> Result<StageLock, CacheError> {
+        let path = sweep_lock_path(&self.runs, sweep_id);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        fs4::fs_std::FileExt::lock_shared(&file).map_err(io(&path))?;
+        Ok(StageLock { _file: file })
     }
 
     /// Start writing a new entry.
@@ -267,20 +390,48 @@ impl Cache {
         })
     }
 
-    /// Read a complete entry's outputs for ingestion into the store.
+    /// Read a complete entry's outputs for ingestion into the store, each file
+    /// checked against its digest as it is read.
     pub fn outputs(&self, key: &str) -> Result<StageOutputs, CacheError> {
         StageOutputs::read(&self.entry(key), Some(self.entry(key).join("stage.log")))
     }
 
-    /// Remove complete entries not in `keep`, and leftover temporaries.
-    /// Returns the removed paths.
+    /// Remove complete entries not in `keep`, leftover temporaries, object
+    /// roots of older formats (`objects-v0`, ...) and quarantined entries.
+    /// Returns the removed paths. Callers hold [`Cache::root_lock`] exclusively.
     pub fn gc(
         &self,
         keep: &std::collections::HashSet<String>,
         dry_run: bool,
     ) -> Result<Vec<PathBuf>, CacheError> {
-        let root = self.runs.join(OBJECTS);
+        let root = self.objects();
         let mut removed = Vec::new();
+        for e in fs::read_dir(&self.runs).map_err(io(&self.runs))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let version = |n: &str| {
+                n.strip_prefix("objects-v")
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            // Only older roots: a newer ecic's root is not ours to judge.
+            let older =
+                matches!((version(&name), version(OBJECTS)), (Some(v), Some(ours)) if v < ours);
+            if older && e.path().is_dir() {
+                removed.push(e.path());
+                if !dry_run {
+                    fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+        }
+        let quarantine = self.runs.join(verify::QUARANTINE);
+        if let Ok(rd) = fs::read_dir(&quarantine) {
+            for e in rd.flatten() {
+                removed.push(e.path());
+                if !dry_run {
+                    fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+        }
         for e in fs::read_dir(&root).map_err(io(&root))? {
             let e = e.map_err(io(&root))?;
             let name = e.file_name().to_string_lossy().to_string();
@@ -353,8 +504,11 @@ impl Pending {
         };
         // Decided before our own marker is written (it would hide an old one).
         let stale = self.target.exists() && !self.target_complete();
+        // The files were just written: digesting them reads the page cache.
+        let mut manifest = manifest.clone();
+        manifest.digests = verify::digest_tree(&self.dir)?;
         let mpath = self.dir.join("manifest.json");
-        let text = serde_json::to_vec_pretty(manifest).expect("manifests serialize");
+        let text = serde_json::to_vec_pretty(&manifest).expect("manifests serialize");
         fs::write(&mpath, text).map_err(io(&mpath))?;
         match durability {
             Durability::Now => sync_tree(&self.dir)?,

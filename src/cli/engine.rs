@@ -1,6 +1,9 @@
-//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`: the
-//! dispatcher that owns run state. Executors send events; the sinks here (the
-//! store, progress bars, plain log lines) consume them.
+//! `sweep`, `plan`, `status`, `gc` and the hidden `run-stage`. The sweep is
+//! the dispatcher: it decides what runs (the plan less the verified cache
+//! hits), hands that to an executor and consumes the events it sends. Run
+//! state (what is pending, running, done, failed) is the executor's; the
+//! sinks here (the store's writer thread, progress bars, plain log lines) only
+//! record what the events say.
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -80,6 +83,10 @@ pub struct GcArgs {
     /// List what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Keep only what the latest N revisions of each sweep name reference
+    /// (default: what any recorded revision references).
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -120,11 +127,27 @@ fn prepare(
     let mut spec = Spec::load(spec_path, sets).map_err(usage)?;
     let cache = Cache::open(runs).map_err(other)?;
     let data_dir = materialise_data(&spec, runs)?;
-    let memo = runs.join("data").join("digests.json");
+    let memo = cache.data_root().join("digests.json");
     let digest = crate::cache::data_digest(&data_dir, &memo).map_err(usage)?;
     crate::spec::checkpoint::resolve(&mut spec, &memo).map_err(usage)?;
     let data_dir = std::path::absolute(&data_dir).map_err(other)?;
     let plan = Plan::of_spec(&spec, data_dir, digest).map_err(other)?;
+    // Said now, not by a stage minutes in: pretrain-align trains on ALIGN_train.
+    if plan
+        .stages()
+        .any(|s| s.desc.kind == crate::plan::StageKind::PretrainAlign)
+    {
+        for file in ["ALIGN_train.tsv", "ALIGN_train.jsonl"] {
+            let p = plan.data_dir().join(file);
+            if !p.is_file() {
+                return Err(CliError::usage(format!(
+                    "data.source: {} is missing: pretrain-align trains on the generic-domain \
+                     ALIGN_train split (see docs/spec.md, \"data\")",
+                    p.display()
+                )));
+            }
+        }
+    }
     Ok((spec, cache, plan))
 }
 
@@ -145,23 +168,29 @@ fn materialise_data(spec: &Spec, runs: &Path) -> CliResult<PathBuf> {
         ..Default::default()
     };
     let id = crate::plan::hash_value(&serde_json::to_value(&cfg).map_err(other)?);
-    let dir = runs.join("data").join(format!("synth-{}", &id[..16]));
+    let cache = Cache::open(runs).map_err(other)?;
+    let root = cache.data_root();
+    let dir = root.join(format!("synth-{}", &id[..16]));
     if dir.join(".complete").is_file() {
         return Ok(dir);
     }
-    let cache = Cache::open(runs).map_err(other)?;
     let _lock = cache.lock(&format!("data-{}", &id[..16])).map_err(other)?;
     if dir.join(".complete").is_file() {
         return Ok(dir);
+    }
+    // Under the lock, any temporary of this data set is a dead process's
+    // (one interrupted before its handler was installed): remove it.
+    let prefix = format!(".synth-{}.", &id[..16]);
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
     eprintln!(
         "generating the synthetic data set into {} ...",
         dir.display()
     );
-    let tmp = runs
-        .join("data")
-        .join(format!(".synth-{}.{}", &id[..16], std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = root.join(format!("{prefix}{}", std::process::id()));
     crate::data::synth::generate(&tmp, &cfg).map_err(other)?;
     std::fs::write(tmp.join(".complete"), b"").map_err(other)?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -205,7 +234,9 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     }
     let (spec, cache, plan) = prepare(&a.spec, &a.set, &a.runs)?;
     tracing::debug!("sweep: spec, data digest and plan ready");
-    let cached: HashSet<String> = plan
+    // Held until the sweep returns: `ecic gc` removes nothing meanwhile.
+    let _root = cache.root_lock(false).map_err(other)?;
+    let mut cached: HashSet<String> = plan
         .stages()
         .filter(|s| cache.is_complete(&s.desc.key))
         .map(|s| s.desc.key.clone())
@@ -220,8 +251,12 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let jobs = a.jobs.unwrap_or_else(cores).max(1);
     let threads = (cores() / jobs).max(1);
     let mut store = Store::open(&a.runs).map_err(other)?;
+    let ingested = ingested_keys(&store)?;
+    let damaged = super::verify::check_reused(&cache, &plan, &mut cached, &ingested)?;
     let sweep_id = record_sweep(&mut store, &spec, &plan, &cached, &a.executor, jobs)?;
-    ingest_missing(&mut store, &cache, &plan, &cached)?;
+    // Held while this process runs the sweep: `status` tells it from a killed one.
+    let _alive = cache.sweep_lock(sweep_id).map_err(other)?;
+    ingest_missing(&mut store, &cache, &plan, &cached, &ingested)?;
     tracing::debug!("sweep: store opened and sweep recorded");
 
     let to_run: Vec<StageJob> = plan
@@ -231,13 +266,7 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
             key: s.desc.key.clone(),
             kind: s.desc.kind.name().to_string(),
             label: s.desc.label.clone(),
-            deps: s
-                .desc
-                .inputs
-                .iter()
-                .map(|(_, k)| k.clone())
-                .filter(|k| !cached.contains(k))
-                .collect(),
+            deps: pending_ancestors(&plan, &s.desc.key, &cached),
             threads,
             resources: s.resources.clone(),
             // The local executor hands cheap stages to its pooled workers
@@ -261,7 +290,10 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
                 eprintln!("\ninterrupted twice: exiting now");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to exit at once)");
+            eprintln!(
+                "\ninterrupt (Ctrl-C, SIGTERM or SIGHUP): stopping running stages \
+                 (once more to exit at once)"
+            );
         });
     }
     let worker = crate::exec::Worker::current(a.runs.clone()).map_err(other)?;
@@ -327,6 +359,10 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
                         Some(skip_reason(&upstream, key, because_of)),
                         None,
                     ),
+                    // Our process only waited for this key while another
+                    // computes it (it holds the key's lock): that one's stage
+                    // is not interrupted, so leave its record alone.
+                    Outcome::Interrupted(_) if matches!(cache.try_lock(key), Ok(None)) => return,
                     Outcome::Interrupted(why) => ("interrupted", Some(why.clone()), None),
                 };
                 StoreOp::Ended {
@@ -368,8 +404,25 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
         cached.len(),
         t0.elapsed().as_secs_f64()
     );
+    if !damaged.is_empty() {
+        eprintln!(
+            "{} damaged cache entr{} moved to {} and computed again (see above)",
+            damaged.len(),
+            if damaged.len() == 1 {
+                "y was"
+            } else {
+                "ies were"
+            },
+            a.runs.join(crate::cache::verify::QUARANTINE).display()
+        );
+    }
     if !a.no_report && !was_interrupted {
-        write_report(&spec, &a.runs);
+        // This run's revision, even if a later one of the name has started.
+        let target = match store.revision(sweep_id) {
+            Ok((rev, n)) if n > 1 => format!("{}@{rev}", spec.config.name),
+            _ => spec.config.name.clone(),
+        };
+        write_report(&spec, &target, &a.runs);
     }
     for (key, reason) in &failures {
         let label = plan
@@ -387,14 +440,37 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     tracing::debug!("sweep: outputs durable");
     match status {
         "done" => Ok(()),
-        "interrupted" => Err(CliError::failed(
-            "interrupted; run the same command again to resume",
+        "interrupted" => Err(CliError::Interrupted(
+            "interrupted; run the same command again to resume".into(),
         )),
         _ => Err(CliError::failed(format!(
             "{} stage(s) failed",
             failures.len().max(ingest_errors.len())
         ))),
     }
+}
+
+/// The stages to run among every ancestor of `key`, not only its inputs: a
+/// stage reads entries further up (a model lineage's weights, the
+/// preprocessed data), and one of those may be a quarantined entry computed
+/// again below a cached input.
+fn pending_ancestors(plan: &Plan<Sealed>, key: &str, cached: &HashSet<String>) -> Vec<String> {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut stack = vec![key];
+    let mut out = Vec::new();
+    while let Some(k) = stack.pop() {
+        let Some(node) = plan.get(k) else { continue };
+        for (_, input) in &node.desc.inputs {
+            if seen.insert(input.as_str()) {
+                if !cached.contains(input) {
+                    out.push(input.clone());
+                }
+                stack.push(input.as_str());
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Why a stage was not run: a failed stage upstream of it, or (without `--keep-going`) a
@@ -505,22 +581,26 @@ fn record_sweep(
     store.begin_sweep(&row, &cells, &stages).map_err(other)
 }
 
+/// Stages whose results the store has.
+fn ingested_keys(store: &Store) -> CliResult<HashSet<String>> {
+    let mut st = store
+        .conn()
+        .prepare("SELECT key FROM stages WHERE status = 'done' AND finished_at IS NOT NULL")
+        .map_err(other)?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(other)?;
+    rows.collect::<Result<_, _>>().map_err(other)
+}
+
 /// Cached stages the store has no results for (a deleted or fresh store, or a
-/// stage computed by another sweep process): ingest them from the cache.
+/// stage computed by another sweep process): ingest them from the cache (each
+/// verified beforehand by `check_reused`).
 fn ingest_missing(
     store: &mut Store,
     cache: &Cache,
     plan: &Plan<Sealed>,
     cached: &HashSet<String>,
+    ingested: &HashSet<String>,
 ) -> CliResult {
-    let ingested: HashSet<String> = {
-        let mut st = store
-            .conn()
-            .prepare("SELECT key FROM stages WHERE status = 'done' AND finished_at IS NOT NULL")
-            .map_err(other)?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(other)?;
-        rows.collect::<Result<_, _>>().map_err(other)?
-    };
     let mut ops = Vec::new();
     for s in plan.stages() {
         let key = &s.desc.key;
@@ -640,7 +720,7 @@ fn print_summary(store: &Store, sweep_id: i64) {
     }
 }
 
-fn write_report(spec: &Spec, runs: &Path) {
+fn write_report(spec: &Spec, target: &str, runs: &Path) {
     // Build the report command's own arguments, as a user would type them.
     #[derive(clap::Parser)]
     struct Wrap {
@@ -649,9 +729,13 @@ fn write_report(spec: &Spec, runs: &Path) {
     }
     let argv = [
         "report".to_string(),
-        spec.config.name.clone(),
+        target.to_string(),
         "--runs".into(),
         runs.display().to_string(),
+        "--out".into(),
+        crate::report::default_dir(&spec.config.name)
+            .display()
+            .to_string(),
     ];
     match <Wrap as clap::Parser>::try_parse_from(argv) {
         Ok(w) => {
@@ -772,6 +856,12 @@ impl Sink {
 }
 
 pub fn status(a: &StatusArgs) -> CliResult {
+    if !a.runs.is_dir() {
+        return Err(CliError::usage(format!(
+            "{}: no such runs directory (pass --runs DIR)",
+            a.runs.display()
+        )));
+    }
     let Some(store) = Store::open_existing(&a.runs).map_err(other)? else {
         println!("no sweeps recorded in {} yet", a.runs.display());
         return Ok(());
@@ -786,8 +876,12 @@ pub fn gc(a: &GcArgs) -> CliResult {
         println!("nothing to collect: no store in {}", a.runs.display());
         return Ok(());
     };
-    let keep = store.referenced_keys().map_err(other)?;
     let cache = Cache::open(&a.runs).map_err(other)?;
+    // Exclusive: no sweep is between finding an entry complete and using it.
+    let _root = cache
+        .root_lock(true)
+        .map_err(|e| CliError::failed(e.to_string()))?;
+    let keep = store.referenced_keys(a.keep_last).map_err(other)?;
     let removed = cache.gc(&keep, a.dry_run).map_err(other)?;
     for p in &removed {
         println!(

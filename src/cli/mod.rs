@@ -1,4 +1,4 @@
-//! The command line (CONTRACT §2). Each subcommand's arguments live beside the
+//! The command line (the README's command table). Each subcommand's arguments live beside the
 //! code that runs it; this module only dispatches and maps errors to exit
 //! codes.
 
@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 use crate::error::CliError;
 
 mod engine;
+mod verify;
 
 pub use engine::{GcArgs, PlanArgs, RunStageArgs, StatusArgs, SweepArgs};
+pub use verify::VerifyArgs;
 
 /// ecic: compare vision-language captioners for e-commerce products.
 ///
@@ -45,6 +47,8 @@ pub enum Command {
     Data(DataCommand),
     /// Remove cached stage outputs that no recorded sweep references.
     Gc(GcArgs),
+    /// Check every cache entry and checkpoint against its recorded digests.
+    Verify(VerifyArgs),
     /// Run one planned stage by key (used by cluster executors).
     #[command(hide = true)]
     RunStage(RunStageArgs),
@@ -77,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Plan(a) => engine::plan(a),
         Command::Status(a) => engine::status(a),
         Command::Gc(a) => engine::gc(a),
+        Command::Verify(a) => verify::verify(a),
         Command::RunStage(a) => engine::run_stage(a),
         Command::Report(a) => crate::report::cmd::run_report(a),
         Command::Compare(a) => crate::report::cmd::run_compare(a),
@@ -96,9 +101,15 @@ pub fn main() -> ExitCode {
 fn report_error(e: &CliError) {
     match e {
         CliError::Other(err) => {
-            eprintln!("error: {err}");
+            let mut last = err.to_string();
+            eprintln!("error: {last}");
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                // `{path}: {source}` errors already said it.
+                let text = cause.to_string();
+                if !last.ends_with(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                last = text;
             }
         }
         other => eprintln!("error: {other}"),

@@ -32,6 +32,9 @@ pub struct SynthArgs {
     /// stages; 0 writes none). Default: what a spec's `data.synth.foundation` defaults to.
     #[arg(long)]
     pub foundation: Option<usize>,
+    /// Replace MUGE files (IC_*, ALIGN_*) already in the directory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `ecic data inspect`: statistics and bad records of a data directory.
@@ -54,6 +57,16 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
             .unwrap_or(crate::spec::params::SynthSpec::default().foundation),
         ..d
     };
+    if !a.force {
+        let existing = existing_data_files(&a.out);
+        if !existing.is_empty() {
+            return Err(CliError::usage(format!(
+                "{} already holds a data set ({}); pass --force to replace it",
+                a.out.display(),
+                existing.join(", ")
+            )));
+        }
+    }
     let t = std::time::Instant::now();
     let summary = synth::generate(&a.out, &cfg).map_err(|e| match e {
         synth::SynthError::Config(_) => CliError::usage(e.to_string()),
@@ -69,6 +82,22 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
         cfg.seed
     );
     Ok(())
+}
+
+/// MUGE files (`IC_*` / `ALIGN_*` `.tsv` / `.jsonl`) in `dir`, sorted.
+fn existing_data_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| {
+            (n.starts_with("IC_") || n.starts_with("ALIGN_"))
+                && (n.ends_with(".tsv") || n.ends_with(".jsonl"))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 pub fn run_inspect(a: &InspectArgs) -> CliResult {
@@ -87,9 +116,18 @@ pub fn run_inspect(a: &InspectArgs) -> CliResult {
     }
     print!("{}", report.render());
     let bad: usize = report.splits.iter().map(|s| s.bad.len()).sum();
-    if bad > 0 {
+    let empty = report.empty_splits();
+    if bad > 0 || !empty.is_empty() {
+        let mut problems = Vec::new();
+        if bad > 0 {
+            problems.push(format!("{bad} bad record(s)"));
+        }
+        if !empty.is_empty() {
+            problems.push(format!("no usable image in {}", empty.join(", ")));
+        }
         return Err(CliError::usage(format!(
-            "{bad} bad record(s) in {}",
+            "{} in {}",
+            problems.join(" and "),
             a.dir.display()
         )));
     }

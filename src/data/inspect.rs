@@ -59,8 +59,10 @@ fn percentile(sorted: &[usize], q: f64) -> usize {
 pub fn inspect_split(dir: &Path, prefix: &str) -> Result<SplitStats, MugeError> {
     let opts = ReadOptions {
         policy: BadRecordPolicy::Skip,
-        // The test split may carry ids only (CONTRACT §3).
+        // The test split may carry ids only.
         require_refs: prefix != "IC_test",
+        // An empty split is reported below, with the rest.
+        allow_empty: true,
         ..ReadOptions::default()
     };
     let mut lengths = Vec::new();
@@ -181,6 +183,22 @@ impl InspectReport {
                 let _ = writeln!(s, "  {b}");
             }
         }
+        let empty = self.empty_splits();
+        if !empty.is_empty() {
+            let _ = writeln!(s, "\nsplits without a usable image: {}", empty.len());
+            for p in empty {
+                let _ = writeln!(s, "  {p}: nothing can be trained or scored on it");
+            }
+        }
         s
+    }
+
+    /// Splits present in the directory that hold no good record.
+    pub fn empty_splits(&self) -> Vec<&str> {
+        self.splits
+            .iter()
+            .filter(|t| t.images == 0)
+            .map(|t| t.prefix.as_str())
+            .collect()
     }
 }

@@ -2,7 +2,7 @@
 //! stage's data comes through [`read_split`], synthetic data goes out through
 //! [`SplitWriter`].
 //!
-//! Layout (CONTRACT §3): `PREFIX.tsv` holds `image_id<TAB>base64(JPEG)` per
+//! Layout (the MUGE data set's own, see the README): `PREFIX.tsv` holds `image_id<TAB>base64(JPEG)` per
 //! line, `PREFIX.jsonl` holds `{"image_id": str, "text": [str, ...]}` per
 //! line; PREFIX is `IC_train`, `IC_valid`, `IC_test` or, for the generic
 //! domain, `ALIGN_train` / `ALIGN_valid`.
@@ -70,6 +70,8 @@ pub enum BadReason {
     BadBase64(String),
     #[error("not a decodable image: {0}")]
     BadImage(String),
+    #[error("truncated JPEG: no end-of-image marker (FF D9) after its {0} bytes")]
+    TruncatedJpeg(usize),
     #[error("duplicate image_id {id} (first on line {first})")]
     DuplicateId { id: String, first: usize },
     #[error("image_id {0} is not in the tsv")]
@@ -103,6 +105,13 @@ pub enum MugeError {
     MissingFile(PathBuf),
     #[error("{split}: {} bad record(s), policy is fail:\n{}", bad.len(), list_bad(bad, 20))]
     BadRecords { split: String, bad: Vec<BadRecord> },
+    #[error("{split}: no usable image in {} ({} bad record(s) left out){}", file.display(), bad.len(),
+        if bad.is_empty() { String::new() } else { format!(":\n{}", list_bad(bad, 20)) })]
+    Empty {
+        split: String,
+        file: PathBuf,
+        bad: Vec<BadRecord>,
+    },
 }
 
 /// The first `n` bad records, one a line, and a count of the rest.
@@ -132,6 +141,10 @@ pub struct ReadOptions {
     pub max_line_bytes: usize,
     /// Lines decoded together on rayon; bounds memory.
     pub chunk_lines: usize,
+    /// Whether a split without a single good record is fine (`data inspect`
+    /// reports it instead); otherwise it is [`MugeError::Empty`]: nothing can
+    /// be trained or scored on it.
+    pub allow_empty: bool,
 }
 
 impl Default for ReadOptions {
@@ -141,6 +154,7 @@ impl Default for ReadOptions {
             require_refs: true,
             max_line_bytes: 16 << 20,
             chunk_lines: 256,
+            allow_empty: false,
         }
     }
 }
@@ -188,6 +202,23 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
     } else {
         STD.decode(s)
     }
+}
+
+/// Decode an image, refusing a JPEG cut short: decoders fill the missing
+/// rows with grey rather than fail, which would silently train and score on
+/// a different picture. A complete JPEG ends with the EOI marker (trailing
+/// NUL or whitespace padding allowed).
+pub fn decode_image(bytes: &[u8]) -> Result<image::DynamicImage, BadReason> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        let end = bytes
+            .iter()
+            .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        if !bytes[..end].ends_with(&[0xFF, 0xD9]) {
+            return Err(BadReason::TruncatedJpeg(bytes.len()));
+        }
+    }
+    image::load_from_memory(bytes).map_err(|e| BadReason::BadImage(e.to_string()))
 }
 
 /// Checks shared by both files; returns the line as text.
@@ -262,7 +293,7 @@ fn parse_jsonl_line(text: &str) -> Result<(String, Vec<String>), BadReason> {
         }
     };
     let text = match obj.get("text") {
-        // The test split may carry ids only (CONTRACT §3).
+        // The test split may carry ids only.
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(serde_json::Value::Array(a)) => {
             let mut out = Vec::with_capacity(a.len());
@@ -445,10 +476,7 @@ where
                 .map(|p| {
                     let v = decode_base64(&p.b64)
                         .map_err(|e| BadReason::BadBase64(e.to_string()))
-                        .and_then(|bytes| {
-                            image::load_from_memory(&bytes)
-                                .map_err(|e| BadReason::BadImage(e.to_string()))
-                        })
+                        .and_then(|bytes| decode_image(&bytes))
                         .map(|img| map(&p.id, img));
                     (p, v)
                 })
@@ -492,6 +520,14 @@ where
     bad.sort_by(|a, b| a.file.cmp(&b.file).then(a.line.cmp(&b.line)));
     report.skipped += bad.len();
     report.bad = bad;
+    if report.records == 0 && !opts.allow_empty {
+        return Err(MugeError::Empty {
+            split: prefix.to_owned(),
+            file: tsv,
+            bad: report.bad,
+        }
+        .into());
+    }
     if opts.policy == BadRecordPolicy::Fail && !report.bad.is_empty() {
         return Err(MugeError::BadRecords {
             split: prefix.to_owned(),

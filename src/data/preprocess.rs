@@ -55,7 +55,7 @@ pub const SPLITS: &[(&str, &str)] = &[
 pub const FOUNDATION_SPLIT: &str = "foundation";
 pub const FOUNDATION_PREFIX: &str = "FOUNDATION_train";
 
-/// Bad-record policy per split (CONTRACT §3: `skip` for training data,
+/// Bad-record policy per split (docs/data.md: `skip` for training data,
 /// `fail` for what is scored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -7,8 +7,10 @@
 //! pooled form `run-stage --serve`, which takes stage descriptions on stdin,
 //! one JSON line each), which reads the stage's description from
 //! `runs/stages/KEY.json` (or its stdin line), computes, and publishes the
-//! output into the cache — so a stage's result never depends on where it ran. Workers never write the SQLite store; the orchestrator ingests
-//! each finished stage's manifest.
+//! output into the cache — so a stage's result never depends on where it ran.
+//! Workers never write the SQLite store; the orchestrator ingests each
+//! finished stage's manifest. The executor owns run state (pending, running,
+//! done, failed); the dispatcher only consumes its events.
 
 pub mod local;
 pub mod slurm;
@@ -46,7 +48,8 @@ pub struct StageJob {
 }
 
 /// Resources a stage asks a cluster scheduler for (from the spec's
-/// `[resources.<kind>]`); the local executor only uses `cpus` as a hint.
+/// `[resources.<kind>]`); the local executor ignores them (its budget is
+/// `--jobs` stages, each with the cores divided among them).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {

@@ -13,6 +13,9 @@ use super::jsonl::{self, InputError, RefRecord};
 use super::{Evaluation, Metric, References, Tokenize};
 use crate::error::{CliError, CliResult};
 
+/// Most `--bootstrap` resamples (each is a pass over every image's scores).
+const MAX_RESAMPLES: usize = 100_000;
+
 /// Resamples of a paired comparison when `--bootstrap` is not given.
 const DEFAULT_PAIRED_RESAMPLES: usize = 1000;
 
@@ -87,6 +90,12 @@ pub fn run(args: &EvalArgs) -> CliResult {
     };
     let references = prepare(refs, args.tokenize)?;
     let failed = |e: super::MetricsError| CliError::Other(e.into());
+    if args.bootstrap.is_some_and(|n| n > MAX_RESAMPLES) {
+        return Err(CliError::usage(format!(
+            "--bootstrap {}: over the limit of {MAX_RESAMPLES} resamples",
+            args.bootstrap.unwrap_or_default()
+        )));
+    }
     let resamples = args.bootstrap.unwrap_or(if args.compare.is_some() {
         DEFAULT_PAIRED_RESAMPLES
     } else {

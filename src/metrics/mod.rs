@@ -3,7 +3,7 @@
 //! `ecic eval`.
 //!
 //! The numbers are exactly pycocoevalcap 1.2's BLEU-1..4, ROUGE-L and CIDEr-D
-//! on pre-tokenized strings (CONTRACT §4): [`tokenize`] cuts a caption, the
+//! on pre-tokenized strings (docs/metrics.md): [`tokenize`] cuts a caption, the
 //! tokens joined by single spaces are the string pycocoevalcap would score.
 //! The tests check every metric against fixtures that pycocoevalcap itself
 //! wrote (`scripts/metric-fixtures.sh`).

@@ -1,6 +1,6 @@
 //! Caption tokenization: the first step of scoring. Every metric sees the
 //! tokens joined by single spaces, exactly the pre-tokenized string
-//! pycocoevalcap would be fed (CONTRACT §4).
+//! pycocoevalcap would be fed (docs/metrics.md).
 
 use std::fmt;
 use std::str::FromStr;

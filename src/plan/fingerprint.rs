@@ -1,7 +1,7 @@
-//! Cache keys (CONTRACT §5): a blake3 hash of a stage's kind, its per-kind
-//! format version, its own resolved parameters, its inputs' keys (a Merkle
-//! chain), the data set's content digest and the seed. Output paths are never
-//! part of a key.
+//! Cache keys (docs/spec.md, "What each stage's key depends on"): a blake3
+//! hash of a stage's kind, its per-kind format version, its own resolved
+//! parameters, its inputs' keys (a Merkle chain), the data set's content
+//! digest and the seed. Output paths are never part of a key.
 //!
 //! Parameters are hashed through a canonical encoding: object keys sorted,
 //! every number tagged as integer or float, floats by their IEEE bits, strings

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use crate::spec::Cell;
 
-/// The stage kinds, in pipeline order (`docs/spec.md`, "Stages"). `pretrain-vision` and
+/// The stage kinds, in pipeline order (docs/spec.md, "What each stage's key depends on"). `pretrain-vision` and
 /// `pretrain-lm` are the foundation stages: the pretrained tower and LM a real VLM starts
 /// from, trained once per sweep for the tiny presets and absent with `model.checkpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ fn manifest(key: &str, kind: &str, label: &str, wall_s: f64, trainable: Option<u
         trainable_params: trainable,
         total_params: trainable.map(|t| t * 10),
         files: vec![],
+        digests: Default::default(),
     }
 }
 

@@ -65,24 +65,36 @@ pub fn write_chart<C: Chart>(
     (w, h): (u32, u32),
     svg: bool,
 ) -> Result<PlotFile, ReportError> {
-    let file = format!("{stem}.{}", if svg { "svg" } else { "png" });
+    let ext = if svg { "svg" } else { "png" };
+    let file = format!("{stem}.{ext}");
     let path = dir.join(&file);
     let fail = |message: String| ReportError::Plot {
         path: path.clone(),
         message,
     };
     let fonts = Fonts::shared();
-    if svg {
-        let root = CjkText::vector(SVGBackend::new(&path, (w, h)), fonts).into_drawing_area();
-        root.fill(&WHITE).map_err(|x| fail(e(x)))?;
-        chart.draw(&root).map_err(fail)?;
-        root.present().map_err(|x| fail(e(x)))?;
-    } else {
-        let root = CjkText::new(BitMapBackend::new(&path, (w, h)), fonts).into_drawing_area();
-        root.fill(&WHITE).map_err(|x| fail(e(x)))?;
-        chart.draw(&root).map_err(fail)?;
-        root.present().map_err(|x| fail(e(x)))?;
+    // Drawn into a hidden temporary, renamed into place once whole: a full
+    // disk leaves no truncated chart behind (the backend picks the format
+    // from the extension, so the temporary keeps it).
+    let tmp = dir.join(format!(".{stem}.partial.{ext}"));
+    let drawn = (|| {
+        if svg {
+            let root = CjkText::vector(SVGBackend::new(&tmp, (w, h)), fonts).into_drawing_area();
+            root.fill(&WHITE).map_err(|x| fail(e(x)))?;
+            chart.draw(&root).map_err(fail)?;
+            root.present().map_err(|x| fail(e(x)))?;
+        } else {
+            let root = CjkText::new(BitMapBackend::new(&tmp, (w, h)), fonts).into_drawing_area();
+            root.fill(&WHITE).map_err(|x| fail(e(x)))?;
+            chart.draw(&root).map_err(fail)?;
+            root.present().map_err(|x| fail(e(x)))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|x| fail(x.to_string()))
+    })();
+    if drawn.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    drawn?;
     Ok(PlotFile {
         file,
         title: title.to_string(),

@@ -178,7 +178,7 @@ pub fn status(store: &Store) -> Result<String, ReportError> {
             _ => duration(wall),
         };
         t.add_row(vec![
-            s.name.clone(),
+            s.label(),
             s.status.clone(),
             data.cells.len().to_string(),
             done.to_string(),

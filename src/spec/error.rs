@@ -12,6 +12,8 @@ pub struct SpecIssue {
     /// 1-based line and column in the spec file, where known.
     pub pos: Option<(usize, usize)>,
     pub message: String,
+    /// Where the value came from when not the spec file (`--set KEY=VALUE`).
+    pub origin: Option<String>,
 }
 
 /// Everything wrong with a spec, reported at once.
@@ -32,9 +34,14 @@ impl fmt::Display for SpecError {
             self.path.display()
         )?;
         for issue in &self.issues {
-            write!(f, "\n  {}", self.path.display())?;
-            if let Some((line, col)) = issue.pos {
-                write!(f, ":{line}:{col}")?;
+            match &issue.origin {
+                Some(origin) => write!(f, "\n  {origin}")?,
+                None => {
+                    write!(f, "\n  {}", self.path.display())?;
+                    if let Some((line, col)) = issue.pos {
+                        write!(f, ":{line}:{col}")?;
+                    }
+                }
             }
             write!(f, ": ")?;
             if let Some(key) = &issue.key {
@@ -58,6 +65,7 @@ impl Issues {
             key: Some(key.into()),
             pos: None,
             message: message.into(),
+            origin: None,
         };
         if !self.list.contains(&issue) {
             self.list.push(issue);
@@ -68,6 +76,7 @@ impl Issues {
             key: None,
             pos: None,
             message: message.into(),
+            origin: None,
         };
         if !self.list.contains(&issue) {
             self.list.push(issue);

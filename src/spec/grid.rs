@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 
 use super::error::{did_you_mean, Issues};
 use super::params::{Config, BACKBONES, BASELINES, FUSIONS, PEFTS};
+
+/// Most cells one spec may expand into (axes x seeds, before exclusions).
+pub const MAX_CELLS: usize = 20_000;
 use super::validate;
 
 /// One cell of the grid: a complete configuration.
@@ -141,6 +144,21 @@ pub(super) fn expand(
         return None;
     }
     let config = config?;
+    // Counted before expanding: each cell holds its own resolved tree, and a
+    // 100,000-cell grid would need gigabytes before anything could be said.
+    let count = groups
+        .iter()
+        .fold(config.seeds.len() as u128, |n, g| n * g.rows.len() as u128);
+    if count > MAX_CELLS as u128 {
+        issues.at(
+            "grid",
+            format!(
+                "{count} cells (axes x seeds, before exclusions) is over the limit of {MAX_CELLS}; \
+                 split the sweep"
+            ),
+        );
+        return None;
+    }
 
     let mut cells = Vec::new();
     let mut seen = BTreeSet::new();

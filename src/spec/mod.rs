@@ -57,6 +57,7 @@ impl Spec {
                 key: None,
                 pos: None,
                 message: format!("cannot read the spec: {e}"),
+                origin: None,
             }])
         })?;
         // Syntax first, with the parser's own position.
@@ -66,6 +67,7 @@ impl Spec {
                 key: None,
                 pos,
                 message: format!("TOML syntax error: {}", e.message()),
+                origin: None,
             }]));
         }
         let mut issues = Issues::default();
@@ -83,12 +85,36 @@ impl Spec {
                 })
                 .split("__"),
         );
+        // Floats TOML allows but JSON (the tree below) cannot hold: said
+        // here, and the "invalid type: null" they become later is dropped.
+        let mut nan_keys: Vec<String> = Vec::new();
+        if let Ok(table) = text.parse::<toml::Table>() {
+            for (key, v) in validate::non_finite(&toml::Value::Table(table), "") {
+                issues.at(&key, format!("must be a finite number (got {v})"));
+                nan_keys.push(key);
+            }
+        }
+        let mut set_keys: Vec<(String, String)> = Vec::new();
         for set in sets {
             match parse_set(set) {
-                Ok((key, value)) => figment = figment.merge(Serialized::global(&key, value)),
+                Ok((key, value)) => {
+                    for (k, v) in validate::non_finite(&value, &key) {
+                        issues.at(&k, format!("must be a finite number (got {v})"));
+                        nan_keys.push(k);
+                    }
+                    set_keys.push((key.clone(), set.clone()));
+                    figment = figment.merge(Serialized::global(&key, value));
+                }
                 Err(msg) => issues.general(msg),
             }
         }
+        let positioned = |text: &str, mut issues: Issues| {
+            issues.list.retain(|i| {
+                !(i.message.starts_with("invalid type: null")
+                    && i.key.as_ref().is_some_and(|k| nan_keys.contains(k)))
+            });
+            positioned(text, issues, &set_keys)
+        };
         let base: Value = match figment.extract() {
             Ok(mut v) => {
                 fill_stage_defaults(&mut v);
@@ -149,12 +175,26 @@ fn fill_stage_defaults(base: &mut Value) {
     }
 }
 
-/// Attach file positions to issues whose key is found in the text.
-fn positioned(text: &str, issues: Issues) -> Vec<SpecIssue> {
+/// Attach file positions to issues whose key is found in the text; an issue
+/// about a key a `--set` gave (`sets`: key, the argument as given) is
+/// attributed to that argument instead, never to a line of the file.
+fn positioned(text: &str, issues: Issues, sets: &[(String, String)]) -> Vec<SpecIssue> {
+    let under = |key: &str, set: &str| {
+        key == set
+            || key.strip_prefix(set).is_some_and(|r| r.starts_with('.'))
+            || set.strip_prefix(key).is_some_and(|r| r.starts_with('.'))
+    };
     issues
         .list
         .into_iter()
         .map(|mut i| {
+            if let Some(key) = &i.key {
+                if let Some((_, arg)) = sets.iter().rev().find(|(k, _)| under(key, k)) {
+                    i.origin = Some(format!("--set {arg}"));
+                    i.pos = None;
+                    return i;
+                }
+            }
             if i.pos.is_none() {
                 if let Some(key) = &i.key {
                     i.pos = error::locate(text, key);
@@ -179,7 +219,23 @@ fn parse_set(set: &str) -> Result<(String, toml::Value), String> {
     let raw = raw.trim();
     let value = match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").expect("the key just parsed"),
-        Err(_) => toml::Value::String(raw.to_string()),
+        // A bare word is a string (`--set stages.evaluate.method=beam`);
+        // anything else that is not TOML is a mistake, not a string.
+        Err(_) if is_bare_word(raw) => toml::Value::String(raw.to_string()),
+        Err(e) => {
+            return Err(format!(
+                "--set `{set}`: `{raw}` is not a TOML value ({}); quote a string: {key}='\"...\"'",
+                e.message().trim()
+            ))
+        }
     };
     Ok((key.to_string(), value))
+}
+
+/// Letters, digits and `_-./:+@` only: read as a string when not TOML.
+fn is_bare_word(raw: &str) -> bool {
+    !raw.is_empty()
+        && raw
+            .chars()
+            .all(|c| c.is_alphanumeric() || "_-./:+@".contains(c))
 }

@@ -24,6 +24,15 @@ pub(super) const TOP_KEYS: &[&str] = &[
 ];
 /// Most retrieved captions per image (`model.retrieve`).
 const MAX_RETRIEVE: usize = 4;
+/// Upper bounds on sizes, so that a typo (`r = 1e8`) is a spec error naming
+/// its key rather than an allocation abort minutes later. Each is far above
+/// what the models here or the real MUGE data need (docs/spec.md, "Bounds").
+const MAX_RANK: usize = 1024;
+const MAX_TOKENS: usize = 4096;
+const MAX_SYNTH_IMAGES: usize = 1_000_000;
+const MAX_BATCH: usize = 4096;
+const MAX_STEPS: usize = 10_000_000;
+const MAX_SAMPLES: usize = 64;
 const STAGE_KINDS: &[&str] = &[
     "preprocess",
     "pretrain_vision",
@@ -33,6 +42,28 @@ const STAGE_KINDS: &[&str] = &[
     "cider_optimize",
     "evaluate",
 ];
+
+/// Every NaN or infinite float in a TOML tree, with its dotted key under
+/// `at`. TOML has them (`lr = nan`), JSON does not: the spec's JSON tree
+/// would turn them into `null` and the type error would not say why.
+pub(super) fn non_finite(v: &toml::Value, at: &str) -> Vec<(String, f64)> {
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => vec![(at.to_string(), *f)],
+        toml::Value::Table(t) => t
+            .iter()
+            .flat_map(|(k, v)| non_finite(v, &join(k)))
+            .collect(),
+        toml::Value::Array(a) => a.iter().flat_map(|v| non_finite(v, at)).collect(),
+        _ => Vec::new(),
+    }
+}
 
 /// Deserialize `value` as `T`, recording an error under `at` on failure.
 fn typed<T: DeserializeOwned>(at: &str, value: &Value, issues: &mut Issues) -> Option<T> {
@@ -167,6 +198,13 @@ fn positive(issues: &mut Issues, key: &str, v: f64) {
     }
 }
 
+fn at_most<T: TryInto<u64>>(issues: &mut Issues, key: &str, v: T, max: usize) {
+    let v = v.try_into().unwrap_or(u64::MAX);
+    if v > max as u64 {
+        issues.at(key, format!("{v} is over the limit of {max}"));
+    }
+}
+
 fn one_of(issues: &mut Issues, key: &str, v: &str, allowed: &[&str]) {
     if !allowed.contains(&v) {
         let hint = did_you_mean(v, allowed.iter().copied()).unwrap_or_default();
@@ -185,12 +223,15 @@ fn train(issues: &mut Issues, at: &str, t: &TrainSpec) {
     if t.steps == 0 {
         issues.at(format!("{at}.steps"), "must be at least 1");
     }
+    at_most(issues, &format!("{at}.steps"), t.steps, MAX_STEPS);
     if t.batch_size == 0 {
         issues.at(format!("{at}.batch_size"), "must be at least 1");
     }
+    at_most(issues, &format!("{at}.batch_size"), t.batch_size, MAX_BATCH);
     if t.accum == 0 {
         issues.at(format!("{at}.accum"), "must be at least 1");
     }
+    at_most(issues, &format!("{at}.accum"), t.accum, MAX_BATCH);
     if !(0.0..=1.0).contains(&t.min_lr_ratio) {
         issues.at(
             format!("{at}.min_lr_ratio"),
@@ -235,6 +276,7 @@ fn lora(issues: &mut Issues, at: &str, l: &LoraSpec) {
     if l.r == 0 {
         issues.at(format!("{at}.r"), "the LoRA rank must be at least 1");
     }
+    at_most(issues, &format!("{at}.r"), l.r, MAX_RANK);
     positive(issues, &format!("{at}.alpha"), l.alpha);
     if !(0.0..1.0).contains(&l.dropout) {
         issues.at(
@@ -327,6 +369,31 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if c.name.trim().is_empty() {
         issues.at("name", "must not be empty");
     }
+    // The name is a directory under reports/ and a key in the store: a path
+    // separator or a control character (NUL ends a C string) would make two
+    // names one, or cut one short.
+    if let Some(ch) = c
+        .name
+        .chars()
+        .find(|ch| ch.is_control() || matches!(ch, '/' | '\\'))
+    {
+        issues.at(
+            "name",
+            format!(
+                "must not contain {}: it names reports/<name>/ and the sweep in the store",
+                match ch {
+                    '/' | '\\' => format!("`{ch}`"),
+                    _ => format!("control character U+{:04X}", ch as u32),
+                }
+            ),
+        );
+    }
+    if c.name.contains('@') {
+        issues.at(
+            "name",
+            "must not contain `@`: `NAME@N` names revision N of a sweep",
+        );
+    }
     if c.seeds.is_empty() {
         issues.at("seeds", "give at least one seed");
     }
@@ -358,6 +425,14 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if c.data.synth.train == 0 || c.data.synth.valid == 0 {
         issues.at("data.synth", "train and valid need at least one image each");
     }
+    for (k, v) in [
+        ("train", c.data.synth.train),
+        ("valid", c.data.synth.valid),
+        ("test", c.data.synth.test),
+        ("align", c.data.synth.align),
+    ] {
+        at_most(issues, &format!("data.synth.{k}"), v, MAX_SYNTH_IMAGES);
+    }
     one_of(issues, "model.preset", &c.model.preset, &["tiny", "base"]);
     one_of(issues, "model.vision", &c.model.vision, &["frozen", "lora"]);
     one_of(issues, "model.stem", &c.model.stem, &["patch", "conv"]);
@@ -381,6 +456,7 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if c.model.max_len < 4 {
         issues.at("model.max_len", "must be at least 4 tokens");
     }
+    at_most(issues, "model.max_len", c.model.max_len, MAX_TOKENS);
     if let Some(ck) = &c.model.checkpoint {
         if !spec_dir.join(ck).is_dir() {
             issues.at(
@@ -396,6 +472,12 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if c.peft.adapter.bottleneck == 0 {
         issues.at("peft.adapter.bottleneck", "must be at least 1");
     }
+    at_most(
+        issues,
+        "peft.adapter.bottleneck",
+        c.peft.adapter.bottleneck,
+        MAX_RANK,
+    );
     modules_to_save(issues, "peft.adapter", &c.peft.adapter.modules_to_save);
     let p = &c.stages.preprocess;
     if p.image_size != 0 && (p.image_size < 16 || p.image_size > 1024) {
@@ -449,9 +531,22 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
             "sample at least one caption per image",
         );
     }
+    at_most(
+        issues,
+        "stages.cider_optimize.samples",
+        s.samples,
+        MAX_SAMPLES,
+    );
     if s.batch_size == 0 {
         issues.at("stages.cider_optimize.batch_size", "must be at least 1");
     }
+    at_most(
+        issues,
+        "stages.cider_optimize.batch_size",
+        s.batch_size,
+        MAX_BATCH,
+    );
+    at_most(issues, "stages.cider_optimize.steps", s.steps, MAX_STEPS);
     one_of(
         issues,
         "stages.cider_optimize.baseline",
@@ -487,6 +582,19 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     if e.beam_width == 0 {
         issues.at("stages.evaluate.beam_width", "must be at least 1");
     }
+    at_most(
+        issues,
+        "stages.evaluate.beam_width",
+        e.beam_width,
+        MAX_SAMPLES,
+    );
+    at_most(issues, "stages.evaluate.max_len", e.max_len, MAX_TOKENS);
+    at_most(
+        issues,
+        "stages.evaluate.batch_size",
+        e.batch_size,
+        MAX_BATCH,
+    );
     if !(e.top_p > 0.0 && e.top_p <= 1.0) {
         issues.at(
             "stages.evaluate.top_p",

@@ -186,7 +186,7 @@ fn compute(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1usize);
-    let objects = cache.runs().join(crate::cache::OBJECTS);
+    let objects = cache.objects();
     let ctx = StageCtx {
         desc,
         out: pending.dir(),
@@ -241,6 +241,7 @@ fn compute(
         trainable_params: report.trainable_params,
         total_params: report.total_params,
         files,
+        digests: Default::default(),
     };
     pending.publish_with(&manifest, durability)?;
     if uses_scratch {
@@ -263,12 +264,17 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     out.sort();
 }
 
+/// An error and its sources on one line. A source whose text the message
+/// already ends with (`{path}: {source}` errors) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         src = c.source();
     }
     s

@@ -4,7 +4,7 @@
 //! SQLite over a network filesystem is not safe); it ingests each finished
 //! stage's manifest and outputs from the cache. Reports read only from here and
 //! the cache. The schema lives in [`schema`] as migrations applied in place;
-//! `docs/store.md` documents it; the `results` view is CONTRACT §6.
+//! `docs/store.md` documents it, with the `results` view users query.
 
 pub mod read;
 pub mod report_queries;
@@ -34,6 +34,22 @@ pub enum StoreError {
     },
     #[error("no sweep named `{0}` in the store")]
     NoSweep(String),
+    #[error("store {path} is read-only and has schema version {found}, older than this ecic's ({known}); open it once where it is writable to migrate it")]
+    ReadOnlyOld {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// Whether this process may write `path` (a file or directory).
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) reads a NUL-terminated path we own.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 pub struct Store {
@@ -60,19 +76,83 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
+        // Off while migrating (the bundled SQLite turns them on by default): a
+        // migration that rebuilds a table drops it, which would otherwise
+        // cascade to the rows referencing it. The pragma is a no-op inside a
+        // transaction, so it is set here, before `migrate` begins one.
+        conn.pragma_update(None, "foreign_keys", "OFF")
             .map_err(err)?;
         let mut store = Store { conn, path };
         store.migrate()?;
+        store
+            .conn
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(|source| StoreError::Sqlite {
+                path: store.path.clone(),
+                source,
+            })?;
         Ok(store)
     }
 
-    /// Open an existing store read-only (reports, status).
+    /// Open an existing store to read it (reports, status, compare): as
+    /// [`Store::open`] where the runs directory is writable, else read-only
+    /// (an archived or shared runs directory must stay inspectable).
     pub fn open_existing(runs: &Path) -> Result<Option<Store>, StoreError> {
-        if !runs.join(FILE_NAME).exists() {
+        let path = runs.join(FILE_NAME);
+        if !path.exists() {
             return Ok(None);
         }
-        Store::open(runs).map(Some)
+        if writable(runs) && writable(&path) {
+            return Store::open(runs).map(Some);
+        }
+        Store::open_read_only(&path).map(Some)
+    }
+
+    /// A store on a read-only filesystem or in a directory this user cannot
+    /// write: SQLite's WAL mode needs to create `-shm`/`-wal` files beside
+    /// the database to read it, so it is opened `immutable` (nothing may
+    /// change it meanwhile, which is what read-only means here).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        use rusqlite::OpenFlags;
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let abs = std::path::absolute(path).unwrap_or(path.to_path_buf());
+        let mut uri = String::from("file:");
+        for b in abs.to_string_lossy().bytes() {
+            match b {
+                b'%' | b'?' | b'#' => uri.push_str(&format!("%{b:02X}")),
+                _ => uri.push(b as char),
+            }
+        }
+        uri.push_str("?immutable=1");
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&uri, flags).map_err(err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        if version < known {
+            return Err(StoreError::ReadOnlyOld {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {

@@ -26,6 +26,10 @@ pub struct CellSummary {
 pub struct SweepInfo {
     pub id: i64,
     pub name: String,
+    /// 1, 2, ...: a name run again with another spec adds a revision.
+    pub revision: i64,
+    /// How many revisions the name has.
+    pub revisions: i64,
     pub status: String,
     pub started_at: f64,
     pub finished_at: Option<f64>,
@@ -33,24 +37,92 @@ pub struct SweepInfo {
     pub cells: i64,
 }
 
+impl SweepInfo {
+    /// The name as users give it back: `name`, or `name@N` where the name has
+    /// several revisions.
+    pub fn label(&self) -> String {
+        revision_label(&self.name, self.revision, self.revisions)
+    }
+}
+
+pub(crate) fn revision_label(name: &str, revision: i64, revisions: i64) -> String {
+    if revisions > 1 {
+        format!("{name}@{revision}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// `name@N` -> (`name`, Some(N)); anything else is a plain name.
+fn split_revision(target: &str) -> (&str, Option<i64>) {
+    match target.rsplit_once('@') {
+        Some((name, rev)) if !name.is_empty() => match rev.parse::<i64>() {
+            Ok(n) if n >= 1 => (name, Some(n)),
+            _ => (target, None),
+        },
+        _ => (target, None),
+    }
+}
+
 impl Store {
-    pub fn sweep_id(&self, name: &str) -> Result<i64, StoreError> {
-        self.conn
-            .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()
+    /// The row id of a sweep: `name` is its latest revision, `name@N` revision N.
+    pub fn sweep_id(&self, target: &str) -> Result<i64, StoreError> {
+        let (name, rev) = split_revision(target);
+        let found = match rev {
+            Some(n) => self
+                .conn
+                .query_row(
+                    "SELECT id FROM sweeps WHERE name = ?1 AND revision = ?2",
+                    params![name, n],
+                    |r| r.get(0),
+                )
+                .optional(),
+            None => self
+                .conn
+                .query_row(
+                    "SELECT id FROM sweeps WHERE name = ?1 ORDER BY revision DESC LIMIT 1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional(),
+        };
+        found
             .map_err(self.err())?
-            .ok_or_else(|| StoreError::NoSweep(name.to_string()))
+            .ok_or_else(|| StoreError::NoSweep(target.to_string()))
     }
 
+    /// A recorded status as it stands: `running` for a sweep no process runs
+    /// any more (killed with SIGKILL, or the machine went down) is `died`.
+    pub(crate) fn live_status(&self, sweep_id: i64, status: String) -> String {
+        let runs = self.path.parent().unwrap_or(std::path::Path::new("."));
+        if status == "running" && !crate::cache::sweep_alive(runs, sweep_id) {
+            "died".to_string()
+        } else {
+            status
+        }
+    }
+
+    /// The revision of a sweep row and how many revisions its name has.
+    pub fn revision(&self, sweep_id: i64) -> Result<(i64, i64), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT s.revision, (SELECT COUNT(*) FROM sweeps s2 WHERE s2.name = s.name)
+                 FROM sweeps s WHERE s.id = ?1",
+                [sweep_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.err())
+    }
+
+    /// Every recorded sweep revision, oldest first.
     pub fn sweeps(&self) -> Result<Vec<SweepInfo>, StoreError> {
         let mut st = self
             .conn
             .prepare(
                 "SELECT s.id, s.name, s.status, s.started_at, s.finished_at, s.spec_path,
-                        (SELECT COUNT(*) FROM cells c WHERE c.sweep_id = s.id)
-                 FROM sweeps s ORDER BY s.started_at",
+                        (SELECT COUNT(*) FROM cells c WHERE c.sweep_id = s.id), s.revision,
+                        (SELECT COUNT(*) FROM sweeps s2 WHERE s2.name = s.name)
+                 FROM sweeps s ORDER BY s.started_at, s.id",
             )
             .map_err(self.err())?;
         let rows = st
@@ -58,11 +130,13 @@ impl Store {
                 Ok(SweepInfo {
                     id: r.get(0)?,
                     name: r.get(1)?,
-                    status: r.get(2)?,
+                    status: self.live_status(r.get(0)?, r.get(2)?),
                     started_at: r.get(3)?,
                     finished_at: r.get(4)?,
                     spec_path: r.get(5)?,
                     cells: r.get(6)?,
+                    revision: r.get(7)?,
+                    revisions: r.get(8)?,
                 })
             })
             .map_err(self.err())?;
@@ -205,14 +279,24 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Every stage key some recorded sweep references (for `ecic gc`).
-    pub fn referenced_keys(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+    /// Every stage key a recorded sweep revision references (for `ecic gc`):
+    /// of every revision, or with `keep_last = Some(n)` of the latest `n`
+    /// revisions of each name.
+    pub fn referenced_keys(
+        &self,
+        keep_last: Option<usize>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT DISTINCT key FROM sweep_stages")
+            .prepare(
+                "SELECT DISTINCT ss.key FROM sweep_stages ss JOIN sweeps s ON s.id = ss.sweep_id
+                 WHERE ?1 < 0 OR (SELECT COUNT(*) FROM sweeps s2
+                                  WHERE s2.name = s.name AND s2.revision > s.revision) < ?1",
+            )
             .map_err(self.err())?;
+        let n = keep_last.map_or(-1, |n| n.min(i64::MAX as usize) as i64);
         let rows = st
-            .query_map([], |r| r.get::<_, String>(0))
+            .query_map([n], |r| r.get::<_, String>(0))
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }

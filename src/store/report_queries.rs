@@ -11,6 +11,8 @@ use super::{Store, StoreError};
 #[derive(Debug, Clone)]
 pub struct SweepMeta {
     pub id: i64,
+    /// The sweep's name as users give it back: `name@N` where the name has
+    /// several revisions (see [`SweepInfo::label`](super::read::SweepInfo::label)).
     pub name: String,
     pub spec_path: String,
     pub spec_text: String,
@@ -95,13 +97,18 @@ impl Store {
         self.conn
             .query_row(
                 "SELECT id, name, spec_path, spec_text, sets, axes, data_dir, data_digest, executor, jobs,
-                        git_commit, host, ecic_version, started_at, finished_at, status
+                        git_commit, host, ecic_version, started_at, finished_at, status, revision,
+                        (SELECT COUNT(*) FROM sweeps s2 WHERE s2.name = sweeps.name)
                  FROM sweeps WHERE id = ?1",
                 [sweep_id],
                 |r| {
                     Ok(SweepMeta {
                         id: r.get(0)?,
-                        name: r.get(1)?,
+                        name: super::read::revision_label(
+                            &r.get::<_, String>(1)?,
+                            r.get(16)?,
+                            r.get(17)?,
+                        ),
                         spec_path: r.get(2)?,
                         spec_text: r.get(3)?,
                         sets: r.get(4)?,
@@ -115,7 +122,7 @@ impl Store {
                         ecic_version: r.get(12)?,
                         started_at: r.get(13)?,
                         finished_at: r.get(14)?,
-                        status: r.get(15)?,
+                        status: self.live_status(r.get(0)?, r.get(15)?),
                     })
                 },
             )

@@ -108,4 +108,55 @@ JOIN sweeps sw ON sw.id = c.sweep_id
 JOIN cell_stages cs ON cs.cell_id = c.id
 JOIN metrics m ON m.stage_key = cs.key;
 "#,
+    // 2: sweep revisions. A sweep name run again with another spec, other
+    // overrides or other data adds a row (revision + 1) instead of replacing
+    // the recorded one, so `name` is no longer unique. SQLite cannot drop a
+    // constraint: the table is rebuilt (with foreign keys off, see
+    // `Store::migrate`). `results` shows the latest revision of each name;
+    // `results_all` every revision.
+    r#"
+DROP VIEW results;
+CREATE TABLE sweeps_new (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL,             -- the spec's `name`
+    revision      INTEGER NOT NULL DEFAULT 1,-- 1, 2, ... per name
+    spec_path     TEXT NOT NULL,
+    spec_text     TEXT NOT NULL,
+    sets          TEXT NOT NULL DEFAULT '[]',
+    spec_hash     TEXT NOT NULL,
+    axes          TEXT NOT NULL DEFAULT '[]',
+    data_dir      TEXT NOT NULL,
+    data_digest   TEXT NOT NULL,
+    executor      TEXT NOT NULL,
+    jobs          INTEGER NOT NULL,
+    git_commit    TEXT,
+    host          TEXT,
+    ecic_version  TEXT NOT NULL,
+    started_at    REAL NOT NULL,
+    finished_at   REAL,
+    status        TEXT NOT NULL,
+    UNIQUE (name, revision)
+);
+INSERT INTO sweeps_new (id, name, revision, spec_path, spec_text, sets, spec_hash, axes, data_dir,
+    data_digest, executor, jobs, git_commit, host, ecic_version, started_at, finished_at, status)
+SELECT id, name, 1, spec_path, spec_text, sets, spec_hash, axes, data_dir, data_digest, executor, jobs,
+    git_commit, host, ecic_version, started_at, finished_at, status FROM sweeps;
+DROP TABLE sweeps;
+ALTER TABLE sweeps_new RENAME TO sweeps;
+CREATE VIEW results AS
+SELECT sw.name AS sweep, c.name AS cell, c.backbone, c.peft, c.fusion, c.seed,
+       cs.kind AS stage, m.split, m.metric, m.value
+FROM cells c
+JOIN sweeps sw ON sw.id = c.sweep_id
+JOIN cell_stages cs ON cs.cell_id = c.id
+JOIN metrics m ON m.stage_key = cs.key
+WHERE sw.revision = (SELECT MAX(s2.revision) FROM sweeps s2 WHERE s2.name = sw.name);
+CREATE VIEW results_all AS
+SELECT sw.name AS sweep, sw.revision, c.name AS cell, c.backbone, c.peft, c.fusion, c.seed,
+       cs.kind AS stage, m.split, m.metric, m.value
+FROM cells c
+JOIN sweeps sw ON sw.id = c.sweep_id
+JOIN cell_stages cs ON cs.cell_id = c.id
+JOIN metrics m ON m.stage_key = cs.key;
+"#,
 ];

@@ -69,8 +69,12 @@ pub enum StoreOp {
 }
 
 impl Store {
-    /// Record the start of a sweep (replacing the cells of an earlier run of the
-    /// same experiment name) with its cells and planned stages, in one transaction.
+    /// Record the start of a sweep with its cells and planned stages, in one
+    /// transaction. A name run again with the same resolved spec (`spec_hash`,
+    /// which includes `--set` and environment overrides) on the same data
+    /// continues its latest revision (a resumed or repeated run: the same cells
+    /// again); anything else adds a revision, leaving the earlier ones as they
+    /// were recorded. Returns the sweep's row id.
     pub fn begin_sweep(
         &mut self,
         sweep: &SweepRow,
@@ -86,16 +90,24 @@ impl Store {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        let existing: Option<i64> = tx
+        let latest: Option<(i64, i64, String, String)> = tx
             .query_row(
-                "SELECT id FROM sweeps WHERE name = ?1",
+                "SELECT id, revision, spec_hash, data_digest FROM sweeps WHERE name = ?1
+                 ORDER BY revision DESC LIMIT 1",
                 [&sweep.name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(err)?;
         let sets = serde_json::to_string(&sweep.sets).unwrap_or_default();
         let axes = serde_json::to_string(&sweep.axes).unwrap_or_default();
+        let (existing, revision) = match latest {
+            Some((id, rev, hash, data)) if hash == sweep.spec_hash && data == sweep.data_digest => {
+                (Some(id), rev)
+            }
+            Some((_, rev, _, _)) => (None, rev + 1),
+            None => (None, 1),
+        };
         let id = match existing {
             Some(id) => {
                 tx.execute(
@@ -118,12 +130,12 @@ impl Store {
             None => {
                 tx.execute(
                     "INSERT INTO sweeps (name, spec_path, spec_text, sets, spec_hash, axes, data_dir, data_digest,
-                     executor, jobs, git_commit, host, ecic_version, started_at, status)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'running')",
+                     executor, jobs, git_commit, host, ecic_version, started_at, status, revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'running', ?15)",
                     params![
                         sweep.name, sweep.spec_path, sweep.spec_text, sets, sweep.spec_hash, axes, sweep.data_dir,
                         sweep.data_digest, sweep.executor, sweep.jobs as i64, sweep.git_commit, sweep.host,
-                        env!("CARGO_PKG_VERSION"), now()
+                        env!("CARGO_PKG_VERSION"), now(), revision
                     ],
                 )
                 .map_err(err)?;
@@ -441,6 +453,7 @@ mod tests {
                 trainable_params: None,
                 total_params: None,
                 files: Vec::new(),
+                digests: Default::default(),
             },
             metrics: vec![
                 ("valid".into(), "cider_d".into(), 0.25),

@@ -10,6 +10,11 @@
 //! Tensors: `var/<name>` (the variable's dtype), `m/<name>`, `v/<name>` (f32). Metadata (strings):
 //! `format` = `ecic-train-ckpt`, `version`, `step`, `config` (JSON), `t` (JSON map name -> updates),
 //! `rng_seed` (hex), `rng_stream`, `rng_word_pos`.
+//!
+//! Beside each checkpoint, `step-NNNNNNNN.safetensors.b3` holds its size and blake3 digest (JSON,
+//! written before the checkpoint is renamed into place). [`load`] hashes the bytes it reads and
+//! refuses a checkpoint that does not match, or that has no digest: a flipped bit in a moment or a
+//! weight would otherwise resume silently into a different model.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -50,8 +55,22 @@ fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
+fn corrupt(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::CorruptCheckpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
 fn file_name(step: usize) -> String {
     format!("step-{step:08}.safetensors")
+}
+
+/// The digest file beside a checkpoint.
+fn digest_path(ckpt: &Path) -> PathBuf {
+    let mut name = ckpt.file_name().unwrap_or_default().to_os_string();
+    name.push(".b3");
+    ckpt.with_file_name(name)
 }
 
 fn parse_step(name: &str) -> Option<usize> {
@@ -211,6 +230,19 @@ pub fn save(
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| bad(&final_path, e.to_string()))?;
 
+    let digest = crate::cache::FileDigest::of_bytes(&bytes);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-step-")
+        .tempfile_in(dir)
+        .map_err(io(dir))?;
+    tmp.write_all(&serde_json::to_vec(&digest).unwrap_or_default())
+        .map_err(io(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+    let dpath = digest_path(&final_path);
+    tmp.persist(&dpath).map_err(|e| TrainError::Io {
+        path: dpath.clone(),
+        source: e.error,
+    })?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-step-")
         .tempfile_in(dir)
@@ -261,15 +293,57 @@ fn prune(dir: &Path) -> Result<()> {
     let all = list(dir)?;
     for (_, p) in all.iter().take(all.len().saturating_sub(KEEP)) {
         std::fs::remove_file(p).map_err(io(p))?;
+        let _ = std::fs::remove_file(digest_path(p));
     }
     Ok(())
+}
+
+/// Remove a checkpoint that cannot be resumed, with its digest file.
+pub fn discard(path: &Path) -> Result<()> {
+    std::fs::remove_file(path).map_err(io(path))?;
+    let _ = std::fs::remove_file(digest_path(path));
+    Ok(())
+}
+
+/// Every checkpoint of `dir` with what is wrong with it (`None`: it matches its digest), for
+/// `ecic verify`.
+pub fn verify_dir(dir: &Path) -> Result<Vec<(PathBuf, Option<String>)>> {
+    let mut out = Vec::new();
+    for (_, path) in list(dir)? {
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let bad = match check_digest(&path, &bytes) {
+            Ok(()) => None,
+            Err(TrainError::CorruptCheckpoint { reason, .. }) => Some(reason),
+            Err(e) => Some(e.to_string()),
+        };
+        out.push((path, bad));
+    }
+    Ok(out)
+}
+
+/// Check a checkpoint's bytes against the digest written beside it.
+fn check_digest(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dpath = digest_path(path);
+    let recorded: crate::cache::FileDigest = match std::fs::read(&dpath) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| corrupt(path, format!("unreadable digest {}: {e}", dpath.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(corrupt(path, format!("no digest file {}", dpath.display())))
+        }
+        Err(e) => return Err(io(&dpath)(e)),
+    };
+    let found = crate::cache::FileDigest::of_bytes(bytes);
+    crate::cache::verify::check("checkpoint", &recorded, &found)
+        .map_err(|d| corrupt(path, d.to_string()))
 }
 
 /// Restores variables and optimizer state from `path`; returns the step and rng to continue from.
 pub fn load(path: &Path, optim: &mut AdamW, cfg: &TrainConfig) -> Result<Restored> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e.to_string()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
+    check_digest(path, &bytes)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let get = |k: &str| {
         meta.get(k)

@@ -62,6 +62,9 @@ pub enum TrainError {
     },
     #[error("bad checkpoint {path}: {reason}")]
     BadCheckpoint { path: PathBuf, reason: String },
+    /// Damaged on disk (digest mismatch, unreadable): resuming discards it.
+    #[error("corrupt checkpoint {path}: {reason}")]
+    CorruptCheckpoint { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -172,19 +172,30 @@ impl Trainer {
         self
     }
 
-    /// Loads the newest checkpoint of the checkpoint directory, if there is one; returns its step.
+    /// Loads the newest good checkpoint of the checkpoint directory, if there is one; returns its
+    /// step. A corrupt checkpoint (it fails its digest, or does not parse) is discarded, with a line
+    /// on stderr (the stage's log), and the one before it tried, down to starting from zero. One of
+    /// another configuration is an error: it is intact, only not this run's.
     pub fn resume(&mut self) -> Result<Option<usize>> {
         let Some(dir) = &self.ckpt_dir else {
             return Ok(None);
         };
-        let Some((_, path)) = checkpoint::latest(dir)? else {
-            return Ok(None);
-        };
-        let r = checkpoint::load(&path, &mut self.optim, &self.cfg)?;
-        self.step = r.step;
-        self.rng = r.rng;
-        self.resumed_from = Some(r.step);
-        Ok(Some(r.step))
+        for (_, path) in checkpoint::list(dir)?.into_iter().rev() {
+            match checkpoint::load(&path, &mut self.optim, &self.cfg) {
+                Ok(r) => {
+                    self.step = r.step;
+                    self.rng = r.rng;
+                    self.resumed_from = Some(r.step);
+                    return Ok(Some(r.step));
+                }
+                Err(e @ TrainError::CorruptCheckpoint { .. }) => {
+                    eprintln!("discarding checkpoint: {e}");
+                    checkpoint::discard(&path)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     /// Writes a checkpoint of the current state now (needs a checkpoint directory).

@@ -50,16 +50,16 @@ impl Tracked {
 
 /// Where a worker leaves its result for `key` (the run-stage protocol).
 pub(crate) fn manifest_path(runs: &Path, key: &str) -> PathBuf {
-    runs.join("objects-v1").join(key).join("manifest.json")
+    crate::cache::entry_path(runs, key).join("manifest.json")
 }
 
 /// The failure marker a worker may write: JSON with an `error` field.
 pub(crate) fn failed_marker_path(runs: &Path, key: &str) -> PathBuf {
-    runs.join("status").join(format!("{key}.failed"))
+    crate::cache::failed_marker_path(runs, key)
 }
 
 pub(crate) fn log_path(runs: &Path, key: &str) -> PathBuf {
-    runs.join("logs").join(format!("{key}.log"))
+    crate::cache::log_path(runs, key)
 }
 
 pub(crate) struct Tracker {

@@ -1,0 +1,212 @@
+//! Trusting the cache: `ecic verify` (every entry and checkpoint against its
+//! recorded digests, like `git fsck`), and the check a sweep makes of the
+//! cached entries whose content it is about to reuse.
+//!
+//! A sweep reuses an entry's content in two ways: a stage it runs reads it as
+//! an input (directly, or through a model lineage: every cached ancestor of a
+//! stage to run), or the store imports its results because it does not have
+//! them (a deleted store, a stage computed by another process). Those entries,
+//! and only those, are verified before anything runs, so a fully cached
+//! re-run reads no entry at all. A damaged one is moved into
+//! `runs/quarantine/` and becomes a cache miss: its stage runs again.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cache::{Cache, Damage, Quarantined};
+use crate::error::{CliError, CliResult};
+use crate::plan::{Plan, Sealed};
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The runs directory (cache + SQLite store).
+    #[arg(long, default_value = "runs", env = "ECIC_RUNS")]
+    pub runs: PathBuf,
+    /// Move damaged entries into `runs/quarantine/` (their stages are then
+    /// computed again by the next sweep that needs them) and discard damaged
+    /// checkpoints.
+    #[arg(long)]
+    pub quarantine: bool,
+}
+
+/// Verify the cached entries a sweep will reuse the content of (see the module
+/// docs); damaged ones are quarantined and removed from `cached`. Quarantining
+/// turns a hit into a stage to run, whose cached inputs must then be verified
+/// too: repeat until nothing new is damaged.
+pub(super) fn check_reused(
+    cache: &Cache,
+    plan: &Plan<Sealed>,
+    cached: &mut HashSet<String>,
+    ingested: &HashSet<String>,
+) -> CliResult<Vec<Quarantined>> {
+    let mut verified: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    loop {
+        // Cached ancestors of every stage to run, and cached stages the store lacks.
+        let mut todo: Vec<String> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut stack: Vec<&str> = plan
+            .stages()
+            .filter(|s| !cached.contains(&s.desc.key))
+            .map(|s| s.desc.key.as_str())
+            .collect();
+        while let Some(k) = stack.pop() {
+            let Some(node) = plan.get(k) else { continue };
+            for (_, input) in &node.desc.inputs {
+                if seen.insert(input.as_str()) {
+                    if cached.contains(input) {
+                        todo.push(input.clone());
+                    }
+                    stack.push(input.as_str());
+                }
+            }
+        }
+        todo.extend(
+            plan.stages()
+                .map(|s| &s.desc.key)
+                .filter(|k| cached.contains(*k) && !ingested.contains(*k))
+                .cloned(),
+        );
+        todo.retain(|k| !verified.contains(k));
+        todo.sort();
+        todo.dedup();
+        if todo.is_empty() {
+            return Ok(out);
+        }
+        for key in todo {
+            verified.insert(key.clone());
+            if let Err(damage) = cache.verify(&key) {
+                let q = cache
+                    .quarantine(&key, damage)
+                    .map_err(|e| CliError::Other(e.into()))?;
+                let label = plan.get(&key).map(|n| n.desc.label.as_str()).unwrap_or("");
+                match &q.moved_to {
+                    Some(to) => eprintln!(
+                        "cache: {label} [{}] is damaged ({}); moved to {}; computing it again",
+                        &key[..12],
+                        q.damage,
+                        to.display()
+                    ),
+                    None => eprintln!(
+                        "cache: {label} [{}] is damaged ({}); another process is on it",
+                        &key[..12],
+                        q.damage
+                    ),
+                }
+                cached.remove(&key);
+                out.push(q);
+            }
+        }
+    }
+}
+
+/// What `ecic verify` found.
+#[derive(Debug, Default)]
+struct Findings {
+    ok: usize,
+    damaged: Vec<(String, Damage, Option<PathBuf>)>,
+    checkpoints_ok: usize,
+    bad_checkpoints: Vec<(PathBuf, String)>,
+}
+
+pub fn verify(a: &VerifyArgs) -> CliResult {
+    if !a.runs.is_dir() {
+        return Err(CliError::usage(format!(
+            "{}: no such runs directory",
+            a.runs.display()
+        )));
+    }
+    let cache = Cache::open_read(&a.runs);
+    let mut f = Findings::default();
+    let objects = cache.objects();
+    let mut keys: Vec<String> = match std::fs::read_dir(&objects) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| !n.starts_with('.'))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(CliError::failed(format!("{}: {e}", objects.display()))),
+    };
+    keys.sort();
+    for key in keys {
+        if !cache.is_complete(&key) {
+            // A directory without a manifest (or a torn unsynced one) is not
+            // an entry: nothing reuses it, and publishing the key replaces it.
+            continue;
+        }
+        match cache.verify(&key) {
+            Ok(_) => f.ok += 1,
+            Err(damage) => {
+                let moved = if a.quarantine {
+                    cache
+                        .quarantine(&key, damage.clone())
+                        .map_err(|e| CliError::failed(e.to_string()))?
+                        .moved_to
+                } else {
+                    None
+                };
+                println!(
+                    "damaged  {}: {damage}{}",
+                    cache.entry(&key).display(),
+                    moved
+                        .as_ref()
+                        .map(|p| format!(" (moved to {})", p.display()))
+                        .unwrap_or_default()
+                );
+                f.damaged.push((key, damage, moved));
+            }
+        }
+    }
+    let scratch = a.runs.join("scratch");
+    if let Ok(rd) = std::fs::read_dir(&scratch) {
+        let mut dirs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            for (path, bad) in crate::train::checkpoint::verify_dir(&dir)
+                .map_err(|e| CliError::failed(e.to_string()))?
+            {
+                match bad {
+                    None => f.checkpoints_ok += 1,
+                    Some(why) => {
+                        if a.quarantine {
+                            crate::train::checkpoint::discard(&path)
+                                .map_err(|e| CliError::failed(e.to_string()))?;
+                        }
+                        println!(
+                            "damaged  {}: {why}{}",
+                            path.display(),
+                            if a.quarantine { " (discarded)" } else { "" }
+                        );
+                        f.bad_checkpoints.push((path, why));
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{} entr{} ok, {} damaged; {} checkpoint{} ok, {} damaged",
+        f.ok,
+        if f.ok == 1 { "y" } else { "ies" },
+        f.damaged.len(),
+        f.checkpoints_ok,
+        if f.checkpoints_ok == 1 { "" } else { "s" },
+        f.bad_checkpoints.len()
+    );
+    let bad = f.damaged.len() + f.bad_checkpoints.len();
+    if bad == 0 {
+        return Ok(());
+    }
+    if a.quarantine {
+        println!(
+            "damaged entries were moved aside: the next sweep that needs them computes them again"
+        );
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "{bad} damaged; `ecic verify --quarantine` moves them aside so that they are computed again"
+        )))
+    }
+}
