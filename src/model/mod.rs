@@ -29,10 +29,13 @@
 //! `peft.vision` for every method so the PEFT axis compares LM methods only.
 //!
 //! # Phases and checkpoints
-//! [`Phase::Align`] builds the base without PEFT parameters: the tiny presets have no
-//! pretrained weights, so it trains everything from scratch (with `pretrained = true`, the
-//! connector only: a real checkpoint loaded by [`hf`] through [`Captioner::load_pretrained`],
-//! whose align output then holds the whole base, see [`Captioner::save_base`]). [`Phase::Adapt`] loads that checkpoint as the frozen base
+//! [`Phase::Align`] builds the base without PEFT parameters. With `pretrained = true` it trains
+//! the connector only (and the components `align_unfreeze` names): the encoder and LM come from a
+//! real checkpoint loaded by [`hf`] through [`Captioner::load_pretrained`], or, for the tiny
+//! presets, from the foundation stages through [`Captioner::load_foundation`] (the tower
+//! pretrained contrastively by [`clip`], the LM as a causal LM on generic captions); the align
+//! output then holds the whole base, see [`Captioner::save_base`]. Without (`pretrained =
+//! false`) it trains everything from the seed. [`Phase::Adapt`] loads that checkpoint as the frozen base
 //! ([`Captioner::load_base`]), adds the PEFT parameters and trains them with the connector; SCST
 //! continues the same parameters. [`Captioner::save_trained`] writes only the trainable tensors
 //! (safetensors); base + trained deltas rebuild the model exactly because every tensor not in a
