@@ -18,16 +18,23 @@ const TINY: &str = r#"
 name = "tiny"
 seeds = [0]
 [data]
-synth = { train = 24, valid = 8, test = 4, align = 24 }
+synth = { train = 24, valid = 8, test = 4, align = 24, foundation = 16 }
 [grid]
 backbone = ["llava", "nn"]
 peft = ["lora"]
 fusion = ["early"]
 [stages.preprocess]
 augment_copies = 0
+[stages.pretrain_vision]
+steps = 3
+batch_size = 8
+[stages.pretrain_lm]
+steps = 3
+batch_size = 8
 [stages.pretrain_align]
 steps = 4
 batch_size = 4
+unfreeze = ["vision", "lm"]
 [stages.domain_adapt]
 steps = 8
 batch_size = 4
@@ -151,7 +158,7 @@ fn damaged_entries_are_recomputed_and_give_the_clean_numbers() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(
-        stdout_of(&out).contains("6 entries ok, 0 damaged"),
+        stdout_of(&out).contains("9 entries ok, 0 damaged"),
         "{}",
         stdout_of(&out)
     );
@@ -245,7 +252,7 @@ fn damaged_entries_are_recomputed_and_give_the_clean_numbers() {
         text.contains(&format!("{}: metrics.json: missing", entry.display())),
         "{text}"
     );
-    assert!(text.contains("5 entries ok, 1 damaged"), "{text}");
+    assert!(text.contains("8 entries ok, 1 damaged"), "{text}");
     let out = ecic()
         .args(["verify", "--quarantine", "--runs"])
         .arg(&runs)
@@ -257,7 +264,7 @@ fn damaged_entries_are_recomputed_and_give_the_clean_numbers() {
     let out = sweep(&spec, &runs, &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(
-        stderr_of(&out).contains("1 stages run, 5 reused"),
+        stderr_of(&out).contains("1 stages run, 8 reused"),
         "{}",
         stderr_of(&out)
     );

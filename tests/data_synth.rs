@@ -65,6 +65,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
             "IC_train.tsv",
             "IC_valid.jsonl",
             "IC_valid.tsv",
+            "synth.json",
         ]
     );
     assert!(fa == fb, "same seed gave different bytes");

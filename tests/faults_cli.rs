@@ -29,7 +29,7 @@ const BASELINES: &str = r#"
 name = "faults"
 seeds = [0]
 [data]
-synth = { train = 16, valid = 6, test = 4, align = 8 }
+synth = { train = 16, valid = 6, test = 4, align = 8, foundation = 16 }
 [grid]
 backbone = ["nn"]
 [stages.preprocess]
@@ -68,7 +68,7 @@ fn empty_splits_are_errors_naming_the_file_never_a_panic() {
     let spec = write_spec(
         dir.path(),
         &BASELINES.replace(
-            "synth = { train = 16, valid = 6, test = 4, align = 8 }",
+            "synth = { train = 16, valid = 6, test = 4, align = 8, foundation = 16 }",
             "source = \"d\"",
         ),
     );
@@ -104,7 +104,7 @@ fn empty_splits_are_errors_naming_the_file_never_a_panic() {
         dir.path(),
         &BASELINES
             .replace(
-                "synth = { train = 16, valid = 6, test = 4, align = 8 }",
+                "synth = { train = 16, valid = 6, test = 4, align = 8, foundation = 16 }",
                 "source = \"d2\"",
             )
             .replace(
@@ -331,7 +331,7 @@ fn a_missing_align_file_and_a_mistyped_runs_dir_are_named() {
         dir.path(),
         &BASELINES
             .replace(
-                "synth = { train = 16, valid = 6, test = 4, align = 8 }",
+                "synth = { train = 16, valid = 6, test = 4, align = 8, foundation = 16 }",
                 "source = \"d\"",
             )
             .replace("backbone = [\"nn\"]", "backbone = [\"llava\"]"),
@@ -436,13 +436,19 @@ const TRAINING: &str = r#"
 name = "sig"
 seeds = [0]
 [data]
-synth = { train = 24, valid = 8, test = 4, align = 24 }
+synth = { train = 24, valid = 8, test = 4, align = 24, foundation = 16 }
 [grid]
 backbone = ["llava"]
 peft = ["lora"]
 fusion = ["early"]
 [stages.preprocess]
 augment_copies = 0
+[stages.pretrain_vision]
+steps = 3
+batch_size = 8
+[stages.pretrain_lm]
+steps = 3
+batch_size = 8
 [stages.pretrain_align]
 steps = 2000
 batch_size = 4

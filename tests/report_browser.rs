@@ -28,7 +28,7 @@ window.addEventListener('load', function () {
   var bad = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; }).map(function (i) { return i.getAttribute('src'); });
   var out = document.createElement('pre');
   out.id = 'ecic-check';
-  out.textContent = 'ECIC-CHECK images=' + imgs.length + ' broken=' + JSON.stringify(bad) + ' errors=' + JSON.stringify(window.__errors) + ' END';
+  out.textContent = 'ECIC-CHECK images=' + imgs.length + ' broken=' + JSON.stringify(bad) + ' errors=' + JSON.stringify(window.__errors) + ' width=' + document.documentElement.scrollWidth + ' view=' + window.innerWidth + ' END';
   document.body.appendChild(out);
 });
 </script>"#;
@@ -108,7 +108,9 @@ fn report_renders_in_headless_chromium() {
     let out = run(
         &browser,
         &tmp.path().join("profile-dom"),
-        &["--dump-dom".into()],
+        // A laptop-sized window: nothing (the samples' candidate column included) may
+        // overflow it sideways.
+        &["--dump-dom".into(), "--window-size=1400,3000".into()],
         &check_page,
     );
     let dom = String::from_utf8_lossy(&out.stdout);
@@ -132,6 +134,17 @@ fn report_renders_in_headless_chromium() {
     assert!(n >= 10, "only {n} images on the page");
     assert!(line.contains("broken=[]"), "images failed to load: {line}");
     assert!(line.contains("errors=[]"), "errors on the page: {line}");
+    let field = |name: &str| -> usize {
+        line.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    assert!(
+        field("width") <= field("view"),
+        "the page is wider than a 1400-px window: {line}"
+    );
 
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report-screenshot.png");
     let _ = std::fs::remove_file(&shot);

@@ -164,7 +164,13 @@ fn materialise_data(spec: &Spec, runs: &Path) -> CliResult<PathBuf> {
         valid: d.synth.valid,
         test: d.synth.test,
         align: d.synth.align,
-        foundation: d.synth.foundation,
+        // The pretraining corpus only where a cell has foundation stages to feed: a
+        // baseline-only or checkpoint sweep does not generate (or digest) it.
+        foundation: if spec.cells.iter().any(crate::plan::kind::has_foundations) {
+            d.synth.foundation
+        } else {
+            0
+        },
         ..Default::default()
     };
     let id = crate::plan::hash_value(&serde_json::to_value(&cfg).map_err(other)?);

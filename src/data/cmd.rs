@@ -29,7 +29,8 @@ pub struct SynthArgs {
     #[arg(long)]
     pub align: Option<usize>,
     /// Images in FOUNDATION_train (generic-domain pretraining pairs for the foundation
-    /// stages; 0 writes none). Default: what a spec's `data.synth.foundation` defaults to.
+    /// stages). Default 0: none, and the foundation stages then pretrain on ALIGN_train; a
+    /// sweep on the embedded default generates its own (`data.synth.foundation`, 20000).
     #[arg(long)]
     pub foundation: Option<usize>,
     /// Replace MUGE files (IC_*, ALIGN_*) already in the directory.
@@ -52,9 +53,7 @@ pub fn run_synth(a: &SynthArgs) -> CliResult {
         valid: a.valid.unwrap_or(d.valid),
         test: a.test.unwrap_or(d.test),
         align: a.align.unwrap_or(d.align),
-        foundation: a
-            .foundation
-            .unwrap_or(crate::spec::params::SynthSpec::default().foundation),
+        foundation: a.foundation.unwrap_or(0),
         ..d
     };
     if !a.force {

@@ -223,6 +223,7 @@ pub fn render(page: &Page) -> String {
     o.push_str("<p>Red points are Pareto-optimal: no other configuration is both cheaper and better.</p>\n");
 
     significance(&mut o, page.significance, d);
+    scst(&mut o, d);
     compute(&mut o, page);
     gallery(&mut o, page.gallery);
     provenance(&mut o, page);
@@ -283,6 +284,42 @@ fn significance(o: &mut String, sig: Option<&(String, Vec<SigRow>)>, d: &SweepDa
             }
         }
         o.push_str("</tr>\n");
+    }
+    o.push_str("</table>\n");
+}
+
+/// What SCST did to each cell: valid CIDEr-D of its domain-adapt input and of its output.
+fn scst(o: &mut String, d: &SweepData) {
+    let rows: Vec<_> = d
+        .cells
+        .iter()
+        .filter_map(|c| {
+            Some((
+                c,
+                *c.scst.get("cider_d_before")?,
+                *c.scst.get("cider_d_after")?,
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    o.push_str("<h2 id=\"scst\">What SCST did</h2>\n<p>Valid CIDEr-D (greedy) of each cell's domain-adapt output and of its cider-optimize output; p is the paired bootstrap's (1,000 resamples over the valid images) for “SCST did not raise CIDEr-D”.</p>\n");
+    o.push_str("<table><tr><th class=\"l\">cell</th><th>before</th><th>after</th><th>Δ</th><th>p</th></tr>\n");
+    for (c, b, a) in rows {
+        let p = c.scst.get("cider_d_gain_p").copied();
+        let mark = p.map(stars).unwrap_or_default();
+        let _ = write!(
+            o,
+            "<tr><td class=\"l\">{}</td><td>{:.2}</td><td>{:.2}</td><td>{:+.2}</td><td{}>{}{}</td></tr>\n",
+            esc(&c.name),
+            b * SCALE,
+            a * SCALE,
+            (a - b) * SCALE,
+            if mark.is_empty() { "" } else { " class=\"sig\"" },
+            p.map(|p| format!("{p:.3}")).unwrap_or_else(dash),
+            mark
+        );
     }
     o.push_str("</table>\n");
 }
