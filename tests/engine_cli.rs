@@ -506,7 +506,11 @@ fn training_loss_falls_in_the_store() {
             .collect()
     };
     let names: Vec<&str> = scst.iter().map(|(m, _)| m.as_str()).collect();
-    assert_eq!(names, ["cider_d_after", "cider_d_before"], "{scst:?}");
+    assert_eq!(
+        names,
+        ["cider_d_after", "cider_d_before", "cider_d_gain_p"],
+        "{scst:?}"
+    );
     assert!(
         scst.iter().all(|(_, v)| v.is_finite() && *v >= 0.0),
         "{scst:?}"
