@@ -253,6 +253,15 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let ingested = ingested_keys(&store)?;
     let damaged = super::verify::check_reused(&cache, &plan, &mut cached, &ingested)?;
     let sweep_id = record_sweep(&mut store, &spec, &plan, &cached, &a.executor, jobs)?;
+    for q in &damaged {
+        let detail = match &q.moved_to {
+            Some(to) => format!("{}; moved to {}", q.damage, to.display()),
+            None => q.damage.to_string(),
+        };
+        store
+            .log_event(sweep_id, Some(&q.key), "quarantined", Some(&detail))
+            .map_err(other)?;
+    }
     // Held while this process runs the sweep: `status` tells it from a killed one.
     let _alive = cache.sweep_lock(sweep_id).map_err(other)?;
     ingest_missing(&mut store, &cache, &plan, &cached, &ingested)?;
