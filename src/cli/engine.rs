@@ -142,7 +142,7 @@ fn prepare(
             if !p.is_file() {
                 return Err(CliError::usage(format!(
                     "data.source: {} is missing: pretrain-align trains on the generic-domain \
-                     ALIGN_train split (see docs/spec.md, \"data\")",
+                     ALIGN_train split (see docs/data.md)",
                     p.display()
                 )));
             }
@@ -922,6 +922,11 @@ pub fn status(a: &StatusArgs) -> CliResult {
 }
 
 pub fn gc(a: &GcArgs) -> CliResult {
+    if a.keep_last == Some(0) {
+        return Err(CliError::usage(
+            "--keep-last must be at least 1 (the latest revision of each sweep is always kept)",
+        ));
+    }
     let Some(store) = Store::open_existing(&a.runs).map_err(other)? else {
         println!("nothing to collect: no store in {}", a.runs.display());
         return Ok(());
