@@ -89,7 +89,8 @@ fn publish_records_a_digest_of_every_file_but_the_log() {
 
 #[test]
 fn every_kind_of_damage_is_found_and_named() {
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Damager = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damager)> = vec![
         (
             "flipped byte",
             Box::new(|e: &Path| flip(&e.join("valid/shard-00000.safetensors"), 100)),

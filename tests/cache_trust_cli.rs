@@ -187,6 +187,16 @@ fn damaged_entries_are_recomputed_and_give_the_clean_numbers() {
     assert!(err.contains("quarantine"), "{err}");
     assert_eq!(computed(&runs, "cider-optimize"), 2, "{err}");
     assert_eq!(results(&runs), clean_beam);
+    // And the store keeps a record of it.
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let detail: String = conn
+        .query_row(
+            "SELECT detail FROM events WHERE what = 'quarantined'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(detail.contains("weights.safetensors"), "{detail}");
 
     // 2. 200 bytes of a preprocessed valid shard.
     let runs = dir.path().join("shard");

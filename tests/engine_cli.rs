@@ -260,11 +260,14 @@ fn cache_reruns_kill_and_determinism() {
             .flatten()
             .flatten()
             .any(|e| {
-                // A published checkpoint (not one being written).
+                // A published checkpoint (not one being written, nor the
+                // digest file written just before it).
                 std::fs::read_dir(e.path().join("ckpt"))
                     .map(|d| {
-                        d.flatten()
-                            .any(|f| !f.file_name().to_string_lossy().starts_with('.'))
+                        d.flatten().any(|f| {
+                            let n = f.file_name().to_string_lossy().to_string();
+                            !n.starts_with('.') && n.ends_with(".safetensors")
+                        })
                     })
                     .unwrap_or(false)
                     && std::fs::read_to_string(

@@ -670,3 +670,21 @@ fn a_full_disk_leaves_no_truncated_chart_and_says_so_once() {
         }
     }
 }
+
+/// Found by fuzzing the spec loader (fuzz/corpus/spec/empty-zip): an empty
+/// `[[grid.zip]]` table panicked with an index out of bounds.
+#[test]
+fn an_empty_zip_table_is_a_spec_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), &format!("{BASELINES}\n[[grid.zip]]\n"));
+    let out = ecic()
+        .arg("plan")
+        .arg(&spec)
+        .arg("--runs")
+        .arg(dir.path().join("runs"))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("`grid.zip.0`: names no axes to zip"), "{t}");
+}

@@ -142,7 +142,7 @@ fn prepare(
             if !p.is_file() {
                 return Err(CliError::usage(format!(
                     "data.source: {} is missing: pretrain-align trains on the generic-domain \
-                     ALIGN_train split (see docs/spec.md, \"data\")",
+                     ALIGN_train split (see docs/data.md)",
                     p.display()
                 )));
             }
@@ -260,6 +260,15 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let ingested = ingested_keys(&store)?;
     let damaged = super::verify::check_reused(&cache, &plan, &mut cached, &ingested)?;
     let sweep_id = record_sweep(&mut store, &spec, &plan, &cached, &a.executor, jobs)?;
+    for q in &damaged {
+        let detail = match &q.moved_to {
+            Some(to) => format!("{}; moved to {}", q.damage, to.display()),
+            None => q.damage.to_string(),
+        };
+        store
+            .log_event(sweep_id, Some(&q.key), "quarantined", Some(&detail))
+            .map_err(other)?;
+    }
     // Held while this process runs the sweep: `status` tells it from a killed one.
     let _alive = cache.sweep_lock(sweep_id).map_err(other)?;
     ingest_missing(&mut store, &cache, &plan, &cached, &ingested)?;
@@ -338,9 +347,28 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     let mut failures: Vec<(String, String)> = Vec::new();
     let recorder = Recorder::start(store, cache.clone());
     let t0 = std::time::Instant::now();
+    // When each stage was handed out, and which ended done: a stage whose
+    // entry says it began before that was computed by another process while
+    // ours waited for its lock, and is not counted as run here. Only for
+    // stages started in a process of their own (training kinds: the ones
+    // worth waiting for); a pooled worker may begin a queued stage before its
+    // start is reported.
+    let mut handed_out: HashMap<String, f64> = HashMap::new();
+    let mut finished_done: Vec<String> = Vec::new();
     let mut on_event = |ev: Event| {
         sink.event(&ev);
         let at = crate::store::now();
+        match &ev {
+            Event::Started { key, .. } => {
+                handed_out.entry(key.clone()).or_insert(at);
+            }
+            Event::Finished {
+                key,
+                outcome: Outcome::Done,
+                ..
+            } => finished_done.push(key.clone()),
+            _ => {}
+        }
         let op = match &ev {
             Event::Started { key, host, job_id } => StoreOp::Started {
                 key: key.clone(),
@@ -404,12 +432,35 @@ pub fn sweep(a: &SweepArgs) -> CliResult {
     store.finish_sweep(sweep_id, status).map_err(other)?;
     print_summary(&store, sweep_id);
     tracing::debug!("sweep: summary printed");
-    eprintln!(
-        "{} stages run, {} reused from the cache, in {:.1} s",
-        to_run.len(),
-        cached.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    let waited = finished_done
+        .iter()
+        .filter(|k| {
+            plan.get(k)
+                .is_some_and(|n| !crate::exec::pooled_kind(n.desc.kind.name()))
+        })
+        .filter(|k| {
+            let began = crate::cache::verify::read_manifest(&cache.entry(k))
+                .map(|m| m.started_at)
+                .unwrap_or(f64::INFINITY);
+            handed_out.get(*k).is_some_and(|&at| began < at)
+        })
+        .count();
+    if waited > 0 {
+        eprintln!(
+            "{} stages run, {waited} computed meanwhile by another process, {} reused from the \
+             cache, in {:.1} s",
+            to_run.len() - waited,
+            cached.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "{} stages run, {} reused from the cache, in {:.1} s",
+            to_run.len(),
+            cached.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     if !damaged.is_empty() {
         eprintln!(
             "{} damaged cache entr{} moved to {} and computed again (see above)",
@@ -878,6 +929,11 @@ pub fn status(a: &StatusArgs) -> CliResult {
 }
 
 pub fn gc(a: &GcArgs) -> CliResult {
+    if a.keep_last == Some(0) {
+        return Err(CliError::usage(
+            "--keep-last must be at least 1 (the latest revision of each sweep is always kept)",
+        ));
+    }
     let Some(store) = Store::open_existing(&a.runs).map_err(other)? else {
         println!("nothing to collect: no store in {}", a.runs.display());
         return Ok(());

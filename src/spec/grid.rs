@@ -83,6 +83,10 @@ pub(super) fn expand(
             for (i, z) in zips.iter().enumerate() {
                 let mut axes = Vec::new();
                 flatten(&format!("grid.zip.{i}"), "", z, &mut axes, issues);
+                if axes.is_empty() {
+                    issues.at(format!("grid.zip.{i}"), "names no axes to zip");
+                    continue;
+                }
                 let lens: BTreeSet<usize> = axes.iter().map(|(_, v)| v.len()).collect();
                 if lens.len() > 1 {
                     issues.at(
@@ -112,10 +116,10 @@ pub(super) fn expand(
         }
     }
     // The named axes first, in their fixed order; then the others as written.
-    let rank = |g: &Group| match g.axes[0].as_str() {
-        "backbone" => 0,
-        "peft" => 1,
-        "fusion" => 2,
+    let rank = |g: &Group| match g.axes.first().map(String::as_str) {
+        Some("backbone") => 0,
+        Some("peft") => 1,
+        Some("fusion") => 2,
         _ => 3,
     };
     groups.sort_by_key(rank);

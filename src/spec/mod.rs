@@ -48,18 +48,25 @@ pub struct Spec {
 impl Spec {
     /// Load, merge, validate and expand a spec file.
     pub fn load(path: &Path, sets: &[String]) -> Result<Spec, SpecError> {
-        let fail = |issues: Vec<SpecIssue>| SpecError {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
             path: path.to_path_buf(),
-            issues,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            fail(vec![SpecIssue {
+            issues: vec![SpecIssue {
                 key: None,
                 pos: None,
                 message: format!("cannot read the spec: {e}"),
                 origin: None,
-            }])
+            }],
         })?;
+        Spec::from_text(path, text, sets)
+    }
+
+    /// [`Spec::load`] of a spec's text as read from `path` (which names it in
+    /// messages and anchors its relative paths; it is not read).
+    pub fn from_text(path: &Path, text: String, sets: &[String]) -> Result<Spec, SpecError> {
+        let fail = |issues: Vec<SpecIssue>| SpecError {
+            path: path.to_path_buf(),
+            issues,
+        };
         // Syntax first, with the parser's own position.
         if let Err(e) = text.parse::<toml::Table>() {
             let pos = e.span().and_then(|s| error::offset_to_pos(&text, s.start));
