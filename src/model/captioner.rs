@@ -343,24 +343,8 @@ impl Captioner {
                 });
             }
             for name in &wanted {
-                let t = tensors[name].to_dtype(DType::F32).map_err(err)?;
                 let e = store.entries.get_mut(name).expect("listed above");
-                let expected = match &e.slot {
-                    Slot::Var(v) => v.dims().to_vec(),
-                    Slot::Const(c) => c.dims().to_vec(),
-                    Slot::Quant(q) => q.shape().dims().to_vec(),
-                };
-                if t.dims() != expected.as_slice() {
-                    return Err(ModelError::Shape {
-                        name: name.clone(),
-                        expected,
-                        found: t.dims().to_vec(),
-                    });
-                }
-                match &e.slot {
-                    Slot::Var(v) => v.set(&t).map_err(err)?,
-                    _ => e.slot = Slot::Const(t),
-                }
+                assign(e, name, &tensors[name], path)?;
                 set += 1;
             }
         }
@@ -419,23 +403,7 @@ impl Captioner {
                         what,
                     });
                 };
-                let t = t.to_dtype(DType::F32).map_err(err)?;
-                let expected = match &e.slot {
-                    Slot::Var(v) => v.dims().to_vec(),
-                    Slot::Const(c) => c.dims().to_vec(),
-                    Slot::Quant(q) => q.shape().dims().to_vec(),
-                };
-                if t.dims() != expected.as_slice() {
-                    return Err(ModelError::Shape {
-                        name: name.clone(),
-                        expected,
-                        found: t.dims().to_vec(),
-                    });
-                }
-                match &e.slot {
-                    Slot::Var(v) => v.set(&t).map_err(err)?,
-                    _ => e.slot = Slot::Const(t),
-                }
+                assign(e, name, t, path)?;
             }
             if base_only {
                 let missing: Vec<&String> = store
@@ -703,6 +671,38 @@ impl Captioner {
     pub fn max_new_tokens(&self) -> usize {
         self.cfg.max_caption_len + 1
     }
+}
+
+/// Sets store entry `name` to the loaded tensor `t` (as f32), which must have the entry's
+/// shape; a frozen entry becomes a constant (a rebuild picks it up).
+fn assign(
+    e: &mut super::params::Entry,
+    name: &str,
+    t: &Tensor,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let err = |source| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        source,
+    };
+    let t = t.to_dtype(DType::F32).map_err(err)?;
+    let expected = match &e.slot {
+        Slot::Var(v) => v.dims().to_vec(),
+        Slot::Const(c) => c.dims().to_vec(),
+        Slot::Quant(q) => q.shape().dims().to_vec(),
+    };
+    if t.dims() != expected.as_slice() {
+        return Err(ModelError::Shape {
+            name: name.to_string(),
+            expected,
+            found: t.dims().to_vec(),
+        });
+    }
+    match &e.slot {
+        Slot::Var(v) => v.set(&t).map_err(err)?,
+        _ => e.slot = Slot::Const(t),
+    }
+    Ok(())
 }
 
 /// Repeats each row `k` times consecutively (image-major expansion for k samples / beams).
