@@ -167,14 +167,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             .map_err(StageError::ctx("training"))?
     };
     let mut out = Outputs::default();
-    training::record_curves(&log.all(), &mut out);
-    if let Some(l) = summary.last_loss {
-        out.metric("", "final_loss", l);
-    }
-    if let Some(l) = summary.last_val_loss {
-        out.metric("", "final_val_loss", l);
-    }
-    out.metric("", "samples_per_s", summary.mean_samples_per_s);
+    training::record_fit(&log, &summary, &mut out);
     out.metric(
         "",
         "logit_scale",

@@ -319,14 +319,7 @@ pub fn train_ce(
             )
             .map_err(StageError::ctx("training"))?
     };
-    record_curves(&log.all(), out);
-    if let Some(l) = summary.last_loss {
-        out.metric("", "final_loss", l);
-    }
-    if let Some(l) = summary.last_val_loss {
-        out.metric("", "final_val_loss", l);
-    }
-    out.metric("", "samples_per_s", summary.mean_samples_per_s);
+    record_fit(&log, &summary, out);
     if !summary.missing_grads.is_empty() {
         return Err(StageError::msg(format!(
             "{} trainable tensors received no gradient (e.g. {}): the model cuts its gradient somewhere",
@@ -417,6 +410,19 @@ impl From<CurvePoint> for CurveRecord {
             val_loss: p.val_loss,
         }
     }
+}
+
+/// A training run's curves (from its log, resumed attempts included) and summary figures:
+/// `final_loss`, `final_val_loss`, `samples_per_s`.
+pub fn record_fit(log: &CurveLog, summary: &crate::train::FitSummary, out: &mut Outputs) {
+    record_curves(&log.all(), out);
+    if let Some(l) = summary.last_loss {
+        out.metric("", "final_loss", l);
+    }
+    if let Some(l) = summary.last_val_loss {
+        out.metric("", "final_val_loss", l);
+    }
+    out.metric("", "samples_per_s", summary.mean_samples_per_s);
 }
 
 pub fn record_curves(records: &[CurveRecord], out: &mut Outputs) {
