@@ -301,12 +301,7 @@ impl Cache {
     /// Take the exclusive lock of a key (blocks while another process holds it).
     pub fn lock(&self, key: &str) -> Result<StageLock, CacheError> {
         let path = self.runs.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = lock_file(&path)?;
         fs4::fs_std::FileExt::lock_exclusive(&file).map_err(io(&path))?;
         Ok(StageLock { _file: file })
     }
@@ -316,12 +311,7 @@ impl Cache {
     /// gc's temporaries, quarantining.
     pub fn try_lock(&self, key: &str) -> Result<Option<StageLock>, CacheError> {
         let path = self.runs.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = lock_file(&path)?;
         match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
             Ok(true) => Ok(Some(StageLock { _file: file })),
             Ok(false) => Ok(None),
@@ -334,12 +324,7 @@ impl Cache {
     /// with [`CacheError::Busy`] rather than wait for a sweep of hours.
     pub fn root_lock(&self, exclusive: bool) -> Result<StageLock, CacheError> {
         let path = self.runs.join("locks").join("root.lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = lock_file(&path)?;
         let got = if exclusive {
             fs4::fs_std::FileExt::try_lock_exclusive(&file)
         } else {
@@ -360,12 +345,7 @@ impl Cache {
     /// lock exclusively, for an instant.
     pub fn sweep_lock(&self, sweep_id: i64) -> Result<StageLock, CacheError> {
         let path = sweep_lock_path(&self.runs, sweep_id);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = lock_file(&path)?;
         fs4::fs_std::FileExt::lock_shared(&file).map_err(io(&path))?;
         Ok(StageLock { _file: file })
     }
@@ -654,4 +634,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
         source: e.error,
     })?;
     Ok(())
+}
+
+/// A lock file, created if missing (its content is never written: only its `flock` matters).
+fn lock_file(path: &Path) -> Result<fs::File, CacheError> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(path))
 }
