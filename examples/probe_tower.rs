@@ -46,7 +46,10 @@ fn main() -> anyhow::Result<()> {
         &candle_core::Device::Cpu,
     )?;
     let timg = train.images.index_select(&idx, 0)?;
-    let vision = ModelConfig::tiny(Backbone::Llava, Fusion::Early, 10, 0, 1, 2).vision;
+    let mut vision = ModelConfig::tiny(Backbone::Llava, Fusion::Early, 10, 0, 1, 2).vision;
+    if let Some(stem) = a.get(5) {
+        vision.stem = serde_json::from_value(serde_json::json!(stem))?;
+    }
     let clip = Clip::new(&vision, &ClipConfig::default(), 10, 0)?;
     clip.load_vision(&obj.join(&a[2]).join("weights.safetensors"))?;
     let feats = |imgs: &Tensor| -> anyhow::Result<Vec<Tensor>> {

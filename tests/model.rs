@@ -173,24 +173,38 @@ fn every_pair_and_method_builds_trains_and_grads_reach_exactly_the_intended_para
     }
 }
 
-/// `model.stem = "conv"`: every backbone builds with the convolutional stem, its stages get
-/// gradients in align, the token grid is the patch stem's, and a QLoRA adapt stage over it
-/// trains, saves and reloads.
+/// `model.stem = "conv"` and `"patch_conv"`: every backbone builds with the convolutional
+/// stem, its stages get gradients in align, the token grid is the patch stem's, and a QLoRA
+/// adapt stage over it trains, saves and reloads.
 #[test]
-fn conv_stem_builds_trains_and_keeps_the_token_grid_for_every_backbone() {
+fn conv_stems_build_train_and_keep_the_token_grid_for_every_backbone() {
     let dir = tempfile::tempdir().unwrap();
-    for b in [Backbone::Blip2, Backbone::Llava, Backbone::Phi3v] {
+    let stems = [VitStem::Conv, VitStem::PatchConv];
+    for (b, stem) in [Backbone::Blip2, Backbone::Llava, Backbone::Phi3v]
+        .into_iter()
+        .flat_map(|b| stems.map(|s| (b, s)))
+    {
         let f = Fusion::Late;
         let patch =
             Captioner::new(&cfg(b, f), &PeftConfig::full(), Phase::Align, &Device::Cpu).unwrap();
         let mut c = cfg(b, f);
-        c.vision.stem = VitStem::Conv;
+        c.vision.stem = stem;
         let img = images(&c, 2, 3);
         let (inp, tgt, mask) = batch(2, 6, 4);
         let (align, base) = align_ckpt(&c, &dir);
         let names: Vec<String> = align.trainable_vars().into_iter().map(|t| t.name).collect();
-        // 64 px, patch 16: four stages, no patch embedding.
-        for i in 0..4 {
+        // 64 px, patch 16: four 3x3 stages, or a 2x2 patchify stage and three; no patch
+        // embedding.
+        let convs = if stem == VitStem::Conv { 4 } else { 3 };
+        assert_eq!(
+            names.iter().any(|n| n == "vision.stem.patch.proj.weight"),
+            stem == VitStem::PatchConv,
+            "{b:?} {stem:?}"
+        );
+        assert!(!names
+            .iter()
+            .any(|n| n == &format!("vision.stem.{convs}.conv.weight")));
+        for i in 0..convs {
             assert!(
                 names
                     .iter()

@@ -64,6 +64,11 @@ pub enum VitStem {
     /// on few images (`model.stem = "conv"`; see docs/models.md for what it does and does not
     /// learn at the ablation's budget).
     Conv,
+    /// A 2x2 patchify linear (LayerNorm, GELU) that halves the resolution, then
+    /// log2(`patch_size`) - 1 of the `Conv` stages: the same token grid and pooling for about a
+    /// fifth of the conv stem's time, since no 3x3 convolution runs at full resolution
+    /// (`model.stem = "patch_conv"`; docs/models.md).
+    PatchConv,
 }
 
 impl VitStem {
@@ -419,7 +424,13 @@ impl ModelConfig {
         if v.depth == 0 {
             errs.push("vision.depth must be at least 1".into());
         }
-        if v.stem == VitStem::Conv && (v.patch_size < 2 || !v.patch_size.is_power_of_two()) {
+        if v.stem == VitStem::PatchConv && v.patch_size < 4 {
+            errs.push(format!(
+                "vision.stem patch_conv needs vision.patch_size of at least 4, got {}",
+                v.patch_size
+            ));
+        }
+        if v.stem != VitStem::Patch && (v.patch_size < 2 || !v.patch_size.is_power_of_two()) {
             errs.push(format!(
                 "vision.stem conv pools by 2 per stage: vision.patch_size {} must be a power of \
                  two of at least 2",

@@ -5,7 +5,8 @@
 //! plus one linear through the seam, equivalent to a stride-p convolution and quantizable like
 //! any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
 //! token grid from log2(p) stages of 3x3 convolution (an unfold plus a linear through the
-//! seam), LayerNorm, GELU and 2x2 max pooling instead.
+//! seam), LayerNorm, GELU and 2x2 max pooling instead; `VitStem::PatchConv` does the first
+//! halving with a 2x2 patchify linear instead of a full-resolution 3x3 stage.
 
 use candle_core::{Result as CResult, Tensor};
 
@@ -63,19 +64,20 @@ struct ConvStage {
 #[derive(Debug, Clone)]
 enum Stem {
     Patch(Linear),
-    Conv(Vec<ConvStage>),
+    /// An optional 2x2 patchify stage (`patch_conv`), then the conv stages.
+    Conv(Option<ConvStage>, Vec<ConvStage>),
 }
 
-/// Output channels of the conv stem's stages: 16, 32, 64, ... capped at `width`, the last one
-/// `width`.
-fn conv_channels(patch: usize, width: usize) -> Vec<usize> {
+/// Output channels of the conv stem's stages: `base`, 2·`base`, 4·`base`, ... capped at
+/// `width`, the last one `width`.
+fn conv_channels(patch: usize, width: usize, base: usize) -> Vec<usize> {
     let stages = patch.trailing_zeros() as usize;
     (0..stages)
         .map(|i| {
             if i + 1 == stages {
                 width
             } else {
-                (16usize << i).min(width)
+                (base << i).min(width)
             }
         })
         .collect()
@@ -135,10 +137,31 @@ impl Vit {
             VitStem::Patch => {
                 Stem::Patch(b.linear("patch_embed", 3 * p * p, cfg.width, !lay.patch_bias_free)?)
             }
-            VitStem::Conv => {
+            VitStem::Conv | VitStem::PatchConv => {
                 let mut cin = 3;
+                // `patch_conv` is the cheap stem: half the channels at each resolution.
+                let base = if cfg.stem == VitStem::PatchConv {
+                    8
+                } else {
+                    16
+                };
+                let mut channels = conv_channels(p, cfg.width, base);
+                let first = if cfg.stem == VitStem::PatchConv {
+                    // The patchify stage takes the first stage's channels; the 3x3 stages keep
+                    // theirs, one fewer.
+                    let cout = channels.remove(0);
+                    let s = b.pp("stem").pp("patch");
+                    let st = ConvStage {
+                        conv: s.linear("proj", 4 * cin, cout, true)?,
+                        norm: s.layer_norm("norm", cout)?,
+                    };
+                    cin = cout;
+                    Some(st)
+                } else {
+                    None
+                };
                 let mut stages = Vec::new();
-                for (i, cout) in conv_channels(p, cfg.width).into_iter().enumerate() {
+                for (i, cout) in channels.into_iter().enumerate() {
                     let s = b.pp("stem").pp(i);
                     stages.push(ConvStage {
                         conv: s.linear("conv", 9 * cin, cout, true)?,
@@ -146,7 +169,7 @@ impl Vit {
                     });
                     cin = cout;
                 }
-                Stem::Conv(stages)
+                Stem::Conv(first, stages)
             }
         };
         Ok(Self {
@@ -202,9 +225,22 @@ impl Vit {
                     .reshape((bsz, gh * gw, c * p * p))?;
                 patch.forward(&patches, fwd)?
             }
-            Stem::Conv(stages) => {
+            Stem::Conv(first, stages) => {
                 // Channel-last throughout: the final (B, gh, gw, width) map is token-major.
-                let mut m = images.permute((0, 2, 3, 1))?.contiguous()?;
+                let mut m = match first {
+                    None => images.permute((0, 2, 3, 1))?.contiguous()?,
+                    Some(st) => {
+                        // Each 2x2 patch (channels innermost, then x, then y) -> one pixel.
+                        let (hh, hw) = (h / 2, w / 2);
+                        let patches = images
+                            .reshape((bsz, c, hh, 2, hw, 2))?
+                            .permute((0, 2, 4, 3, 5, 1))?
+                            .reshape((bsz, hh * hw, 4 * c))?;
+                        let y = ops::gelu(&st.norm.forward(&st.conv.forward(&patches, fwd)?)?)?;
+                        let d = y.dim(2)?;
+                        y.reshape((bsz, hh, hw, d))?
+                    }
+                };
                 for st in stages {
                     let (b, mh, mw, _) = m.dims4()?;
                     let cols = conv::unfold3x3(&m)?;

@@ -249,8 +249,9 @@ pub fn towers(cell: &Cell) -> (Value, Value) {
         "tiny" => ModelConfig::tiny(backbone, Fusion::Early, 0, 0, 0, 0),
         _ => ModelConfig::real(backbone, Fusion::Early, 0, 0, 0, 0),
     };
-    if c.model.stem == "conv" {
-        m.vision.stem = VitStem::Conv;
+    // Validation has checked the name against the stems this build knows.
+    if let Ok(stem) = serde_json::from_value::<VitStem>(json!(c.model.stem)) {
+        m.vision.stem = stem;
     }
     (
         serde_json::to_value(m.vision).unwrap_or(Value::Null),

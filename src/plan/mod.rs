@@ -319,7 +319,11 @@ fn label(kind: StageKind, cell: &Cell) -> String {
                 "{} {}{} s{}",
                 kind.name(),
                 c.model.preset,
-                if c.model.stem == "conv" { " conv" } else { "" },
+                if c.model.stem == "patch" {
+                    String::new()
+                } else {
+                    format!(" {}", c.model.stem)
+                },
                 c.foundation.seed
             );
         }

@@ -435,8 +435,13 @@ pub(super) fn semantics(c: &Config, spec_dir: &Path, backbone: &str, issues: &mu
     }
     one_of(issues, "model.preset", &c.model.preset, &["tiny", "base"]);
     one_of(issues, "model.vision", &c.model.vision, &["frozen", "lora"]);
-    one_of(issues, "model.stem", &c.model.stem, &["patch", "conv"]);
-    if c.model.stem == "conv" && c.model.checkpoint.is_some() {
+    one_of(
+        issues,
+        "model.stem",
+        &c.model.stem,
+        &["patch", "conv", "patch_conv"],
+    );
+    if c.model.stem != "patch" && c.model.checkpoint.is_some() {
         issues.at(
             "model.stem",
             "`conv` builds a new stem trained from scratch; a model.checkpoint brings its own \

@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use crate::model::{Backbone, Component, Fusion, ModelConfig, PeftConfig, Phase, VitStem};
+use crate::model::{Backbone, Component, Fusion, ModelConfig, PeftConfig, Phase};
 use crate::plan::StageKind;
 use crate::spec::params::TrainSpec;
 
@@ -65,8 +65,12 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         (cfg.pad_id, cfg.bos_id, cfg.eos_id) = (pad, bos, eos);
     }
     cfg.max_caption_len = p.max_len;
-    if p.stem.as_deref() == Some("conv") {
-        cfg.vision.stem = VitStem::Conv;
+    if let Some(stem) = &p.stem {
+        cfg.vision.stem = serde_json::from_value(serde_json::json!(stem)).map_err(|_| {
+            StageError::msg(format!(
+                "unknown model.stem {stem:?} in the stage parameters"
+            ))
+        })?;
     }
     cfg.retrieved = p.retrieve;
     cfg.seed = ctx.desc.fingerprint.seed;
