@@ -176,6 +176,23 @@ fn a_checkpoint_replaces_the_foundation_stages() {
     }
 }
 
+/// `stages.pretrain_align.unfreeze` is left out of the serialized defaults when empty (so other
+/// stages' keys do not carry it), yet it is a spec key like any other: it can be a grid axis,
+/// and its levels give different pretrain-align stages over the same foundations.
+#[test]
+fn unfreeze_can_be_a_grid_axis() {
+    let text = BASE.replace(
+        "fusion = [\"early\", \"late\"]",
+        "fusion = [\"late\"]\n\"stages.pretrain_align.unfreeze\" = [[], [\"vision\"]]",
+    );
+    let plan = plan_of(&text, &[]);
+    let count = |k: StageKind| plan.stages().filter(|s| s.desc.kind == k).count();
+    // blip2, llava x (frozen, vision unfrozen) x 2 seeds.
+    assert_eq!(count(StageKind::PretrainAlign), 8);
+    assert_eq!(count(StageKind::PretrainVision), 1);
+    assert_eq!(count(StageKind::PretrainLm), 1);
+}
+
 /// Whether a change of `path` must re-key a stage of `kind`: the kinds that read it, and
 /// everything downstream of them. The foundation stages read only their own settings, the
 /// tower's (`model.stem`), the caption length, the foundation seed and what shapes the

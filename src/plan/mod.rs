@@ -319,7 +319,8 @@ fn label(kind: StageKind, cell: &Cell) -> String {
                 "{} {}{} s{}",
                 kind.name(),
                 c.model.preset,
-                if c.model.stem == "patch" {
+                // The stem is the tower's; the LM does not depend on it.
+                if c.model.stem == "patch" || kind == StageKind::PretrainLm {
                     String::new()
                 } else {
                     format!(" {}", c.model.stem)

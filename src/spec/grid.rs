@@ -64,6 +64,7 @@ pub(super) fn expand(
         )
         .expect("config serializes"),
     };
+    let defaults = with_omitted_keys(defaults);
 
     let mut groups: Vec<Group> = Vec::new();
     let grid = base
@@ -240,6 +241,15 @@ fn flatten(
             );
         }
     }
+}
+
+/// The serialized config leaves out keys that would otherwise change other stages' cache keys
+/// when empty (`stages.pretrain_align.unfreeze`); put them back so that they can be grid axes.
+fn with_omitted_keys(mut defaults: Value) -> Value {
+    if let Some(Value::Object(m)) = defaults.pointer_mut("/stages/pretrain_align") {
+        m.entry("unfreeze").or_insert(Value::Array(Vec::new()));
+    }
+    defaults
 }
 
 fn check_axis<'a>(
