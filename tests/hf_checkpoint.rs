@@ -591,3 +591,86 @@ fn llava_key_layouts_load_alike() {
         assert!(err < TOL, "{}: {err}", rename("vision_tower.x"));
     }
 }
+
+/// LongRoPE as transformers 5 writes it (`rope_parameters`, `rope_type = "longrope"`).
+#[test]
+fn phi3_longrope_logits_match_transformers() {
+    causal_lm_matches("phi3-longrope");
+}
+
+/// The same checkpoint with its config in the form Phi-3-vision's hub config has
+/// (transformers 4.38: `rope_scaling` with `type = "su"`, the original length at the top
+/// level) gives the same logits.
+#[test]
+fn phi3_longrope_in_the_older_su_form_matches_too() {
+    let exp = expected("phi3-longrope");
+    let tmp = copy_fixture("phi3-longrope");
+    edit_config(tmp.path(), |v| {
+        let rp = v["rope_parameters"].clone();
+        v.as_object_mut().unwrap().remove("rope_parameters");
+        v["rope_theta"] = rp["rope_theta"].clone();
+        v["rope_scaling"] = serde_json::json!({
+            "type": "su",
+            "short_factor": rp["short_factor"],
+            "long_factor": rp["long_factor"],
+        });
+    });
+    let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
+    let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
+    let err = max_abs_diff(&logits, &exp["logits"]);
+    assert!(err < TOL, "su form: logits max abs err {err}");
+    // Without the scaling the logits differ: the test above is not passing by accident.
+    let plain = copy_fixture("phi3-longrope");
+    edit_config(plain.path(), |v| {
+        v.as_object_mut().unwrap().remove("rope_parameters");
+    });
+    let m = pretrained(plain.path(), Backbone::Llava, Fusion::Early);
+    let err = max_abs_diff(
+        &m.lm_logits(&ids(&exp["input_ids"])).unwrap(),
+        &exp["logits"],
+    );
+    assert!(err > 1e-2, "plain RoPE matched LongRoPE's logits ({err})");
+}
+
+/// Past `original_max_position_embeddings` LongRoPE would switch to its long factors, which the
+/// decoder does not implement: a model whose sequences could get there is refused.
+#[test]
+fn longrope_refuses_sequences_past_the_original_length() {
+    let ck = Checkpoint::open(&fixture("phi3-longrope")).unwrap();
+    let mut cfg = ck.model_config(Backbone::Llava, Fusion::Early).unwrap();
+    cfg.max_caption_len = 64;
+    let e = Captioner::new(&cfg, &PeftConfig::default(), Phase::Align, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("LongRoPE") && e.contains("64"), "{e}");
+}
+
+/// OPT (BLIP-2's LM): LayerNorm, learned positions with transformers' offset of 2, ReLU,
+/// biases, tied head.
+#[test]
+fn opt_logits_match_transformers() {
+    causal_lm_matches("opt");
+}
+
+/// The OPT decoder's cached decoding (positions continue from the cache, no RoPE) gives the
+/// logits of the full forward, with a visual prefix before BOS as BLIP-2 places its queries.
+#[test]
+fn opt_cached_decoding_matches_the_full_forward() {
+    let m = pretrained(&fixture("opt"), Backbone::Llava, Fusion::Early);
+    let exp = expected("opt");
+    let mut ids = ids(&exp["input_ids"]).narrow(1, 0, 6).unwrap();
+    let bos = Tensor::full(m.config().bos_id, (2, 1), &Device::Cpu).unwrap();
+    ids = Tensor::cat(&[&bos, &ids.narrow(1, 1, 5).unwrap()], 1).unwrap();
+    let s = m.config().input_size();
+    let px = Tensor::randn(0f32, 1.0, (2, 3, s, s), &Device::Cpu).unwrap();
+    let full = m.logits(&px, &ids).unwrap();
+    let (first, mut state) = m.begin(&px, 1).unwrap();
+    let mut steps = vec![first];
+    let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    for p in 1..6 {
+        steps.push(m.step(&[rows[0][p], rows[1][p]], &mut state).unwrap());
+    }
+    let cached = Tensor::stack(&steps, 1).unwrap();
+    let err = max_abs_diff(&cached, &full);
+    assert!(err < 1e-4, "cached vs full: {err}");
+}

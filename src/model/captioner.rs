@@ -387,14 +387,14 @@ impl Captioner {
     }
 
     fn load(&mut self, path: &Path, base_only: bool) -> Result<usize, ModelError> {
-        let err = |source| ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            source,
-        };
-        let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
+        // Tensor by tensor from a memory map (see `hf::weights`): a QLoRA base is quantized as
+        // each tensor arrives, so the f32 base file is never held whole.
+        let file = super::hf::weights::Weights::file(path)?;
+        let names: Vec<String> = file.names().map(str::to_string).collect();
         {
+            let mut reader = file.reader(&self.device);
             let mut store = self.lock();
-            for (name, t) in &tensors {
+            for name in &names {
                 let Some(e) = store.entries.get_mut(name).filter(|e| e.base || !base_only) else {
                     let what = if base_only { "base" } else { "known" };
                     return Err(ModelError::UnknownTensor {
@@ -403,13 +403,13 @@ impl Captioner {
                         what,
                     });
                 };
-                assign(e, name, t, path)?;
+                assign(e, name, &reader.read(name)?, path)?;
             }
             if base_only {
                 let missing: Vec<&String> = store
                     .entries
                     .iter()
-                    .filter(|(k, e)| e.base && !tensors.contains_key(*k))
+                    .filter(|(k, e)| e.base && names.binary_search(k).is_err())
                     .map(|(k, _)| k)
                     .collect();
                 if let Some(first) = missing.first() {
@@ -423,7 +423,7 @@ impl Captioner {
         }
         // Rebuild so constants (and 4-bit copies) pick up the loaded values.
         self.net = build(&self.store, &self.policy, &self.cfg)?;
-        Ok(tensors.len())
+        Ok(names.len())
     }
 
     fn fwd(&self, train: bool) -> Fwd<'_> {
@@ -674,7 +674,7 @@ impl Captioner {
 }
 
 /// Sets store entry `name` to the loaded tensor `t` (as f32), which must have the entry's
-/// shape; a frozen entry becomes a constant (a rebuild picks it up).
+/// shape (see [`super::params::Entry::set`]: a 4-bit entry is quantized at once).
 fn assign(
     e: &mut super::params::Entry,
     name: &str,
@@ -686,11 +686,7 @@ fn assign(
         source,
     };
     let t = t.to_dtype(DType::F32).map_err(err)?;
-    let expected = match &e.slot {
-        Slot::Var(v) => v.dims().to_vec(),
-        Slot::Const(c) => c.dims().to_vec(),
-        Slot::Quant(q) => q.shape().dims().to_vec(),
-    };
+    let expected = e.dims();
     if t.dims() != expected.as_slice() {
         return Err(ModelError::Shape {
             name: name.to_string(),
@@ -698,11 +694,7 @@ fn assign(
             found: t.dims().to_vec(),
         });
     }
-    match &e.slot {
-        Slot::Var(v) => v.set(&t).map_err(err)?,
-        _ => e.slot = Slot::Const(t),
-    }
-    Ok(())
+    e.set(t).map_err(err)
 }
 
 /// Repeats each row `k` times consecutively (image-major expansion for k samples / beams).
