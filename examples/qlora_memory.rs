@@ -205,7 +205,7 @@ fn generate(dir: &Path) -> Result<()> {
                 Ok((k.clone(), v))
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(views, &None, &dir.join(&name))
+        safetensors::serialize_to_file(views, None, &dir.join(&name))
             .with_context(|| format!("writing {name}"))?;
         for (k, _) in shard {
             map.insert(k.clone(), name.clone());

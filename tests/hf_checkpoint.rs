@@ -674,3 +674,47 @@ fn opt_cached_decoding_matches_the_full_forward() {
     let err = max_abs_diff(&cached, &full);
     assert!(err < 1e-4, "cached vs full: {err}");
 }
+
+/// QLoRA and LoRA cells on a checkpoint run end to end; domain-adapt holds the QLoRA cell's frozen
+/// base in 4 bits (loaded tensor by tensor from the align stage's weights and quantized as each
+/// arrives) and the LoRA cell's in f32.
+#[test]
+fn sweep_with_qlora_on_a_checkpoint_holds_the_base_in_4_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("llava");
+    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(
+            r#"backbone = ["llava", "phi3v"]"#,
+            r#"backbone = ["llava"]"#,
+        )
+        .replace(r#"peft = ["lora"]"#, r#"peft = ["lora", "qlora"]"#);
+    std::fs::write(&spec, text).unwrap();
+    let runs = tmp.path().join("runs");
+    let out = sweep(&spec, &runs);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let frozen = |peft: &str| -> f64 {
+        conn.query_row(
+            "SELECT value FROM results WHERE stage = 'domain-adapt' AND metric = 'frozen_bytes' \
+             AND peft = ?1",
+            [peft],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (q, f) = (frozen("qlora"), frozen("lora"));
+    // Q4_0 holds 32 weights in 18 bytes against 128; norms and embeddings stay f32.
+    assert!(q < 0.5 * f, "qlora frozen {q} bytes, lora {f}");
+    let cells: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT cell) FROM results WHERE stage = 'evaluate' \
+             AND split = 'valid' AND metric = 'cider_d'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cells, 2, "valid CIDEr-D of both cells");
+}

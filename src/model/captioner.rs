@@ -14,7 +14,7 @@ use super::config::{Fusion, ModelConfig, PeftConfig, Phase};
 use super::connector::Visual;
 use super::lm::{Lm, LmState};
 use super::ops::{self, Fwd};
-use super::params::{Builder, Component, ParamStore, Policy, Slot};
+use super::params::{Builder, Component, ParamStore, Policy};
 use super::ModelError;
 
 /// A trainable tensor with what the optimiser needs to group it.
