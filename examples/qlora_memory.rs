@@ -295,7 +295,9 @@ fn measure(dir: &Path, mode: &str, save_embeddings: bool) -> Result<()> {
         .collect();
     let mut opt = AdamW::new(specs, &TrainConfig::default())?;
     let loss = model.loss(&images, &input, &target, &mask, 0.0)?;
+    let (forward_peak, _) = rss()?;
     let grads = loss.backward()?;
+    let (backward_peak, _) = rss()?;
     opt.accumulate(&grads, 1.0)?;
     drop(grads);
     let norm = opt.grad_norm();
@@ -312,6 +314,8 @@ fn measure(dir: &Path, mode: &str, save_embeddings: bool) -> Result<()> {
             "load_peak_rss": load_peak,
             "load_rss": load_rss,
             "load_s": load_s,
+            "forward_peak_rss": forward_peak,
+            "backward_peak_rss": backward_peak,
             "step_peak_rss": step_peak,
             "step_rss": step_rss,
             "step_s": t1.elapsed().as_secs_f64(),
