@@ -1,6 +1,7 @@
 //! Real checkpoints in Hugging Face layout (`ecic::model::hf`) against transformers itself:
-//! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), CLIP
-//! vision and LLaVA checkpoints with transformers 5.24's outputs on fixed inputs, made by
+//! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), Phi-3
+//! with LongRoPE, OPT, CLIP vision and LLaVA checkpoints with transformers' outputs on fixed
+//! inputs (5.25; the script reproduces the 5.24 fixtures exactly), made by
 //! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5.
 
 mod common;

@@ -127,13 +127,9 @@ impl Vision {
             "mlp.fc2" => "mlp.fc2",
             "attn.qkv" => {
                 let part: &[usize] = if kind == "weight" { &[w, w] } else { &[w] };
-                return Some((|| {
-                    let parts = ["q_proj", "k_proj", "v_proj"]
-                        .iter()
-                        .map(|q| r.take(&format!("{at}self_attn.{q}.{kind}"), part))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    r.op(Tensor::cat(&parts, 0))
-                })());
+                let keys =
+                    ["q_proj", "k_proj", "v_proj"].map(|q| format!("{at}self_attn.{q}.{kind}"));
+                return Some(r.rows(&keys, part));
             }
             _ => return None,
         };

@@ -338,12 +338,8 @@ impl Text {
             "self_attn.qkv_proj.weight" => self.qkv(&at, r),
             "mlp.gate_up_proj.weight" => match t.kind {
                 TextKind::Llama => {
-                    let (w, h) = (t.lm.width, t.lm.mlp_hidden);
-                    (|| {
-                        let g = r.take(&format!("{at}mlp.gate_proj.weight"), &[h, w])?;
-                        let u = r.take(&format!("{at}mlp.up_proj.weight"), &[h, w])?;
-                        r.op(Tensor::cat(&[g, u], 0))
-                    })()
+                    let keys = ["gate", "up"].map(|m| format!("{at}mlp.{m}_proj.weight"));
+                    r.rows(&keys, &[t.lm.mlp_hidden, t.lm.width])
                 }
                 TextKind::Phi3 | TextKind::Opt => r.take(&format!("{at}{leaf}"), shape),
             },

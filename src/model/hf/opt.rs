@@ -131,13 +131,8 @@ pub(crate) fn fetch(
         "self_attn.qkv_proj" => {
             let w = text.cfg.lm.width;
             let part: &[usize] = if kind == "weight" { &[w, w] } else { &[w] };
-            return Some((|| {
-                let parts = ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .map(|q| r.take(&format!("{at}self_attn.{q}.{kind}"), part))
-                    .collect::<Result<Vec<_>, _>>()?;
-                r.op(Tensor::cat(&parts, 0))
-            })());
+            let keys = ["q_proj", "k_proj", "v_proj"].map(|q| format!("{at}self_attn.{q}.{kind}"));
+            return Some(r.rows(&keys, part));
         }
         _ => return None,
     };

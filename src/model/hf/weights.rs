@@ -268,6 +268,16 @@ impl Reader<'_> {
         Ok(t)
     }
 
+    /// Tensors `keys`, each of shape `part`, concatenated along rows: separate projections
+    /// (q/k/v, gate/up) that our model holds fused.
+    pub fn rows(&mut self, keys: &[String], part: &[usize]) -> Result<Tensor, HfError> {
+        let parts = keys
+            .iter()
+            .map(|k| self.take(k, part))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.op(Tensor::cat(&parts, 0))
+    }
+
     /// The result of a tensor operation on what was read (concatenating, splitting), its
     /// error naming the directory.
     pub fn op<T>(&self, r: candle_core::Result<T>) -> Result<T, HfError> {
