@@ -17,10 +17,11 @@
 //! Adding a family means a file with a [`Family`] and a line in [`FAMILIES`].
 //!
 //! Rejected with an error naming the file and the key: other architectures, RoPE scaling other
-//! than LongRoPE,
-//! attention/MLP biases in the LM, activations other than SiLU (LM) and quick/exact GELU (CLIP),
-//! a `head_dim` other than `hidden_size / heads`, CLIP LayerNorm eps other than 1e-5, other
-//! LLaVA feature layers or selection strategies. Weights of any float dtype are read as f32.
+//! than LongRoPE, attention/MLP biases in LLaMA-family LMs, activations other than SiLU
+//! (LLaMA, Phi-3), ReLU (OPT) and quick/exact GELU (CLIP), a `head_dim` other than
+//! `hidden_size / heads`, CLIP LayerNorm eps other than 1e-5, post-LN OPT, other LLaVA feature
+//! layers or selection strategies. Weights of any float dtype are read as f32; a QLoRA model
+//! quantizes its frozen base as each tensor is read ([`fill_store`]).
 
 mod cfg;
 mod clip;
