@@ -20,6 +20,8 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    OPTConfig,
+    OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
 )
@@ -61,6 +63,42 @@ def llama_config(**kw):
         eos_token_id=2,
         pad_token_id=0,
         **kw,
+    )
+
+
+def phi3_config(**kw):
+    return Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def opt_config():
+    """OPT as BLIP-2's LM uses it (opt-2.7b's options: pre-LN, ReLU, biases, tied head, learned
+    positions with transformers' offset of 2), tiny."""
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
     )
 
 
@@ -164,24 +202,24 @@ def main():
     root = Path(sys.argv[1])
     torch.set_default_dtype(torch.float32)
     causal_lm(LlamaForCausalLM, llama_config(), 0, root / "llama")
-    phi3 = Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        original_max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    phi3 = phi3_config(max_position_embeddings=128, original_max_position_embeddings=128)
     # Sharded on purpose: the loader reads model.safetensors.index.json.
     causal_lm(Phi3ForCausalLM, phi3, 5, root / "phi3", max_shard_size="40KB")
+    # LongRoPE as Phi-3-vision / Phi-3-mini-128k use it ("su" in their hub configs): the
+    # context extended 4x past original_max_position_embeddings, so cos/sin carry the
+    # attention factor sqrt(1 + ln 4 / ln 64) and each frequency its short factor.
+    longrope = phi3_config(
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.5, 2.5, 4.0],
+            "long_factor": [3.0, 5.0, 9.0, 17.0],
+        },
+    )
+    causal_lm(Phi3ForCausalLM, longrope, 6, root / "phi3-longrope")
+    causal_lm(OPTForCausalLM, opt_config(), 7, root / "opt")
     clip(root / "clip")
     llava(root / "llava")
     tokenizer(root / "llava")

@@ -1,6 +1,7 @@
 //! Real checkpoints in Hugging Face layout (`ecic::model::hf`) against transformers itself:
-//! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), CLIP
-//! vision and LLaVA checkpoints with transformers 5.24's outputs on fixed inputs, made by
+//! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), Phi-3
+//! with LongRoPE, OPT, CLIP vision and LLaVA checkpoints with transformers' outputs on fixed
+//! inputs (5.25; the script reproduces the 5.24 fixtures exactly), made by
 //! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5.
 
 mod common;
@@ -590,4 +591,131 @@ fn llava_key_layouts_load_alike() {
         let err = max_abs_diff(&logits, &exp["logits"]);
         assert!(err < TOL, "{}: {err}", rename("vision_tower.x"));
     }
+}
+
+/// LongRoPE as transformers 5 writes it (`rope_parameters`, `rope_type = "longrope"`).
+#[test]
+fn phi3_longrope_logits_match_transformers() {
+    causal_lm_matches("phi3-longrope");
+}
+
+/// The same checkpoint with its config in the form Phi-3-vision's hub config has
+/// (transformers 4.38: `rope_scaling` with `type = "su"`, the original length at the top
+/// level) gives the same logits.
+#[test]
+fn phi3_longrope_in_the_older_su_form_matches_too() {
+    let exp = expected("phi3-longrope");
+    let tmp = copy_fixture("phi3-longrope");
+    edit_config(tmp.path(), |v| {
+        let rp = v["rope_parameters"].clone();
+        v.as_object_mut().unwrap().remove("rope_parameters");
+        v["rope_theta"] = rp["rope_theta"].clone();
+        v["rope_scaling"] = serde_json::json!({
+            "type": "su",
+            "short_factor": rp["short_factor"],
+            "long_factor": rp["long_factor"],
+        });
+    });
+    let m = pretrained(tmp.path(), Backbone::Llava, Fusion::Early);
+    let logits = m.lm_logits(&ids(&exp["input_ids"])).unwrap();
+    let err = max_abs_diff(&logits, &exp["logits"]);
+    assert!(err < TOL, "su form: logits max abs err {err}");
+    // Without the scaling the logits differ: the test above is not passing by accident.
+    let plain = copy_fixture("phi3-longrope");
+    edit_config(plain.path(), |v| {
+        v.as_object_mut().unwrap().remove("rope_parameters");
+    });
+    let m = pretrained(plain.path(), Backbone::Llava, Fusion::Early);
+    let err = max_abs_diff(
+        &m.lm_logits(&ids(&exp["input_ids"])).unwrap(),
+        &exp["logits"],
+    );
+    assert!(err > 1e-2, "plain RoPE matched LongRoPE's logits ({err})");
+}
+
+/// Past `original_max_position_embeddings` LongRoPE would switch to its long factors, which the
+/// decoder does not implement: a model whose sequences could get there is refused.
+#[test]
+fn longrope_refuses_sequences_past_the_original_length() {
+    let ck = Checkpoint::open(&fixture("phi3-longrope")).unwrap();
+    let mut cfg = ck.model_config(Backbone::Llava, Fusion::Early).unwrap();
+    cfg.max_caption_len = 64;
+    let e = Captioner::new(&cfg, &PeftConfig::default(), Phase::Align, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("LongRoPE") && e.contains("64"), "{e}");
+}
+
+/// OPT (BLIP-2's LM): LayerNorm, learned positions with transformers' offset of 2, ReLU,
+/// biases, tied head.
+#[test]
+fn opt_logits_match_transformers() {
+    causal_lm_matches("opt");
+}
+
+/// The OPT decoder's cached decoding (positions continue from the cache, no RoPE) gives the
+/// logits of the full forward, with a visual prefix before BOS as BLIP-2 places its queries.
+#[test]
+fn opt_cached_decoding_matches_the_full_forward() {
+    let m = pretrained(&fixture("opt"), Backbone::Llava, Fusion::Early);
+    let exp = expected("opt");
+    let mut ids = ids(&exp["input_ids"]).narrow(1, 0, 6).unwrap();
+    let bos = Tensor::full(m.config().bos_id, (2, 1), &Device::Cpu).unwrap();
+    ids = Tensor::cat(&[&bos, &ids.narrow(1, 1, 5).unwrap()], 1).unwrap();
+    let s = m.config().input_size();
+    let px = Tensor::randn(0f32, 1.0, (2, 3, s, s), &Device::Cpu).unwrap();
+    let full = m.logits(&px, &ids).unwrap();
+    let (first, mut state) = m.begin(&px, 1).unwrap();
+    let mut steps = vec![first];
+    let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    for p in 1..6 {
+        steps.push(m.step(&[rows[0][p], rows[1][p]], &mut state).unwrap());
+    }
+    let cached = Tensor::stack(&steps, 1).unwrap();
+    let err = max_abs_diff(&cached, &full);
+    assert!(err < 1e-4, "cached vs full: {err}");
+}
+
+/// QLoRA and LoRA cells on a checkpoint run end to end; domain-adapt holds the QLoRA cell's frozen
+/// base in 4 bits (loaded tensor by tensor from the align stage's weights and quantized as each
+/// arrives) and the LoRA cell's in f32.
+#[test]
+fn sweep_with_qlora_on_a_checkpoint_holds_the_base_in_4_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("llava");
+    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(
+            r#"backbone = ["llava", "phi3v"]"#,
+            r#"backbone = ["llava"]"#,
+        )
+        .replace(r#"peft = ["lora"]"#, r#"peft = ["lora", "qlora"]"#);
+    std::fs::write(&spec, text).unwrap();
+    let runs = tmp.path().join("runs");
+    let out = sweep(&spec, &runs);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let frozen = |peft: &str| -> f64 {
+        conn.query_row(
+            "SELECT value FROM results WHERE stage = 'domain-adapt' AND metric = 'frozen_bytes' \
+             AND peft = ?1",
+            [peft],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (q, f) = (frozen("qlora"), frozen("lora"));
+    // Q4_0 holds 32 weights in 18 bytes against 128; norms and embeddings stay f32.
+    assert!(q < 0.5 * f, "qlora frozen {q} bytes, lora {f}");
+    let cells: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT cell) FROM results WHERE stage = 'evaluate' \
+             AND split = 'valid' AND metric = 'cider_d'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cells, 2, "valid CIDEr-D of both cells");
 }

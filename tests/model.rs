@@ -1012,3 +1012,31 @@ fn cached_decoding_attention_matches_full_causal_attention_and_reorders_rows() {
             .is_err()
     );
 }
+
+/// The 4-bit linear (QLoRA's frozen base) computes what the dense linear computes on the
+/// dequantized weight, forward and input gradient alike, although it keeps no f32 weight
+/// between them.
+#[test]
+fn quantized_linear_matches_the_dense_linear_on_its_dequantized_weight() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use ecic::model::kernels;
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+    let w = Tensor::from_vec(rand(48 * 64), (48, 64), &dev).unwrap();
+    let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap());
+    let wd = q.dequantize(&dev).unwrap();
+    let b = Tensor::from_vec(rand(48), 48, &dev).unwrap();
+    let x = candle_core::Var::from_vec(rand(2 * 5 * 64), (2, 5, 64), &dev).unwrap();
+    let g = Tensor::from_vec(rand(2 * 5 * 48), (2, 5, 48), &dev).unwrap();
+    let run = |y: Tensor| -> (Tensor, Tensor) {
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, grads.get(x.as_tensor()).unwrap().clone())
+    };
+    let (yq, dq) = run(kernels::quant_linear(x.as_tensor(), &q, Some(&b)).unwrap());
+    let (yd, dd) = run(kernels::linear(x.as_tensor(), &wd, Some(&b)).unwrap());
+    assert!(max_abs_diff(&yq, &yd) < 1e-5);
+    assert!(max_abs_diff(&dq, &dd) < 1e-5);
+    // The quantization itself is visible: the test compares against the 4-bit weight.
+    assert!(max_abs_diff(&wd, &w) > 1e-3);
+}

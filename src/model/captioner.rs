@@ -14,7 +14,7 @@ use super::config::{Fusion, ModelConfig, PeftConfig, Phase};
 use super::connector::Visual;
 use super::lm::{Lm, LmState};
 use super::ops::{self, Fwd};
-use super::params::{Builder, Component, ParamStore, Policy, Slot};
+use super::params::{Builder, Component, ParamStore, Policy};
 use super::ModelError;
 
 /// A trainable tensor with what the optimiser needs to group it.
@@ -121,7 +121,8 @@ pub struct Captioner {
     cfg: ModelConfig,
     policy: Policy,
     store: Mutex<ParamStore>,
-    net: Net,
+    /// Always built, except while [`Captioner::refill`] replaces the store's tensors.
+    net: Option<Net>,
     device: Device,
     dropout_rng: Mutex<ChaCha8Rng>,
 }
@@ -173,7 +174,7 @@ impl Captioner {
             cfg: cfg.clone(),
             policy,
             store,
-            net,
+            net: Some(net),
             device: device.clone(),
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(cfg.seed)),
         })
@@ -196,7 +197,7 @@ impl Captioner {
     }
     /// Visual tokens per image.
     pub fn num_visual_tokens(&self) -> usize {
-        self.net.nv
+        self.net().nv
     }
 
     /// Reseeds the LoRA-dropout generator (the trainer calls this per stage for determinism).
@@ -207,6 +208,27 @@ impl Captioner {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ParamStore> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn net(&self) -> &Net {
+        self.net
+            .as_ref()
+            .expect("the model is rebuilt before refill returns")
+    }
+
+    /// Replaces tensors of the store through `fill`, then rebuilds the model on them. The
+    /// built model holds the tensors it was built from, so it is dropped first: each replaced
+    /// tensor is then freed as its successor arrives, instead of the whole model being held
+    /// twice while loading (8.5 GB instead of 4.1 for a 1B model's f32 base). The model is
+    /// rebuilt whether or not `fill` succeeded.
+    fn refill(
+        &mut self,
+        fill: impl FnOnce(&Mutex<ParamStore>) -> Result<usize, ModelError>,
+    ) -> Result<usize, ModelError> {
+        self.net = None;
+        let filled = fill(&self.store);
+        self.net = Some(build(&self.store, &self.policy, &self.cfg)?);
+        filled
     }
 
     /// A copy for decoding: every tensor a detached constant sharing storage with this model
@@ -222,7 +244,7 @@ impl Captioner {
             cfg: self.cfg.clone(),
             policy,
             store,
-            net,
+            net: Some(net),
             device: self.device.clone(),
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(self.cfg.seed)),
         })
@@ -326,9 +348,8 @@ impl Captioner {
             source,
         };
         let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
-        let mut set = 0;
-        {
-            let mut store = self.lock();
+        self.refill(|store| {
+            let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
             let wanted: Vec<String> = store
                 .entries
                 .iter()
@@ -345,11 +366,9 @@ impl Captioner {
             for name in &wanted {
                 let e = store.entries.get_mut(name).expect("listed above");
                 assign(e, name, &tensors[name], path)?;
-                set += 1;
             }
-        }
-        self.net = build(&self.store, &self.policy, &self.cfg)?;
-        Ok(set)
+            Ok(wanted.len())
+        })
     }
 
     /// Writes the trainable tensors of one component (the LM alone, for `pretrain-lm`).
@@ -371,9 +390,8 @@ impl Captioner {
     /// those tensors must be there with the shape its `config.json` implies. Returns how many
     /// of our tensors were set. Build the model from [`super::hf::Checkpoint::model_config`].
     pub fn load_pretrained(&mut self, ck: &super::hf::Checkpoint) -> Result<usize, ModelError> {
-        let n = super::hf::fill_store(&self.store, ck, self.cfg.backbone)?;
-        self.net = build(&self.store, &self.policy, &self.cfg)?;
-        Ok(n)
+        let backbone = self.cfg.backbone;
+        self.refill(|store| super::hf::fill_store(store, ck, backbone))
     }
 
     /// Logits (B,T,V) of the decoder on text alone (no visual tokens, no cross-attention):
@@ -381,20 +399,22 @@ impl Captioner {
     pub fn lm_logits(&self, input_ids: &Tensor) -> Result<Tensor, ModelError> {
         self.check_ids(input_ids)?;
         let fwd = self.fwd(false);
-        let emb = self.net.lm.embed(input_ids)?;
-        let h = self.net.lm.forward(&emb, &[], None, fwd)?;
-        Ok(self.net.lm.logits(&h, fwd)?)
+        let emb = self.net().lm.embed(input_ids)?;
+        let h = self.net().lm.forward(&emb, &[], None, fwd)?;
+        Ok(self.net().lm.logits(&h, fwd)?)
     }
 
     fn load(&mut self, path: &Path, base_only: bool) -> Result<usize, ModelError> {
-        let err = |source| ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            source,
-        };
-        let tensors = candle_core::safetensors::load(path, &self.device).map_err(err)?;
-        {
-            let mut store = self.lock();
-            for (name, t) in &tensors {
+        // Tensor by tensor from a memory map (see `hf::weights`): a QLoRA base is quantized as
+        // each tensor arrives, so the f32 base file is never held whole.
+        let file = super::hf::weights::Weights::file(path)?;
+        let names: Vec<String> = file.names().map(str::to_string).collect();
+        let device = self.device.clone();
+        // The rebuild in `refill` makes constants (and 4-bit copies) pick up the loaded values.
+        self.refill(|store| {
+            let mut reader = file.reader(&device);
+            let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+            for name in &names {
                 let Some(e) = store.entries.get_mut(name).filter(|e| e.base || !base_only) else {
                     let what = if base_only { "base" } else { "known" };
                     return Err(ModelError::UnknownTensor {
@@ -403,13 +423,13 @@ impl Captioner {
                         what,
                     });
                 };
-                assign(e, name, t, path)?;
+                assign(e, name, &reader.read(name)?, path)?;
             }
             if base_only {
                 let missing: Vec<&String> = store
                     .entries
                     .iter()
-                    .filter(|(k, e)| e.base && !tensors.contains_key(*k))
+                    .filter(|(k, e)| e.base && names.binary_search(k).is_err())
                     .map(|(k, _)| k)
                     .collect();
                 if let Some(first) = missing.first() {
@@ -420,10 +440,8 @@ impl Captioner {
                     });
                 }
             }
-        }
-        // Rebuild so constants (and 4-bit copies) pick up the loaded values.
-        self.net = build(&self.store, &self.policy, &self.cfg)?;
-        Ok(tensors.len())
+            Ok(names.len())
+        })
     }
 
     fn fwd(&self, train: bool) -> Fwd<'_> {
@@ -446,7 +464,7 @@ impl Captioner {
     /// Visual tokens (B, Nv, D_lm).
     pub fn visual_tokens(&self, images: &Tensor, train: bool) -> Result<Tensor, ModelError> {
         self.check_images(images)?;
-        Ok(self.net.visual.forward(images, self.fwd(train))?)
+        Ok(self.net().visual.forward(images, self.fwd(train))?)
     }
 
     /// What the caption is conditioned on: the visual tokens (B,Nv,D_lm) and, for retrieval
@@ -469,7 +487,7 @@ impl Captioner {
                         p.dims()
                     )));
                 }
-                Some(self.net.lm.embed(p)?)
+                Some(self.net().lm.embed(p)?)
             }
             (0, Some(_)) => {
                 return Err(ModelError::Input(
@@ -504,7 +522,7 @@ impl Captioner {
             parts.push(vis);
             Vec::new()
         } else {
-            self.net.lm.memory(vis, fwd)?
+            self.net().lm.memory(vis, fwd)?
         };
         parts.extend(prompt);
         let before = parts
@@ -530,15 +548,15 @@ impl Captioner {
     ) -> Result<Tensor, ModelError> {
         let fwd = self.fwd(train);
         let t = input_ids.dim(1)?;
-        let emb = self.net.lm.embed(input_ids)?;
+        let emb = self.net().lm.embed(input_ids)?;
         let (x, mem, before) = self.sequence(vis, prompt, &emb, fwd)?;
-        let hidden = self.net.lm.forward(&x, &mem, None, fwd)?;
+        let hidden = self.net().lm.forward(&x, &mem, None, fwd)?;
         let hidden = if before > 0 {
             hidden.narrow(1, before, t)?
         } else {
             hidden
         };
-        Ok(self.net.lm.logits(&hidden, fwd)?)
+        Ok(self.net().lm.logits(&hidden, fwd)?)
     }
 
     /// Full-recompute logits (B,T,V) (evaluation mode); decoding tests compare the KV cache to it.
@@ -644,16 +662,16 @@ impl Captioner {
         let n = vis.dim(0)?;
         let fwd = self.fwd(false);
         let bos = Tensor::full(self.cfg.bos_id, (n, 1), &self.device)?;
-        let emb = self.net.lm.embed(&bos)?;
+        let emb = self.net().lm.embed(&bos)?;
         let (x, mem, _) = self.sequence(&vis, prompt.as_ref(), &emb, fwd)?;
-        let mut state = self.net.lm.new_state(if mem.is_empty() {
+        let mut state = self.net().lm.new_state(if mem.is_empty() {
             vec![None; self.cfg.lm.depth]
         } else {
             mem
         });
-        let h = self.net.lm.forward(&x, &[], Some(&mut state), fwd)?;
+        let h = self.net().lm.forward(&x, &[], Some(&mut state), fwd)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?;
-        Ok((self.net.lm.logits(&last, fwd)?.squeeze(1)?, state))
+        Ok((self.net().lm.logits(&last, fwd)?.squeeze(1)?, state))
     }
 
     /// Feeds one token per row; returns next-token logits (N,V).
@@ -661,10 +679,10 @@ impl Captioner {
         let fwd = self.fwd(false);
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?;
         let h = self
-            .net
+            .net()
             .lm
-            .forward(&self.net.lm.embed(&ids)?, &[], Some(state), fwd)?;
-        Ok(self.net.lm.logits(&h, fwd)?.squeeze(1)?)
+            .forward(&self.net().lm.embed(&ids)?, &[], Some(state), fwd)?;
+        Ok(self.net().lm.logits(&h, fwd)?.squeeze(1)?)
     }
 
     /// Largest number of generated tokens the position table allows after BOS.
@@ -674,7 +692,7 @@ impl Captioner {
 }
 
 /// Sets store entry `name` to the loaded tensor `t` (as f32), which must have the entry's
-/// shape; a frozen entry becomes a constant (a rebuild picks it up).
+/// shape (see [`super::params::Entry::set`]: a 4-bit entry is quantized at once).
 fn assign(
     e: &mut super::params::Entry,
     name: &str,
@@ -686,11 +704,7 @@ fn assign(
         source,
     };
     let t = t.to_dtype(DType::F32).map_err(err)?;
-    let expected = match &e.slot {
-        Slot::Var(v) => v.dims().to_vec(),
-        Slot::Const(c) => c.dims().to_vec(),
-        Slot::Quant(q) => q.shape().dims().to_vec(),
-    };
+    let expected = e.dims();
     if t.dims() != expected.as_slice() {
         return Err(ModelError::Shape {
             name: name.to_string(),
@@ -698,11 +712,7 @@ fn assign(
             found: t.dims().to_vec(),
         });
     }
-    match &e.slot {
-        Slot::Var(v) => v.set(&t).map_err(err)?,
-        _ => e.slot = Slot::Const(t),
-    }
-    Ok(())
+    e.set(t).map_err(err)
 }
 
 /// Repeats each row `k` times consecutively (image-major expansion for k samples / beams).

@@ -153,6 +153,48 @@ pub struct LmConfig {
         skip_serializing_if = "is_default_rms_eps"
     )]
     pub rms_eps: f64,
+    /// LongRoPE rescaling of the rotary frequencies (Phi-3 long-context checkpoints); absent
+    /// (plain RoPE, the tiny presets) it is not serialized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// The decoder family; the default (LLaMA / Phi-3) is not serialized.
+    #[serde(default, skip_serializing_if = "LmLayout::is_llama")]
+    pub layout: LmLayout,
+}
+
+/// Which decoder family the LM's layers follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LmLayout {
+    /// RMSNorm, RoPE, SwiGLU, no biases: LLaMA, Phi-3 and the tiny presets.
+    #[default]
+    Llama,
+    /// OPT (Zhang et al., "OPT: Open Pre-trained Transformer Language Models", 2022; the LM of
+    /// BLIP-2's OPT checkpoints): pre-LN with LayerNorm (eps `rms_eps`, with bias), learned
+    /// absolute positions (`positions` rows, position p at row p + 2 as transformers stores
+    /// them), a ReLU MLP (in our `gate_up_proj` / `down_proj` slots, ungated), biases on every
+    /// linear, no RoPE.
+    Opt { positions: usize },
+}
+
+impl LmLayout {
+    pub fn is_llama(&self) -> bool {
+        *self == LmLayout::Llama
+    }
+}
+
+/// LongRoPE ("su" in Phi-3 configs; Ding et al., "LongRoPE", 2024): rotary frequency `i` is
+/// divided by `short_factor[i]`, and cos/sin are scaled by `attention_factor`. Checkpoints also
+/// carry long factors for sequences beyond `original_max_position_embeddings`; ours are far
+/// shorter, and a decoder whose sequences could reach that length is refused when built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    /// One factor per rotary frequency (head_dim / 2).
+    pub short_factor: Vec<f64>,
+    pub attention_factor: f64,
+    /// Longest sequence the short factors serve.
+    pub original_max_position_embeddings: usize,
 }
 
 /// Q-Former shape (used by `blip2` only).
@@ -253,6 +295,8 @@ impl ModelConfig {
                 mlp_hidden: 256,
                 rope_theta: 10_000.0,
                 rms_eps: DEFAULT_RMS_EPS,
+                rope_scaling: None,
+                layout: LmLayout::Llama,
             },
             qformer: QFormerConfig {
                 queries: 16,
@@ -319,6 +363,8 @@ impl ModelConfig {
                     mlp_hidden: 6912,
                     rope_theta: 10_000.0,
                     rms_eps: DEFAULT_RMS_EPS,
+                    rope_scaling: None,
+                    layout: LmLayout::Llama,
                 };
             }
             Backbone::Llava => {
@@ -339,6 +385,8 @@ impl ModelConfig {
                     mlp_hidden: 11008,
                     rope_theta: 10_000.0,
                     rms_eps: DEFAULT_RMS_EPS,
+                    rope_scaling: None,
+                    layout: LmLayout::Llama,
                 };
             }
             Backbone::Phi3v => {
@@ -359,6 +407,8 @@ impl ModelConfig {
                     mlp_hidden: 8192,
                     rope_theta: 10_000.0,
                     rms_eps: DEFAULT_RMS_EPS,
+                    rope_scaling: None,
+                    layout: LmLayout::Llama,
                 };
                 c.hd_grid = 4;
             }

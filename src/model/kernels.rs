@@ -11,6 +11,8 @@
 //!
 //! - [`linear`]: `y = x w^T (+ b)` for `x` of any rank; backward computes `dx` only when `x` is
 //!   tracked, `dw`/`db` only when the weight/bias is (a frozen base costs no weight gradient).
+//! - [`quant_linear`]: the same with a 4-bit weight (QLoRA's frozen base), dequantized for the
+//!   forward product and again for `dx`, so no f32 copy of it outlives one product.
 //! - [`self_attention`]: from the fused `qkv` projection (B, T, 3W) straight to the merged-head
 //!   output (B, T, W): optional RoPE on q and k, scale, optional causal mask, softmax, weighted
 //!   sum; every (batch, head) pair is one task on the rayon pool (candle's batched matmul ran
@@ -22,6 +24,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::QTensor;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
@@ -322,6 +325,49 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
         None => x.apply_op2(&w, Linear),
+    }
+}
+
+/// `x . dequantize(w)^T` for a frozen 4-bit weight (QLoRA's base): the weight is dequantized
+/// for the product and dropped, and dequantized again in the backward for `dx` (a frozen
+/// weight has no gradient of its own). Keeping the dequantized weight as a graph input instead
+/// would hold an f32 copy of every quantized layer from the forward to the backward, i.e. the
+/// whole f32 base during a training step.
+struct QuantLinear(Arc<QTensor>);
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "ecic-quant-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (out, inp) = self.0.shape().dims2()?;
+        let w = self.0.dequantize(&candle_core::Device::Cpu)?;
+        let y = with_data(&w, |wv| Ok(linear_fwd(slice(s, l)?, wv, None, inp, out)))?;
+        Ok((CpuStorage::F32(y), out_shape(l, out)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.0.dequantize(x.device())?;
+        Ok(linear_bwd(x, &w, None, g)?.0)
+    }
+}
+
+/// `x (..., in) . dequantize(w)^T + b` with `w` a 4-bit (out, in) weight, holding its f32 form
+/// only while one product runs (see [`QuantLinear`]).
+pub fn quant_linear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Tensor>) -> Result<Tensor> {
+    let inp = x.dim(candle_core::D::Minus1)?;
+    if w.shape().rank() != 2 || w.shape().dims()[1] != inp {
+        candle_core::bail!(
+            "quant_linear: weight {:?} does not take input {:?}",
+            w.shape().dims(),
+            x.dims()
+        );
+    }
+    let y = x.contiguous()?.apply_op1(QuantLinear(w.clone()))?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 

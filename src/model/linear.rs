@@ -6,9 +6,11 @@
 //! asks for one. Model code never knows which.
 //!
 //! QLoRA forward: the frozen base is stored as a Q4_0 `QTensor` and dequantized for each
-//! forward pass. candle's `QMatMul` gives no gradient to its input; dequantize-per-forward
-//! does (the weight is a constant of the graph), and at the tiny sizes it was the faster of
-//! the two options measured in issue 5. Only the dequantized copy is transient.
+//! product ([`kernels::quant_linear`]). candle's `QMatMul` gives no gradient to its input;
+//! dequantize-per-product does, and at the tiny sizes it was the faster of the two options
+//! measured. The dequantized copy lives only while its product runs: the backward dequantizes
+//! again rather than keeping it, so a training step holds the base in 4 bits (see
+//! docs/models.md, "QLoRA memory").
 
 use std::sync::Arc;
 
@@ -47,7 +49,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         let y = match &self.base {
             Base::Dense(w) => kernels::linear(x, w, self.bias.as_ref())?,
-            Base::Quant(q) => kernels::linear(x, &q.dequantize(x.device())?, self.bias.as_ref())?,
+            Base::Quant(q) => kernels::quant_linear(x, q, self.bias.as_ref())?,
         };
         match &self.lora {
             Some(l) => {

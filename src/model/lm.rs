@@ -1,6 +1,13 @@
 //! Causal language-model decoder in the LLaMA / Phi-3 style (Touvron et al. 2023; Abdin et
 //! al., "Phi-3 Technical Report", 2024): RMSNorm, rotary positions, fused `qkv_proj`, SwiGLU
-//! `gate_up_proj`/`down_proj`, untied `lm_head`, and a KV cache for decoding.
+//! `gate_up_proj`/`down_proj`, untied `lm_head`, and a KV cache for decoding. RoPE may carry
+//! Phi-3's LongRoPE rescaling ([`super::config::RopeScaling`], short factors only).
+//!
+//! The same layers in OPT's form ([`LmLayout::Opt`], BLIP-2's LM): LayerNorm with bias, learned
+//! absolute positions added to the input (counted from the first position the decoder sees, so
+//! a visual prefix takes the first ones, as BLIP-2 places its query tokens), a ReLU MLP in the
+//! `gate_up_proj` / `down_proj` slots (so LoRA targets name it alike) and biases on every
+//! linear. Its attention scales queries after their bias, which equals our scaling of scores.
 //!
 //! Fusion hooks: decoder layers listed by [`ModelConfig::xattn_layers`] carry a cross-attention
 //! sublayer onto the visual tokens (connector component): plain for `late`, tanh-gated with the
@@ -10,9 +17,9 @@
 
 use candle_core::{Result as CResult, Tensor};
 
-use super::config::{Fusion, ModelConfig};
+use super::config::{Fusion, LmLayout, ModelConfig};
 use super::kernels::{self, KvCache};
-use super::linear::{Adapter, Linear, RmsNorm};
+use super::linear::{Adapter, LayerNorm, Linear, RmsNorm};
 use super::ops::{self, Fwd, Rope};
 use super::params::{Builder, Component, Init};
 use super::ModelError;
@@ -59,6 +66,30 @@ impl CrossAttention {
     }
 }
 
+/// The decoder's norms: RMSNorm (LLaMA family) or LayerNorm with bias (OPT, eps 1e-5 as
+/// `nn.LayerNorm`'s default that OPT uses).
+#[derive(Debug, Clone)]
+enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    fn new(b: &Builder<'_>, name: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        Ok(match cfg.lm.layout {
+            LmLayout::Llama => Norm::Rms(b.rms_norm_eps(name, cfg.lm.width, cfg.lm.rms_eps)?),
+            LmLayout::Opt { .. } => Norm::Layer(b.layer_norm(name, cfg.lm.width)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct XAttn {
     norm: RmsNorm,
@@ -69,17 +100,19 @@ struct XAttn {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    ln1: RmsNorm,
+    ln1: Norm,
     qkv_proj: Linear,
     o_proj: Linear,
     ad_attn: Option<Adapter>,
     xattn: Option<XAttn>,
-    ln2: RmsNorm,
+    ln2: Norm,
     gate_up_proj: Linear,
     down_proj: Linear,
     ad_mlp: Option<Adapter>,
     heads: usize,
     width: usize,
+    /// OPT: ReLU MLP (ungated), no RoPE.
+    opt: bool,
 }
 
 /// Per-layer self-attention cache plus the visual keys/values of cross-attention layers.
@@ -132,18 +165,21 @@ impl Layer {
         } else {
             None
         };
+        let opt = matches!(cfg.lm.layout, LmLayout::Opt { .. });
+        let gate = if opt { 1 } else { 2 };
         Ok(Self {
-            ln1: b.rms_norm_eps("input_layernorm", w, cfg.lm.rms_eps)?,
-            qkv_proj: b.pp("self_attn").linear("qkv_proj", w, 3 * w, false)?,
-            o_proj: b.pp("self_attn").linear("o_proj", w, w, false)?,
+            ln1: Norm::new(b, "input_layernorm", cfg)?,
+            qkv_proj: b.pp("self_attn").linear("qkv_proj", w, 3 * w, opt)?,
+            o_proj: b.pp("self_attn").linear("o_proj", w, w, opt)?,
             ad_attn: b.adapter("adapter_attn", w)?,
             xattn,
-            ln2: b.rms_norm_eps("post_attention_layernorm", w, cfg.lm.rms_eps)?,
-            gate_up_proj: b.pp("mlp").linear("gate_up_proj", w, 2 * h, false)?,
-            down_proj: b.pp("mlp").linear("down_proj", h, w, false)?,
+            ln2: Norm::new(b, "post_attention_layernorm", cfg)?,
+            gate_up_proj: b.pp("mlp").linear("gate_up_proj", w, gate * h, opt)?,
+            down_proj: b.pp("mlp").linear("down_proj", h, w, opt)?,
             ad_mlp: b.adapter("adapter_mlp", w)?,
             heads: cfg.lm.heads,
             width: w,
+            opt,
         })
     }
 
@@ -172,7 +208,10 @@ impl Layer {
                 kernels::cached_attention(&qkv, self.heads, (&cos[..], &sin[..]), c)?
             }
             // Training / full recompute: one fused op from qkv to the merged heads.
-            None => kernels::self_attention(&qkv, self.heads, causal, Some(rope.tables()))?,
+            None => {
+                let rope = (!self.opt).then(|| rope.tables());
+                kernels::self_attention(&qkv, self.heads, causal, rope)?
+            }
         };
         let mut a = self.o_proj.forward(&a, fwd)?;
         if let Some(ad) = &self.ad_attn {
@@ -187,7 +226,11 @@ impl Layer {
             x = (x + c)?;
         }
         let gu = self.gate_up_proj.forward(&self.ln2.forward(&x)?, fwd)?;
-        let m = ops::swiglu(&gu)?;
+        let m = if self.opt {
+            gu.relu()?
+        } else {
+            ops::swiglu(&gu)?
+        };
         let mut m = self.down_proj.forward(&m, fwd)?;
         if let Some(ad) = &self.ad_mlp {
             m = ad.forward(&m, fwd)?;
@@ -199,11 +242,17 @@ impl Layer {
 #[derive(Debug, Clone)]
 pub struct Lm {
     embed: Tensor,
+    /// OPT's learned positions: row p + 2 for position p.
+    embed_positions: Option<Tensor>,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
+    /// RoPE tables (the identity rotation for OPT: the cached decoding kernel takes tables).
     rope: Rope,
 }
+
+/// Rows before position 0 in OPT's learned position table (transformers' offset).
+const OPT_POSITION_OFFSET: usize = 2;
 
 impl Lm {
     /// `max_pos`: longest sequence (visual prefix + caption + BOS/EOS) the RoPE table covers.
@@ -212,6 +261,28 @@ impl Lm {
         cfg: &ModelConfig,
         max_pos: usize,
     ) -> Result<Self, ModelError> {
+        if let Some(s) = &cfg.lm.rope_scaling {
+            // Past this length LongRoPE switches to its long factors, which we do not keep.
+            if max_pos > s.original_max_position_embeddings {
+                return Err(ModelError::Config {
+                    problems: vec![format!(
+                        "sequences of up to {max_pos} positions exceed the {} that LongRoPE's \
+                         short factors serve",
+                        s.original_max_position_embeddings
+                    )],
+                });
+            }
+        }
+        if let LmLayout::Opt { positions } = cfg.lm.layout {
+            if max_pos + OPT_POSITION_OFFSET > positions {
+                return Err(ModelError::Config {
+                    problems: vec![format!(
+                        "sequences of up to {max_pos} positions exceed the {} learned positions",
+                        positions.saturating_sub(OPT_POSITION_OFFSET)
+                    )],
+                });
+            }
+        }
         let xl = cfg.xattn_layers();
         let w = cfg.lm.width;
         let layers = (0..cfg.lm.depth)
@@ -225,10 +296,28 @@ impl Lm {
                 Init::Normal(0.02),
                 false,
             )?,
+            embed_positions: match cfg.lm.layout {
+                LmLayout::Opt { positions } => Some(b.pp("embed_positions").base(
+                    "weight",
+                    &[positions, w],
+                    Init::Normal(0.02),
+                    false,
+                )?),
+                LmLayout::Llama => None,
+            },
             layers,
-            norm: b.rms_norm_eps("norm", w, cfg.lm.rms_eps)?,
+            norm: Norm::new(b, "norm", cfg)?,
             lm_head: b.linear("lm_head", w, cfg.vocab_size, false)?,
-            rope: Rope::new(w / cfg.lm.heads, max_pos, cfg.lm.rope_theta, &dev)?,
+            rope: match cfg.lm.layout {
+                LmLayout::Llama => Rope::scaled(
+                    w / cfg.lm.heads,
+                    max_pos,
+                    cfg.lm.rope_theta,
+                    cfg.lm.rope_scaling.as_ref(),
+                    &dev,
+                )?,
+                LmLayout::Opt { .. } => Rope::identity(w / cfg.lm.heads, max_pos),
+            },
         })
     }
 
@@ -279,7 +368,10 @@ impl Lm {
                 self.rope.max_pos()
             );
         }
-        let mut x = x.clone();
+        let mut x = match &self.embed_positions {
+            Some(p) => x.broadcast_add(&p.narrow(0, offset + OPT_POSITION_OFFSET, t)?)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let (cache, vis) = match state.as_deref_mut() {
                 Some(s) => (Some(&mut s.kv[i]), s.vis_kv[i].clone()),

@@ -60,8 +60,8 @@ use std::path::PathBuf;
 
 pub use captioner::{prompt_tensor, Captioner, Inputs, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{
-    Activation, Backbone, Fusion, LmConfig, ModelConfig, PeftConfig, PeftMethod, Phase,
-    VisionConfig, VisionPolicy, VitLayout, VitStem,
+    Activation, Backbone, Fusion, LmConfig, LmLayout, ModelConfig, PeftConfig, PeftMethod, Phase,
+    RopeScaling, VisionConfig, VisionPolicy, VitLayout, VitStem,
 };
 pub use lm::LmState;
 pub use params::Component;

@@ -143,15 +143,39 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, _device: &Device) -> Result<Self> {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64, device: &Device) -> Result<Self> {
+        Self::scaled(head_dim, max_pos, theta, None, device)
+    }
+
+    /// With LongRoPE `scaling` (see [`super::config::RopeScaling`]): frequency `i` divided by
+    /// `short_factor[i]`, cos and sin multiplied by `attention_factor`.
+    pub fn scaled(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        scaling: Option<&super::config::RopeScaling>,
+        _device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
+        let (factors, mag) = match scaling {
+            Some(s) => {
+                if s.short_factor.len() != half {
+                    candle_core::bail!(
+                        "rope: {} short factors for {half} rotary frequencies",
+                        s.short_factor.len()
+                    );
+                }
+                (s.short_factor.clone(), s.attention_factor)
+            }
+            None => (vec![1.0; half], 1.0),
+        };
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
-            for i in 0..half {
-                let a = p as f64 / theta.powf(2.0 * i as f64 / head_dim as f64);
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+            for (i, f) in factors.iter().enumerate() {
+                let a = p as f64 / (f * theta.powf(2.0 * i as f64 / head_dim as f64));
+                cos.push((mag * a.cos()) as f32);
+                sin.push((mag * a.sin()) as f32);
             }
         }
         Ok(Self {
@@ -159,6 +183,17 @@ impl Rope {
             sin: Arc::new(sin),
             max_pos,
         })
+    }
+
+    /// Tables of the zero rotation (cos 1, sin 0): for decoders without RoPE (OPT) where a
+    /// kernel takes tables; rotating by them leaves every value exactly as it is.
+    pub fn identity(head_dim: usize, max_pos: usize) -> Self {
+        let n = max_pos * (head_dim / 2);
+        Self {
+            cos: Arc::new(vec![1.0; n]),
+            sin: Arc::new(vec![0.0; n]),
+            max_pos,
+        }
     }
 
     pub fn max_pos(&self) -> usize {

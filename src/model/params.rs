@@ -39,6 +39,9 @@ pub(crate) enum Init {
     Uniform(f32),
 }
 
+/// The 4-bit format of QLoRA's frozen base.
+const QUANT: GgmlDType = GgmlDType::Q4_0;
+
 #[derive(Debug, Clone)]
 pub(crate) enum Slot {
     Var(Var),
@@ -79,6 +82,30 @@ impl Entry {
         match &self.slot {
             Slot::Quant(q) => q.storage_size_in_bytes(),
             _ => 4 * self.elem_count(),
+        }
+    }
+
+    /// Replaces the value with `t` (f32, the entry's shape): a trainable entry is set in place,
+    /// a 4-bit entry is quantized at once (so a frozen QLoRA base is never held in f32 beyond
+    /// the one tensor being loaded), any other becomes a constant. A rebuild of the model picks
+    /// the new value up.
+    pub fn set(&mut self, t: Tensor) -> candle_core::Result<()> {
+        match &self.slot {
+            Slot::Var(v) => v.set(&t)?,
+            Slot::Quant(_) => {
+                self.slot = Slot::Quant(Arc::new(QTensor::quantize(&t, QUANT)?));
+            }
+            Slot::Const(_) => self.slot = Slot::Const(t),
+        }
+        Ok(())
+    }
+
+    /// The entry's shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match &self.slot {
+            Slot::Var(v) => v.dims().to_vec(),
+            Slot::Const(c) => c.dims().to_vec(),
+            Slot::Quant(q) => q.shape().dims().to_vec(),
         }
     }
 
@@ -379,7 +406,7 @@ impl<'a> Builder<'a> {
             return Ok(q);
         }
         let w = self.get(name, shape, init, self.component, true, false, true)?;
-        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0)?);
+        let q = Arc::new(QTensor::quantize(&w, QUANT)?);
         if let Some(e) = self.lock().entries.get_mut(&full) {
             e.slot = Slot::Quant(q.clone());
         }

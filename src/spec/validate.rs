@@ -326,7 +326,7 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
         issues.at(
             "model.checkpoint",
             format!(
-                "{}: a {:?} checkpoint has no {}; a sweep needs a \
+                "{}: a {} checkpoint has no {}; a sweep needs a \
                  LlavaForConditionalGeneration (vision tower and language model)",
                 dir.display(),
                 ck.arch(),
