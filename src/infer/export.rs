@@ -123,7 +123,10 @@ pub fn write(
     let (weights, quantized) = match quantize {
         None => {
             let p = dir.join(WEIGHTS);
-            candle_core::safetensors::save(&tensors, &p).map_err(|e| InferError::Format {
+            // Tensors share their storage: this map copies no weights.
+            let map: HashMap<String, Tensor> =
+                tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            candle_core::safetensors::save(&map, &p).map_err(|e| InferError::Format {
                 path: p.clone(),
                 msg: e.to_string(),
             })?;

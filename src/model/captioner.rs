@@ -456,7 +456,7 @@ impl Captioner {
     ) -> Result<usize, ModelError> {
         {
             let mut store = self.lock();
-            for (name, t) in &tensors {
+            for (name, t) in tensors {
                 let Some(e) = store.entries.get_mut(name).filter(|e| e.base || !base_only) else {
                     let what = if base_only { "base" } else { "known" };
                     return Err(ModelError::UnknownTensor {
