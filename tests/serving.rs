@@ -135,7 +135,9 @@ fn evaluate_captions(runs: &Path, cell: &str) -> BTreeMap<String, String> {
 
 fn cells(runs: &Path) -> Vec<String> {
     let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
-    let mut st = conn.prepare("SELECT name FROM cells ORDER BY position").unwrap();
+    let mut st = conn
+        .prepare("SELECT name FROM cells ORDER BY position")
+        .unwrap();
     st.query_map([], |r| r.get(0))
         .unwrap()
         .map(Result::unwrap)
@@ -198,7 +200,11 @@ fn predict_and_export_repeat_the_evaluate_captions() {
         let out2 = f.root.join(format!("{cell}-export.jsonl"));
         let o = predict(dir.to_str().unwrap(), &f.valid_tsv, &out2);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(read_preds(&out2), expected, "predict of the export of {model}");
+        assert_eq!(
+            read_preds(&out2),
+            expected,
+            "predict of the export of {model}"
+        );
     }
 }
 
@@ -216,7 +222,9 @@ fn quantized_exports_load_and_are_smaller() {
     for q in ["q8_0", "q4_0"] {
         let dir = f.root.join(format!("q-{q}"));
         export(&model, &dir, Some(q));
-        let size = std::fs::metadata(dir.join("ecic-model.gguf")).unwrap().len();
+        let size = std::fs::metadata(dir.join("ecic-model.gguf"))
+            .unwrap()
+            .len();
         sizes.push(size);
         let out = f.root.join(format!("q-{q}.jsonl"));
         let o = predict(dir.to_str().unwrap(), &f.valid_tsv, &out);
@@ -314,10 +322,7 @@ fn serve(model: &str, extra: &[&str]) -> Server {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let base = loop {
-        let line = lines
-            .next()
-            .expect("serve ended before listening")
-            .unwrap();
+        let line = lines.next().expect("serve ended before listening").unwrap();
         if let Some(url) = line.strip_prefix("listening on ") {
             break url.to_owned();
         }
@@ -489,7 +494,11 @@ fn bad_inputs_are_refused_naming_the_part_and_the_server_goes_on() {
     assert!(r.text().unwrap().contains("images[0]"));
     // A truncated JPEG is not decoded as a grey picture.
     let cut = &images[0].1[..images[0].1.len() / 2];
-    let r = c.post(&url).json(&json_body(&[("cut".into(), cut.to_vec())])).send().unwrap();
+    let r = c
+        .post(&url)
+        .json(&json_body(&[("cut".into(), cut.to_vec())]))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().unwrap().contains("truncated JPEG"));
     // Bad decoding options: 400 naming the option.
@@ -538,7 +547,16 @@ fn a_full_queue_answers_503_with_retry_after() {
     let cell = cells(&f.runs)[0].clone();
     let s = serve(
         &format!("serving/{cell}"),
-        &["--max-batch", "1", "--max-wait-ms", "0", "--queue", "60", "--max-images", "60"],
+        &[
+            "--max-batch",
+            "1",
+            "--max-wait-ms",
+            "0",
+            "--queue",
+            "60",
+            "--max-images",
+            "60",
+        ],
     );
     let images = valid_images();
     let many: Vec<(String, Vec<u8>)> = (0..60)
@@ -546,9 +564,14 @@ fn a_full_queue_answers_503_with_retry_after() {
         .collect();
     let url = format!("{}/v1/captions", s.base);
     std::thread::scope(|sc| {
-        let first = sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
+        let first =
+            sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
         wait_for_queue(&s.base, 30.0);
-        let r = client().post(&url).json(&json_body(&many[..40])).send().unwrap();
+        let r = client()
+            .post(&url)
+            .json(&json_body(&many[..40]))
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(first.join().unwrap().len(), 60);
@@ -570,7 +593,8 @@ fn sigterm_finishes_the_requests_in_flight_and_exits_0() {
     let url = format!("{}/v1/captions", s.base);
     let base = s.base.clone();
     std::thread::scope(|sc| {
-        let inflight = sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
+        let inflight =
+            sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
         wait_for_queue(&base, 20.0);
         // SAFETY: kill(2) on our own child's pid.
         unsafe {

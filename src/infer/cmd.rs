@@ -212,10 +212,30 @@ pub fn run_predict(a: &PredictArgs) -> CliResult {
 pub fn run_export(a: &ExportArgs) -> CliResult {
     let r = super::source::resolve(&a.model, &a.runs).map_err(cli_err)?;
     eprintln!("model: {}", r.origin);
-    let s = export::write(&r, &a.out, a.quantize, &|_, _| Ok(())).map_err(cli_err)?;
+    // Beside ecic's files, the Hugging Face LLaVA layout where the model has one (f32 only:
+    // a quantized export is the small one).
+    let hf_note = std::cell::RefCell::new(None);
+    let s = export::write(&r, &a.out, a.quantize, &|dir, tensors| {
+        let why = match a.quantize {
+            Some(_) => Some("quantized exports are GGUF only".to_owned()),
+            None => super::hf_llava::write_if_llava(
+                r.model.config(),
+                &r.model.peft().merged(),
+                dir,
+                tensors,
+            )?,
+        };
+        *hf_note.borrow_mut() = why;
+        Ok(())
+    })
+    .map_err(cli_err)?;
     println!("exported to {}", s.dir.display());
     for (name, bytes) in &s.files {
         println!("  {name:<28} {:>12} bytes", bytes);
+    }
+    match hf_note.into_inner() {
+        None => println!("  (config.json + model.safetensors: the Hugging Face LLaVA layout)"),
+        Some(why) => println!("  no Hugging Face LLaVA layout: {why}"),
     }
     if a.quantize.is_some() {
         println!(

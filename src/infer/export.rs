@@ -1,7 +1,7 @@
 //! `ecic export`: a self-contained model directory, and loading one back.
 //!
-//! Layout (every ecic file is prefixed `ecic-`, so a directory can also carry another
-//! tool's layout beside it):
+//! Layout (every ecic file is prefixed `ecic-`, so the directory can also carry the Hugging
+//! Face LLaVA layout beside it, [`super::hf_llava`]):
 //! - `ecic-model.json` ([`ExportManifest`]): format version, the model configuration, the
 //!   PEFT configuration the merged tensors load into, how images are prepared, the
 //!   decoding of the source cell's evaluate stage and its seed, what was exported from.
@@ -124,15 +124,20 @@ pub fn write(
         None => {
             let p = dir.join(WEIGHTS);
             // Tensors share their storage: this map copies no weights.
-            let map: HashMap<String, Tensor> =
-                tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let map: HashMap<String, Tensor> = tensors
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             candle_core::safetensors::save(&map, &p).map_err(|e| InferError::Format {
                 path: p.clone(),
                 msg: e.to_string(),
             })?;
             (WEIGHTS, 0)
         }
-        Some(q) => (WEIGHTS_GGUF, write_gguf(&dir.join(WEIGHTS_GGUF), &tensors, q)?),
+        Some(q) => (
+            WEIGHTS_GGUF,
+            write_gguf(&dir.join(WEIGHTS_GGUF), &tensors, q)?,
+        ),
     };
     std::fs::copy(&r.tokenizer, dir.join(TOKENIZER)).map_err(io_err(&r.tokenizer))?;
     let manifest = ExportManifest {

@@ -18,6 +18,7 @@
 
 pub mod cmd;
 pub mod export;
+pub mod hf_llava;
 pub mod images;
 pub mod source;
 

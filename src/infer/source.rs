@@ -178,7 +178,10 @@ fn cell_model(
         let names: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
         return Err(bad(
             model,
-            format!("no cell `{cell}` in this sweep; its cells: {}", names.join(", ")),
+            format!(
+                "no cell `{cell}` in this sweep; its cells: {}",
+                names.join(", ")
+            ),
         ));
     };
     let Some((_, eval_key)) = c.stages.iter().find(|(k, _)| k == "evaluate") else {
@@ -256,9 +259,12 @@ fn cell_model(
 /// model's longest caption.
 fn checkpoint(model: &str, dir: &Path) -> Result<Resolved, InferError> {
     let dir = std::path::absolute(dir).map_err(super::io_err(dir))?;
-    let objects = dir
-        .parent()
-        .ok_or_else(|| bad(model, "a checkpoint directory lives in the cache's object root"))?;
+    let objects = dir.parent().ok_or_else(|| {
+        bad(
+            model,
+            "a checkpoint directory lives in the cache's object root",
+        )
+    })?;
     let mut r = from_lineage(model, objects, &dir)?;
     r.origin = format!("checkpoint {}", dir.display());
     Ok(r)

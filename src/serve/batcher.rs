@@ -51,7 +51,13 @@ impl Reservation<'_> {
         if self.left == 0 {
             return false;
         }
-        let sent = match self.queue.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let sent = match self
+            .queue
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             Some(tx) => tx.send(w).is_ok(),
             None => false,
         };

@@ -70,7 +70,11 @@ impl Metrics {
             queue_depth.clone(),
         );
         registry.register("images", "Images captioned", images.clone());
-        registry.register("jobs", "Asynchronous jobs held (running or finished)", jobs.clone());
+        registry.register(
+            "jobs",
+            "Asynchronous jobs held (running or finished)",
+            jobs.clone(),
+        );
         Metrics {
             registry,
             requests,

@@ -238,10 +238,7 @@ async fn read_images(
     Ok((images, cfg, seed))
 }
 
-fn decoding(
-    p: &Predictor,
-    o: &DecodeArgs,
-) -> Result<(crate::decode::DecodeConfig, u64), Refusal> {
+fn decoding(p: &Predictor, o: &DecodeArgs) -> Result<(crate::decode::DecodeConfig, u64), Refusal> {
     let cfg = o
         .apply(&p.decoding)
         .map_err(|e| Refusal::bad(format!("options: {e}")))?;
@@ -307,8 +304,7 @@ async fn caption_request(st: &Shared, req: Request) -> Result<Vec<Caption>, Refu
 async fn create_job(State(st): State<Shared>, req: Request) -> Response {
     let t0 = Instant::now();
     let result = async {
-        let (images, cfg, seed) =
-            read_images(&st, req, st.opts.max_job_images, "/v1/jobs").await?;
+        let (images, cfg, seed) = read_images(&st, req, st.opts.max_job_images, "/v1/jobs").await?;
         let Some(id) = st.jobs.create(images.len()) else {
             return Err(queue_full(&format!(
                 "{} jobs are held, the most this server keeps",

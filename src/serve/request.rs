@@ -73,10 +73,12 @@ pub async fn parse(req: Request) -> Result<Parsed, Refusal> {
         .unwrap_or("")
         .to_ascii_lowercase();
     if ctype.starts_with("multipart/form-data") {
-        let mp = Multipart::from_request(req, &()).await.map_err(|e| Refusal {
-            status: e.status(),
-            message: e.body_text(),
-        })?;
+        let mp = Multipart::from_request(req, &())
+            .await
+            .map_err(|e| Refusal {
+                status: e.status(),
+                message: e.body_text(),
+            })?;
         multipart(mp).await
     } else if ctype.starts_with("application/json") {
         let body = Bytes::from_request(req, &()).await.map_err(|e| Refusal {
@@ -95,8 +97,8 @@ pub async fn parse(req: Request) -> Result<Parsed, Refusal> {
 }
 
 fn json(body: &[u8]) -> Result<Parsed, Refusal> {
-    let b: JsonBody = serde_json::from_slice(body)
-        .map_err(|e| Refusal::bad(format!("JSON body: {e}")))?;
+    let b: JsonBody =
+        serde_json::from_slice(body).map_err(|e| Refusal::bad(format!("JSON body: {e}")))?;
     let parts = b
         .images
         .into_iter()

@@ -214,7 +214,10 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             let model = lineage.build(ctx, Phase::Adapt)?;
             report = training::counts(&model, &mut out);
             let tok = training::load_tokenizer(&pre)?;
-            let Decoding { config: cfg, rerank } = decoding(&p)?;
+            let Decoding {
+                config: cfg,
+                rerank,
+            } = decoding(&p)?;
             let retrieval = if model.config().retrieved > 0 || rerank.is_some() {
                 Some(training::load_split(&pre, "train")?)
             } else {

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Does transformers load an ecic export in the Hugging Face LLaVA layout, and caption as ecic
+# does? A small sweep fine-tunes a LLaVA-shaped model (the tiny random LLaVA checkpoint of
+# tests/fixtures/hf/llava: CLIP tower + LLaMA LM) with LoRA; its cell is exported (LoRA
+# merged; config.json + model.safetensors beside ecic's files); ecic captions the valid
+# split with the export, and scripts/hf_llava_check.py has transformers'
+# LlavaForConditionalGeneration caption the same prepared pixels greedily and compares.
+# Needs python3 with torch, transformers, safetensors and tokenizers: $PYTHON, else the torch
+# venv under target/ (made as scripts/make-hf-fixtures.sh makes it).
+# Usage: scripts/hf-llava-check.sh [WORK_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-target/hf-llava-check}
+root=$(pwd)
+if [ -z "${PYTHON:-}" ]; then
+  venv="$root/target/torch-venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check torch safetensors \
+        --index-url https://download.pytorch.org/whl/cpu
+  fi
+  "$venv/bin/python" -c 'import transformers' 2>/dev/null ||
+      "$venv/bin/pip" install --quiet --disable-pip-version-check transformers
+  PYTHON="$venv/bin/python"
+fi
+cargo build --release -q --bin ecic --example export_pixels
+BIN=target/release/ecic
+rm -rf "$WORK"
+mkdir -p "$WORK"
+cat > "$WORK/spec.toml" <<TOML
+name = "hf-llava"
+seeds = [0]
+[data]
+synth = { train = 48, valid = 24, test = 2, align = 24 }
+[model]
+checkpoint = "$root/tests/fixtures/hf/llava"
+max_len = 16
+[grid]
+backbone = ["llava"]
+peft = ["lora"]
+fusion = ["early"]
+[stages.preprocess]
+augment_copies = 0
+[stages.pretrain_align]
+steps = 10
+batch_size = 8
+[stages.domain_adapt]
+steps = 20
+batch_size = 8
+[stages.evaluate]
+predict_test = false
+TOML
+"$BIN" sweep "$WORK/spec.toml" --runs "$WORK/runs" --no-report >/dev/null
+"$BIN" export hf-llava:best --runs "$WORK/runs" --out "$WORK/export"
+TSV=$(find "$WORK/runs/data" -name IC_valid.tsv | head -1)
+"$BIN" predict "$WORK/export" --images "$TSV" --out "$WORK/ecic.jsonl"
+target/release/examples/export_pixels "$WORK/export" "$TSV" "$WORK/pixels.safetensors" "$WORK/ids.txt"
+"$PYTHON" scripts/hf_llava_check.py "$WORK/export" "$WORK/pixels.safetensors" "$WORK/ids.txt" "$WORK/ecic.jsonl"
