@@ -533,11 +533,16 @@ fn bad_inputs_are_refused_naming_the_part_and_the_server_goes_on() {
     assert_eq!(captions_of(r).len(), 2);
 }
 
-/// Polls /metrics until the queue holds at least `n` images (the server's own count, so
-/// no timing is assumed).
-fn wait_for_queue(base: &str, n: f64) {
-    while metric(base, "ecic_queue_depth") < n {
-        std::thread::yield_now();
+/// Polls /metrics until the queue holds at least `n` images (the server's own count, so no
+/// timing is assumed); false if `busy` (the request filling it) ended first.
+fn wait_for_queue<T>(base: &str, n: f64, busy: &std::thread::ScopedJoinHandle<'_, T>) -> bool {
+    loop {
+        if metric(base, "ecic_queue_depth") >= n {
+            return true;
+        }
+        if busy.is_finished() {
+            return false;
+        }
     }
 }
 
@@ -566,12 +571,12 @@ fn a_full_queue_answers_503_with_retry_after() {
     std::thread::scope(|sc| {
         let first =
             sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
-        wait_for_queue(&s.base, 30.0);
-        let r = client()
-            .post(&url)
-            .json(&json_body(&many[..40]))
-            .send()
-            .unwrap();
+        assert!(
+            wait_for_queue(&s.base, 50.0, &first),
+            "the first request was answered before the queue was seen full"
+        );
+        // 60 more images fit only into an empty queue.
+        let r = client().post(&url).json(&json_body(&many)).send().unwrap();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(first.join().unwrap().len(), 60);
@@ -595,7 +600,10 @@ fn sigterm_finishes_the_requests_in_flight_and_exits_0() {
     std::thread::scope(|sc| {
         let inflight =
             sc.spawn(|| captions_of(client().post(&url).json(&json_body(&many)).send().unwrap()));
-        wait_for_queue(&base, 20.0);
+        assert!(
+            wait_for_queue(&base, 20.0, &inflight),
+            "the request was answered before the queue was seen filled"
+        );
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
             libc::kill(s.child.id() as i32, libc::SIGTERM);

@@ -159,6 +159,7 @@ pub fn run_predict(a: &PredictArgs) -> CliResult {
         Ok(())
     };
     let batch = crate::stages::EVALUATE_BATCH;
+    let t0 = std::time::Instant::now();
     source
         .for_each_chunk(&p.image, batch, &mut |chunk| {
             for img in chunk {
@@ -188,10 +189,12 @@ pub fn run_predict(a: &PredictArgs) -> CliResult {
     }
     crate::cache::write_atomic(&a.out, text.as_bytes())
         .map_err(|e| CliError::Other(anyhow::Error::new(e)))?;
+    let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "wrote {} captions to {}{}",
+        "wrote {} captions to {} ({:.1} captions/s, image decoding included){}",
         lines.len(),
         a.out.display(),
+        lines.len() as f64 / secs.max(1e-9),
         if bad.is_empty() {
             String::new()
         } else {
