@@ -12,17 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-target/hf-llava-check}
 root=$(pwd)
-if [ -z "${PYTHON:-}" ]; then
-  venv="$root/target/torch-venv"
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check torch safetensors \
-        --index-url https://download.pytorch.org/whl/cpu
-  fi
-  "$venv/bin/python" -c 'import transformers' 2>/dev/null ||
-      "$venv/bin/pip" install --quiet --disable-pip-version-check transformers
-  PYTHON="$venv/bin/python"
-fi
+PYTHON=${PYTHON:-$(scripts/torch-python.sh)}
 cargo build --release -q --bin ecic --example export_pixels
 BIN=target/release/ecic
 rm -rf "$WORK"

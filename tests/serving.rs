@@ -373,6 +373,11 @@ fn captions_of(resp: reqwest::blocking::Response) -> Vec<(String, String)> {
     let status = resp.status();
     let v: serde_json::Value = resp.json().unwrap();
     assert_eq!(status, 200, "{v}");
+    caption_list(&v)
+}
+
+/// The (id, caption) pairs of an answer's `captions`.
+fn caption_list(v: &serde_json::Value) -> Vec<(String, String)> {
     v["captions"]
         .as_array()
         .unwrap()
@@ -643,16 +648,6 @@ fn a_job_runs_in_the_background_and_answers_its_captions() {
             break v;
         }
     };
-    let got: BTreeMap<String, String> = done["captions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_owned(),
-                c["caption"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let got: BTreeMap<String, String> = caption_list(&done).into_iter().collect();
     assert_eq!(got, expected);
 }
