@@ -191,6 +191,14 @@ fn refuse(r: Refusal) -> Response {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
+    if r.status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body was never read: the connection cannot carry another request,
+        // and a client that does not know it would send its next one into a closed socket.
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     resp
 }
 
