@@ -19,7 +19,9 @@ def main():
     cfg = json.load(open(f"{export}/config.json"))
     mc = manifest["model"]
     pad, bos, eos = mc["pad_id"], mc["bos_id"], mc["eos_id"]
-    max_new = manifest["decoding"]["max_len"]
+    # As ecic's decoding: at most max_len tokens (EOS included), capped by the model's
+    # positions (its longest caption plus the EOS).
+    max_new = min(manifest["decoding"]["max_len"], mc["max_caption_len"] + 1)
     image_token = cfg["image_token_index"]
     n_img = cfg["image_seq_length"]
     model = LlavaForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
