@@ -10,6 +10,10 @@
 //! decoding settings (the evaluate stage's recorded parameters), same batches of
 //! [`crate::stages::EVALUATE_BATCH`] images.
 //!
+//! [`export`] writes a model as a self-contained directory (LoRA folded into the base, f32
+//! safetensors or Q8_0/Q4_0 GGUF) and loads it back; [`hf_llava`] adds the Hugging Face LLaVA
+//! layout beside it for models that have one.
+//!
 //! The command-line faces are in [`cmd`] (`ecic predict`, `ecic export`); `ecic serve`
 //! ([`crate::serve`]) holds one [`Predictor`] behind HTTP.
 //!

@@ -123,17 +123,23 @@ impl Jobs {
     }
 }
 
-/// Runs job `id` to its end: its images through the queue, `chunk` at a time.
-pub async fn run(
-    jobs: Arc<Jobs>,
-    queue: Arc<Queue>,
-    id: String,
-    images: Vec<(String, Vec<f32>)>,
-    cfg: DecodeConfig,
-    seed: u64,
-    chunk: usize,
-    poll: Duration,
-) {
+/// One job's work: its images (id, prepared pixels) and how to decode them.
+pub struct JobWork {
+    pub id: String,
+    pub images: Vec<(String, Vec<f32>)>,
+    pub cfg: DecodeConfig,
+    pub seed: u64,
+}
+
+/// Runs a job to its end: its images through the queue, `chunk` at a time, waiting `poll`
+/// whenever the queue is full.
+pub async fn run(jobs: Arc<Jobs>, queue: Arc<Queue>, work: JobWork, chunk: usize, poll: Duration) {
+    let JobWork {
+        id,
+        images,
+        cfg,
+        seed,
+    } = work;
     jobs.update(&id, |j| j.view.state = JobState::Running);
     let mut images = images.into_iter();
     loop {

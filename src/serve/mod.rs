@@ -324,10 +324,12 @@ async fn create_job(State(st): State<Shared>, req: Request) -> Response {
         tokio::spawn(jobs::run(
             st.jobs.clone(),
             st.queue.clone(),
-            id.clone(),
-            images,
-            cfg,
-            seed,
+            jobs::JobWork {
+                id: id.clone(),
+                images,
+                cfg,
+                seed,
+            },
             st.opts.max_batch,
             Duration::from_millis(st.opts.max_wait_ms.max(10)),
         ));
