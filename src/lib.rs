@@ -18,6 +18,9 @@
 //! - [`metrics`]: tokenization, BLEU, ROUGE-L, CIDEr-D, bootstrap.
 //! - [`stages`]: one file per stage kind, each a short composition of the above.
 //! - [`report`]: terminal tables, plots, HTML.
+//! - [`infer`]: after the sweep: a recorded cell, an export or a checkpoint loaded for
+//!   captioning (`ecic predict`), written as a self-contained directory (`ecic export`).
+//! - [`serve`]: such a model behind HTTP, with dynamic batching (`ecic serve`).
 //!
 //! Dependencies point one way: `stages` uses `model/train/data/metrics`;
 //! `plan/exec/cache/store` know stages only through one description
@@ -32,11 +35,13 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod exec;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod report;
 pub mod runtime;
+pub mod serve;
 pub mod spec;
 pub mod stages;
 pub mod store;

@@ -49,6 +49,12 @@ pub enum Command {
     Gc(GcArgs),
     /// Check every cache entry and checkpoint against its recorded digests.
     Verify(VerifyArgs),
+    /// Caption a folder of images or a MUGE .tsv with a recorded cell, an export or a checkpoint.
+    Predict(crate::infer::cmd::PredictArgs),
+    /// Write a self-contained model directory (adapters merged; optionally quantized).
+    Export(crate::infer::cmd::ExportArgs),
+    /// Serve a model over HTTP (batched captioning, jobs, health, Prometheus metrics).
+    Serve(crate::serve::ServeArgs),
     /// Run one planned stage by key (used by cluster executors).
     #[command(hide = true)]
     RunStage(RunStageArgs),
@@ -82,6 +88,9 @@ pub fn main() -> ExitCode {
         Command::Status(a) => engine::status(a),
         Command::Gc(a) => engine::gc(a),
         Command::Verify(a) => verify::verify(a),
+        Command::Predict(a) => crate::infer::cmd::run_predict(a),
+        Command::Export(a) => crate::infer::cmd::run_export(a),
+        Command::Serve(a) => crate::serve::run(a),
         Command::RunStage(a) => engine::run_stage(a),
         Command::Report(a) => crate::report::cmd::run_report(a),
         Command::Compare(a) => crate::report::cmd::run_compare(a),

@@ -6,6 +6,8 @@
 //! stage cache keys.
 
 mod augment;
+/// The clean view (centre square, resize) that `infer` prepares images with, as preprocess does.
+pub(crate) use augment::clean_view;
 pub mod cmd;
 pub mod inspect;
 mod lines;

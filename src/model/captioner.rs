@@ -323,6 +323,34 @@ impl Captioner {
         })
     }
 
+    /// Every tensor as decoding uses it, for an export: each LoRA pair folded into its base
+    /// weight with the very expression [`Captioner::inference`] folds it with (so the merged
+    /// model decodes bit for bit as the unmerged one), 4-bit bases dequantized. Bottleneck
+    /// adapters stay separate tensors: a GELU between their two linears keeps them from
+    /// folding into anything. The result loads into a model built with
+    /// [`PeftConfig::merged`] through [`Captioner::load_all`].
+    pub fn merged_tensors(&self) -> Result<BTreeMap<String, Tensor>, ModelError> {
+        let store = self.lock();
+        let scale = self.policy.peft.alpha / self.policy.peft.rank as f64;
+        let mut out = BTreeMap::new();
+        for (name, e) in &store.entries {
+            if name.ends_with(".lora_a") || name.ends_with(".lora_b") {
+                continue;
+            }
+            let mut t = e.tensor(&store.device)?;
+            if let Some(layer) = name.strip_suffix(".weight") {
+                let a = store.entries.get(&format!("{layer}.lora_a"));
+                let b = store.entries.get(&format!("{layer}.lora_b"));
+                if let (Some(a), Some(b)) = (a, b) {
+                    let (a, b) = (a.tensor(&store.device)?, b.tensor(&store.device)?);
+                    t = (t + (b.matmul(&a)? * scale)?)?;
+                }
+            }
+            out.insert(name.clone(), t.detach());
+        }
+        Ok(out)
+    }
+
     /// Loads the frozen base written by an earlier stage; every base tensor must be present.
     pub fn load_base(&mut self, path: &Path) -> Result<usize, ModelError> {
         self.load(path, true)
@@ -441,6 +469,44 @@ impl Captioner {
                 }
             }
             Ok(names.len())
+        })
+    }
+
+    /// Sets every tensor of the model from `tensors` (read from `path`, which errors name):
+    /// the whole model, as an export holds it ([`Captioner::merged_tensors`] written out);
+    /// a tensor missing or unknown to this model is an error.
+    pub fn load_all(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<usize, ModelError> {
+        let missing: Vec<String> = self
+            .lock()
+            .entries
+            .keys()
+            .filter(|k| !tensors.contains_key(*k))
+            .cloned()
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(ModelError::MissingTensors {
+                path: path.to_path_buf(),
+                count: missing.len(),
+                example: first.clone(),
+            });
+        }
+        self.refill(|store| {
+            let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, t) in tensors {
+                let Some(e) = store.entries.get_mut(name) else {
+                    return Err(ModelError::UnknownTensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        what: "known",
+                    });
+                };
+                assign(e, name, t, path)?;
+            }
+            Ok(tensors.len())
         })
     }
 

@@ -633,6 +633,21 @@ impl PeftConfig {
             ..Self::default()
         }
     }
+
+    /// The configuration a model of this one has once its LoRA pairs are folded into their
+    /// bases ([`super::Captioner::merged_tensors`]): plain linears everywhere (`full`, the
+    /// tower without LoRA), except that bottleneck adapters, which cannot fold, stay.
+    pub fn merged(&self) -> Self {
+        Self {
+            method: match self.method {
+                PeftMethod::Adapter => PeftMethod::Adapter,
+                _ => PeftMethod::Full,
+            },
+            vision: VisionPolicy::Frozen,
+            modules_to_save: Vec::new(),
+            ..self.clone()
+        }
+    }
     pub fn lora(rank: usize, alpha: f64) -> Self {
         Self {
             method: PeftMethod::Lora,

@@ -83,7 +83,7 @@ impl Captioner<'_> {
                     _ => None,
                 };
                 let n = split.len();
-                let bs = 64;
+                let bs = BATCH;
                 let mut ids_all: Vec<Vec<u32>> = Vec::with_capacity(n);
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
@@ -141,6 +141,52 @@ fn clean(split: Split) -> Result<Split, StageError> {
     })
 }
 
+/// The decoding an evaluate stage's parameters ask for: what it captions with, and what
+/// `ecic predict` of its cell repeats.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    pub config: DecodeConfig,
+    /// `rerank`: the consensus weight (the model's greedy caption is one candidate).
+    pub rerank: Option<f64>,
+}
+
+/// [`Decoding`] from an evaluate stage's recorded parameters (`stages.params` in the store).
+pub fn decoding_of(params: &serde_json::Value) -> Result<Decoding, StageError> {
+    let p: Params = serde_json::from_value(params.clone())
+        .map_err(|e| StageError::msg(format!("evaluate parameters: {e}")))?;
+    decoding(&p)
+}
+
+fn decoding(p: &Params) -> Result<Decoding, StageError> {
+    let rerank = match p.method.as_deref() {
+        Some("rerank") => Some(p.rerank_weight.unwrap_or(1.0)),
+        _ => None,
+    };
+    let strategy = match p.method.as_deref() {
+        None | Some("rerank") => Strategy::Greedy,
+        Some(m) => serde_json::from_value(serde_json::json!(m)).map_err(|_| {
+            StageError::msg(format!(
+                "unknown decoding method `{m}` (greedy, beam, nucleus, rerank)"
+            ))
+        })?,
+    };
+    let config = DecodeConfig {
+        strategy,
+        beam_width: p.beam_width.unwrap_or(1),
+        length_penalty: p.length_penalty.unwrap_or(1.0),
+        top_p: p.top_p.unwrap_or(1.0),
+        temperature: p.temperature.unwrap_or(1.0),
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        max_len: p.max_len.unwrap_or(32) + 1,
+        kv_cache: true,
+    };
+    Ok(Decoding { config, rerank })
+}
+
+/// Images per decoding batch; `ecic predict` uses the same so that its batches (and a
+/// sampling method's per-batch seeds, `seed + first row`) are the evaluate stage's.
+pub const BATCH: usize = 64;
+
 pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     let p: Params = ctx.params()?;
     let pre = ctx.input(StageKind::Preprocess)?.to_path_buf();
@@ -168,28 +214,10 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             let model = lineage.build(ctx, Phase::Adapt)?;
             report = training::counts(&model, &mut out);
             let tok = training::load_tokenizer(&pre)?;
-            let rerank = match p.method.as_deref() {
-                Some("rerank") => Some(p.rerank_weight.unwrap_or(1.0)),
-                _ => None,
-            };
-            let strategy = match p.method.as_deref() {
-                None | Some("rerank") => Strategy::Greedy,
-                Some(m) => serde_json::from_value(serde_json::json!(m)).map_err(|_| {
-                    StageError::msg(format!(
-                        "unknown decoding method `{m}` (greedy, beam, nucleus, rerank)"
-                    ))
-                })?,
-            };
-            let cfg = DecodeConfig {
-                strategy,
-                beam_width: p.beam_width.unwrap_or(1),
-                length_penalty: p.length_penalty.unwrap_or(1.0),
-                top_p: p.top_p.unwrap_or(1.0),
-                temperature: p.temperature.unwrap_or(1.0),
-                repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
-                max_len: p.max_len.unwrap_or(32) + 1,
-                kv_cache: true,
-            };
+            let Decoding {
+                config: cfg,
+                rerank,
+            } = decoding(&p)?;
             let retrieval = if model.config().retrieved > 0 || rerank.is_some() {
                 Some(training::load_split(&pre, "train")?)
             } else {

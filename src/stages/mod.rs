@@ -21,7 +21,9 @@ use std::time::Instant;
 use crate::cache::{Cache, CacheError, Durability, Manifest};
 use crate::plan::{StageDesc, StageKind};
 
+pub use evaluate::{decoding_of, Decoding, BATCH as EVALUATE_BATCH};
 pub use outputs::Outputs;
+pub use training::{Lineage, LINEAGE, WEIGHTS};
 
 /// What a stage kind gets to work with.
 pub struct StageCtx<'a> {

@@ -52,10 +52,16 @@ impl Lineage {
 
     /// Build the model for `phase` and load every weight file of the lineage.
     pub fn build(&self, ctx: &StageCtx, phase: Phase) -> Result<Captioner, StageError> {
+        self.build_in(&ctx.objects, phase)
+    }
+
+    /// [`Lineage::build`] outside a stage: the lineage's entries are looked up in `objects`
+    /// (the cache's object root), as `ecic predict` of a recorded cell does.
+    pub fn build_in(&self, objects: &Path, phase: Phase) -> Result<Captioner, StageError> {
         let mut model = Captioner::new(&self.model, &self.peft, phase, &Device::Cpu)
             .map_err(StageError::ctx("building the model"))?;
         for (i, key) in self.weights.iter().enumerate() {
-            let path = ctx.entry(key).join(WEIGHTS);
+            let path = objects.join(key).join(WEIGHTS);
             if i == 0 {
                 model
                     .load_base(&path)
