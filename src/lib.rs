@@ -18,6 +18,9 @@
 //! - [`metrics`]: tokenization, BLEU, ROUGE-L, CIDEr-D, bootstrap.
 //! - [`stages`]: one file per stage kind, each a short composition of the above.
 //! - [`report`]: terminal tables, plots, HTML.
+//! - [`sweep`]: one call that prepares a spec's plan and runs it (cache
+//!   check, store records, the scheduler and an executor, summary, report);
+//!   the command line's `sweep` and `plan` are thin wrappers around it.
 //!
 //! Dependencies point one way: `stages` uses `model/train/data/metrics`;
 //! `plan/exec/cache/store` know stages only through one description
@@ -40,6 +43,7 @@ pub mod runtime;
 pub mod spec;
 pub mod stages;
 pub mod store;
+pub mod sweep;
 pub mod train;
 
 pub use error::{CliError, CliResult};

@@ -7,25 +7,15 @@ use serde::{Serialize, Serializer};
 
 use super::{Plan, Sealed};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How `ecic plan` prints (its `--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Cells, then one row per stage.
     Table,
+    /// Graphviz.
     Dot,
+    /// Everything, machine-readable.
     Json,
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "table" => Ok(Format::Table),
-            "dot" => Ok(Format::Dot),
-            "json" => Ok(Format::Json),
-            other => Err(format!(
-                "unknown plan format `{other}` (expected table, dot or json)"
-            )),
-        }
-    }
 }
 
 impl Plan<Sealed> {
