@@ -402,16 +402,20 @@ mod tests {
         }
     }
 
-    fn outcomes(ex: &mut Scripted, jobs: &[StageJob], keep_going: bool) -> Vec<(String, Outcome)> {
-        let mut out = Vec::new();
+    fn outcomes(
+        ex: &mut Scripted,
+        jobs: &[StageJob],
+        keep_going: bool,
+    ) -> std::collections::BTreeMap<String, Outcome> {
+        let mut out = std::collections::BTreeMap::new();
         let end = run(ex, jobs, keep_going, &mut |e| {
             if let Event::Finished { key, outcome, .. } = e {
-                out.push((key, outcome));
+                assert!(out.insert(key, outcome).is_none(), "one end per job");
             }
         })
         .unwrap();
         assert_eq!(end, RunEnd::Finished);
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(out.len(), jobs.len(), "every job ends");
         out
     }
 
@@ -429,9 +433,9 @@ mod tests {
         let skipped = Outcome::Skipped {
             because_of: "fail-b".into(),
         };
-        assert_eq!(out[2], ("c".into(), skipped.clone()));
-        assert_eq!(out[3], ("d".into(), skipped));
-        assert_eq!(out[4], ("e".into(), Outcome::Done));
+        assert_eq!(out["c"], skipped);
+        assert_eq!(out["d"], skipped);
+        assert_eq!(out["e"], Outcome::Done);
         assert_eq!(ex.started, ["a", "e", "fail-b"]);
         assert!(ex.stops.is_empty());
     }
@@ -444,8 +448,8 @@ mod tests {
         let stopped = Outcome::Skipped {
             because_of: "fail-a".into(),
         };
-        assert_eq!(out[1], ("b".into(), stopped.clone()));
-        assert_eq!(out[2], ("c".into(), stopped));
+        assert_eq!(out["b"], stopped);
+        assert_eq!(out["c"], stopped);
         assert_eq!(
             ex.stops,
             [Stop::Unstarted {
