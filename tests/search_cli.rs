@@ -49,31 +49,31 @@ fn plan_json(dir: &Path, spec: &Path, sets: &[&str]) -> serde_json::Value {
 #[test]
 fn bad_distributions_exit_2_naming_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    // (the [search] lines after BASE's 8, the key, what is said)
+    // ([search] lines after BASE's 7, where the problem is said to be, what)
     let cases = [
         (
             "trials = 4\n\"stages.domain_adapt.lr\" = { uniform = [1e-2, 1e-4] }\n",
-            "spec.toml:11",
+            "spec.toml:10",
             "`search.stages.domain_adapt.lr`: low (0.01) is above high (0.0001)",
         ),
         (
             "trials = 4\n\"stages.domain_adapt.lr\" = { loguniform = [0.0, 1e-2] }\n",
-            "spec.toml:11",
+            "spec.toml:10",
             "`search.stages.domain_adapt.lr`: loguniform needs low > 0",
         ),
         (
             "trials = 4\nseed = 1\n\"stages.domain_adapt.lrr\" = { loguniform = [1e-4, 1e-2] }\n",
-            "spec.toml:12",
+            "spec.toml:11",
             "`search.stages.domain_adapt.lrr`: no spec key `stages.domain_adapt.lrr` (did you mean `lr`?)",
         ),
         (
             "trials = 4\n\"peft.lora.r\" = { normal = [4, 16] }\n",
-            "spec.toml:11",
+            "spec.toml:10",
             "`search.peft.lora.r`: unknown distribution `normal`",
         ),
         (
             "trials = 0\n\"peft.lora.r\" = { int = [4, 16] }\n",
-            "spec.toml:10",
+            "spec.toml:9",
             "`search.trials`: must be a whole number of at least 1",
         ),
     ];

@@ -174,7 +174,9 @@ pub(super) fn parse(v: Option<&Value>, issues: &mut Issues) -> Option<Search> {
         }
         collect(key, value, &mut params, issues);
     }
-    if params.is_empty() {
+    // Said only when no key was given (a key with a bad distribution was
+    // reported already).
+    if !table.keys().any(|k| !SETTINGS.contains(&k.as_str())) {
         issues.at(
             "search",
             "names no key to search (e.g. \"stages.domain_adapt.lr\" = { loguniform = [1e-4, 1e-2] })",
