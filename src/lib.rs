@@ -21,6 +21,9 @@
 //! - [`infer`]: after the sweep: a recorded cell, an export or a checkpoint loaded for
 //!   captioning (`ecic predict`), written as a self-contained directory (`ecic export`).
 //! - [`serve`]: such a model behind HTTP, with dynamic batching (`ecic serve`).
+//! - [`sweep`]: one call that prepares a spec's plan and runs it (cache
+//!   check, store records, the scheduler and an executor, summary, report);
+//!   the command line's `sweep` and `plan` are thin wrappers around it.
 //!
 //! Dependencies point one way: `stages` uses `model/train/data/metrics`;
 //! `plan/exec/cache/store` know stages only through one description
@@ -45,6 +48,7 @@ pub mod serve;
 pub mod spec;
 pub mod stages;
 pub mod store;
+pub mod sweep;
 pub mod train;
 
 pub use error::{CliError, CliResult};

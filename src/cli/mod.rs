@@ -1,6 +1,6 @@
 //! The command line (the README's command table). Each subcommand's arguments live beside the
-//! code that runs it; this module only dispatches and maps errors to exit
-//! codes.
+//! code that runs it; this module only parses, dispatches, and turns an
+//! error into its message and exit code ([`CliError::exit_code`]).
 
 use std::process::ExitCode;
 
@@ -108,20 +108,12 @@ pub fn main() -> ExitCode {
 }
 
 fn report_error(e: &CliError) {
-    match e {
-        CliError::Other(err) => {
-            let mut last = err.to_string();
-            eprintln!("error: {last}");
-            for cause in err.chain().skip(1) {
-                // `{path}: {source}` errors already said it.
-                let text = cause.to_string();
-                if !last.ends_with(&text) {
-                    eprintln!("  caused by: {text}");
-                }
-                last = text;
-            }
+    for (i, text) in e.chain().iter().enumerate() {
+        if i == 0 {
+            eprintln!("error: {text}");
+        } else {
+            eprintln!("  caused by: {text}");
         }
-        other => eprintln!("error: {other}"),
     }
 }
 

@@ -1,23 +1,13 @@
-//! Trusting the cache: `ecic verify` (every entry and checkpoint against its
-//! recorded digests, like `git fsck`), and the check a sweep makes of the
-//! cached entries whose content it is about to reuse.
-//!
-//! A sweep reuses an entry's content in two ways: a stage it runs reads it as
-//! an input (directly, or through a model lineage: every cached ancestor of a
-//! stage to run), or the store imports its results because it does not have
-//! them (a deleted store, a stage computed by another process). Those entries,
-//! and only those, are verified before anything runs, so a fully cached
-//! re-run reads no entry at all. A damaged one is moved into
-//! `runs/quarantine/` and becomes a cache miss: its stage runs again.
+//! Trusting the cache: `ecic verify` checks every entry and checkpoint
+//! against its recorded digests, like `git fsck`. (The check a sweep makes of
+//! the entries it is about to reuse is [`crate::sweep::check_reused`].)
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cache::{Cache, Damage, Quarantined};
+use crate::cache::{Cache, Damage};
 use crate::error::{CliError, CliResult};
-use crate::plan::{Plan, Sealed};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -29,77 +19,6 @@ pub struct VerifyArgs {
     /// checkpoints.
     #[arg(long)]
     pub quarantine: bool,
-}
-
-/// Verify the cached entries a sweep will reuse the content of (see the module
-/// docs); damaged ones are quarantined and removed from `cached`. Quarantining
-/// turns a hit into a stage to run, whose cached inputs must then be verified
-/// too: repeat until nothing new is damaged.
-pub(super) fn check_reused(
-    cache: &Cache,
-    plan: &Plan<Sealed>,
-    cached: &mut HashSet<String>,
-    ingested: &HashSet<String>,
-) -> CliResult<Vec<Quarantined>> {
-    let mut verified: HashSet<String> = HashSet::new();
-    let mut out = Vec::new();
-    loop {
-        // Cached ancestors of every stage to run, and cached stages the store lacks.
-        let mut todo: Vec<String> = Vec::new();
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut stack: Vec<&str> = plan
-            .stages()
-            .filter(|s| !cached.contains(&s.desc.key))
-            .map(|s| s.desc.key.as_str())
-            .collect();
-        while let Some(k) = stack.pop() {
-            let Some(node) = plan.get(k) else { continue };
-            for (_, input) in &node.desc.inputs {
-                if seen.insert(input.as_str()) {
-                    if cached.contains(input) {
-                        todo.push(input.clone());
-                    }
-                    stack.push(input.as_str());
-                }
-            }
-        }
-        todo.extend(
-            plan.stages()
-                .map(|s| &s.desc.key)
-                .filter(|k| cached.contains(*k) && !ingested.contains(*k))
-                .cloned(),
-        );
-        todo.retain(|k| !verified.contains(k));
-        todo.sort();
-        todo.dedup();
-        if todo.is_empty() {
-            return Ok(out);
-        }
-        for key in todo {
-            verified.insert(key.clone());
-            if let Err(damage) = cache.verify(&key) {
-                let q = cache
-                    .quarantine(&key, damage)
-                    .map_err(|e| CliError::Other(e.into()))?;
-                let label = plan.get(&key).map(|n| n.desc.label.as_str()).unwrap_or("");
-                match &q.moved_to {
-                    Some(to) => eprintln!(
-                        "cache: {label} [{}] is damaged ({}); moved to {}; computing it again",
-                        &key[..12],
-                        q.damage,
-                        to.display()
-                    ),
-                    None => eprintln!(
-                        "cache: {label} [{}] is damaged ({}); another process is on it",
-                        &key[..12],
-                        q.damage
-                    ),
-                }
-                cached.remove(&key);
-                out.push(q);
-            }
-        }
-    }
 }
 
 /// What `ecic verify` found.

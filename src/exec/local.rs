@@ -1,5 +1,6 @@
-//! The local executor: runs ready stages as child processes of the sweep, at
-//! most `jobs` at a time, each with a thread budget.
+//! The local executor: runs the stages the scheduler ([`super::schedule`])
+//! hands it as child processes of the sweep, at most `jobs` at a time, each
+//! with a thread budget, and reports their starts, progress and ends.
 //!
 //! Child processes (rather than threads) give each stage its own thread pool
 //! size (`RAYON_NUM_THREADS`), its own peak-RSS and CPU-time figures, and the
@@ -18,15 +19,16 @@
 //!   start per stage.
 //!
 //! Both publish with deferred durability (no fsync on the stage's critical
-//! path; see [`crate::cache::Durability`]): a background thread of `execute`
+//! path; see [`crate::cache::Durability`]): a background thread of the run
 //! calls [`Cache::sync_deferred`] (one `syncfs`) every [`SYNC_EVERY`] while
-//! stages publish, and once more after the last stage (running while the sweep
-//! records and summarises; [`Executor::durable`] waits for it), so at most that
+//! stages publish, and once more after the last stage (started by
+//! [`Executor::wind_down`], running while the sweep records and summarises;
+//! [`Executor::durable`] waits for it), so at most that
 //! much finished work is exposed to a power loss (a killed process never
 //! matters). Measured on trivial stages, a process start plus the per-file
 //! fsyncs were ~40 ms of orchestration per stage.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -35,7 +37,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Event, ExecError, Executor, Outcome, StageJob, Worker};
+use super::{Event, ExecError, Executor, Outcome, Report, StageJob, Stop, Stopping, Worker};
 use crate::cache::Cache;
 
 /// How often published stage outputs are made durable while a sweep runs.
@@ -46,8 +48,10 @@ pub struct LocalExecutor {
     jobs: usize,
     /// Set by the interrupt handler: stop starting stages, kill running ones.
     interrupted: Arc<AtomicBool>,
-    /// The last `syncfs` of a finished `execute`, still running (see [`Executor::durable`]).
+    /// The last `syncfs` of a finished run, still running (see [`Executor::durable`]).
     final_sync: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// The run in progress.
+    session: Option<Session>,
 }
 
 /// Messages from the reader thread of each child process (`slot` names it).
@@ -111,12 +115,246 @@ impl LocalExecutor {
             jobs,
             interrupted,
             final_sync: None,
+            session: None,
+        }
+    }
+
+    /// The state of the run in progress, begun on first use: the cache, the
+    /// children's message channel and the periodic `syncfs` thread.
+    fn session(&mut self) -> Result<&mut Session, ExecError> {
+        if self.session.is_none() {
+            let cache = Cache::open(&self.worker.runs).map_err(|e| ExecError::Io {
+                what: "opening the cache".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let (tx, rx) = mpsc::channel::<Msg>();
+            let stop_syncing = Arc::new(AtomicBool::new(false));
+            let syncer = {
+                let (cache, stop) = (cache.clone(), stop_syncing.clone());
+                // Every SYNC_EVERY while stages run; once more when told to stop,
+                // which is the thread's result.
+                std::thread::spawn(move || loop {
+                    let t = Instant::now();
+                    while t.elapsed() < SYNC_EVERY && !stop.load(Ordering::SeqCst) {
+                        std::thread::park_timeout(SYNC_EVERY.saturating_sub(t.elapsed()));
+                    }
+                    let last = stop.load(Ordering::SeqCst);
+                    let res = cache.sync_deferred().map_err(|e| e.to_string());
+                    if last {
+                        let res = res.map(|_| ());
+                        tracing::debug!("local executor: final sync done");
+                        break res;
+                    }
+                    if let Err(e) = res {
+                        tracing::warn!("syncing published stage outputs: {e}");
+                    }
+                })
+            };
+            self.session = Some(Session {
+                cache,
+                tx,
+                rx,
+                stop_syncing,
+                syncer,
+                procs: HashMap::new(),
+                next_slot: 0,
+                reports: Vec::new(),
+            });
+        }
+        Ok(self.session.as_mut().expect("just set"))
+    }
+}
+
+/// One run of the local executor (from the first job to `wind_down`).
+struct Session {
+    cache: Cache,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    stop_syncing: Arc<AtomicBool>,
+    syncer: std::thread::JoinHandle<Result<(), String>>,
+    procs: HashMap<usize, Proc>,
+    next_slot: usize,
+    /// Reports made while starting jobs, handed over by the next `wait`.
+    reports: Vec<Report>,
+}
+
+impl Session {
+    fn busy(&self) -> usize {
+        self.procs.values().filter(|p| p.busy()).count()
+    }
+
+    /// Report a stage's end, from whether its process said ok and whether its
+    /// entry is complete in the cache.
+    fn finish(&mut self, key: String, t0: Instant, ok: bool, detail: String, interrupted: bool) {
+        let wall = t0.elapsed();
+        let complete = self.cache.is_complete(&key);
+        let outcome = if interrupted && !complete {
+            Outcome::Interrupted("interrupted by the user".into())
+        } else if ok && complete {
+            Outcome::Done
+        } else if ok {
+            Outcome::Failed("the stage exited without publishing its output".into())
+        } else {
+            Outcome::Failed(detail)
+        };
+        self.reports
+            .push(Report::Event(Event::Finished { key, outcome, wall }));
+    }
+
+    /// Turn one message of a child's reader thread into reports.
+    fn take(&mut self, msg: Msg, interrupted: bool) {
+        match msg {
+            Msg::Progress { slot, step, total } => {
+                if let Some((key, _)) = self.procs.get(&slot).and_then(|p| p.queue.front()) {
+                    self.reports.push(Report::Event(Event::Progress {
+                        key: key.clone(),
+                        step,
+                        total,
+                        note: None,
+                    }));
+                }
+            }
+            Msg::Finished { slot, ok, detail } => {
+                let Some(p) = self.procs.get_mut(&slot) else {
+                    return;
+                };
+                let Some((key, t0)) = p.queue.pop_front() else {
+                    return;
+                };
+                // The worker has already gone on with the next queued stage.
+                if let Some((next, t)) = p.queue.front_mut() {
+                    *t = Instant::now();
+                    let started = started(next);
+                    self.reports.push(started);
+                }
+                self.finish(key, t0, ok, detail, interrupted);
+            }
+            Msg::Gone { slot, ok, detail } => {
+                let Some(mut p) = self.procs.remove(&slot) else {
+                    return;
+                };
+                let pooled = p.stdin.is_some() || p.pooled;
+                // Queued behind the running stage, never started: pending again.
+                while p.queue.len() > 1 {
+                    let (k, _) = p.queue.pop_back().expect("len > 1");
+                    self.reports.push(Report::Returned(k));
+                }
+                // A one-shot child's exit ends its stage; a pooled worker
+                // that dies mid-stage fails it.
+                if let Some((key, t0)) = p.queue.pop_front() {
+                    let detail = if pooled && ok {
+                        "the stage worker exited before finishing the stage".to_string()
+                    } else {
+                        detail
+                    };
+                    self.finish(key, t0, ok && !pooled, detail, interrupted);
+                }
+            }
         }
     }
 }
 
+fn started(key: &str) -> Report {
+    Report::Event(Event::Started {
+        key: key.to_string(),
+        host: None,
+        job_id: None,
+    })
+}
+
 impl Executor for LocalExecutor {
-    /// Waits for the last `syncfs` that `execute` started on its way out.
+    /// Start a ready stage: on a free slot (at most `jobs` busy processes); a
+    /// cheap stage may also be queued behind the one a pooled worker runs, so
+    /// that the worker goes on without waiting for the scheduler (it still
+    /// runs one stage at a time).
+    fn start(&mut self, job: &StageJob) -> Result<bool, ExecError> {
+        let limit = self.jobs.max(1);
+        let worker = self.worker.clone();
+        let s = self.session()?;
+        let free = s.busy() < limit;
+        let placed = if super::pooled_kind(&job.kind) {
+            s.dispatch_pooled(&worker, limit, job, free)?
+        } else if free {
+            let slot = s.next_slot;
+            let mut p = spawn(&worker, job, false, slot, s.tx.clone())?;
+            p.queue.push_back((job.key.clone(), Instant::now()));
+            s.procs.insert(slot, p);
+            s.next_slot += 1;
+            Some(true)
+        } else {
+            None
+        };
+        if placed == Some(true) {
+            s.reports.push(started(&job.key));
+        }
+        Ok(placed.is_some())
+    }
+
+    fn wait(&mut self) -> Result<Vec<Report>, ExecError> {
+        let interrupted = self.interrupted.load(Ordering::SeqCst);
+        let s = self.session()?;
+        if s.reports.is_empty() {
+            match s.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => s.take(m, interrupted),
+                Err(_) => return Ok(Vec::new()),
+            }
+        }
+        while let Ok(m) = s.rx.try_recv() {
+            s.take(m, interrupted);
+        }
+        Ok(std::mem::take(&mut s.reports))
+    }
+
+    /// Interrupt: kill the running children (their ends are reported
+    /// interrupted). After a failure nothing is to be done: the scheduler
+    /// just starts nothing more.
+    fn stop(&mut self, how: &Stop) -> Result<Stopping, ExecError> {
+        if *how == Stop::All {
+            if let Some(s) = &self.session {
+                for p in s.procs.values().filter(|p| p.busy()) {
+                    p.kill();
+                }
+            }
+        }
+        Ok(Stopping::Follow)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Retire the pooled workers and start the last `syncfs`.
+    fn wind_down(&mut self) -> Result<(), ExecError> {
+        let Some(mut s) = self.session.take() else {
+            return Ok(());
+        };
+        tracing::debug!("local executor: every stage ended");
+        // Idle pooled workers: end of input makes them exit; wait for that so
+        // no process of this sweep outlives it.
+        for p in s.procs.values_mut() {
+            p.stdin.take();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.procs.is_empty() && Instant::now() < deadline {
+            match s.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Msg::Gone { slot, .. }) => {
+                    s.procs.remove(&slot);
+                }
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        tracing::debug!("local executor: workers gone");
+        // A last syncfs makes every entry published here durable. It runs
+        // while the caller records and summarises; `durable` waits for it.
+        s.stop_syncing.store(true, Ordering::SeqCst);
+        s.syncer.thread().unpark();
+        self.final_sync = Some(s.syncer);
+        Ok(())
+    }
+
+    /// Waits for the last `syncfs` that `wind_down` started.
     fn durable(&mut self) -> Result<(), ExecError> {
         let Some(h) = self.final_sync.take() else {
             return Ok(());
@@ -129,320 +367,21 @@ impl Executor for LocalExecutor {
             source: std::io::Error::other(e),
         })
     }
-
-    fn execute(
-        &mut self,
-        jobs: &[StageJob],
-        keep_going: bool,
-        events: &mut dyn FnMut(Event),
-    ) -> Result<(), ExecError> {
-        let cache = Cache::open(&self.worker.runs).map_err(|e| ExecError::Io {
-            what: "opening the cache".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let (tx, rx) = mpsc::channel::<Msg>();
-        let stop_syncing = Arc::new(AtomicBool::new(false));
-        let syncer = {
-            let (cache, stop) = (cache.clone(), stop_syncing.clone());
-            // Every SYNC_EVERY while stages run; once more when told to stop,
-            // which is the thread's result.
-            std::thread::spawn(move || loop {
-                let t = Instant::now();
-                while t.elapsed() < SYNC_EVERY && !stop.load(Ordering::SeqCst) {
-                    std::thread::park_timeout(SYNC_EVERY.saturating_sub(t.elapsed()));
-                }
-                let last = stop.load(Ordering::SeqCst);
-                let res = cache.sync_deferred().map_err(|e| e.to_string());
-                if last {
-                    let res = res.map(|_| ());
-                    tracing::debug!("local executor: final sync done");
-                    break res;
-                }
-                if let Err(e) = res {
-                    tracing::warn!("syncing published stage outputs: {e}");
-                }
-            })
-        };
-        let mut pending: Vec<&StageJob> = jobs.iter().collect();
-        let by_key: HashMap<&str, &StageJob> = jobs.iter().map(|j| (j.key.as_str(), j)).collect();
-        let mut done: HashSet<String> = HashSet::new();
-        let mut bad: HashMap<String, String> = HashMap::new(); // key -> root failure key
-        let mut procs: HashMap<usize, Proc> = HashMap::new();
-        let mut next_slot = 0usize;
-        let mut stop_starting = false;
-        let mut killed = false;
-        let limit = self.jobs.max(1);
-        let busy = |procs: &HashMap<usize, Proc>| procs.values().filter(|p| p.busy()).count();
-        loop {
-            if self.interrupted.load(Ordering::SeqCst) {
-                stop_starting = true;
-                if !killed {
-                    for p in procs.values().filter(|p| p.busy()) {
-                        p.kill();
-                    }
-                    killed = true;
-                }
-            }
-            // Skip jobs whose dependencies failed.
-            let mut i = 0;
-            while i < pending.len() {
-                let job = pending[i];
-                if let Some(root) = job.deps.iter().find_map(|d| bad.get(d).cloned()) {
-                    bad.insert(job.key.clone(), root.clone());
-                    events(Event::Finished {
-                        key: job.key.clone(),
-                        outcome: Outcome::Skipped { because_of: root },
-                        wall: Duration::ZERO,
-                    });
-                    pending.remove(i);
-                } else {
-                    i += 1;
-                }
-            }
-            // Start ready jobs: on a free slot (at most `jobs` busy
-            // processes); a cheap stage may also be queued behind the one a
-            // pooled worker runs, so that the worker goes on without waiting
-            // for this loop (it still runs one stage at a time).
-            if !stop_starting {
-                let mut i = 0;
-                while i < pending.len() {
-                    let job = pending[i];
-                    if !job.deps.iter().all(|d| done.contains(d)) {
-                        i += 1;
-                        continue;
-                    }
-                    let free = busy(&procs) < limit;
-                    let placed = if super::pooled_kind(&job.kind) {
-                        self.dispatch_pooled(job, free, &mut procs, &mut next_slot, &tx)
-                    } else if free {
-                        self.spawn(job, false, next_slot, tx.clone()).map(|mut p| {
-                            p.queue.push_back((job.key.clone(), Instant::now()));
-                            procs.insert(next_slot, p);
-                            next_slot += 1;
-                            Some(true)
-                        })
-                    } else {
-                        Ok(None)
-                    };
-                    match placed {
-                        Ok(None) => i += 1,
-                        Ok(Some(started)) => {
-                            pending.remove(i);
-                            if started {
-                                events(Event::Started {
-                                    key: job.key.clone(),
-                                    host: None,
-                                    job_id: None,
-                                });
-                            }
-                        }
-                        Err(e) => {
-                            pending.remove(i);
-                            bad.insert(job.key.clone(), job.key.clone());
-                            if !keep_going {
-                                stop_starting = true;
-                            }
-                            events(Event::Finished {
-                                key: job.key.clone(),
-                                outcome: Outcome::Failed(e.to_string()),
-                                wall: Duration::ZERO,
-                            });
-                        }
-                    }
-                }
-            }
-            if busy(&procs) == 0 {
-                break;
-            }
-            let msg = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            match msg {
-                Msg::Progress { slot, step, total } => {
-                    if let Some((key, _)) = procs.get(&slot).and_then(|p| p.queue.front()) {
-                        events(Event::Progress {
-                            key: key.clone(),
-                            step,
-                            total,
-                            note: None,
-                        });
-                    }
-                }
-                Msg::Finished { slot, ok, detail } => {
-                    let Some(p) = procs.get_mut(&slot) else {
-                        continue;
-                    };
-                    let Some((key, t0)) = p.queue.pop_front() else {
-                        continue;
-                    };
-                    // The worker has already gone on with the next queued stage.
-                    if let Some((next, t)) = p.queue.front_mut() {
-                        *t = Instant::now();
-                        events(Event::Started {
-                            key: next.clone(),
-                            host: None,
-                            job_id: None,
-                        });
-                    }
-                    self.finish(
-                        &cache,
-                        key,
-                        t0,
-                        ok,
-                        detail,
-                        keep_going,
-                        &mut done,
-                        &mut bad,
-                        &mut stop_starting,
-                        events,
-                    );
-                }
-                Msg::Gone { slot, ok, detail } => {
-                    let Some(mut p) = procs.remove(&slot) else {
-                        continue;
-                    };
-                    let pooled = p.stdin.is_some() || p.pooled;
-                    // Queued behind the running stage, never started: back to pending.
-                    while p.queue.len() > 1 {
-                        let (k, _) = p.queue.pop_back().expect("len > 1");
-                        if let Some(j) = by_key.get(k.as_str()) {
-                            pending.insert(0, j);
-                        }
-                    }
-                    // A one-shot child's exit ends its stage; a pooled worker
-                    // that dies mid-stage fails it.
-                    if let Some((key, t0)) = p.queue.pop_front() {
-                        let detail = if pooled && ok {
-                            "the stage worker exited before finishing the stage".to_string()
-                        } else {
-                            detail
-                        };
-                        self.finish(
-                            &cache,
-                            key,
-                            t0,
-                            ok && !pooled,
-                            detail,
-                            keep_going,
-                            &mut done,
-                            &mut bad,
-                            &mut stop_starting,
-                            events,
-                        );
-                    }
-                }
-            }
-        }
-        tracing::debug!("local executor: every stage ended");
-        // Idle pooled workers: end of input makes them exit; wait for that so
-        // no process of this sweep outlives it.
-        for p in procs.values_mut() {
-            p.stdin.take();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !procs.is_empty() && Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(Msg::Gone { slot, .. }) => {
-                    procs.remove(&slot);
-                }
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        // Whatever was never started (stop after failure, or interrupt).
-        for job in pending {
-            let outcome = if self.interrupted.load(Ordering::SeqCst) {
-                Outcome::Interrupted("not started: interrupted".into())
-            } else {
-                // An upstream failure, else the failure that stopped the sweep (the caller
-                // words the two differently).
-                let root = job
-                    .deps
-                    .iter()
-                    .find_map(|d| bad.get(d).cloned())
-                    .or_else(|| {
-                        bad.iter()
-                            .filter(|(k, v)| k == v)
-                            .map(|(k, _)| k)
-                            .min()
-                            .cloned()
-                    })
-                    .unwrap_or_default();
-                Outcome::Skipped { because_of: root }
-            };
-            events(Event::Finished {
-                key: job.key.clone(),
-                outcome,
-                wall: Duration::ZERO,
-            });
-        }
-        tracing::debug!("local executor: workers gone");
-        // A last syncfs makes every entry published here durable. It runs
-        // while the caller records and summarises; `durable` waits for it.
-        stop_syncing.store(true, Ordering::SeqCst);
-        syncer.thread().unpark();
-        self.final_sync = Some(syncer);
-        Ok(())
-    }
 }
 
-impl LocalExecutor {
-    /// Report a stage's end, from whether its process said ok and whether its
-    /// entry is complete in the cache.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        cache: &Cache,
-        key: String,
-        t0: Instant,
-        ok: bool,
-        detail: String,
-        keep_going: bool,
-        done: &mut HashSet<String>,
-        bad: &mut HashMap<String, String>,
-        stop_starting: &mut bool,
-        events: &mut dyn FnMut(Event),
-    ) {
-        let wall = t0.elapsed();
-        let complete = cache.is_complete(&key);
-        let outcome = if self.interrupted.load(Ordering::SeqCst) && !complete {
-            Outcome::Interrupted("interrupted by the user".into())
-        } else if ok && complete {
-            Outcome::Done
-        } else if ok {
-            Outcome::Failed("the stage exited without publishing its output".into())
-        } else {
-            Outcome::Failed(detail)
-        };
-        match &outcome {
-            Outcome::Done => {
-                done.insert(key.clone());
-            }
-            _ => {
-                bad.insert(key.clone(), key.clone());
-                if !keep_going {
-                    *stop_starting = true;
-                }
-            }
-        }
-        events(Event::Finished { key, outcome, wall });
-    }
-
+impl Session {
     /// Place a cheap stage on a pooled worker of its thread budget: an idle
     /// one; else, where `free`, a new one; else queued behind the single
     /// stage a busy worker runs. Returns `Some(started now)`, or `None` where
     /// there is no room.
     fn dispatch_pooled(
-        &self,
+        &mut self,
+        worker: &Worker,
+        limit: usize,
         job: &StageJob,
         free: bool,
-        procs: &mut HashMap<usize, Proc>,
-        next_slot: &mut usize,
-        tx: &mpsc::Sender<Msg>,
     ) -> Result<Option<bool>, ExecError> {
+        let procs = &mut self.procs;
         let line = format!("{}\n", job.desc.as_deref().unwrap_or(&job.key));
         let fits = |p: &Proc, depth: usize| {
             p.stdin.is_some() && p.queue.len() == depth && p.threads == job.threads
@@ -483,7 +422,7 @@ impl LocalExecutor {
         // Keep the pool within `jobs` processes: retire an idle worker of
         // another budget if need be.
         let pooled = procs.values().filter(|p| p.stdin.is_some()).count();
-        if pooled >= self.jobs.max(1) {
+        if pooled >= limit {
             if let Some(p) = procs
                 .values_mut()
                 .find(|p| p.queue.is_empty() && p.stdin.is_some())
@@ -491,123 +430,118 @@ impl LocalExecutor {
                 p.stdin.take();
             }
         }
-        let slot = *next_slot;
-        *next_slot += 1;
-        let mut p = self.spawn(job, true, slot, tx.clone())?;
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let mut p = spawn(worker, job, true, slot, self.tx.clone())?;
         let w = p.stdin.as_ref().expect("pooled worker has stdin");
         send_all(w, line.as_bytes()).map_err(|e| ExecError::Io {
             what: "handing a stage to a new worker".into(),
             source: e,
         })?;
         p.queue.push_back((job.key.clone(), Instant::now()));
-        procs.insert(slot, p);
+        self.procs.insert(slot, p);
         Ok(Some(true))
     }
+}
 
-    /// Start a child: a one-shot `run-stage KEY` (`serve` = false) or a pooled
-    /// `run-stage --serve` worker.
-    fn spawn(
-        &self,
-        job: &StageJob,
-        serve: bool,
-        slot: usize,
-        tx: mpsc::Sender<Msg>,
-    ) -> Result<Proc, ExecError> {
-        let io = |what: String| {
-            move |e| ExecError::Io {
-                what: what.clone(),
-                source: e,
-            }
-        };
-        // On Linux, /proc/self/exe is this very binary even if the file was
-        // replaced meanwhile (a rebuild during a long sweep).
-        let self_exe = std::path::Path::new("/proc/self/exe");
-        let program = if self_exe.exists()
-            && self.worker.program == std::env::current_exe().unwrap_or_default()
-        {
+/// Start a child: a one-shot `run-stage KEY` (`serve` = false) or a pooled
+/// `run-stage --serve` worker.
+fn spawn(
+    worker: &Worker,
+    job: &StageJob,
+    serve: bool,
+    slot: usize,
+    tx: mpsc::Sender<Msg>,
+) -> Result<Proc, ExecError> {
+    let io = |what: String| {
+        move |e| ExecError::Io {
+            what: what.clone(),
+            source: e,
+        }
+    };
+    // On Linux, /proc/self/exe is this very binary even if the file was
+    // replaced meanwhile (a rebuild during a long sweep).
+    let self_exe = std::path::Path::new("/proc/self/exe");
+    let program =
+        if self_exe.exists() && worker.program == std::env::current_exe().unwrap_or_default() {
             self_exe.to_path_buf()
         } else {
-            self.worker.program.clone()
+            worker.program.clone()
         };
-        let mut cmd = Command::new(&program);
-        cmd.arg("run-stage")
-            .arg("--runs")
-            .arg(&self.worker.runs)
-            .arg("--progress")
-            .env("RAYON_NUM_THREADS", job.threads.to_string())
-            .env("ECIC_THREADS", job.threads.to_string())
-            .stdout(Stdio::piped());
-        let mut keys = None;
-        if serve {
-            let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair".into()))?;
-            keys = Some(ours);
-            // The worker points its stderr at each stage's log itself.
-            cmd.arg("--serve")
-                .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-                .stderr(Stdio::null());
-        } else {
-            let log = self
-                .worker
-                .runs
-                .join("logs")
-                .join(format!("{}.log", job.key));
-            // Append: a log keeps every attempt (a resumed stage shows where it resumed).
-            let log_file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .map_err(io(format!("opening {}", log.display())))?;
-            cmd.arg("--deferred")
-                .arg(&job.key)
-                .stdin(Stdio::null())
-                .stderr(Stdio::from(log_file));
-        }
-        // Children ignore the terminal's Ctrl-C; the dispatcher decides.
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(io(format!("starting {}", self.worker.program.display())))?;
-        // Close our copy of the worker's end now that the child has it (the
-        // worker then sees end of input when `keys` is dropped).
-        drop(cmd);
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stdin = keys;
-        let pid = child.id();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                match parse_line(&line) {
-                    Some(Line::Progress(step, total)) => {
-                        let _ = tx.send(Msg::Progress { slot, step, total });
-                    }
-                    Some(Line::Finished(ok, detail)) => {
-                        let _ = tx.send(Msg::Finished { slot, ok, detail });
-                    }
-                    None => {}
-                }
-            }
-            // stdout closed: the child is exiting.
-            let (ok, detail) = match child.wait() {
-                Ok(s) if s.success() => (true, String::new()),
-                Ok(s) => (false, describe_exit(s)),
-                Err(_) => (false, "could not wait for the stage process".into()),
-            };
-            let _ = tx.send(Msg::Gone { slot, ok, detail });
-        });
-        Ok(Proc {
-            pid,
-            stdin,
-            pooled: serve,
-            threads: job.threads,
-            queue: VecDeque::new(),
-        })
+    let mut cmd = Command::new(&program);
+    cmd.arg("run-stage")
+        .arg("--runs")
+        .arg(&worker.runs)
+        .arg("--progress")
+        .env("RAYON_NUM_THREADS", job.threads.to_string())
+        .env("ECIC_THREADS", job.threads.to_string())
+        .stdout(Stdio::piped());
+    let mut keys = None;
+    if serve {
+        let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair".into()))?;
+        keys = Some(ours);
+        // The worker points its stderr at each stage's log itself.
+        cmd.arg("--serve")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::null());
+    } else {
+        let log = worker.runs.join("logs").join(format!("{}.log", job.key));
+        // Append: a log keeps every attempt (a resumed stage shows where it resumed).
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("opening {}", log.display())))?;
+        cmd.arg("--deferred")
+            .arg(&job.key)
+            .stdin(Stdio::null())
+            .stderr(Stdio::from(log_file));
     }
+    // Children ignore the terminal's Ctrl-C; the dispatcher decides.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(io(format!("starting {}", worker.program.display())))?;
+    // Close our copy of the worker's end now that the child has it (the
+    // worker then sees end of input when `keys` is dropped).
+    drop(cmd);
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdin = keys;
+    let pid = child.id();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            match parse_line(&line) {
+                Some(Line::Progress(step, total)) => {
+                    let _ = tx.send(Msg::Progress { slot, step, total });
+                }
+                Some(Line::Finished(ok, detail)) => {
+                    let _ = tx.send(Msg::Finished { slot, ok, detail });
+                }
+                None => {}
+            }
+        }
+        // stdout closed: the child is exiting.
+        let (ok, detail) = match child.wait() {
+            Ok(s) if s.success() => (true, String::new()),
+            Ok(s) => (false, describe_exit(s)),
+            Err(_) => (false, "could not wait for the stage process".into()),
+        };
+        let _ = tx.send(Msg::Gone { slot, ok, detail });
+    });
+    Ok(Proc {
+        pid,
+        stdin,
+        pooled: serve,
+        threads: job.threads,
+        queue: VecDeque::new(),
+    })
 }
 
 /// Write all of `bytes` to a worker's key socket without raising SIGPIPE.

@@ -1,19 +1,24 @@
 //! Executors: where planned stages run.
 //!
-//! The dispatcher (in [`crate::cli`]'s sweep) hands an executor the stages that
-//! are not cached, in topological order with their dependencies among
-//! themselves, and consumes the [`Event`]s it sends. Every executor runs a stage
+//! A sweep ([`crate::sweep::run_plan`]) hands the stages that are not cached,
+//! in topological order with their dependencies among themselves, to the one
+//! scheduler ([`schedule`]), which drives an executor and passes the
+//! [`Event`]s it reports on. Every executor runs a stage
 //! the same way — the hidden `ecic run-stage --runs DIR KEY` command (or its
 //! pooled form `run-stage --serve`, which takes stage descriptions on stdin,
 //! one JSON line each), which reads the stage's description from
 //! `runs/stages/KEY.json` (or its stdin line), computes, and publishes the
 //! output into the cache — so a stage's result never depends on where it ran.
 //! Workers never write the SQLite store; the orchestrator ingests each
-//! finished stage's manifest. The executor owns run state (pending, running,
-//! done, failed); the dispatcher only consumes its events.
+//! finished stage's manifest. The scheduler owns run state (pending, running,
+//! done, failed, skipped); an executor only starts, stops and reports (a new
+//! one implements [`Executor`]'s `start`, `wait` and `stop`).
 
 pub mod local;
+pub mod schedule;
 pub mod slurm;
+
+pub use schedule::{Dependencies, Report, RunEnd, Stop, Stopping};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,23 +107,73 @@ pub enum Event {
     },
 }
 
-/// The seam between the dispatcher and the places stages run.
+/// The seam between the scheduler and the places stages run. An executor
+/// starts jobs, stops them when told and reports what happened; which job
+/// may start when is [`schedule`]'s, the same for every executor.
 pub trait Executor {
-    /// Run `jobs` (topologically ordered; `deps` name earlier jobs), sending an
-    /// [`Event`] per start, progress and end to `events`. Returns when every job
-    /// has finished, failed, been skipped, or the run was interrupted.
-    /// `keep_going = false` stops starting new jobs after the first failure.
+    /// Who enforces the order of dependent jobs (default: the scheduler,
+    /// which then hands out a job only once its dependencies are done).
+    fn dependencies(&self) -> Dependencies {
+        Dependencies::Scheduler
+    }
+
+    /// Start `job` now if there is room: `Ok(true)` it was taken (started,
+    /// or queued where it starts without the scheduler), `Ok(false)` no room
+    /// yet (asked again after the next [`wait`](Self::wait)). An error fails
+    /// this job alone.
+    fn start(&mut self, job: &StageJob) -> Result<bool, ExecError>;
+
+    /// [`Dependencies::Backend`]: take every job at once, in topological
+    /// order, each with its dependencies among them. An error ends the run.
+    fn start_all(&mut self, jobs: &[&StageJob]) -> Result<(), ExecError> {
+        for job in jobs {
+            if !self.start(job)? {
+                return Err(ExecError::Scheduler {
+                    tool: "executor".into(),
+                    message: format!("no room for {}", job.key),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Block until something happened to the jobs taken (or a short while
+    /// has passed, so that the scheduler sees an interrupt), and say what.
+    fn wait(&mut self) -> Result<Vec<Report>, ExecError>;
+
+    /// Stop what `how` names. Jobs stopped are still reported ended by later
+    /// [`wait`](Self::wait)s, unless the answer is [`Stopping::Detach`].
+    fn stop(&mut self, how: &Stop) -> Result<Stopping, ExecError>;
+
+    /// Whether the user asked to stop (Ctrl-C, SIGTERM, SIGHUP).
+    fn interrupted(&self) -> bool {
+        false
+    }
+
+    /// Called once every job has ended, before the scheduler reports the
+    /// jobs it never handed out (release idle workers).
+    fn wind_down(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    /// Returns once every output published in this run is durable (an
+    /// executor may finish that in the background after the run).
+    fn durable(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    /// Run `jobs` (topologically ordered; `deps` name earlier jobs) through
+    /// [`schedule::run`], sending an [`Event`] per start, progress and end to
+    /// `events`. Returns when every job has finished, failed, been skipped,
+    /// or the run was interrupted. `keep_going = false` stops starting new
+    /// jobs after the first failure.
     fn execute(
         &mut self,
         jobs: &[StageJob],
         keep_going: bool,
         events: &mut dyn FnMut(Event),
-    ) -> Result<(), ExecError>;
-
-    /// Returns once every output the last `execute` published is durable (an
-    /// executor may finish that in the background after `execute` returns).
-    fn durable(&mut self) -> Result<(), ExecError> {
-        Ok(())
+    ) -> Result<(), ExecError> {
+        schedule::run(self, jobs, keep_going, events).map(|_| ())
     }
 }
 
@@ -155,6 +210,4 @@ pub enum ExecError {
     },
     #[error("{tool} failed: {message}")]
     Scheduler { tool: String, message: String },
-    #[error("unknown executor `{0}` (expected `local` or `slurm`)")]
-    Unknown(String),
 }

@@ -2,7 +2,9 @@
 //!
 //! The whole batch is handed to Slurm at once, each job depending
 //! (`afterok`) on the jobs of its inputs, so the orchestrator may go away and
-//! Slurm still runs the DAG; the job ids are recorded in
+//! Slurm still runs the DAG (the executor declares
+//! [`Dependencies::Backend`] to the scheduler, which then hands it every job
+//! at once and only decides when to stop); the job ids are recorded in
 //! `<runs>/slurm/<batch>.json` so [`SlurmExecutor::attach`] can follow the
 //! batch again later. Each job runs the same `ecic run-stage` as the local
 //! executor; the orchestrator learns results from Slurm's state (`squeue`,
@@ -14,6 +16,7 @@ pub mod parse;
 mod tests;
 mod track;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use self::track::{Tracked, Tracker};
+use super::schedule::{self, Dependencies, Report, RunEnd, Stop, Stopping};
 use super::{Event, ExecError, Executor, Outcome, StageJob, Worker};
 
 /// Why a Slurm client command gave no usable output.
@@ -126,14 +130,10 @@ pub struct RecordedJob {
 
 const RECORD_VERSION: u32 = 1;
 
-/// How [`SlurmExecutor::follow`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FollowEnd {
-    /// Every job has an outcome.
-    Finished,
-    /// Interrupted in detach mode: the jobs go on in Slurm, unreported.
-    Detached,
-}
+/// How [`SlurmExecutor::follow`] ended: every job has an outcome
+/// (`Finished`), or the run was interrupted in detach mode and the jobs go on
+/// in Slurm, unreported (`Detached`).
+pub type FollowEnd = RunEnd;
 
 /// Cancels a batch's jobs from another thread (an interrupt handler) while
 /// [`SlurmExecutor::follow`] is running.
@@ -160,6 +160,13 @@ pub struct SlurmExecutor {
     detach_on_interrupt: bool,
     submitted: CancelHandle,
     tracker: Option<Tracker>,
+    /// The jobs of the batch followed, as the scheduler sees them.
+    batch_jobs: Vec<StageJob>,
+    /// Whether Slurm was asked about the batch yet in this run (the first
+    /// poll does not wait).
+    polled: bool,
+    /// Polls since our jobs were cancelled on an interrupt.
+    polls_since_cancel: u32,
 }
 
 impl SlurmExecutor {
@@ -179,6 +186,9 @@ impl SlurmExecutor {
             detach_on_interrupt: false,
             submitted: CancelHandle::default(),
             tracker: None,
+            batch_jobs: Vec::new(),
+            polled: false,
+            polls_since_cancel: 0,
         }
     }
 
@@ -325,79 +335,27 @@ impl SlurmExecutor {
         Ok(record)
     }
 
-    /// Polls Slurm until every submitted job has an outcome, sending events.
-    /// With `keep_going` off, the first failure cancels the jobs not yet started.
+    /// Polls Slurm until every submitted job has an outcome, sending events,
+    /// through the one scheduler ([`schedule::run_from`]), which counts the
+    /// outcomes already reported by earlier polls. With `keep_going` off, the
+    /// first failure cancels the jobs not yet started.
     pub fn follow(
         &mut self,
         keep_going: bool,
         events: &mut dyn FnMut(Event),
     ) -> Result<FollowEnd, ExecError> {
-        let Some(mut tracker) = self.tracker.take() else {
+        let Some(tracker) = &self.tracker else {
             return Ok(FollowEnd::Finished);
         };
-        let result = self.follow_tracker(&mut tracker, keep_going, events);
-        self.tracker = Some(tracker);
+        let ended: HashMap<String, Outcome> = tracker
+            .jobs
+            .iter()
+            .filter_map(|j| Some((j.key.clone(), j.ended.clone()?)))
+            .collect();
+        let jobs = std::mem::take(&mut self.batch_jobs);
+        let result = schedule::run_from(self, &jobs, &ended, keep_going, events);
+        self.batch_jobs = jobs;
         result
-    }
-
-    fn follow_tracker(
-        &mut self,
-        tracker: &mut Tracker,
-        keep_going: bool,
-        events: &mut dyn FnMut(Event),
-    ) -> Result<FollowEnd, ExecError> {
-        // Polls allowed after cancelling before unconfirmed jobs are reported anyway.
-        let mut polls_since_cancel = 0u32;
-        loop {
-            if self.react(tracker, keep_going)? {
-                return Ok(FollowEnd::Detached);
-            }
-            tracker.step(self.cli.as_mut(), events)?;
-            if tracker.all_ended() {
-                return Ok(FollowEnd::Finished);
-            }
-            if self.react(tracker, keep_going)? {
-                return Ok(FollowEnd::Detached);
-            }
-            if tracker.interrupted {
-                polls_since_cancel += 1;
-                if polls_since_cancel > 10 {
-                    // Slurm has not confirmed the cancellation; report what we asked for.
-                    for i in 0..tracker.jobs.len() {
-                        if tracker.jobs[i].ended.is_none() {
-                            let o =
-                                Outcome::Interrupted("cancelled by the user (unconfirmed)".into());
-                            tracker.finish(i, o, Duration::ZERO, events);
-                        }
-                    }
-                    return Ok(FollowEnd::Finished);
-                }
-            }
-            std::thread::sleep(self.poll);
-        }
-    }
-
-    /// Acts on a first failure (without `keep_going`) and on the interrupt
-    /// flag; `true` means stop following now (detach).
-    fn react(&mut self, tracker: &mut Tracker, keep_going: bool) -> Result<bool, ExecError> {
-        if !keep_going && tracker.stop_cause.is_none() {
-            if let Some(key) = tracker.first_failure().map(str::to_string) {
-                tracker.stop_cause = Some(key);
-                track::scancel(self.cli.as_mut(), &tracker.unstarted_ids(), true)?;
-            }
-        }
-        let interrupted = self
-            .interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
-        if interrupted && !tracker.interrupted {
-            if self.detach_on_interrupt {
-                return Ok(true);
-            }
-            tracker.interrupted = true;
-            track::scancel(self.cli.as_mut(), &tracker.unfinished_ids(), false)?;
-        }
-        Ok(false)
     }
 
     fn adopt(&mut self, record: &BatchRecord) {
@@ -416,22 +374,104 @@ impl SlurmExecutor {
         if let Ok(mut ids) = self.submitted.ids.lock() {
             *ids = record.jobs.iter().map(|j| j.job_id.clone()).collect();
         }
+        self.batch_jobs = record
+            .jobs
+            .iter()
+            .map(|j| StageJob {
+                key: j.key.clone(),
+                kind: j.kind.clone(),
+                label: j.label.clone(),
+                deps: j.deps.clone(),
+                threads: 1,
+                resources: Default::default(),
+                desc: None,
+            })
+            .collect();
         self.tracker = Some(Tracker::new(jobs, self.worker.runs.clone()));
+        self.polled = false;
+        self.polls_since_cancel = 0;
+    }
+
+    /// The jobs of the batch submitted or attached to (as the scheduler is
+    /// to follow them: an attached sweep follows these, not its own plan's).
+    pub fn batch_jobs(&self) -> &[StageJob] {
+        &self.batch_jobs
     }
 }
 
+/// Slurm holds the dependencies (`afterok`): the scheduler hands over the
+/// whole batch at once, and learns outcomes from polling.
 impl Executor for SlurmExecutor {
-    fn execute(
-        &mut self,
-        jobs: &[StageJob],
-        keep_going: bool,
-        events: &mut dyn FnMut(Event),
-    ) -> Result<(), ExecError> {
-        if jobs.is_empty() {
+    fn dependencies(&self) -> Dependencies {
+        Dependencies::Backend
+    }
+
+    fn start(&mut self, job: &StageJob) -> Result<bool, ExecError> {
+        self.start_all(&[job]).map(|_| true)
+    }
+
+    /// Submits the batch, unless this executor follows one that has not
+    /// ended (attached, or submitted by hand).
+    fn start_all(&mut self, jobs: &[&StageJob]) -> Result<(), ExecError> {
+        if jobs.is_empty() || self.tracker.as_ref().is_some_and(|t| !t.all_ended()) {
             return Ok(());
         }
-        self.submit(jobs)?;
-        self.follow(keep_going, events).map(|_| ())
+        let owned: Vec<StageJob> = jobs.iter().map(|j| (*j).clone()).collect();
+        self.submit(&owned).map(|_| ())
+    }
+
+    /// One `squeue` (and `scontrol` for ended jobs), a poll interval after the last.
+    fn wait(&mut self) -> Result<Vec<Report>, ExecError> {
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if self.polled {
+            std::thread::sleep(self.poll);
+        }
+        self.polled = true;
+        let mut reports = Vec::new();
+        let mut report = |e: Event| reports.push(Report::Event(e));
+        tracker.step(self.cli.as_mut(), &mut report)?;
+        if tracker.interrupted && !tracker.all_ended() {
+            self.polls_since_cancel += 1;
+            // Polls allowed after cancelling before unconfirmed jobs are reported anyway.
+            if self.polls_since_cancel > 10 {
+                for i in 0..tracker.jobs.len() {
+                    if tracker.jobs[i].ended.is_none() {
+                        let o = Outcome::Interrupted("cancelled by the user (unconfirmed)".into());
+                        tracker.finish(i, o, Duration::ZERO, &mut report);
+                    }
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    /// After a failure: `scancel` the jobs not yet started (reported skipped
+    /// because of it). On an interrupt: `scancel` every unfinished job, or in
+    /// detach mode leave them running and stop following.
+    fn stop(&mut self, how: &Stop) -> Result<Stopping, ExecError> {
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Ok(Stopping::Follow);
+        };
+        match how {
+            Stop::Unstarted { because_of } => {
+                tracker.stop_cause = Some(because_of.clone());
+                track::scancel(self.cli.as_mut(), &tracker.unstarted_ids(), true)?;
+            }
+            Stop::All if self.detach_on_interrupt => return Ok(Stopping::Detach),
+            Stop::All => {
+                tracker.interrupted = true;
+                track::scancel(self.cli.as_mut(), &tracker.unfinished_ids(), false)?;
+            }
+        }
+        Ok(Stopping::Follow)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
     }
 }
 

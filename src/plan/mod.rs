@@ -283,23 +283,19 @@ impl Plan<Sealed> {
         &self.data_dir
     }
 
-    /// Direct upstream keys of a stage.
-    pub fn inputs_of(&self, key: &str) -> Vec<String> {
-        self.get(key)
-            .map(|n| n.desc.inputs.iter().map(|(_, k)| k.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    /// All stages downstream of `key` (not including it).
-    pub fn dependents(&self, key: &str) -> Vec<String> {
+    /// Every stage upstream of `key` (not including it), nearest first: a
+    /// stage reads entries further up than its direct inputs (a model
+    /// lineage's weights, the preprocessed data).
+    pub fn ancestors(&self, key: &str) -> Vec<&StageNode> {
         let Some(&start) = self.index.get(key) else {
             return Vec::new();
         };
-        let mut dfs = petgraph::visit::Dfs::new(&self.graph, start);
+        let up = petgraph::visit::Reversed(&self.graph);
+        let mut bfs = petgraph::visit::Bfs::new(up, start);
         let mut out = Vec::new();
-        while let Some(n) = dfs.next(&self.graph) {
+        while let Some(n) = bfs.next(up) {
             if n != start {
-                out.push(self.graph[n].desc.key.clone());
+                out.push(&self.graph[n]);
             }
         }
         out

@@ -6,26 +6,17 @@ use comfy_table::{presets, Cell as TCell, Color, ContentArrangement, Table};
 use serde::{Serialize, Serializer};
 
 use super::{Plan, Sealed};
+use crate::spec::grid::TRIAL_AXIS;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How `ecic plan` prints (its `--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Cells, then one row per stage.
     Table,
+    /// Graphviz.
     Dot,
+    /// Everything, machine-readable.
     Json,
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "table" => Ok(Format::Table),
-            "dot" => Ok(Format::Dot),
-            "json" => Ok(Format::Json),
-            other => Err(format!(
-                "unknown plan format `{other}` (expected table, dot or json)"
-            )),
-        }
-    }
 }
 
 impl Plan<Sealed> {
@@ -83,17 +74,36 @@ impl Plan<Sealed> {
         cells
             .load_style(presets::UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic);
-        cells.set_header(vec!["cell", "backbone", "peft", "fusion", "seed", "stages"]);
+        // A search's trials are named by number: show what each sampled.
+        let sampled = |c: &crate::spec::Cell| -> Option<String> {
+            let at = c.overrides.iter().position(|(a, _)| a == TRIAL_AXIS)?;
+            let shown: Vec<String> = c.overrides[at + 1..]
+                .iter()
+                .map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k)))
+                .collect();
+            Some(shown.join(" "))
+        };
+        let search = self.cells.iter().any(|c| sampled(&c.cell).is_some());
+        let mut header = vec!["cell", "backbone", "peft", "fusion", "seed"];
+        if search {
+            header.push("sampled");
+        }
+        header.push("stages");
+        cells.set_header(header);
         for c in &self.cells {
             let keys: Vec<String> = c.stages.iter().map(|(_, k)| k[..8].to_string()).collect();
-            cells.add_row(vec![
+            let mut row = vec![
                 c.cell.name.clone(),
                 c.cell.backbone.clone(),
                 c.cell.peft.clone(),
                 c.cell.fusion.clone(),
                 c.cell.seed.to_string(),
-                keys.join(" > "),
-            ]);
+            ];
+            if search {
+                row.push(sampled(&c.cell).unwrap_or_default());
+            }
+            row.push(keys.join(" > "));
+            cells.add_row(row);
         }
         format!("{cells}\n{t}\n{}\n", self.summary(cached))
     }

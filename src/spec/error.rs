@@ -105,9 +105,16 @@ pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;
     let mut item: &toml_edit::Item = doc.as_item();
     let mut span = None;
-    for part in key.split('.') {
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
         let next = match item {
             toml_edit::Item::Table(t) => {
+                // A quoted key holding dots (`"stages.domain_adapt.lr" = ...` in
+                // `[grid]` or `[search]`) is the rest of the path in one piece.
+                let rest = parts[i..].join(".");
+                if let Some((k, v)) = t.get_key_value(&rest).filter(|_| i + 1 < parts.len()) {
+                    return offset_to_pos(text, k.span().or_else(|| v.span())?.start);
+                }
                 let (k, v) = t.get_key_value(part)?;
                 span = k.span().or_else(|| v.span());
                 v

@@ -4,7 +4,8 @@
 //! `fusion`; any other key is a dotted path into the spec
 //! (`"stages.domain_adapt.lr" = [1e-4, 5e-4]`, or nested tables). `[[grid.zip]]`
 //! tables hold axes of equal length that move together. `[[exclude]]` tables
-//! drop the cells that match all of their keys. Baseline backbones (`nn`,
+//! drop the cells that match all of their keys. A `[search]` table adds its
+//! sampled trials as one more zipped group (see [`search`]). Baseline backbones (`nn`,
 //! `mfc`) have no PEFT or fusion: their cells carry `-` there and are
 //! deduplicated.
 
@@ -15,6 +16,10 @@ use serde_json::{Map, Value};
 
 use super::error::{did_you_mean, Issues};
 use super::params::{Config, BACKBONES, BASELINES, FUSIONS, PEFTS};
+use super::search;
+
+/// The axis that numbers a `[search]`'s sampled trials (0, 1, ...).
+pub const TRIAL_AXIS: &str = "trial";
 
 /// Most cells one spec may expand into (axes x seeds, before exclusions).
 pub const MAX_CELLS: usize = 20_000;
@@ -44,6 +49,8 @@ impl Cell {
 struct Group {
     axes: Vec<String>,
     rows: Vec<Vec<Value>>,
+    /// Where its axes were written: `grid` or `search`.
+    section: &'static str,
 }
 
 pub(super) fn expand(
@@ -103,6 +110,7 @@ pub(super) fn expand(
                 groups.push(Group {
                     axes: axes.into_iter().map(|(k, _)| k).collect(),
                     rows,
+                    section: "grid",
                 });
             }
         } else {
@@ -112,6 +120,7 @@ pub(super) fn expand(
                 groups.push(Group {
                     axes: vec![k],
                     rows: v.into_iter().map(|x| vec![x]).collect(),
+                    section: "grid",
                 });
             }
         }
@@ -129,19 +138,40 @@ pub(super) fn expand(
             groups.push(Group {
                 axes: vec![axis.into()],
                 rows: vec![vec![Value::from(default)]],
+                section: "grid",
             });
         }
     }
     groups.sort_by_key(rank);
+    // Sampled trials: one zipped group, last, so that a grid cell's trials
+    // are neighbours.
+    if let Some(search) = search::parse(base.get("search"), issues) {
+        let mut axes = vec![TRIAL_AXIS.to_string()];
+        axes.extend(search.params.iter().map(|(k, _)| k.clone()));
+        let rows = search
+            .sample()
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| std::iter::once(Value::from(i)).chain(row).collect())
+            .collect();
+        groups.push(Group {
+            axes,
+            rows,
+            section: "search",
+        });
+    }
 
     let mut axis_names = Vec::new();
     for g in &groups {
         for (col, axis) in g.axes.iter().enumerate() {
             if axis_names.contains(axis) {
-                issues.at(format!("grid.{axis}"), "axis given twice");
+                issues.at(format!("{}.{axis}", g.section), "axis given twice");
             }
             axis_names.push(axis.clone());
-            check_axis(axis, g.rows.iter().map(|r| &r[col]), &defaults, issues);
+            if axis != TRIAL_AXIS {
+                let values = g.rows.iter().map(|r| &r[col]);
+                check_axis(g.section, axis, values, &defaults, issues);
+            }
         }
     }
     let excludes = parse_excludes(base.get("exclude"), &axis_names, issues);
@@ -253,6 +283,7 @@ fn with_omitted_keys(mut defaults: Value) -> Value {
 }
 
 fn check_axis<'a>(
+    section: &str,
     axis: &str,
     values: impl Iterator<Item = &'a Value>,
     defaults: &Value,
@@ -269,7 +300,7 @@ fn check_axis<'a>(
             match v.as_str() {
                 Some(s) if allowed.contains(&s) => {}
                 Some(s) => issues.at(
-                    format!("grid.{axis}"),
+                    format!("{section}.{axis}"),
                     format!(
                         "unknown {axis} `{s}`{}; expected one of {}",
                         did_you_mean(s, allowed.iter().copied()).unwrap_or_default(),
@@ -277,7 +308,7 @@ fn check_axis<'a>(
                     ),
                 ),
                 None => issues.at(
-                    format!("grid.{axis}"),
+                    format!("{section}.{axis}"),
                     format!("{axis} values must be strings, got {v}"),
                 ),
             }
@@ -286,7 +317,7 @@ fn check_axis<'a>(
     }
     if axis == "seeds" || axis == "seed" {
         issues.at(
-            format!("grid.{axis}"),
+            format!("{section}.{axis}"),
             "seeds are set with the top-level `seeds = [...]`",
         );
         return;
@@ -312,7 +343,7 @@ fn check_axis<'a>(
                     _ => String::new(),
                 };
                 issues.at(
-                    format!("grid.{axis}"),
+                    format!("{section}.{axis}"),
                     format!("no spec key `{axis}`{hint}"),
                 );
                 return;
@@ -328,7 +359,7 @@ fn check_axis<'a>(
         || axis == "data"
     {
         issues.at(
-            format!("grid.{axis}"),
+            format!("{section}.{axis}"),
             "this key cannot be a grid axis (one data set and one name per sweep)",
         );
     }
@@ -416,14 +447,26 @@ fn make_cell(
         if matches!(axis.as_str(), "backbone" | "peft" | "fusion") {
             continue;
         }
-        set_path(&mut tree, axis, v.clone());
+        if axis != TRIAL_AXIS {
+            set_path(&mut tree, axis, v.clone());
+        }
         overrides.push((axis.clone(), v.clone()));
     }
     let mut name = format!("{backbone}-{peft}-{fusion}");
     if baseline {
         name = backbone.clone();
     }
-    for (axis, v) in &overrides {
+    // A trial is named by its number; its sampled values follow the axis in
+    // `overrides` (and in `ecic plan`).
+    let trial_at = overrides.iter().position(|(a, _)| a == TRIAL_AXIS);
+    for (i, (axis, v)) in overrides.iter().enumerate() {
+        if trial_at.is_some_and(|t| i > t) {
+            break;
+        }
+        if axis == TRIAL_AXIS {
+            name.push_str(&format!("-t{v}"));
+            continue;
+        }
         let short = axis.rsplit('.').next().unwrap_or(axis);
         let shown = match v {
             Value::String(s) => s.clone(),

@@ -9,8 +9,9 @@
 
 pub mod checkpoint;
 mod error;
-mod grid;
+pub mod grid;
 pub mod params;
+pub mod search;
 mod validate;
 
 use std::path::{Path, PathBuf};

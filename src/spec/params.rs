@@ -42,6 +42,9 @@ pub struct Config {
     pub grid: serde_json::Value,
     #[serde(default)]
     pub exclude: serde_json::Value,
+    /// Sampled trials (handled by `search.rs`, likewise).
+    #[serde(default)]
+    pub search: serde_json::Value,
 }
 
 fn default_seeds() -> Vec<u64> {

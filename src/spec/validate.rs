@@ -21,6 +21,7 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "resources",
     "grid",
     "exclude",
+    "search",
 ];
 /// Most retrieved captions per image (`model.retrieve`).
 const MAX_RETRIEVE: usize = 4;

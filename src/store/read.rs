@@ -300,4 +300,16 @@ impl Store {
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
+
+    /// Stages whose results the store has (ended done and ingested).
+    pub fn done_keys(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT key FROM stages WHERE status = 'done' AND finished_at IS NOT NULL")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
 }

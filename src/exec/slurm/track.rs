@@ -65,8 +65,8 @@ pub(crate) fn log_path(runs: &Path, key: &str) -> PathBuf {
 pub(crate) struct Tracker {
     pub jobs: Vec<Tracked>,
     pub runs: PathBuf,
-    /// Set when `keep_going` is off and a job failed: jobs cancelled before
-    /// they started are then reported skipped because of this key.
+    /// Set when the scheduler stops after a failure (`keep_going` off): jobs
+    /// cancelled before they started are then reported skipped because of this key.
     pub stop_cause: Option<String>,
     /// Set once the user interrupted and our jobs were cancelled.
     pub interrupted: bool,
@@ -103,14 +103,6 @@ impl Tracker {
             .filter(|j| j.ended.is_none() && !j.started)
             .map(|j| j.job_id.clone())
             .collect()
-    }
-
-    /// The first job that failed (not skipped), if any.
-    pub fn first_failure(&self) -> Option<&str> {
-        self.jobs
-            .iter()
-            .find(|j| matches!(j.ended, Some(Outcome::Failed(_))))
-            .map(|j| j.key.as_str())
     }
 
     /// Asks Slurm once about every unfinished job and reports what changed.
