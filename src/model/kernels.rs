@@ -359,6 +359,8 @@ fn rotate(rows: &mut [f32], d: usize, first: usize, (cos, sin): (&[f32], &[f32])
 }
 
 /// Softmax in place of the first `valid` scores of a row (scaled by `scale`); the rest become 0.
+/// Inlined into its callers' [`super::vmath::dispatch`] bodies.
+#[inline(always)]
 fn softmax_row(r: &mut [f32], valid: usize, scale: f32) {
     let (live, masked) = r.split_at_mut(valid);
     masked.fill(0.0);
@@ -427,9 +429,14 @@ impl CustomOp1 for Attention {
                     Mat(kh, 1, d),
                     Parallelism::None,
                 );
-                for (i, r) in ph.chunks_exact_mut(t).enumerate() {
-                    softmax_row(r, if self.causal { i + 1 } else { t }, scale);
-                }
+                super::vmath::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (i, r) in ph.chunks_exact_mut(t).enumerate() {
+                            softmax_row(r, if self.causal { i + 1 } else { t }, scale);
+                        }
+                    },
+                );
                 let v = &x[base + 2 * w + hi * d..];
                 mm(
                     (t, d, t),
@@ -500,12 +507,17 @@ impl CustomOp1 for Attention {
                             Mat(v, 1, c3),
                             Parallelism::None,
                         );
-                        for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
-                            let dot = super::vmath::dot(dr, pr);
-                            for (a, &pv) in dr.iter_mut().zip(pr) {
-                                *a = pv * (*a - dot) * scale;
-                            }
-                        }
+                        super::vmath::dispatch(
+                            #[inline(always)]
+                            || {
+                                for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
+                                    let dot = super::vmath::dot(dr, pr);
+                                    for (a, &pv) in dr.iter_mut().zip(pr) {
+                                        *a = pv * (*a - dot) * scale;
+                                    }
+                                }
+                            },
+                        );
                         // dQ = dS K, dK = dS^T Q (in rotated coordinates), then un-rotate.
                         mm(
                             (t, d, t),
@@ -717,9 +729,14 @@ pub fn cached_attention(
                         Mat(kh, 1, d),
                         Parallelism::None,
                     );
-                    for (i, pr) in p.chunks_exact_mut(l).enumerate() {
-                        softmax_row(pr, offset + i + 1, scale);
-                    }
+                    super::vmath::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (i, pr) in p.chunks_exact_mut(l).enumerate() {
+                                softmax_row(pr, offset + i + 1, scale);
+                            }
+                        },
+                    );
                     mm(
                         (t, d, l),
                         &mut yr[h * d..],

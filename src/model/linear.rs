@@ -6,7 +6,7 @@
 //! asks for one. Model code never knows which.
 //!
 //! QLoRA forward: the frozen base is stored as a Q4_0 `QTensor` and dequantized for each
-//! forward pass. candle's `QMatMul` gives no gradient to its input; dequantize-per-forward
+//! forward pass (by [`super::quant`]). candle's `QMatMul` gives no gradient to its input; dequantize-per-forward
 //! does (the weight is a constant of the graph), and at the tiny sizes it was the faster of
 //! the two options measured in issue 5. Only the dequantized copy is transient.
 
@@ -18,6 +18,7 @@ use candle_core::{Result as CResult, Tensor};
 use super::kernels;
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
+use super::quant;
 use super::ModelError;
 
 #[derive(Debug, Clone)]
@@ -47,7 +48,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         let y = match &self.base {
             Base::Dense(w) => kernels::linear(x, w, self.bias.as_ref())?,
-            Base::Quant(q) => kernels::linear(x, &q.dequantize(x.device())?, self.bias.as_ref())?,
+            Base::Quant(q) => {
+                kernels::linear(x, &quant::dequantize(q, x.device())?, self.bias.as_ref())?
+            }
         };
         match &self.lora {
             Some(l) => {
