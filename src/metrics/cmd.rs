@@ -65,6 +65,7 @@ struct Scored {
 }
 
 pub fn run(args: &EvalArgs) -> CliResult {
+    crate::alloc::return_freed_memory_soon();
     let (refs, pred) = rayon::join(
         || jsonl::read_references(&args.refs),
         || jsonl::read_predictions(&args.pred),
