@@ -98,18 +98,20 @@ def main():
         return elapsed, {"bleu1": bleu[0], "bleu2": bleu[1], "bleu3": bleu[2], "bleu4": bleu[3],
                          "rouge_l": float(rouge), "cider_d": float(cider)}
 
+    rss_path = os.path.join(work, "rss")
+
     def run_ecic():
-        """Wall time, peak RSS (MiB, from wait4) and the parsed output of one process."""
+        """Wall time, peak RSS (MiB) and the parsed output of one process. The RSS comes from GNU
+        time, whose child is forked from a small process: a child forked from this Python process
+        would report this process's peak (Linux keeps the high-water mark across exec)."""
         t = time.perf_counter()
-        proc = subprocess.Popen([ecic, "eval", "--pred", pred_path, "--refs", refs_path, "--json"],
-                                stdout=subprocess.PIPE)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_path, ecic, "eval", "--pred",
+                              pred_path, "--refs", refs_path, "--json"],
+                             check=True, capture_output=True)
         elapsed = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            sys.exit("ecic eval failed with status %d" % proc.returncode)
-        return elapsed, usage.ru_maxrss / 1024, json.loads(out)
+        with open(rss_path) as f:
+            peak = int(f.read().split()[-1]) / 1024
+        return elapsed, peak, json.loads(out.stdout)
 
     # rounds alternate the two sides so that load changes on a shared machine hit both alike;
     # each round runs ecic twice (its runs are short, so it gets more samples)

@@ -5,7 +5,8 @@
 //! order of their sums, so equality is exact, not within a tolerance. Levels the CPU lacks are
 //! skipped and named on stderr.
 //!
-//! One test in its own binary: it switches the process-wide level.
+//! Its own binary: the first test switches the process-wide level (the second gives the same
+//! bits at every level, so it may run beside it).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor, Var};
@@ -182,4 +183,16 @@ fn every_isa_level_gives_baseline_bits() {
     assert!(vmath::force_isa(best));
     // the best level the CPU has was among those compared
     assert!(best == Isa::Baseline || compared >= 1);
+}
+
+#[test]
+fn q4_0_dequantisation_matches_candle_bit_for_bit() {
+    // 3 rows of 4,192 values: more than one rayon task, with a partial last one
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let w = rand(&mut r, &[3, 4096 + 96], 3.0);
+    let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+    let want = q.dequantize(&Device::Cpu).unwrap();
+    let got = quant::dequantize(&q, &Device::Cpu).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    assert_eq!(bits(&got), bits(&want));
 }
