@@ -32,16 +32,31 @@ impl References {
     /// Prepare `refs` (image id, reference captions): ids must be unique and
     /// every list non-empty.
     pub fn new(refs: &[(String, Vec<String>)], mode: Tokenize) -> Result<Self, MetricsError> {
-        let mut index = FastMap::default();
-        for (i, (id, caps)) in refs.iter().enumerate() {
-            if caps.is_empty() {
-                return Err(MetricsError::EmptyReferences { id: id.clone() });
-            }
-            if index.insert(id.clone(), i).is_some() {
-                return Err(MetricsError::DuplicateImage { id: id.clone() });
-            }
-        }
+        let index = check_ids(refs)?;
         let (vocab, captions) = encode_references(refs, |(_, caps)| caps.as_slice(), mode);
+        let ids = refs.iter().map(|(id, _)| id.clone()).collect();
+        Ok(Self::build(ids, index, vocab, captions, mode))
+    }
+
+    /// [`References::new`] taking the texts, which are freed once tokenized, before the
+    /// n-grams are counted (`ecic eval`'s peak memory).
+    pub fn from_owned(
+        refs: Vec<(String, Vec<String>)>,
+        mode: Tokenize,
+    ) -> Result<Self, MetricsError> {
+        let index = check_ids(&refs)?;
+        let (vocab, captions) = encode_references(&refs, |(_, caps)| caps.as_slice(), mode);
+        let ids = refs.into_iter().map(|(id, _)| id).collect();
+        Ok(Self::build(ids, index, vocab, captions, mode))
+    }
+
+    fn build(
+        ids: Vec<String>,
+        index: FastMap<String, usize>,
+        vocab: super::ngram::Vocab,
+        captions: Vec<Vec<Caption>>,
+        mode: Tokenize,
+    ) -> Self {
         let rouge: Vec<RougeRefs> = captions
             .par_iter()
             .map(|caps| {
@@ -51,14 +66,13 @@ impl References {
             })
             .collect();
         let cider = CiderD::from_captions(vocab, mode, captions, false);
-        let ids = refs.iter().map(|(id, _)| id.clone()).collect();
-        Ok(References {
+        References {
             mode,
             ids,
             index,
             rouge,
             cider,
-        })
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -170,6 +184,20 @@ impl References {
             .collect::<Result<Vec<_>, _>>()?;
         self.evaluate_in_order(&ordered)
     }
+}
+
+/// Id -> position of every reference image; an error for a repeated id or an empty list.
+fn check_ids(refs: &[(String, Vec<String>)]) -> Result<FastMap<String, usize>, MetricsError> {
+    let mut index = FastMap::default();
+    for (i, (id, caps)) in refs.iter().enumerate() {
+        if caps.is_empty() {
+            return Err(MetricsError::EmptyReferences { id: id.clone() });
+        }
+        if index.insert(id.clone(), i).is_some() {
+            return Err(MetricsError::DuplicateImage { id: id.clone() });
+        }
+    }
+    Ok(index)
 }
 
 /// Score predictions `(image id, caption)` against references
