@@ -9,10 +9,14 @@
 //! CASE: full | full44 | lora | qlora | adapter | greedy | beam3 | matmul
 //! ```
 //!
+//! `ECIC_ISA=baseline|avx2|avx512` runs our own kernels at that instruction-set level instead
+//! of the best the CPU has (src/model/vmath.rs), to measure what the dispatch gives.
+//!
 //! Training cases time forward + backward + gradient clipping + AdamW step (the project's
 //! optimizer, `ecic::train::AdamW`) per step and report samples/s with the split in ms.
 //! Decoding cases time `decode::generate` (greedy or beam-3, KV cache) over 32 images, 24 new
-//! tokens at most. `matmul` reports f32 GFLOP/s of (n,n)x(n,n) for n = 1024, 1536, 2048.
+//! tokens at most. `matmul` reports f32 GFLOP/s of (n,n)x(n,n) for n = 1024, 1536, 2048 and the
+//! instruction set our own kernels run at (`ecic::model::vmath::isa`).
 //! `--export DIR` (training cases) writes the initial weights, the batch and the losses of the
 //! first steps so the PyTorch side can check that it computes the same function.
 
@@ -208,13 +212,37 @@ fn matmul() -> String {
         out.push(format!("\"{n}\":{g:.1}"));
     }
     format!(
-        "{{\"case\":\"matmul\",\"side\":\"candle\",\"gflops\":{{{}}}}}",
+        "{{\"case\":\"matmul\",\"side\":\"candle\",\"isa\":\"{}\",\"gflops\":{{{}}}}}",
+        ecic::model::vmath::isa().name(),
         out.join(",")
     )
 }
 
+/// `ECIC_ISA=baseline|avx2|avx512`: run our kernels at that level instead of the best one, to
+/// measure what the dispatch gives.
+fn force_isa_from_env() {
+    use ecic::model::vmath::{force_isa, Isa};
+    let Ok(level) = std::env::var("ECIC_ISA") else {
+        return;
+    };
+    let isa = match level.as_str() {
+        "baseline" => Isa::Baseline,
+        "avx2" => Isa::Avx2,
+        "avx512" => Isa::Avx512,
+        other => {
+            eprintln!("ECIC_ISA={other}: expected baseline, avx2 or avx512");
+            std::process::exit(2);
+        }
+    };
+    if !force_isa(isa) {
+        eprintln!("ECIC_ISA={level}: this CPU lacks it");
+        std::process::exit(2);
+    }
+}
+
 fn main() {
     ecic::runtime::init();
+    force_isa_from_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |k: &str| {
         args.iter()

@@ -496,6 +496,25 @@ def torch_matmul():
     return {"gflops": out}
 
 
+def cpu_isa():
+    """The CPU model and its widest vector extensions, from /proc/cpuinfo (what lscpu shows)."""
+    model, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name" and model == "?":
+                    model = val.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile"]
+    have = [f for f in wanted if f in flags]
+    return f"{model}; {' '.join(have) if have else 'no AVX2'}; {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
+
+
 def candle(case, patch, threads, steps, warmup, export=None):
     exe = os.path.join(ROOT, "target", "release", "examples", "bench_candle")
     cmd = [exe, case, "--patch", str(patch), "--steps", str(steps), "--warmup", str(warmup)]
@@ -584,13 +603,16 @@ def main():
     cases = a.cases.split(",")
     log = open(a.json, "w") if a.json else None
     print(f"torch {torch.__version__}; load average at start {os.getloadavg()}", flush=True)
+    print(f"host: {cpu_isa()}", flush=True)
     rows = []
     head = "threads patch case      candle     torch  ratio  GFLOP/s c/t   step split fwd+bwd+opt (median ms)"
     for th in threads:
         torch.set_num_threads(th)
         if not a.no_matmul:
-            c = candle("matmul", 8, th, 1, 0)["gflops"]
+            cm = candle("matmul", 8, th, 1, 0)
+            c = cm["gflops"]
             t = torch_matmul()["gflops"]
+            print(f"threads {th}: candle's own kernels run at {cm.get('isa', '?')}")
             print(
                 f"threads {th}: f32 matmul GFLOP/s n=1024/1536/2048: candle "
                 + "/".join(f"{c[k]:.0f}" for k in ("1024", "1536", "2048"))

@@ -10,65 +10,81 @@
 use rayon::prelude::*;
 
 use super::ngram::{
-    cider_length, count_ngrams, fits, order, Caption, GramKey, Unknowns, Vocab, MAX_N,
+    cider_length, count_ngrams, encode_references, fits, order, Caption, GramKey, Unknowns, Vocab,
+    MAX_N,
 };
 use super::tokenize::{tokenize_into, Tokenize};
 use super::MetricsError;
 
 const SIGMA: f64 = 6.0;
 
-/// Shards of the document-frequency table. Built in parallel, one shard per
-/// task, each small enough to stay in cache while it is filled.
+/// Shards of the document-frequency count while it is built: one task each, each small enough
+/// to stay in cache while it is sorted.
 const SHARDS: usize = 256;
 
-/// One reference caption: its n-grams are its image's `entries` from the
-/// previous caption's `end` to its own.
-#[derive(Debug, Clone)]
-struct RefVec {
-    end: u32,
-    norm: [f64; MAX_N],
-    length: i64,
-}
-
-/// The references of one image. Each distinct n-gram is kept once, with its
-/// document frequency and BLEU clipping ceiling; a caption only lists
-/// (index, count) pairs into that table, and its tf-idf weights are
-/// `count * idf` computed when needed (the same product, so the same bits).
-#[derive(Debug, Clone, Default)]
-struct ImageGrams<K> {
-    /// Distinct n-grams of all the image's references, sorted.
-    keys: Vec<K>,
-    /// Document frequency of each key.
-    df: Vec<u32>,
-    /// Highest count of each key in any single reference (BLEU's clip).
-    refmax: Vec<u32>,
-    /// Per reference, (index into `keys`, count), by index.
-    entries: Vec<(u32, u32)>,
-    refs: Vec<RefVec>,
-}
-
-/// Every image's n-gram tables and the corpus document frequencies, sharded
-/// by [`GramKey::spread`] (independent of the hash inside each map).
+/// Every reference caption's words, end to end, and the n-grams that more than one image's
+/// references hold, with that document frequency.
+///
+/// Nothing else is kept per image: scoring an image counts its references' n-grams again (the
+/// same work preparing them once would do, and an evaluation scores each image once), which
+/// keeps the memory of a 10,000-image split to its token ids. An n-gram missing from `common`
+/// has df 1 if one of the image's own references holds it and 0 otherwise, and the idf of
+/// both is `ln N - ln max(1, df) = ln N`, so the table need not know which. On real splits
+/// most 3- and 4-grams are in one image only.
 #[derive(Debug, Clone)]
 struct Grams<K> {
-    images: Vec<ImageGrams<K>>,
-    shards: Vec<Shard<K>>,
+    /// Token ids of every reference caption.
+    words: Vec<u32>,
+    /// `words[word_end[c - 1]..word_end[c]]` is caption `c`.
+    word_end: Vec<usize>,
+    /// Image `i`'s captions are `caption_end[i - 1]..caption_end[i]`.
+    caption_end: Vec<usize>,
+    common: Common<K>,
 }
 
-/// One shard of the document frequencies: an open-addressing table of
-/// (key, df) with linear probing, sized to its distinct keys plus a third
-/// (a hash map rounds to a power of two and doubles this). The empty slot is
-/// the zero key, which no n-gram has. Only n-grams a candidate shares with
-/// no reference of its image look here.
+/// The n-grams of df >= 2, one table per order: scoring looks up every n-gram of an image's
+/// references and candidate, and most lookups go to the small tables of unigrams and of long
+/// n-grams, which stay in cache, instead of one table the size of all four.
 #[derive(Debug, Clone, Default)]
-struct Shard<K> {
-    slots: Vec<(K, u32)>,
+struct Common<K> {
+    orders: [Table<K>; MAX_N],
 }
 
-impl<K: GramKey> Shard<K> {
-    fn with_distinct(n: usize) -> Self {
-        Shard {
-            slots: vec![(K::default(), 0); n + n / 3 + 1],
+impl<K: GramKey> Common<K> {
+    /// A table for `keys` (distinct, any order) with their dfs.
+    fn new(keys: &[(K, u32)]) -> Self {
+        let mut sizes = [0usize; MAX_N];
+        for (k, _) in keys {
+            sizes[k.order() - 1] += 1;
+        }
+        let mut orders = sizes.map(Table::with_keys);
+        for &(k, df) in keys {
+            orders[k.order() - 1].insert(k, df);
+        }
+        Common { orders }
+    }
+
+    /// The df of `key` (of order `o + 1`) if it is 2 or more, else 0.
+    #[inline]
+    fn get(&self, o: usize, key: K) -> u32 {
+        self.orders[o].get(key)
+    }
+}
+
+/// Open addressing with linear probing, sized to its keys plus a third; the keys apart from
+/// their dfs, so probes read 8 bytes a slot. The empty slot is the zero key, which no n-gram has.
+#[derive(Debug, Clone, Default)]
+struct Table<K> {
+    keys: Vec<K>,
+    df: Vec<u32>,
+}
+
+impl<K: GramKey> Table<K> {
+    fn with_keys(n: usize) -> Self {
+        let slots = if n == 0 { 0 } else { n + n / 3 + 1 };
+        Table {
+            keys: vec![K::default(); slots],
+            df: vec![0; slots],
         }
     }
 
@@ -76,31 +92,33 @@ impl<K: GramKey> Shard<K> {
     fn home(&self, key: K) -> usize {
         let x = key.spread();
         let h = (x ^ (x >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        ((u128::from(h) * self.slots.len() as u128) >> 64) as usize
+        ((u128::from(h) * self.keys.len() as u128) >> 64) as usize
     }
 
     fn insert(&mut self, key: K, df: u32) {
         let mut i = self.home(key);
-        while self.slots[i].0 != K::default() {
-            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+        while self.keys[i] != K::default() {
+            i = if i + 1 == self.keys.len() { 0 } else { i + 1 };
         }
-        self.slots[i] = (key, df);
+        self.keys[i] = key;
+        self.df[i] = df;
     }
 
+    #[inline]
     fn get(&self, key: K) -> u32 {
-        if self.slots.is_empty() {
+        if self.keys.is_empty() {
             return 0;
         }
         let mut i = self.home(key);
         loop {
-            let (k, d) = self.slots[i];
+            let k = self.keys[i];
             if k == key {
-                return d;
+                return self.df[i];
             }
             if k == K::default() {
                 return 0;
             }
-            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+            i = if i + 1 == self.keys.len() { 0 } else { i + 1 };
         }
     }
 }
@@ -154,28 +172,8 @@ impl CiderD {
     /// entry per image, each a list of reference captions, each caption as
     /// text, tokenized with `mode`. N is the number of images.
     pub fn new<S: AsRef<str> + Sync>(refs: &[Vec<S>], mode: Tokenize) -> Self {
-        let tokens: Vec<Vec<Vec<&str>>> = refs
-            .par_iter()
-            .map(|caps| {
-                caps.iter()
-                    .map(|c| {
-                        let mut t = Vec::new();
-                        tokenize_into(c.as_ref(), mode, &mut t);
-                        t
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut vocab = Vocab::default();
-        let captions: Vec<Vec<Caption>> = tokens
-            .iter()
-            .map(|caps| {
-                caps.iter()
-                    .map(|t| Caption::encode(t, mode, |s| vocab.intern(s)))
-                    .collect()
-            })
-            .collect();
-        Self::from_captions(vocab, mode, &captions, false)
+        let (vocab, captions) = encode_references(refs, Vec::as_slice, mode);
+        Self::from_captions(vocab, mode, captions, false)
     }
 
     /// The scorer of interned reference captions (`wide`: 32-bit limbs even
@@ -183,15 +181,15 @@ impl CiderD {
     pub(crate) fn from_captions(
         vocab: Vocab,
         mode: Tokenize,
-        images: &[Vec<Caption>],
+        images: Vec<Vec<Caption>>,
         wide: bool,
     ) -> Self {
         let idf = Idf::new(images.len());
         let narrow = u32::try_from(vocab.len()).is_ok_and(|l| l == 0 || fits::<u64>(l - 1));
         let tables = if narrow && !wide {
-            Tables::Narrow(Grams::build(images, &idf))
+            Tables::Narrow(Grams::build(images))
         } else {
-            Tables::Wide(Grams::build(images, &idf))
+            Tables::Wide(Grams::build(images))
         };
         CiderD {
             mode,
@@ -204,8 +202,8 @@ impl CiderD {
     /// Number of reference images (N).
     pub fn images(&self) -> usize {
         match &self.tables {
-            Tables::Narrow(g) => g.images.len(),
-            Tables::Wide(g) => g.images.len(),
+            Tables::Narrow(g) => g.images(),
+            Tables::Wide(g) => g.images(),
         }
     }
 
@@ -215,6 +213,14 @@ impl CiderD {
 
     pub(crate) fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+
+    /// The token ids (`str.split()` of the fed string) of image `image`'s references.
+    pub(crate) fn ref_words(&self, image: usize) -> Option<Vec<&[u32]>> {
+        match &self.tables {
+            Tables::Narrow(g) => g.refs(image).map(Iterator::collect),
+            Tables::Wide(g) => g.refs(image).map(Iterator::collect),
+        }
     }
 
     /// CIDEr-D of a caption (raw text, tokenized with this scorer's mode)
@@ -253,50 +259,66 @@ impl CiderD {
 }
 
 impl<K: GramKey> Grams<K> {
-    fn build(captions: &[Vec<Caption>], idf: &Idf) -> Self {
-        let mut images: Vec<ImageGrams<K>> = captions
-            .par_iter()
-            .map(|caps| ImageGrams::count(caps))
-            .collect();
-        let shards = document_frequency(&mut images);
-        images.par_iter_mut().for_each(|im| im.weigh(idf));
-        Grams { images, shards }
+    /// The references' words (`captions` is freed before the document frequencies are counted).
+    fn build(captions: Vec<Vec<Caption>>) -> Self {
+        let total = captions.iter().flatten().map(|c| c.words.len()).sum();
+        let mut words = Vec::with_capacity(total);
+        let mut word_end = Vec::with_capacity(captions.iter().map(Vec::len).sum());
+        let mut caption_end = Vec::with_capacity(captions.len());
+        for caps in captions {
+            for c in caps {
+                words.extend_from_slice(&c.words);
+                word_end.push(words.len());
+            }
+            caption_end.push(word_end.len());
+        }
+        let mut grams = Grams {
+            words,
+            word_end,
+            caption_end,
+            common: Common::default(),
+        };
+        grams.common = grams.document_frequency();
+        grams
     }
 
-    fn shard(key: K) -> usize {
-        (key.spread() >> 40) as usize % SHARDS
+    fn images(&self) -> usize {
+        self.caption_end.len()
     }
 
-    fn df(&self, key: K) -> u32 {
-        self.shards[Self::shard(key)].get(key)
+    /// The reference captions of `image`, `None` out of range.
+    fn refs(&self, image: usize) -> Option<impl Iterator<Item = &[u32]> + '_> {
+        let end = *self.caption_end.get(image)?;
+        let start = image.checked_sub(1).map_or(0, |i| self.caption_end[i]);
+        Some((start..end).map(|c| {
+            let from = c.checked_sub(1).map_or(0, |p| self.word_end[p]);
+            &self.words[from..self.word_end[c]]
+        }))
+    }
+
+    /// The words of the references of `images`, end to end.
+    fn refs_span(&self, images: std::ops::Range<usize>) -> &[u32] {
+        let caption = |i: usize| i.checked_sub(1).map_or(0, |p| self.caption_end[p]);
+        let word = |c: usize| c.checked_sub(1).map_or(0, |p| self.word_end[p]);
+        let (from, to) = (caption(images.start), caption(images.end));
+        &self.words[word(from)..word(to)]
     }
 
     /// CIDEr-D and BLEU clipped counts of a candidate for one image; `None`
     /// for an image out of range.
     fn score(&self, image: usize, words: &[u32], idf: &Idf) -> Option<(f64, [u32; MAX_N])> {
-        let im = self.images.get(image)?;
-        let (mut keys, mut counts, mut wide) = (Vec::new(), Vec::new(), Vec::new());
-        count_ngrams::<K>(words, &mut keys, &mut counts, &mut wide);
-        drop(keys);
+        let refs = self.refs(image)?;
+        let (mut keys, mut cand, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+        count_ngrams::<K>(words, &mut keys, &mut cand, &mut wide);
+        // each candidate n-gram's tf-idf weight and idf; its highest count in one reference
+        let mut weight: Vec<(f64, f64)> = Vec::with_capacity(cand.len());
+        let mut refmax = vec![0u32; cand.len()];
         let mut norm = [0.0f64; MAX_N];
-        let mut correct = [0u32; MAX_N];
-        // n-grams the references share: (index, order, weight, idf)
-        let mut shared: Vec<(u32, usize, f64, f64)> = Vec::with_capacity(counts.len());
-        let mut j = 0;
-        for &(key, c) in &counts {
-            while j < im.keys.len() && im.keys[j] < key {
-                j += 1;
-            }
+        for &(key, c) in &cand {
             let o = key.order() - 1;
-            let w = if j < im.keys.len() && im.keys[j] == key {
-                let f = idf.of(im.df[j]);
-                correct[o] += c.min(im.refmax[j]);
-                let w = f64::from(c) * f;
-                shared.push((j as u32, o, w, f));
-                w
-            } else {
-                f64::from(c) * idf.of(self.df(key))
-            };
+            let f = idf.of(self.common.get(o, key));
+            let w = f64::from(c) * f;
+            weight.push((w, f));
             norm[o] += w * w;
         }
         for &(key, c) in &wide {
@@ -306,96 +328,125 @@ impl<K: GramKey> Grams<K> {
         }
         let norm = norm.map(f64::sqrt);
         let length = cider_length(words);
+        let (mut counts, mut none) = (Vec::new(), Vec::new());
         let mut total = [0.0f64; MAX_N];
-        let mut start = 0usize;
-        for r in &im.refs {
-            let entries = &im.entries[start..r.end as usize];
-            start = r.end as usize;
+        let mut n_refs = 0usize;
+        for r in refs {
+            n_refs += 1;
+            // reference ids always fit `K`: `none` stays empty
+            count_ngrams::<K>(r, &mut keys, &mut counts, &mut none);
             let mut val = [0.0f64; MAX_N];
-            let mut e = 0;
-            for &(pos, o, wc, f) in &shared {
-                while e < entries.len() && entries[e].0 < pos {
-                    e += 1;
+            let mut rnorm = [0.0f64; MAX_N];
+            let mut j = 0;
+            for &(key, e) in &counts {
+                let o = key.order() - 1;
+                while j < cand.len() && cand[j].0 < key {
+                    j += 1;
                 }
-                if e < entries.len() && entries[e].0 == pos {
-                    let wr = f64::from(entries[e].1) * f;
+                if j < cand.len() && cand[j].0 == key {
+                    // the same idf as the candidate's weight of this n-gram
+                    let (wc, f) = weight[j];
+                    let wr = f64::from(e) * f;
                     val[o] += wc.min(wr) * wr;
+                    rnorm[o] += wr * wr;
+                    refmax[j] = refmax[j].max(e);
+                } else {
+                    let wr = f64::from(e) * idf.of(self.common.get(o, key));
+                    rnorm[o] += wr * wr;
                 }
             }
-            let delta = (length - r.length) as f64;
+            let rnorm = rnorm.map(f64::sqrt);
+            let delta = (length - cider_length(r)) as f64;
             // pycocoevalcap writes `np.e**(...)`; pow of e, not exp, to the last bit
             let penalty = std::f64::consts::E.powf(-(delta * delta) / (2.0 * SIGMA * SIGMA));
             for k in 0..MAX_N {
-                if norm[k] != 0.0 && r.norm[k] != 0.0 {
-                    val[k] /= norm[k] * r.norm[k];
+                if norm[k] != 0.0 && rnorm[k] != 0.0 {
+                    val[k] /= norm[k] * rnorm[k];
                 }
                 total[k] += val[k] * penalty;
             }
         }
+        let mut correct = [0u32; MAX_N];
+        for (&(key, c), &m) in cand.iter().zip(&refmax) {
+            correct[key.order() - 1] += c.min(m);
+        }
         let mean = (((total[0] + total[1]) + total[2]) + total[3]) / MAX_N as f64;
-        Some((mean / im.refs.len() as f64 * 10.0, correct))
+        Some((mean / n_refs as f64 * 10.0, correct))
+    }
+
+    /// The distinct n-grams of `image`'s references, sorted, into `out`.
+    fn distinct(&self, image: usize, scratch: &mut Scratch<K>, out: &mut Vec<K>) {
+        out.clear();
+        for r in self.refs(image).into_iter().flatten() {
+            count_ngrams::<K>(r, &mut scratch.keys, &mut scratch.counts, &mut scratch.wide);
+            merge_keys(out, &scratch.counts, &mut scratch.merged);
+            std::mem::swap(out, &mut scratch.merged);
+        }
+    }
+
+    /// The n-grams held by the references of two images or more, with their counts. Each
+    /// image's distinct n-grams go to shards (in parallel, per chunk of images, into buckets
+    /// sized exactly by a first pass); each shard is sorted and its runs of two or more kept.
+    fn document_frequency(&self) -> Common<K> {
+        let n = self.images();
+        let chunk = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let shard = |k: K| (k.spread() >> 40) as usize % SHARDS;
+        let buckets: Vec<Vec<Vec<K>>> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let images = c * chunk..((c + 1) * chunk).min(n);
+                // at most 4 n-grams a word: reserved once (untouched pages cost nothing), so
+                // the list never moves while it grows
+                let words = self.refs_span(images.clone()).len();
+                let mut all = Vec::with_capacity(4 * words);
+                let mut scratch = Scratch::default();
+                let mut one = Vec::new();
+                for image in images {
+                    self.distinct(image, &mut scratch, &mut one);
+                    all.extend_from_slice(&one);
+                }
+                let mut sizes = vec![0usize; SHARDS];
+                for &k in &all {
+                    sizes[shard(k)] += 1;
+                }
+                let mut b: Vec<Vec<K>> = sizes.iter().map(|&s| Vec::with_capacity(s)).collect();
+                for k in all {
+                    b[shard(k)].push(k);
+                }
+                b
+            })
+            .collect();
+        let common: Vec<Vec<(K, u32)>> = (0..SHARDS)
+            .into_par_iter()
+            .map(|s| {
+                let mut keys: Vec<K> = buckets.iter().flat_map(|b| &b[s]).copied().collect();
+                keys.sort_unstable();
+                keys.chunk_by(|a, b| a == b)
+                    .filter(|run| run.len() >= 2)
+                    .map(|run| (run[0], u32::try_from(run.len()).unwrap_or(u32::MAX)))
+                    .collect()
+            })
+            .collect();
+        drop(buckets);
+        Common::new(&common.concat())
     }
 }
 
-impl<K: GramKey> ImageGrams<K> {
-    /// Count every reference's n-grams and merge them into one table (the
-    /// reference ids all fit `K`: it was chosen from the vocabulary size).
-    fn count(caps: &[Caption]) -> Self {
-        let (mut scratch, mut wide) = (Vec::new(), Vec::new());
-        let counted: Vec<Vec<(K, u32)>> = caps
-            .iter()
-            .map(|c| {
-                let mut counts = Vec::new();
-                count_ngrams::<K>(&c.words, &mut scratch, &mut counts, &mut wide);
-                counts
-            })
-            .collect();
-        let mut keys: Vec<K> = Vec::new();
-        let mut merged: Vec<K> = Vec::new();
-        for counts in &counted {
-            merge_keys(&keys, counts, &mut merged);
-            std::mem::swap(&mut keys, &mut merged);
-        }
-        let mut refmax = vec![0u32; keys.len()];
-        let mut entries = Vec::with_capacity(counted.iter().map(Vec::len).sum());
-        let mut refs = Vec::with_capacity(caps.len());
-        for (counts, cap) in counted.iter().zip(caps) {
-            let mut j = 0;
-            for &(key, c) in counts {
-                while keys[j] < key {
-                    j += 1;
-                }
-                entries.push((j as u32, c));
-                refmax[j] = refmax[j].max(c);
-            }
-            let end = u32::try_from(entries.len()).unwrap_or(u32::MAX);
-            refs.push(RefVec {
-                end,
-                norm: [0.0; MAX_N],
-                length: cider_length(&cap.words),
-            });
-        }
-        let df = vec![0; keys.len()];
-        ImageGrams {
-            keys,
-            df,
-            refmax,
-            entries,
-            refs,
-        }
-    }
+/// Buffers of [`Grams::distinct`], reused across images.
+struct Scratch<K> {
+    keys: Vec<K>,
+    counts: Vec<(K, u32)>,
+    wide: Vec<(super::ngram::Wide, u32)>,
+    merged: Vec<K>,
+}
 
-    /// The references' tf-idf norms, once `df` is known.
-    fn weigh(&mut self, idf: &Idf) {
-        let mut start = 0usize;
-        for r in &mut self.refs {
-            let mut norm = [0.0f64; MAX_N];
-            for &(pos, tf) in &self.entries[start..r.end as usize] {
-                let w = f64::from(tf) * idf.of(self.df[pos as usize]);
-                norm[self.keys[pos as usize].order() - 1] += w * w;
-            }
-            r.norm = norm.map(f64::sqrt);
-            start = r.end as usize;
+impl<K> Default for Scratch<K> {
+    fn default() -> Self {
+        Scratch {
+            keys: Vec::new(),
+            counts: Vec::new(),
+            wide: Vec::new(),
+            merged: Vec::new(),
         }
     }
 }
@@ -424,80 +475,6 @@ fn merge_keys<K: Ord + Copy>(a: &[K], b: &[(K, u32)], out: &mut Vec<K>) {
     }
     out.extend_from_slice(&a[i..]);
     out.extend(b[j..].iter().map(|e| e.0));
-}
-
-/// Per n-gram, the number of images with it in at least one reference,
-/// written into every image's `df`; returns the shards for later lookups.
-/// Keys go to shards (in parallel, per chunk of images, into buckets sized
-/// exactly by a first pass), each shard is counted by sorting and lists the
-/// df of its bucket entries in bucket order, and each chunk reads its dfs
-/// back by walking its keys again: no positions stored, no vector regrown.
-fn document_frequency<K: GramKey>(images: &mut [ImageGrams<K>]) -> Vec<Shard<K>> {
-    let chunk = images
-        .len()
-        .div_ceil(4 * rayon::current_num_threads())
-        .max(1);
-    let shard = Grams::<K>::shard;
-    let buckets: Vec<Vec<Vec<K>>> = images
-        .par_chunks(chunk)
-        .map(|part| {
-            let mut sizes = vec![0usize; SHARDS];
-            for k in part.iter().flat_map(|im| &im.keys) {
-                sizes[shard(*k)] += 1;
-            }
-            let mut b: Vec<Vec<K>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
-            for &k in part.iter().flat_map(|im| &im.keys) {
-                b[shard(k)].push(k);
-            }
-            b
-        })
-        .collect();
-    // where chunk c's entries start in shard s's list
-    let mut starts = vec![vec![0usize; SHARDS]; buckets.len()];
-    let mut run = vec![0usize; SHARDS];
-    for (c, b) in buckets.iter().enumerate() {
-        for s in 0..SHARDS {
-            starts[c][s] = run[s];
-            run[s] += b[s].len();
-        }
-    }
-    let counted: Vec<(Shard<K>, Vec<u32>)> = (0..SHARDS)
-        .into_par_iter()
-        .map(|s| {
-            // (key, place in bucket order), sorted: runs are the distinct keys
-            let mut order: Vec<(K, u32)> = buckets
-                .iter()
-                .flat_map(|b| &b[s])
-                .enumerate()
-                .map(|(i, &k)| (k, i as u32))
-                .collect();
-            order.sort_unstable();
-            let mut dfs = vec![0u32; order.len()];
-            let mut shard = Shard::with_distinct(order.chunk_by(|a, b| a.0 == b.0).count());
-            for run in order.chunk_by(|a, b| a.0 == b.0) {
-                let d = run.len() as u32;
-                shard.insert(run[0].0, d);
-                for &(_, i) in run {
-                    dfs[i as usize] = d;
-                }
-            }
-            (shard, dfs)
-        })
-        .collect();
-    drop(buckets);
-    images
-        .par_chunks_mut(chunk)
-        .zip(starts)
-        .for_each(|(part, mut cursor)| {
-            for im in part {
-                for (k, d) in im.keys.iter().zip(im.df.iter_mut()) {
-                    let s = shard(*k);
-                    *d = counted[s].1[cursor[s]];
-                    cursor[s] += 1;
-                }
-            }
-        });
-    counted.into_iter().map(|(shard, _)| shard).collect()
 }
 
 #[cfg(test)]
@@ -548,8 +525,8 @@ mod tests {
                     .collect()
             })
             .collect();
-        let narrow = CiderD::from_captions(vocab.clone(), Tokenize::Char, &captions, false);
-        let wide = CiderD::from_captions(vocab, Tokenize::Char, &captions, true);
+        let narrow = CiderD::from_captions(vocab.clone(), Tokenize::Char, captions.clone(), false);
+        let wide = CiderD::from_captions(vocab, Tokenize::Char, captions, true);
         assert!(
             matches!(narrow.tables, Tables::Narrow(_)) && matches!(wide.tables, Tables::Wide(_))
         );

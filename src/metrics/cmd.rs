@@ -65,6 +65,7 @@ struct Scored {
 }
 
 pub fn run(args: &EvalArgs) -> CliResult {
+    crate::alloc::return_freed_memory_soon();
     let (refs, pred) = rayon::join(
         || jsonl::read_references(&args.refs),
         || jsonl::read_predictions(&args.pred),
@@ -144,7 +145,7 @@ fn prepare(refs: Vec<RefRecord>, mode: Tokenize) -> CliResult<References> {
     let pairs: Vec<(String, Vec<String>)> =
         refs.into_iter().map(|r| (r.image_id, r.text)).collect();
     // ids and lists were checked line by line already; anything left is a bug
-    References::new(&pairs, mode).map_err(|e| CliError::Other(e.into()))
+    References::from_owned(pairs, mode).map_err(|e| CliError::Other(e.into()))
 }
 
 fn write_per_image(path: &Path, eval: &Evaluation) -> anyhow::Result<()> {

@@ -7,18 +7,16 @@ use rayon::prelude::*;
 
 use super::bleu::image_counts;
 use super::cider::CiderD;
-use super::ngram::{Caption, FastMap, Unknowns, Vocab};
+use super::ngram::{encode_references, Caption, FastMap, Unknowns};
 use super::rouge::rouge_l;
 use super::scores::{Evaluation, ImageScore, Scores};
 use super::tokenize::{tokenize_into, Tokenize};
 use super::MetricsError;
 
-/// What BLEU and ROUGE-L keep of one image's references.
-#[derive(Debug, Clone)]
-struct RefImage {
-    lens: Vec<u32>,
-    rouge: Vec<Vec<u32>>,
-}
+/// ROUGE-L's token ids of one image's references (`str.split(" ")`), kept only where they
+/// differ from the words CIDEr-D keeps (`space` mode with empty or whitespace tokens, an empty
+/// caption); BLEU and ROUGE-L read the references from [`CiderD::ref_words`] otherwise.
+type RougeRefs = Option<Vec<Vec<u32>>>;
 
 /// The references of an evaluation split, ready to score predictions.
 #[derive(Debug, Clone)]
@@ -26,7 +24,7 @@ pub struct References {
     mode: Tokenize,
     ids: Vec<String>,
     index: FastMap<String, usize>,
-    images: Vec<RefImage>,
+    rouge: Vec<RougeRefs>,
     cider: CiderD,
 }
 
@@ -34,56 +32,47 @@ impl References {
     /// Prepare `refs` (image id, reference captions): ids must be unique and
     /// every list non-empty.
     pub fn new(refs: &[(String, Vec<String>)], mode: Tokenize) -> Result<Self, MetricsError> {
-        let mut index = FastMap::default();
-        for (i, (id, caps)) in refs.iter().enumerate() {
-            if caps.is_empty() {
-                return Err(MetricsError::EmptyReferences { id: id.clone() });
-            }
-            if index.insert(id.clone(), i).is_some() {
-                return Err(MetricsError::DuplicateImage { id: id.clone() });
-            }
-        }
-        let tokens: Vec<Vec<Vec<&str>>> = refs
+        let index = check_ids(refs)?;
+        let (vocab, captions) = encode_references(refs, |(_, caps)| caps.as_slice(), mode);
+        let ids = refs.iter().map(|(id, _)| id.clone()).collect();
+        Ok(Self::build(ids, index, vocab, captions, mode))
+    }
+
+    /// [`References::new`] taking the texts, which are freed once tokenized, before the
+    /// n-grams are counted (`ecic eval`'s peak memory).
+    pub fn from_owned(
+        refs: Vec<(String, Vec<String>)>,
+        mode: Tokenize,
+    ) -> Result<Self, MetricsError> {
+        let index = check_ids(&refs)?;
+        let (vocab, captions) = encode_references(&refs, |(_, caps)| caps.as_slice(), mode);
+        let ids = refs.into_iter().map(|(id, _)| id).collect();
+        Ok(Self::build(ids, index, vocab, captions, mode))
+    }
+
+    fn build(
+        ids: Vec<String>,
+        index: FastMap<String, usize>,
+        vocab: super::ngram::Vocab,
+        captions: Vec<Vec<Caption>>,
+        mode: Tokenize,
+    ) -> Self {
+        let rouge: Vec<RougeRefs> = captions
             .par_iter()
-            .map(|(_, caps)| {
-                caps.iter()
-                    .map(|c| {
-                        let mut t = Vec::new();
-                        tokenize_into(c, mode, &mut t);
-                        t
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut vocab = Vocab::default();
-        let captions: Vec<Vec<Caption>> = tokens
-            .iter()
             .map(|caps| {
                 caps.iter()
-                    .map(|t| Caption::encode(t, mode, |s| vocab.intern(s)))
-                    .collect()
+                    .any(|c| c.rouge.is_some())
+                    .then(|| caps.iter().map(|c| c.rouge_tokens().to_vec()).collect())
             })
             .collect();
-        drop(tokens);
-        let images: Vec<RefImage> = captions
-            .par_iter()
-            .map(|caps| RefImage {
-                lens: caps
-                    .iter()
-                    .map(|c| u32::try_from(c.words.len()).unwrap_or(u32::MAX))
-                    .collect(),
-                rouge: caps.iter().map(|c| c.rouge_tokens().to_vec()).collect(),
-            })
-            .collect();
-        let cider = CiderD::from_captions(vocab, mode, &captions, false);
-        let ids = refs.iter().map(|(id, _)| id.clone()).collect();
-        Ok(References {
+        let cider = CiderD::from_captions(vocab, mode, captions, false);
+        References {
             mode,
             ids,
             index,
-            images,
+            rouge,
             cider,
-        })
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -114,23 +103,31 @@ impl References {
 
     /// Every metric of one predicted caption for image `image`.
     pub fn score_image(&self, image: usize, pred: &str) -> Result<ImageScore, MetricsError> {
-        let refs = self.images.get(image).ok_or(MetricsError::ImageIndex {
-            index: image,
-            images: self.images.len(),
-        })?;
+        let (words, rouge_refs) = match (self.cider.ref_words(image), self.rouge.get(image)) {
+            (Some(w), Some(r)) => (w, r),
+            _ => {
+                return Err(MetricsError::ImageIndex {
+                    index: image,
+                    images: self.len(),
+                })
+            }
+        };
         let mut tokens = Vec::new();
         tokenize_into(pred, self.mode, &mut tokens);
         let vocab = self.cider.vocab();
         let mut unknown = Unknowns::new(vocab);
         let cap = Caption::encode(&tokens, self.mode, |t| unknown.id(vocab, t));
         let (cider, correct) = self.cider.score_words(image, &cap.words)?;
-        let bleu_counts = image_counts(cap.words.len(), &refs.lens, correct);
+        let lens: Vec<u32> = words
+            .iter()
+            .map(|w| u32::try_from(w.len()).unwrap_or(u32::MAX))
+            .collect();
+        let bleu_counts = image_counts(cap.words.len(), &lens, correct);
         let mut row = Vec::new();
-        let rouge = rouge_l(
-            cap.rouge_tokens(),
-            refs.rouge.iter().map(Vec::as_slice),
-            &mut row,
-        );
+        let rouge = match rouge_refs {
+            Some(r) => rouge_l(cap.rouge_tokens(), r.iter().map(Vec::as_slice), &mut row),
+            None => rouge_l(cap.rouge_tokens(), words.iter().copied(), &mut row),
+        };
         Ok(ImageScore {
             image_id: self.ids[image].clone(),
             bleu: bleu_counts.bleu(),
@@ -187,6 +184,20 @@ impl References {
             .collect::<Result<Vec<_>, _>>()?;
         self.evaluate_in_order(&ordered)
     }
+}
+
+/// Id -> position of every reference image; an error for a repeated id or an empty list.
+fn check_ids(refs: &[(String, Vec<String>)]) -> Result<FastMap<String, usize>, MetricsError> {
+    let mut index = FastMap::default();
+    for (i, (id, caps)) in refs.iter().enumerate() {
+        if caps.is_empty() {
+            return Err(MetricsError::EmptyReferences { id: id.clone() });
+        }
+        if index.insert(id.clone(), i).is_some() {
+            return Err(MetricsError::DuplicateImage { id: id.clone() });
+        }
+    }
+    Ok(index)
 }
 
 /// Score predictions `(image id, caption)` against references

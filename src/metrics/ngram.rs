@@ -264,6 +264,43 @@ impl Caption {
     }
 }
 
+/// Images tokenized per chunk before their tokens are interned: bounds the borrowed token
+/// lists alive at once (16 bytes a token) while tokenizing stays parallel.
+const ENCODE_CHUNK: usize = 1024;
+
+/// Every image's reference captions (`captions(image)`) tokenized with `mode` and interned into
+/// one vocabulary, ids in order of first appearance.
+pub fn encode_references<T: Sync, S: AsRef<str> + Sync>(
+    images: &[T],
+    captions: impl Fn(&T) -> &[S] + Sync,
+    mode: Tokenize,
+) -> (Vocab, Vec<Vec<Caption>>) {
+    use rayon::prelude::*;
+    let mut vocab = Vocab::default();
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(ENCODE_CHUNK) {
+        let tokens: Vec<Vec<Vec<&str>>> = chunk
+            .par_iter()
+            .map(|im| {
+                captions(im)
+                    .iter()
+                    .map(|c| {
+                        let mut t = Vec::new();
+                        super::tokenize::tokenize_into(c.as_ref(), mode, &mut t);
+                        t
+                    })
+                    .collect()
+            })
+            .collect();
+        out.extend(tokens.iter().map(|caps| {
+            caps.iter()
+                .map(|t| Caption::encode(t, mode, |s| vocab.intern(s)))
+                .collect::<Vec<_>>()
+        }));
+    }
+    (vocab, out)
+}
+
 /// All 1..=4-grams of `words` with their counts, sorted by key, into `out`;
 /// n-grams holding an id that does not fit `K` (only a candidate's unknown
 /// tokens can: they never match a reference) go to `wide`, also counted.

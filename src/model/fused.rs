@@ -28,11 +28,18 @@ fn par(len: usize) -> bool {
 
 /// Runs `f(row index, input row, output row)` over the rows of `x` and `y` (row lengths `nx`,
 /// `ny`), on the rayon pool when [`par`] says so. Rows are independent, so the result does not
-/// depend on the thread count.
+/// depend on the thread count. Each row runs inside [`vmath::dispatch`]: callers mark `f`
+/// `#[inline(always)]` so that its body is compiled for each instruction-set level.
 pub(crate) fn rows<F>(x: &[f32], nx: usize, y: &mut [f32], ny: usize, f: F)
 where
     F: Fn(usize, &[f32], &mut [f32]) + Sync + Send,
 {
+    let f = |r, xr: &[f32], yr: &mut [f32]| {
+        vmath::dispatch(
+            #[inline(always)]
+            || f(r, xr, yr),
+        )
+    };
     if par(x.len()) {
         x.par_chunks_exact(nx)
             .zip(y.par_chunks_exact_mut(ny))
@@ -51,6 +58,12 @@ pub(crate) fn rows2<F>(x: &[f32], g: &[f32], ng: usize, nx: usize, y: &mut [f32]
 where
     F: Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
 {
+    let f = |r, xr: &[f32], gr: &[f32], yr: &mut [f32]| {
+        vmath::dispatch(
+            #[inline(always)]
+            || f(r, xr, gr, yr),
+        )
+    };
     if par(x.len()) {
         x.par_chunks_exact(nx)
             .zip(g.par_chunks_exact(ng))
@@ -129,26 +142,33 @@ impl CustomOp1 for Softmax {
         let n = l.dims()[l.dims().len() - 1];
         let mut y = vec![0f32; x.len()];
         let mrows = self.mask.as_ref().map_or(1, |m| m.len() / n);
-        rows(x, n, &mut y, n, |r, xr, yr| {
-            match &self.mask {
-                Some(m) => {
-                    let mr = &m[(r % mrows) * n..(r % mrows + 1) * n];
-                    for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(mr) {
-                        *o = a * self.scale + b;
+        rows(
+            x,
+            n,
+            &mut y,
+            n,
+            #[inline(always)]
+            |r, xr, yr| {
+                match &self.mask {
+                    Some(m) => {
+                        let mr = &m[(r % mrows) * n..(r % mrows + 1) * n];
+                        for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(mr) {
+                            *o = a * self.scale + b;
+                        }
                     }
+                    None => yr
+                        .iter_mut()
+                        .zip(xr)
+                        .for_each(|(o, &a)| *o = a * self.scale),
                 }
-                None => yr
-                    .iter_mut()
-                    .zip(xr)
-                    .for_each(|(o, &a)| *o = a * self.scale),
-            }
-            let mx = vmath::max(yr);
-            yr.iter_mut().for_each(|o| *o -= mx);
-            exp_in_place(yr);
-            let sum = vmath::sum(yr);
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        });
+                let mx = vmath::max(yr);
+                yr.iter_mut().for_each(|o| *o -= mx);
+                exp_in_place(yr);
+                let sum = vmath::sum(yr);
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -156,12 +176,20 @@ impl CustomOp1 for Softmax {
         let n = y.dim(candle_core::D::Minus1)?;
         let (yv, gv) = (data(y)?, data(g)?);
         let mut dx = vec![0f32; yv.len()];
-        rows2(&yv, &gv, n, n, &mut dx, |_, yr, gr, dr| {
-            let dot = vmath::dot(yr, gr);
-            for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
-                *d = self.scale * a * (b - dot);
-            }
-        });
+        rows2(
+            &yv,
+            &gv,
+            n,
+            n,
+            &mut dx,
+            #[inline(always)]
+            |_, yr, gr, dr| {
+                let dot = vmath::dot(yr, gr);
+                for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
+                    *d = self.scale * a * (b - dot);
+                }
+            },
+        );
         Ok(Some(out(dx, y)?))
     }
 }
@@ -198,13 +226,20 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        rows(x, n, &mut y, n, |_, xr, yr| {
-            let ms = vmath::dot(xr, xr) / n as f32;
-            let inv = 1.0 / (ms + self.eps).sqrt();
-            for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(w) {
-                *o = a * inv * b;
-            }
-        });
+        rows(
+            x,
+            n,
+            &mut y,
+            n,
+            #[inline(always)]
+            |_, xr, yr| {
+                let ms = vmath::dot(xr, xr) / n as f32;
+                let inv = 1.0 / (ms + self.eps).sqrt();
+                for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = a * inv * b;
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -223,23 +258,43 @@ impl CustomOp2 for RmsNorm {
         };
         // Each row's 1/rms, once, for both passes below.
         let mut invs = vec![0f32; xv.len() / n];
-        rows(&xv, n, &mut invs, 1, |_, xr, o| o[0] = inv_of(xr));
+        rows(
+            &xv,
+            n,
+            &mut invs,
+            1,
+            #[inline(always)]
+            |_, xr, o| o[0] = inv_of(xr),
+        );
         let mut dx = vec![0f32; xv.len()];
-        rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
-            let inv = invs[r];
-            // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
-            let dot = inv * vmath::dot3(gr, &wv, xr) / n as f32;
-            for i in 0..n {
-                dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
-            }
-        });
+        rows2(
+            &xv,
+            &gv,
+            n,
+            n,
+            &mut dx,
+            #[inline(always)]
+            |r, xr, gr, dr| {
+                let inv = invs[r];
+                // dxhat = g*w; dx = inv * (dxhat - xhat * mean(dxhat * xhat)).
+                let dot = inv * vmath::dot3(gr, &wv, xr) / n as f32;
+                for i in 0..n {
+                    dr[i] = inv * (gr[i] * wv[i] - xr[i] * inv * dot);
+                }
+            },
+        );
         // The weight gradient sums over rows: in row order, on this thread.
         let mut dw = vec![0f32; n];
-        for ((xr, gr), &inv) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(&invs) {
-            for i in 0..n {
-                dw[i] += gr[i] * (xr[i] * inv);
-            }
-        }
+        vmath::dispatch(
+            #[inline(always)]
+            || {
+                for ((xr, gr), &inv) in xv.chunks_exact(n).zip(gv.chunks_exact(n)).zip(&invs) {
+                    for i in 0..n {
+                        dw[i] += gr[i] * (xr[i] * inv);
+                    }
+                }
+            },
+        );
         Ok((Some(out(dx, x)?), Some(out(dw, w)?)))
     }
 }
@@ -254,6 +309,7 @@ struct LayerNorm {
     eps: f32,
 }
 
+#[inline(always)]
 fn ln_stats(xr: &[f32], eps: f32) -> (f32, f32) {
     let n = xr.len() as f32;
     let mean = vmath::sum(xr) / n;
@@ -278,12 +334,19 @@ impl CustomOp3 for LayerNorm {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        rows(x, n, &mut y, n, |_, xr, yr| {
-            let (mean, inv) = ln_stats(xr, self.eps);
-            for i in 0..n {
-                yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
-            }
-        });
+        rows(
+            x,
+            n,
+            &mut y,
+            n,
+            #[inline(always)]
+            |_, xr, yr| {
+                let (mean, inv) = ln_stats(xr, self.eps);
+                for i in 0..n {
+                    yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -299,40 +362,60 @@ impl CustomOp3 for LayerNorm {
         let n = wv.len();
         // Each row's (mean, 1/std), once, for both passes below.
         let mut stats = vec![0f32; 2 * (xv.len() / n)];
-        rows(&xv, n, &mut stats, 2, |_, xr, o| {
-            (o[0], o[1]) = ln_stats(xr, self.eps);
-        });
+        rows(
+            &xv,
+            n,
+            &mut stats,
+            2,
+            #[inline(always)]
+            |_, xr, o| {
+                (o[0], o[1]) = ln_stats(xr, self.eps);
+            },
+        );
         let mut dx = vec![0f32; xv.len()];
-        rows2(&xv, &gv, n, n, &mut dx, |r, xr, gr, dr| {
-            let (mean, inv) = (stats[2 * r], stats[2 * r + 1]);
-            // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-            let (mut s1, mut s2) = (0f32, 0f32);
-            for i in 0..n {
-                let xh = (xr[i] - mean) * inv;
-                let d = gr[i] * wv[i];
-                s1 += d;
-                s2 += d * xh;
-            }
-            let (s1, s2) = (s1 / n as f32, s2 / n as f32);
-            for i in 0..n {
-                let xh = (xr[i] - mean) * inv;
-                dr[i] = inv * (gr[i] * wv[i] - s1 - xh * s2);
-            }
-        });
+        rows2(
+            &xv,
+            &gv,
+            n,
+            n,
+            &mut dx,
+            #[inline(always)]
+            |r, xr, gr, dr| {
+                let (mean, inv) = (stats[2 * r], stats[2 * r + 1]);
+                // dxhat = g*w; dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for i in 0..n {
+                    let xh = (xr[i] - mean) * inv;
+                    let d = gr[i] * wv[i];
+                    s1 += d;
+                    s2 += d * xh;
+                }
+                let (s1, s2) = (s1 / n as f32, s2 / n as f32);
+                for i in 0..n {
+                    let xh = (xr[i] - mean) * inv;
+                    dr[i] = inv * (gr[i] * wv[i] - s1 - xh * s2);
+                }
+            },
+        );
         // Weight and bias gradients sum over rows: in row order, on this thread.
         let mut dw = vec![0f32; n];
         let mut db = vec![0f32; n];
-        for ((xr, gr), st) in xv
-            .chunks_exact(n)
-            .zip(gv.chunks_exact(n))
-            .zip(stats.chunks_exact(2))
-        {
-            let (mean, inv) = (st[0], st[1]);
-            for i in 0..n {
-                dw[i] += gr[i] * ((xr[i] - mean) * inv);
-                db[i] += gr[i];
-            }
-        }
+        vmath::dispatch(
+            #[inline(always)]
+            || {
+                for ((xr, gr), st) in xv
+                    .chunks_exact(n)
+                    .zip(gv.chunks_exact(n))
+                    .zip(stats.chunks_exact(2))
+                {
+                    let (mean, inv) = (st[0], st[1]);
+                    for i in 0..n {
+                        dw[i] += gr[i] * ((xr[i] - mean) * inv);
+                        db[i] += gr[i];
+                    }
+                }
+            },
+        );
         Ok((Some(out(dx, x)?), Some(out(dw, w)?), Some(out(db, b)?)))
     }
 }
@@ -349,6 +432,7 @@ const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
 
 /// tanh of every element of `u`, in place, through one `exp` each (libm's tanhf goes through
 /// expm1f and was 8% of a training step). |u| > 15 gives ±1 (exactly what f32 rounds to).
+#[inline(always)]
 fn tanh_in_place(u: &mut [f32]) {
     u.iter_mut().for_each(|v| *v = 2.0 * v.clamp(-15.0, 15.0));
     exp_in_place(u);
@@ -357,11 +441,17 @@ fn tanh_in_place(u: &mut [f32]) {
 
 /// `f(offset, block of y)` over the blocks of [`BLOCK`] elements of `y` (the closure reads its
 /// inputs at `offset..offset + block.len()`), on the rayon pool when [`par`] says so (blocks are
-/// independent: the result does not depend on it).
+/// independent: the result does not depend on it); dispatched as in [`rows`].
 fn blocks<F>(y: &mut [f32], f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
+    let f = |at, yb: &mut [f32]| {
+        vmath::dispatch(
+            #[inline(always)]
+            || f(at, yb),
+        )
+    };
     if par(y.len()) {
         y.par_chunks_mut(BLOCK)
             .enumerate()
@@ -376,6 +466,7 @@ where
 const BLOCK: usize = 1024;
 
 /// The argument of GELU's tanh.
+#[inline(always)]
 fn gelu_u(v: f32) -> f32 {
     GELU_K * (v + 0.044_715 * v * v * v)
 }
@@ -391,14 +482,18 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
         let mut y = vec![0f32; x.len()];
-        blocks(&mut y, |at, yb| {
-            let xb = &x[at..at + yb.len()];
-            yb.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
-            tanh_in_place(yb);
-            yb.iter_mut()
-                .zip(xb)
-                .for_each(|(t, &v)| *t = 0.5 * v * (1.0 + *t));
-        });
+        blocks(
+            &mut y,
+            #[inline(always)]
+            |at, yb| {
+                let xb = &x[at..at + yb.len()];
+                yb.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
+                tanh_in_place(yb);
+                yb.iter_mut()
+                    .zip(xb)
+                    .for_each(|(t, &v)| *t = 0.5 * v * (1.0 + *t));
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -406,16 +501,20 @@ impl CustomOp1 for Gelu {
         let (xv, gv) = (data(x)?, data(g)?);
         // dx = g * (0.5 (1 + t) + 0.5 v (1 - t^2) k (1 + 3 c v^2)).
         let mut dx = vec![0f32; xv.len()];
-        blocks(&mut dx, |at, db| {
-            let (xb, gb) = (&xv[at..at + db.len()], &gv[at..at + db.len()]);
-            db.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
-            tanh_in_place(db);
-            for ((t, &v), &gr) in db.iter_mut().zip(xb).zip(gb) {
-                *t = gr
-                    * (0.5 * (1.0 + *t)
-                        + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v));
-            }
-        });
+        blocks(
+            &mut dx,
+            #[inline(always)]
+            |at, db| {
+                let (xb, gb) = (&xv[at..at + db.len()], &gv[at..at + db.len()]);
+                db.iter_mut().zip(xb).for_each(|(o, &v)| *o = gelu_u(v));
+                tanh_in_place(db);
+                for ((t, &v), &gr) in db.iter_mut().zip(xb).zip(gb) {
+                    *t = gr
+                        * (0.5 * (1.0 + *t)
+                            + 0.5 * v * (1.0 - *t * *t) * GELU_K * (1.0 + 3.0 * 0.044_715 * v * v));
+                }
+            },
+        );
         Ok(Some(out(dx, x)?))
     }
 }
@@ -425,6 +524,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `out[i] = sigmoid(a[i])`.
+#[inline(always)]
 fn sigmoid_into(a: &[f32], out: &mut [f32]) {
     out.iter_mut().zip(a).for_each(|(o, &v)| *o = -v);
     exp_in_place(out);
@@ -445,13 +545,20 @@ impl CustomOp1 for SwiGlu {
         let h2 = dims[dims.len() - 1];
         let h = h2 / 2;
         let mut y = vec![0f32; x.len() / 2];
-        rows(x, h2, &mut y, h, |_, r, yr| {
-            let (a, b) = r.split_at(h);
-            sigmoid_into(a, yr);
-            for ((o, &a), &b) in yr.iter_mut().zip(a).zip(b) {
-                *o *= a * b;
-            }
-        });
+        rows(
+            x,
+            h2,
+            &mut y,
+            h,
+            #[inline(always)]
+            |_, r, yr| {
+                let (a, b) = r.split_at(h);
+                sigmoid_into(a, yr);
+                for ((o, &a), &b) in yr.iter_mut().zip(a).zip(b) {
+                    *o *= a * b;
+                }
+            },
+        );
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = h;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -462,16 +569,24 @@ impl CustomOp1 for SwiGlu {
         let h2 = x.dim(candle_core::D::Minus1)?;
         let h = h2 / 2;
         let mut dx = vec![0f32; xv.len()];
-        rows2(&xv, &gv, h, h2, &mut dx, |_, r, gr, dr| {
-            let (a, b) = r.split_at(h);
-            let (da, db) = dr.split_at_mut(h);
-            sigmoid_into(a, db);
-            for i in 0..h {
-                let s = db[i];
-                da[i] = gr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                db[i] = gr[i] * a[i] * s;
-            }
-        });
+        rows2(
+            &xv,
+            &gv,
+            h,
+            h2,
+            &mut dx,
+            #[inline(always)]
+            |_, r, gr, dr| {
+                let (a, b) = r.split_at(h);
+                let (da, db) = dr.split_at_mut(h);
+                sigmoid_into(a, db);
+                for i in 0..h {
+                    let s = db[i];
+                    da[i] = gr[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                    db[i] = gr[i] * a[i] * s;
+                }
+            },
+        );
         Ok(Some(out(dx, x)?))
     }
 }
@@ -492,19 +607,26 @@ impl Rope {
     fn rotate(&self, x: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
         let half = d / 2;
         let mut y = vec![0f32; x.len()];
-        rows(x, d, &mut y, d, |r, xr, yr| {
-            let p = self.offset + r % t;
-            let (c, s) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
-            );
-            for i in 0..half {
-                let (x1, x2) = (xr[i], xr[i + half]);
-                let si = sign * s[i];
-                yr[i] = x1 * c[i] - x2 * si;
-                yr[i + half] = x2 * c[i] + x1 * si;
-            }
-        });
+        rows(
+            x,
+            d,
+            &mut y,
+            d,
+            #[inline(always)]
+            |r, xr, yr| {
+                let p = self.offset + r % t;
+                let (c, s) = (
+                    &self.cos[p * half..(p + 1) * half],
+                    &self.sin[p * half..(p + 1) * half],
+                );
+                for i in 0..half {
+                    let (x1, x2) = (xr[i], xr[i + half]);
+                    let si = sign * s[i];
+                    yr[i] = x1 * c[i] - x2 * si;
+                    yr[i + half] = x2 * c[i] + x1 * si;
+                }
+            },
+        );
         y
     }
 }
@@ -556,19 +678,26 @@ impl CustomOp1 for CrossEntropy {
         let v = l.dims()[1];
         // Each row's term (rows of weight 0 have none), then their sum in row order.
         let mut terms = vec![0f32; x.len() / v];
-        rows(x, v, &mut terms, 1, |r, xr, term| {
-            let (t, w) = (self.targets[r], self.weight[r]);
-            if w == 0.0 {
-                return;
-            }
-            let mx = vmath::max(xr);
-            let mut e: Vec<f32> = xr.iter().map(|a| a - mx).collect();
-            exp_in_place(&mut e);
-            let lse = mx + vmath::sum(&e).ln();
-            let nll = lse - xr[t as usize];
-            let smooth = lse - vmath::sum(xr) / v as f32;
-            term[0] = w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth);
-        });
+        rows(
+            x,
+            v,
+            &mut terms,
+            1,
+            #[inline(always)]
+            |r, xr, term| {
+                let (t, w) = (self.targets[r], self.weight[r]);
+                if w == 0.0 {
+                    return;
+                }
+                let mx = vmath::max(xr);
+                let mut e: Vec<f32> = xr.iter().map(|a| a - mx).collect();
+                exp_in_place(&mut e);
+                let lse = mx + vmath::sum(&e).ln();
+                let nll = lse - xr[t as usize];
+                let smooth = lse - vmath::sum(xr) / v as f32;
+                term[0] = w * ((1.0 - self.smoothing) * nll + self.smoothing * smooth);
+            },
+        );
         let mut total = 0f64;
         for (&term, &w) in terms.iter().zip(&self.weight) {
             if w != 0.0 {
@@ -584,19 +713,26 @@ impl CustomOp1 for CrossEntropy {
         let v = x.dim(1)?;
         let mut dx = vec![0f32; xv.len()];
         let sv = self.smoothing / v as f32;
-        rows(&xv, v, &mut dx, v, |r, xr, dr| {
-            let (t, w) = (self.targets[r], self.weight[r]);
-            if w == 0.0 {
-                return;
-            }
-            let mx = vmath::max(xr);
-            dr.iter_mut().zip(xr).for_each(|(d, &a)| *d = a - mx);
-            exp_in_place(dr);
-            let sum = vmath::sum(dr);
-            let k = g * w / sum;
-            dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
-            dr[t as usize] -= g * w * (1.0 - self.smoothing);
-        });
+        rows(
+            &xv,
+            v,
+            &mut dx,
+            v,
+            #[inline(always)]
+            |r, xr, dr| {
+                let (t, w) = (self.targets[r], self.weight[r]);
+                if w == 0.0 {
+                    return;
+                }
+                let mx = vmath::max(xr);
+                dr.iter_mut().zip(xr).for_each(|(d, &a)| *d = a - mx);
+                exp_in_place(dr);
+                let sum = vmath::sum(dr);
+                let k = g * w / sum;
+                dr.iter_mut().for_each(|d| *d = *d * k - g * w * sv);
+                dr[t as usize] -= g * w * (1.0 - self.smoothing);
+            },
+        );
         Ok(Some(out(dx, x)?))
     }
 }

@@ -342,13 +342,13 @@ impl CustomOp1 for QuantLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (out, inp) = self.0.shape().dims2()?;
-        let w = self.0.dequantize(&candle_core::Device::Cpu)?;
+        let w = super::quant::dequantize(&self.0, &candle_core::Device::Cpu)?;
         let y = with_data(&w, |wv| Ok(linear_fwd(slice(s, l)?, wv, None, inp, out)))?;
         Ok((CpuStorage::F32(y), out_shape(l, out)))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.0.dequantize(x.device())?;
+        let w = super::quant::dequantize(&self.0, x.device())?;
         Ok(linear_bwd(x, &w, None, g)?.0)
     }
 }
@@ -405,6 +405,8 @@ fn rotate(rows: &mut [f32], d: usize, first: usize, (cos, sin): (&[f32], &[f32])
 }
 
 /// Softmax in place of the first `valid` scores of a row (scaled by `scale`); the rest become 0.
+/// Inlined into its callers' [`super::vmath::dispatch`] bodies.
+#[inline(always)]
 fn softmax_row(r: &mut [f32], valid: usize, scale: f32) {
     let (live, masked) = r.split_at_mut(valid);
     masked.fill(0.0);
@@ -473,9 +475,14 @@ impl CustomOp1 for Attention {
                     Mat(kh, 1, d),
                     Parallelism::None,
                 );
-                for (i, r) in ph.chunks_exact_mut(t).enumerate() {
-                    softmax_row(r, if self.causal { i + 1 } else { t }, scale);
-                }
+                super::vmath::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (i, r) in ph.chunks_exact_mut(t).enumerate() {
+                            softmax_row(r, if self.causal { i + 1 } else { t }, scale);
+                        }
+                    },
+                );
                 let v = &x[base + 2 * w + hi * d..];
                 mm(
                     (t, d, t),
@@ -546,12 +553,17 @@ impl CustomOp1 for Attention {
                             Mat(v, 1, c3),
                             Parallelism::None,
                         );
-                        for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
-                            let dot = super::vmath::dot(dr, pr);
-                            for (a, &pv) in dr.iter_mut().zip(pr) {
-                                *a = pv * (*a - dot) * scale;
-                            }
-                        }
+                        super::vmath::dispatch(
+                            #[inline(always)]
+                            || {
+                                for (dr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
+                                    let dot = super::vmath::dot(dr, pr);
+                                    for (a, &pv) in dr.iter_mut().zip(pr) {
+                                        *a = pv * (*a - dot) * scale;
+                                    }
+                                }
+                            },
+                        );
                         // dQ = dS K, dK = dS^T Q (in rotated coordinates), then un-rotate.
                         mm(
                             (t, d, t),
@@ -763,9 +775,14 @@ pub fn cached_attention(
                         Mat(kh, 1, d),
                         Parallelism::None,
                     );
-                    for (i, pr) in p.chunks_exact_mut(l).enumerate() {
-                        softmax_row(pr, offset + i + 1, scale);
-                    }
+                    super::vmath::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (i, pr) in p.chunks_exact_mut(l).enumerate() {
+                                softmax_row(pr, offset + i + 1, scale);
+                            }
+                        },
+                    );
                     mm(
                         (t, d, l),
                         &mut yr[h * d..],

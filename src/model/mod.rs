@@ -53,6 +53,7 @@ pub mod linear;
 pub mod lm;
 pub mod ops;
 pub mod params;
+pub mod quant;
 pub mod vit;
 pub mod vmath;
 

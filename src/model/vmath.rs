@@ -10,6 +10,18 @@
 //! 3.4 (a micro-benchmark over 3,000-value rows), within 1 ulp of libm on
 //! [-87, 88]. Below -87 it gives 0 (libm: at most 1.7e-38), above 88 infinity (libm: up to
 //! 3.4e38 before 88.72), NaN stays NaN. A value never depends on its position in a slice.
+//!
+//! # Instruction sets
+//!
+//! One binary serves every x86-64 host (Slurm nodes differ), so nothing is compiled for the
+//! build machine's CPU. Instead the hot kernels (these functions and the fused ops, attention
+//! softmax and Q4_0 dequantisation that call them) run inside [`dispatch`], which picks at run
+//! time, once per process, the best of AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) or baseline
+//! SSE2 (pulp's detection) and compiles the closure's body once per level. Every function here is
+//! `#[inline(always)]` so that it is compiled inside the dispatched body, at that body's level.
+//! The code never asks for fused multiply-adds (Rust never contracts `a * b + c` on its own) and
+//! the lane order of the reductions is fixed, so every level gives the same bits as baseline;
+//! `tests/kernels_isa.rs` checks that for every level the host has.
 
 /// `exp(x)`: Cody-Waite range reduction `x = n ln2 + r`, a degree-7 polynomial for `exp(r)`,
 /// `2^n` built in the exponent bits. Round-to-nearest of `x log2 e` by the 1.5 * 2^23 trick,
@@ -41,8 +53,96 @@ pub fn exp1(x: f32) -> f32 {
 }
 
 /// `x <- exp(x)` for every element.
+#[inline(always)]
 pub fn exp_in_place(xs: &mut [f32]) {
     xs.iter_mut().for_each(|v| *v = exp1(*v));
+}
+
+/// An instruction-set level of the x86-64 psABI that [`dispatch`] can compile for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Baseline x86-64 (SSE2), or any other architecture.
+    Baseline,
+    /// x86-64-v3: AVX2, FMA, BMI1/2.
+    Avx2,
+    /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL on top of v3.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+
+    /// What benchmarks print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Baseline => "baseline (x86-64 SSE2)",
+            Isa::Avx2 => "avx2+fma (x86-64-v3)",
+            Isa::Avx512 => "avx512 (x86-64-v4)",
+        }
+    }
+
+    /// pulp's token for this level, `None` where the CPU lacks it.
+    fn arch(self) -> Option<pulp::Arch> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Baseline => Some(pulp::Arch::Scalar),
+                Isa::Avx2 => pulp::x86::V3::try_new().map(pulp::Arch::V3),
+                Isa::Avx512 => pulp::x86::V4::try_new().map(pulp::Arch::V4),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (self == Isa::Baseline).then(pulp::Arch::new)
+        }
+    }
+
+    /// Whether this CPU runs this level.
+    pub fn available(self) -> bool {
+        self.arch().is_some()
+    }
+}
+
+/// The level [`dispatch`] runs at: 0 until detected, else 1 + index in [`Isa::ALL`].
+static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The level the kernels run at in this process (the best the CPU has, unless
+/// [`force_isa`] chose another).
+pub fn isa() -> Isa {
+    use std::sync::atomic::Ordering::Relaxed;
+    match LEVEL.load(Relaxed) {
+        0 => {
+            let best = Isa::ALL
+                .into_iter()
+                .rev()
+                .find(|l| l.available())
+                .unwrap_or(Isa::Baseline);
+            LEVEL.store(best as u8 + 1, Relaxed);
+            best
+        }
+        n => Isa::ALL[usize::from(n - 1).min(2)],
+    }
+}
+
+/// Run every later kernel at `level` (tests comparing the levels; a benchmark measuring one).
+/// Refused, returning false, where the CPU lacks the level.
+pub fn force_isa(level: Isa) -> bool {
+    let ok = level.available();
+    if ok {
+        LEVEL.store(level as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+    ok
+}
+
+/// `f()`, compiled once per [`Isa`] level and run at [`isa`]'s. Everything `f` calls must be
+/// inlined into it to be compiled at that level: closures handed in here are marked
+/// `#[inline(always)]`, as are the functions of this module.
+#[inline(always)]
+pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    match isa().arch() {
+        Some(arch) => arch.dispatch(f),
+        None => f(),
+    }
 }
 
 /// Partial results kept by the reductions below: a strict left-to-right sum is one dependent
@@ -75,16 +175,19 @@ fn reduce2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// `sum x`.
+#[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
     reduce2(x, x, |v, _| v)
 }
 
 /// `sum a * b`.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce2(a, b, |x, y| x * y)
 }
 
 /// `sum a * b * c` over three slices of one length.
+#[inline(always)]
 pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     debug_assert!(a.len() == b.len() && b.len() == c.len());
     let n = a.len().min(b.len()).min(c.len());
@@ -105,11 +208,13 @@ pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 /// `sum (x - c)^2`.
+#[inline(always)]
 pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
     reduce2(x, x, |v, _| (v - c) * (v - c))
 }
 
 /// The largest element (`-inf` for an empty slice; NaN elements are skipped, as by `f32::max`).
+#[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let c = x.chunks_exact(LANES);
