@@ -336,27 +336,27 @@ pub fn run_plan(
     let mut failures: Vec<(String, String)> = Vec::new();
     let recorder = Recorder::start(store, cache.clone());
     let t0 = std::time::Instant::now();
-    // When each stage was handed out, and which ended done: a stage whose
-    // entry says it began before that was computed by another process while
-    // ours waited for its lock, and is not counted as run here. Only for
-    // stages started in a process of their own (training kinds: the ones
-    // worth waiting for); a pooled worker may begin a queued stage before its
-    // start is reported.
-    let mut handed_out: HashMap<String, f64> = HashMap::new();
+    // Which stages ended done: one whose entry says it began before this run
+    // started executing was computed by another process while ours waited for
+    // its lock, and is not counted as run here. The run's start, not each
+    // stage's hand-out, is the bound: a stage's own process may record its
+    // start before the executor's report of it reaches this loop (at once
+    // under load, and always on Slurm, whose starts are seen by polling), which
+    // made our own stages look computed elsewhere. A stage another process
+    // began after this run started is counted as ours (an undercount only).
+    // Only training kinds (the ones worth waiting for) are checked.
     let mut finished_done: Vec<String> = Vec::new();
+    let running_since = crate::store::now();
     let mut on_event = |ev: Event| {
         sink.event(&ev);
         let at = crate::store::now();
         let op = match &ev {
-            Event::Started { key, host, job_id } => {
-                handed_out.entry(key.clone()).or_insert(at);
-                StoreOp::Started {
-                    key: key.clone(),
-                    host: host.clone(),
-                    job_id: job_id.clone(),
-                    at,
-                }
-            }
+            Event::Started { key, host, job_id } => StoreOp::Started {
+                key: key.clone(),
+                host: host.clone(),
+                job_id: job_id.clone(),
+                at,
+            },
             Event::Progress { .. } => return,
             Event::Finished { key, outcome, wall } => {
                 let (status, error, wall_s) = match outcome {
@@ -411,7 +411,7 @@ pub fn run_plan(
             let began = crate::cache::verify::read_manifest(&cache.entry(k))
                 .map(|m| m.started_at)
                 .unwrap_or(f64::INFINITY);
-            handed_out.get(*k).is_some_and(|&at| began < at)
+            began < running_since
         })
         .count();
     let summary = RunSummary {
