@@ -66,6 +66,7 @@ struct Scored {
 
 pub fn run(args: &EvalArgs) -> CliResult {
     crate::alloc::return_freed_memory_soon();
+    crate::alloc::avoid_huge_pages();
     let (refs, pred) = rayon::join(
         || jsonl::read_references(&args.refs),
         || jsonl::read_predictions(&args.pred),
