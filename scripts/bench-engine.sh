@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Engine overhead figures (issue 4), printed as medians of several runs:
+# Engine overhead figures, printed as medians of several runs:
 #  1. a fully cached sweep (no-op re-run), process start included;
 #  2. orchestration overhead per executed stage: sweep wall time minus the
 #     stages' own wall time (from their manifests), per stage, on trivial

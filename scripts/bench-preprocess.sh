@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Preprocessing benchmark (issue 3): throughput at 64 px and peak memory on a
+# Preprocessing benchmark: throughput at 64 px and peak memory on a
 # 50k-image synthetic set. Prints figures; asserts nothing.
 #   scripts/bench-preprocess.sh [IMAGES]   (default 50000)
 # Targets: >= 1,000 images/s on 2 cores; peak RSS <= 1 GiB.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Per-stage-kind speed of a sweep (issue 6): samples/s, wall time and peak RSS
+# Per-stage-kind speed of a sweep: samples/s, wall time and peak RSS
 # of every stage kind, and captions/s of evaluate with greedy and beam-3
 # decoding. Runs SPEC (default experiments/ablation.toml) into RUNS (reusing
 # whatever is cached there), then the same sweep with beam-3 decoding (which

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ecic vs DVC vs Snakemake on the orchestration figures of issue 4 ("Speed"):
+# ecic vs DVC vs Snakemake on orchestration overhead:
 #  - the no-op re-run: everything is up to date, the tool is run again;
 #  - the overhead per executed stage: a full run of trivial stages, divided by
 #    the number of stages.

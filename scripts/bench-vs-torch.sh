@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# candle vs PyTorch on the same tiny model (issue 5, "Speed"): training samples/s (full 2+2
+# candle vs PyTorch on the same tiny model: training samples/s (full 2+2
 # batch 16, full 4+4 batch 32, LoRA r8, QLoRA, adapter) and decoding captions/s (greedy and
 # beam-3 with a KV cache, 32 images), runs alternating between the two sides, medians, ratio
 # candle/torch, achieved GFLOP/s and the f32 matmul peak of each side measured in the same run.

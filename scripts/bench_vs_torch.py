@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""candle vs PyTorch on the same tiny captioning model (issue 5, "Speed").
+"""candle vs PyTorch on the same tiny captioning model (docs/models.md, "Speed against PyTorch").
 
 The model is the tiny preset of src/model/ with the llava backbone and early fusion:
 ViT (64 px images, patch 8 or 16, width 96, 4 heads, MLP ratio 2, pre-LN blocks, learned
