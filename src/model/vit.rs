@@ -4,9 +4,9 @@
 //! checkpoints, `super::hf`). BLIP-2's tower adds a LayerNorm on the last block's output and
 //! hands the class token to its Q-Former with the patch tokens (`layout.post_norm`,
 //! `layout.read_class_token`), with its own LayerNorm eps and MLP width
-//! (`VisionConfig::norm_eps`, `mlp_hidden`); every other backbone reads patch tokens. Patch embedding is a reshape
-//! plus one linear through the seam, equivalent to a stride-p convolution and quantizable like
-//! any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
+//! (`VisionConfig::norm_eps`, `mlp_hidden`); every other backbone reads patch tokens. Patch
+//! embedding is a reshape plus one linear through the seam, equivalent to a stride-p
+//! convolution and quantizable like any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
 //! token grid from log2(p) stages of 3x3 convolution (an unfold plus a linear through the
 //! seam), LayerNorm, GELU and 2x2 max pooling instead; `VitStem::PatchConv` does the first
 //! halving with a 2x2 patchify linear instead of a full-resolution 3x3 stage.
