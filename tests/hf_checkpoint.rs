@@ -132,6 +132,8 @@ fn tiny_config_serializes_without_the_new_options() {
     let real = pretrained(&fixture("llava"), Backbone::Llava, Fusion::Early);
     let j = serde_json::to_value(real.config()).unwrap();
     assert_eq!(j["vision"]["layout"]["act"], "quick_gelu");
+    // BLIP-2's tower options are absent from a CLIP layout.
+    assert!(j["vision"]["layout"].get("post_norm").is_none());
     assert_eq!(j["lm"]["rms_eps"], 1e-6);
     assert_eq!(j["projector_act"], "gelu");
     let back: ModelConfig = serde_json::from_value(j).unwrap();

@@ -140,11 +140,17 @@ pub struct VitLayout {
     /// Activation of the block MLPs.
     pub act: Activation,
     /// LayerNorm on the last block's output (BLIP-2's `post_layernorm`), which the connector
-    /// reads.
+    /// reads. Not serialized when off, so CLIP layouts read as they did before it existed.
+    #[serde(skip_serializing_if = "is_false")]
     pub post_norm: bool,
     /// The connector reads the class token too (BLIP-2's Q-Former attends to every token of
-    /// the tower's output); otherwise the patch tokens only.
+    /// the tower's output); otherwise the patch tokens only. Not serialized when off.
+    #[serde(skip_serializing_if = "is_false")]
     pub read_class_token: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl VitLayout {
