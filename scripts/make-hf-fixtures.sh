@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate tests/fixtures/hf/ (tiny random LLaMA, Phi-3, Phi-3 with LongRoPE, OPT, CLIP vision
-# and LLaVA checkpoints in Hugging Face layout, plus transformers' outputs on fixed inputs) for
-# tests/hf_checkpoint.rs.
+# Regenerate tests/fixtures/hf/ (tiny random LLaMA, Phi-3, Phi-3 with LongRoPE, OPT, CLIP vision,
+# LLaVA and BLIP-2 (OPT) checkpoints in Hugging Face layout, plus transformers' outputs on fixed
+# inputs) for tests/hf_checkpoint.rs. BLIP-2 has its own script, so the others' files do not
+# depend on it.
 # Needs python3 and PyPI once: the torch venv under target/ (scripts/torch-python.sh makes it,
 # with transformers). The Rust tests only read the committed files.
 set -euo pipefail
@@ -12,3 +13,4 @@ out="$root/tests/fixtures/hf"
 rm -rf "$out"
 mkdir -p "$out"
 "$python" "$here/hf_fixtures.py" "$out"
+"$python" "$here/hf_fixtures_blip2.py" "$out"

@@ -1,8 +1,9 @@
 //! Real checkpoints in Hugging Face layout (`ecic::model::hf`) against transformers itself:
 //! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), Phi-3
-//! with LongRoPE, OPT, CLIP vision and LLaVA checkpoints with transformers' outputs on fixed
-//! inputs (5.25; the script reproduces the 5.24 fixtures exactly), made by
-//! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5.
+//! with LongRoPE, OPT, CLIP vision, LLaVA and BLIP-2 (OPT) checkpoints with transformers'
+//! outputs on fixed inputs (5.25; the script reproduces the 5.24 fixtures exactly), made by
+//! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5;
+//! BLIP-2's greedy captions must be token-identical to transformers' `generate`.
 
 mod common;
 use common::max_abs_diff;
@@ -113,6 +114,17 @@ fn tiny_config_serializes_without_the_new_options() {
     let c = ModelConfig::tiny(Backbone::Llava, Fusion::Early, 100, 0, 1, 2);
     let j = serde_json::to_value(&c).unwrap();
     assert!(j["vision"].get("layout").is_none());
+    assert!(j["vision"].get("norm_eps").is_none() && j["vision"].get("mlp_hidden").is_none());
+    let b = serde_json::to_value(ModelConfig::tiny(
+        Backbone::Blip2,
+        Fusion::Early,
+        100,
+        0,
+        1,
+        2,
+    ))
+    .unwrap();
+    assert!(b["qformer"].get("layout").is_none(), "{}", b["qformer"]);
     assert!(j["lm"].get("rms_eps").is_none());
     assert!(j.get("projector_act").is_none());
     let back: ModelConfig = serde_json::from_value(j).unwrap();
@@ -120,6 +132,8 @@ fn tiny_config_serializes_without_the_new_options() {
     let real = pretrained(&fixture("llava"), Backbone::Llava, Fusion::Early);
     let j = serde_json::to_value(real.config()).unwrap();
     assert_eq!(j["vision"]["layout"]["act"], "quick_gelu");
+    // BLIP-2's tower options are absent from a CLIP layout.
+    assert!(j["vision"]["layout"].get("post_norm").is_none());
     assert_eq!(j["lm"]["rms_eps"], 1e-6);
     assert_eq!(j["projector_act"], "gelu");
     let back: ModelConfig = serde_json::from_value(j).unwrap();
@@ -200,7 +214,7 @@ fn wrong_shape_names_the_file_and_the_key() {
 #[test]
 fn unsupported_configs_name_config_json_and_the_key() {
     type Case = (&'static str, fn(&mut serde_json::Value), &'static str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
         (
             "llama",
             |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]),
@@ -226,6 +240,17 @@ fn unsupported_configs_name_config_json_and_the_key() {
             "llava",
             |v| v["vision_config"]["layer_norm_eps"] = 1e-6.into(),
             "vision_config.layer_norm_eps",
+        ),
+        // Flan-T5 BLIP-2: an encoder-decoder LM.
+        (
+            "blip2",
+            |v| v["text_config"] = serde_json::json!({"model_type": "t5"}),
+            "text_config.model_type",
+        ),
+        (
+            "blip2",
+            |v| v["qformer_config"]["hidden_act"] = "gelu_new".into(),
+            "qformer_config.hidden_act",
         ),
     ];
     for (name, edit, key) in cases {
@@ -422,8 +447,10 @@ fn bad_checkpoints_exit_2_naming_model_checkpoint() {
     edit_config(small_vocab.path(), |v| {
         v["text_config"]["vocab_size"] = 32.into()
     });
-    let cases: [(PathBuf, &str); 5] = [
+    let cases: [(PathBuf, &str); 6] = [
         (tmp.path().join("nowhere"), "is not a directory"),
+        // The spec's cells are llava and phi3v: BLIP-2's connector is only blip2's.
+        (fixture("blip2"), "serves backbone = \"blip2\" only"),
         (fixture("llama"), "has no vision tower"),
         (no_tok.path().to_path_buf(), "no tokenizer.json"),
         (
@@ -718,4 +745,155 @@ fn sweep_with_qlora_on_a_checkpoint_holds_the_base_in_4_bits() {
         )
         .unwrap();
     assert_eq!(cells, 2, "valid CIDEr-D of both cells");
+}
+
+/// BLIP-2 with OPT: its tower (class token read, post-norm, eps 1e-6), the post-LN Q-Former
+/// with cross-attention every second layer, the projection, and OPT reading the queries before
+/// BOS as transformers places its image tokens.
+#[test]
+fn blip2_logits_match_transformers() {
+    let exp = expected("blip2");
+    let m = pretrained(&fixture("blip2"), Backbone::Blip2, Fusion::Early);
+    assert_eq!(m.num_visual_tokens(), 32);
+    let logits = m
+        .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
+        .unwrap();
+    let err = max_abs_diff(&logits, &exp["logits"]);
+    eprintln!("blip2: text logits max abs err {err:e}");
+    assert!(err < TOL, "blip2: logits max abs err {err}");
+    // Pretrained: pretrain-align trains the checkpoint's connector only.
+    let trainable = m.trainable_vars();
+    assert!(trainable
+        .iter()
+        .all(|t| t.component == Component::Connector));
+    for name in [
+        "connector.qformer.query_tokens",
+        "connector.qformer.layers.2.cross_attn.kv_proj.weight",
+        "connector.language_projection.weight",
+    ] {
+        assert!(trainable.iter().any(|t| t.name == name), "{name}");
+    }
+    // Layer 1 has no cross-attention (every second layer, from the first).
+    assert!(!trainable
+        .iter()
+        .any(|t| t.name.starts_with("connector.qformer.layers.1.cross_attn")));
+}
+
+/// Greedy captions of 8 images, token for token those of transformers' `generate` (which
+/// starts from the query placeholders and BOS and stops at the config's EOS, "\n").
+#[test]
+fn blip2_greedy_captions_match_transformers_generate() {
+    let exp = expected("blip2");
+    let m = pretrained(&fixture("blip2"), Backbone::Blip2, Fusion::Early);
+    let eos = m.config().eos_id;
+    assert_eq!(eos, 14);
+    let want: Vec<Vec<u32>> = ids(&exp["gen_ids"])
+        .to_vec2::<u32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().take_while(|&t| t != eos).collect())
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = want.iter().collect();
+    assert!(
+        distinct.len() > 2,
+        "the captions do not depend on the image"
+    );
+    let cfg = ecic::decode::DecodeConfig {
+        max_len: ids(&exp["gen_ids"]).dim(1).unwrap(),
+        ..Default::default()
+    };
+    let got = ecic::decode::generate(&m, &exp["gen_pixel_values"], &cfg, 0).unwrap();
+    assert_eq!(got, want);
+}
+
+/// The earliest BLIP-2 conversions stored the tower's query and value biases alone
+/// (`q_bias`, `v_bias`); the key bias is zero then, and a bias on the keys never changes the
+/// attention (it adds the same score to a whole row), so the logits are the fixture's.
+#[test]
+fn blip2_separate_q_and_v_biases_load_alike() {
+    let exp = expected("blip2");
+    let tmp = copy_fixture("blip2");
+    edit_weights(tmp.path(), |m| {
+        let keys: Vec<String> = m
+            .keys()
+            .filter(|k| k.ends_with("self_attn.qkv.bias"))
+            .cloned()
+            .collect();
+        assert_eq!(keys.len(), 2);
+        for k in keys {
+            let b = m.remove(&k).unwrap();
+            let at = k.trim_end_matches("qkv.bias");
+            m.insert(format!("{at}q_bias"), b.narrow(0, 0, 32).unwrap());
+            m.insert(format!("{at}v_bias"), b.narrow(0, 64, 32).unwrap());
+        }
+    });
+    let m = pretrained(tmp.path(), Backbone::Blip2, Fusion::Early);
+    let logits = m
+        .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
+        .unwrap();
+    let err = max_abs_diff(&logits, &exp["logits"]);
+    assert!(err < TOL, "q_bias/v_bias: {err}");
+}
+
+/// A BLIP-2 checkpoint trains with every PEFT method: one pretrain-align (the checkpoint's
+/// connector fine-tuned) serves LoRA, QLoRA and adapter cells, each evaluated.
+#[test]
+fn sweep_on_a_blip2_checkpoint_runs_lora_qlora_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("blip2");
+    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(
+            r#"backbone = ["llava", "phi3v"]"#,
+            r#"backbone = ["blip2"]"#,
+        )
+        .replace(
+            r#"peft = ["lora"]"#,
+            r#"peft = ["lora", "qlora", "adapter"]"#,
+        );
+    std::fs::write(&spec, text).unwrap();
+    let runs = tmp.path().join("runs");
+    let out = sweep(&spec, &runs);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let done = computed(&runs);
+    let count = |kind: &str| done.iter().filter(|s| s.starts_with(kind)).count();
+    assert_eq!(count("pretrain-align"), 1, "{done:?}");
+    assert_eq!(count("domain-adapt"), 3, "{done:?}");
+    let align = done
+        .iter()
+        .find_map(|s| s.strip_prefix("pretrain-align "))
+        .unwrap();
+    let entry = runs.join("objects-v1").join(align);
+    let lineage: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(entry.join("lineage.json")).unwrap())
+            .unwrap();
+    assert_eq!(lineage["model"]["qformer"]["layout"]["kind"], "bert");
+    assert_eq!(
+        lineage["model"]["vision"]["layout"]["read_class_token"],
+        true
+    );
+    // The frozen tower and LM in the published base are the checkpoint's.
+    let w =
+        candle_core::safetensors::load(entry.join("weights.safetensors"), &Device::Cpu).unwrap();
+    let src =
+        candle_core::safetensors::load(ck.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &w["vision.post_norm.weight"],
+            &src["vision_model.post_layernorm.weight"]
+        ),
+        0.0
+    );
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let cells: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT cell) FROM results WHERE stage = 'evaluate' \
+             AND split = 'valid' AND metric = 'cider_d'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cells, 3, "valid CIDEr-D of the three cells");
 }

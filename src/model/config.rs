@@ -50,6 +50,36 @@ pub struct VisionConfig {
     /// How pixels become tokens; the default (a patchify linear) is not serialized.
     #[serde(default, skip_serializing_if = "VitStem::is_patch")]
     pub stem: VitStem,
+    /// LayerNorm epsilon of the blocks (and of the pre/post norms): 1e-5 (CLIP, the tiny
+    /// presets) is not serialized; BLIP-2's tower uses 1e-6.
+    #[serde(default = "default_ln_eps", skip_serializing_if = "is_default_ln_eps")]
+    pub norm_eps: f64,
+    /// MLP width where it is not `mlp_ratio * width` (BLIP-2's EVA tower: 6144 for 1408);
+    /// 0, not serialized, means the ratio.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mlp_hidden: usize,
+}
+
+impl VisionConfig {
+    /// Width of the block MLPs.
+    pub fn mlp_width(&self) -> usize {
+        if self.mlp_hidden > 0 {
+            self.mlp_hidden
+        } else {
+            self.width * self.mlp_ratio
+        }
+    }
+}
+
+/// LayerNorm epsilon of the tiny presets' ViT and of CLIP (`nn.LayerNorm`'s default).
+pub const DEFAULT_LN_EPS: f64 = 1e-5;
+
+fn default_ln_eps() -> f64 {
+    DEFAULT_LN_EPS
+}
+
+fn is_default_ln_eps(e: &f64) -> bool {
+    *e == DEFAULT_LN_EPS
 }
 
 /// How the ViT turns pixels into its `(image_size / patch_size)^2` tokens.
@@ -109,6 +139,18 @@ pub struct VitLayout {
     pub patch_bias_free: bool,
     /// Activation of the block MLPs.
     pub act: Activation,
+    /// LayerNorm on the last block's output (BLIP-2's `post_layernorm`), which the connector
+    /// reads. Not serialized when off, so CLIP layouts read as they did before it existed.
+    #[serde(skip_serializing_if = "is_false")]
+    pub post_norm: bool,
+    /// The connector reads the class token too (BLIP-2's Q-Former attends to every token of
+    /// the tower's output); otherwise the patch tokens only. Not serialized when off.
+    #[serde(skip_serializing_if = "is_false")]
+    pub read_class_token: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl VitLayout {
@@ -122,6 +164,20 @@ impl VitLayout {
             pre_norm: true,
             patch_bias_free: true,
             act,
+            post_norm: false,
+            read_class_token: false,
+        }
+    }
+    /// BLIP-2's vision tower (EVA ViT-g in the published checkpoints): a class token, a patch
+    /// embedding with bias, no pre-norm, exact GELU, a post-norm, and the class token read.
+    pub fn blip2() -> Self {
+        Self {
+            class_token: true,
+            pre_norm: false,
+            patch_bias_free: false,
+            act: Activation::Gelu,
+            post_norm: true,
+            read_class_token: true,
         }
     }
 }
@@ -205,6 +261,35 @@ pub struct QFormerConfig {
     pub width: usize,
     pub depth: usize,
     pub heads: usize,
+    /// Which Q-Former; the default (the tiny presets' own) is not serialized.
+    #[serde(default, skip_serializing_if = "QFormerLayout::is_tiny")]
+    pub layout: QFormerLayout,
+}
+
+/// The two Q-Former layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum QFormerLayout {
+    /// Pre-LN layers, each with self-attention, cross-attention onto the image features and a
+    /// tanh-GELU MLP of 4x the width, then a final LayerNorm (the tiny presets,
+    /// [`super::connector`]).
+    #[default]
+    Tiny,
+    /// BLIP-2's checkpoints ([`super::qformer`]): a LayerNorm on the query embeddings, then
+    /// post-LN BERT layers (LayerNorm eps `eps`) with cross-attention in every
+    /// `cross_every`-th layer (the first included) and an exact-GELU MLP of width
+    /// `mlp_hidden`.
+    Bert {
+        cross_every: usize,
+        mlp_hidden: usize,
+        eps: f64,
+    },
+}
+
+impl QFormerLayout {
+    pub fn is_tiny(&self) -> bool {
+        *self == QFormerLayout::Tiny
+    }
 }
 
 /// Fusion placement knobs.
@@ -287,6 +372,8 @@ impl ModelConfig {
                 mlp_ratio: 2,
                 layout: VitLayout::default(),
                 stem: VitStem::Patch,
+                norm_eps: DEFAULT_LN_EPS,
+                mlp_hidden: 0,
             },
             lm: LmConfig {
                 width: 128,
@@ -303,6 +390,7 @@ impl ModelConfig {
                 width: 96,
                 depth: 1,
                 heads: 4,
+                layout: QFormerLayout::Tiny,
             },
             fusion_opts: FusionConfig {
                 late_layers: 1,
@@ -349,12 +437,15 @@ impl ModelConfig {
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
                     stem: VitStem::Patch,
+                    norm_eps: DEFAULT_LN_EPS,
+                    mlp_hidden: 0,
                 };
                 c.qformer = QFormerConfig {
                     queries: 32,
                     width: 768,
                     depth: 12,
                     heads: 12,
+                    layout: QFormerLayout::Tiny,
                 };
                 c.lm = LmConfig {
                     width: 2560,
@@ -377,6 +468,8 @@ impl ModelConfig {
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
                     stem: VitStem::Patch,
+                    norm_eps: DEFAULT_LN_EPS,
+                    mlp_hidden: 0,
                 };
                 c.lm = LmConfig {
                     width: 4096,
@@ -399,6 +492,8 @@ impl ModelConfig {
                     mlp_ratio: 4,
                     layout: VitLayout::default(),
                     stem: VitStem::Patch,
+                    norm_eps: DEFAULT_LN_EPS,
+                    mlp_hidden: 0,
                 };
                 c.lm = LmConfig {
                     width: 3072,
@@ -508,6 +603,19 @@ impl ModelConfig {
                 "qformer.width {} must split into qformer.heads {} and queries > 0",
                 q.width, q.heads
             ));
+        }
+        if let QFormerLayout::Bert {
+            cross_every,
+            mlp_hidden,
+            ..
+        } = q.layout
+        {
+            if cross_every == 0 || mlp_hidden == 0 {
+                errs.push(format!(
+                    "qformer.layout: cross_every {cross_every} and mlp_hidden {mlp_hidden} must \
+                     be at least 1"
+                ));
+            }
         }
         if self.backbone == Backbone::Phi3v
             && (!(v.image_size / v.patch_size.max(1)).is_multiple_of(2) || self.hd_grid == 0)

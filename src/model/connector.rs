@@ -1,7 +1,9 @@
 //! Connectors: from encoder features to visual tokens in the LM's width.
 //!
 //! - `blip2`: Q-Former (Li et al., "BLIP-2", 2023): learned queries, self-attention, then
-//!   cross-attention onto the image features, MLP; a linear maps the queries into the LM.
+//!   cross-attention onto the image features, MLP; a linear maps the queries into the LM. The
+//!   tiny presets' Q-Former is here; a BLIP-2 checkpoint's (`qformer.layout = "bert"`) is
+//!   [`super::qformer`].
 //! - `llava`: 2-layer GELU MLP on the penultimate block's patch tokens (Liu et al., "Improved
 //!   Baselines with Visual Instruction Tuning", 2023).
 //! - `phi3v`: HD transform (Phi-3-Vision): the input image is cut into a `hd_grid`² grid of
@@ -15,12 +17,13 @@
 
 use candle_core::{Result as CResult, Tensor, D};
 
-use super::config::{Activation, Backbone, Fusion, ModelConfig};
+use super::config::{Activation, Backbone, Fusion, ModelConfig, QFormerLayout};
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
 use super::lm::CrossAttention;
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
+use super::qformer::BertQFormer;
 use super::vit::{activate, Vit};
 use super::ModelError;
 
@@ -126,10 +129,33 @@ impl LevelPool {
     }
 }
 
+/// The `blip2` connector's Q-Former, by `qformer.layout`.
+#[derive(Debug, Clone)]
+enum Queries {
+    Tiny(QFormer),
+    Bert(BertQFormer),
+}
+
+impl Queries {
+    fn new(b: &Builder<'_>, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        Ok(match cfg.qformer.layout {
+            QFormerLayout::Tiny => Queries::Tiny(QFormer::new(b, cfg)?),
+            QFormerLayout::Bert { .. } => Queries::Bert(BertQFormer::new(b, cfg)?),
+        })
+    }
+
+    fn forward(&self, img: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        match self {
+            Queries::Tiny(q) => q.forward(img, fwd),
+            Queries::Bert(q) => q.forward(img, fwd),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Head {
     Blip2 {
-        qformer: QFormer,
+        qformer: Queries,
         proj: Linear,
     },
     Mlp {
@@ -186,7 +212,7 @@ impl Visual {
         };
         let head = match cfg.backbone {
             Backbone::Blip2 => Head::Blip2 {
-                qformer: QFormer::new(&conn.pp("qformer"), cfg)?,
+                qformer: Queries::new(&conn.pp("qformer"), cfg)?,
                 proj: conn.linear("language_projection", cfg.qformer.width, dl, true)?,
             },
             Backbone::Llava => Head::Mlp {

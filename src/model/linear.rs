@@ -173,12 +173,23 @@ impl Builder<'_> {
         }))
     }
 
-    /// LayerNorm weights (w, b) named `name`.
+    /// LayerNorm weights (w, b) named `name`, eps 1e-5 (`nn.LayerNorm`'s default).
     pub fn layer_norm(&self, name: &str, dim: usize) -> Result<LayerNorm, ModelError> {
+        self.layer_norm_eps(name, dim, 1e-5)
+    }
+
+    /// LayerNorm with its own epsilon (BLIP-2's tower 1e-6, its Q-Former 1e-12).
+    pub fn layer_norm_eps(
+        &self,
+        name: &str,
+        dim: usize,
+        eps: f64,
+    ) -> Result<LayerNorm, ModelError> {
         let b = self.pp(name);
         Ok(LayerNorm {
             w: b.base("weight", &[dim], Init::Ones, false)?,
             b: b.base("bias", &[dim], Init::Zeros, false)?,
+            eps,
         })
     }
 
@@ -199,11 +210,12 @@ impl Builder<'_> {
 pub struct LayerNorm {
     w: Tensor,
     b: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        ops::layer_norm(x, &self.w, &self.b, 1e-5)
+        ops::layer_norm(x, &self.w, &self.b, self.eps)
     }
 }
 

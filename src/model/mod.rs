@@ -53,6 +53,7 @@ pub mod linear;
 pub mod lm;
 pub mod ops;
 pub mod params;
+pub mod qformer;
 pub mod quant;
 pub mod vit;
 pub mod vmath;
@@ -62,7 +63,7 @@ use std::path::PathBuf;
 pub use captioner::{prompt_tensor, Captioner, Inputs, ParamCounts, TeacherForcing, TrainableVar};
 pub use config::{
     Activation, Backbone, Fusion, LmConfig, LmLayout, ModelConfig, PeftConfig, PeftMethod, Phase,
-    RopeScaling, VisionConfig, VisionPolicy, VitLayout, VitStem,
+    QFormerLayout, RopeScaling, VisionConfig, VisionPolicy, VitLayout, VitStem,
 };
 pub use lm::LmState;
 pub use params::Component;

@@ -1,9 +1,12 @@
 //! Vision Transformer encoder (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020),
 //! pre-LN blocks, learned position embeddings; a class token, a LayerNorm of the embeddings
 //! and another MLP activation only where `VisionConfig::layout` asks for them (CLIP
-//! checkpoints, `super::hf`); every backbone reads patch tokens. Patch embedding is a reshape
-//! plus one linear through the seam, equivalent to a stride-p convolution and quantizable like
-//! any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
+//! checkpoints, `super::hf`). BLIP-2's tower adds a LayerNorm on the last block's output and
+//! hands the class token to its Q-Former with the patch tokens (`layout.post_norm`,
+//! `layout.read_class_token`), with its own LayerNorm eps and MLP width
+//! (`VisionConfig::norm_eps`, `mlp_hidden`); every other backbone reads patch tokens. Patch
+//! embedding is a reshape plus one linear through the seam, equivalent to a stride-p
+//! convolution and quantizable like any other linear. `VitStem::Conv` ([`super::conv`], `model.stem = "conv"`) builds the same
 //! token grid from log2(p) stages of 3x3 convolution (an unfold plus a linear through the
 //! seam), LayerNorm, GELU and 2x2 max pooling instead; `VitStem::PatchConv` does the first
 //! halving with a 2x2 patchify linear instead of a full-resolution 3x3 stage.
@@ -33,13 +36,14 @@ struct Block {
 impl Block {
     fn new(b: &Builder<'_>, cfg: &VisionConfig) -> Result<Self, ModelError> {
         let w = cfg.width;
+        let (m, eps) = (cfg.mlp_width(), cfg.norm_eps);
         Ok(Self {
-            ln1: b.layer_norm("norm1", w)?,
+            ln1: b.layer_norm_eps("norm1", w, eps)?,
             qkv: b.pp("attn").linear("qkv", w, 3 * w, true)?,
             proj: b.pp("attn").linear("proj", w, w, true)?,
-            ln2: b.layer_norm("norm2", w)?,
-            fc1: b.pp("mlp").linear("fc1", w, w * cfg.mlp_ratio, true)?,
-            fc2: b.pp("mlp").linear("fc2", w * cfg.mlp_ratio, w, true)?,
+            ln2: b.layer_norm_eps("norm2", w, eps)?,
+            fc1: b.pp("mlp").linear("fc1", w, m, true)?,
+            fc2: b.pp("mlp").linear("fc2", m, w, true)?,
             heads: cfg.heads,
             act: cfg.layout.act,
         })
@@ -90,10 +94,15 @@ pub struct Vit {
     blocks: Vec<Block>,
     patch_size: usize,
     image_size: usize,
-    /// Class token (`layout.class_token`), first in the sequence, dropped from [`Vit::forward`].
+    /// Class token (`layout.class_token`), first in the sequence, dropped from [`Vit::forward`]
+    /// unless `read_class_token`.
     cls: Option<Tensor>,
     /// LayerNorm of the embeddings before the first block (`layout.pre_norm`).
     pre_norm: Option<LayerNorm>,
+    /// LayerNorm of the last block's output (`layout.post_norm`), with that block's number.
+    post_norm: Option<(LayerNorm, usize)>,
+    /// [`Vit::forward`] keeps the class token (`layout.read_class_token`).
+    read_class_token: bool,
 }
 
 /// An MLP activation, differentiable (exact GELU through candle's erf op, which has a
@@ -126,7 +135,16 @@ impl Vit {
             None
         };
         let pre_norm = if lay.pre_norm {
-            Some(b.layer_norm("pre_norm", cfg.width)?)
+            Some(b.layer_norm_eps("pre_norm", cfg.width, cfg.norm_eps)?)
+        } else {
+            None
+        };
+        // Built only with the last block: the norm belongs to the tower's final output.
+        let post_norm = if lay.post_norm && blocks >= cfg.depth {
+            Some((
+                b.layer_norm_eps("post_norm", cfg.width, cfg.norm_eps)?,
+                cfg.depth,
+            ))
         } else {
             None
         };
@@ -185,6 +203,8 @@ impl Vit {
             image_size: cfg.image_size,
             cls,
             pre_norm,
+            post_norm,
+            read_class_token: lay.class_token && lay.read_class_token,
         })
     }
 
@@ -192,18 +212,24 @@ impl Vit {
         (self.image_size / self.patch_size).pow(2)
     }
 
-    /// Block outputs `1..=upto` (index 0 of the result is block 1) for images (B,3,S,S), patch
-    /// tokens only (without the class token, if any).
+    /// Block outputs `1..=upto` (index 0 of the result is block 1) for images (B,3,S,S), the
+    /// last block's through the post-norm (if any); patch tokens only, unless the layout reads
+    /// the class token too.
     pub fn forward(&self, images: &Tensor, upto: usize, fwd: Fwd<'_>) -> CResult<Vec<Tensor>> {
         let outs = self.hidden_states(images, upto, fwd)?.into_iter().skip(1);
-        if self.cls.is_none() {
-            return Ok(outs.collect());
-        }
-        outs.map(|x| {
-            let n = x.dim(1)? - 1;
-            x.narrow(1, 1, n)
-        })
-        .collect()
+        outs.enumerate()
+            .map(|(i, x)| {
+                let x = match &self.post_norm {
+                    Some((ln, last)) if i + 1 == *last => ln.forward(&x)?,
+                    _ => x,
+                };
+                if self.cls.is_none() || self.read_class_token {
+                    return Ok(x);
+                }
+                let n = x.dim(1)? - 1;
+                x.narrow(1, 1, n)
+            })
+            .collect()
     }
 
     /// The embeddings as the first block reads them (after the pre-norm, if any), then block

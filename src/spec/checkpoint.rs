@@ -1,6 +1,6 @@
 //! `model.checkpoint`: what a real pretrained checkpoint fixes in each cell once the plan is
 //! built. Validation (`validate::semantics`) has already checked the directory holds a
-//! supported LLaVA checkpoint; here every cell gets
+//! supported LLaVA or BLIP-2 checkpoint that fits the cell's backbone; here every cell gets
 //! - the directory as an absolute path (the stage reads it from its parameters),
 //! - a content digest of its files (`config.json`, the index, the shards, `tokenizer.json`),
 //!   memoised by (path, size, mtime) like data digests, so swapping the weights re-runs

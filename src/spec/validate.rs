@@ -313,8 +313,9 @@ fn modules_to_save(issues: &mut Issues, at: &str, mods: &[String]) {
     }
 }
 
-/// `model.checkpoint` names a directory: it must hold a supported LLaVA checkpoint (vision
-/// tower and LM) with a tokenizer, and a set `stages.preprocess.image_size` must be its input.
+/// `model.checkpoint` names a directory: it must hold a supported vision-language checkpoint
+/// (LLaVA or BLIP-2: vision tower and LM) with a tokenizer, fit the cell's backbone (BLIP-2
+/// only `blip2`), and a set `stages.preprocess.image_size` must be its input.
 fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
     let ck = match crate::model::hf::Checkpoint::open(dir) {
         Ok(ck) => ck,
@@ -328,7 +329,8 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
             "model.checkpoint",
             format!(
                 "{}: a {} checkpoint has no {}; a sweep needs a \
-                 LlavaForConditionalGeneration (vision tower and language model)",
+                 LlavaForConditionalGeneration or Blip2ForConditionalGeneration (vision tower \
+                 and language model)",
                 dir.display(),
                 ck.arch(),
                 if ck.has_lm() {
@@ -339,6 +341,25 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
             ),
         );
         return;
+    }
+    let cell: Option<crate::model::Backbone> =
+        serde_json::from_value(serde_json::json!(backbone)).ok();
+    if let (Some(want), Some(b)) = (ck.backbone(), cell) {
+        if want != b {
+            issues.at(
+                "model.checkpoint",
+                format!(
+                    "{}: a {} checkpoint serves backbone = \"{}\" only (its connector is the \
+                     checkpoint's), not \"{backbone}\"",
+                    dir.display(),
+                    ck.arch(),
+                    serde_json::to_value(want)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                ),
+            );
+        }
     }
     if c.stages.preprocess.tokenizer.is_none() && !dir.join("tokenizer.json").is_file() {
         issues.at(

@@ -1,7 +1,8 @@
 //! CLIP vision towers (`CLIPVisionModel`, and the tower inside LLaVA checkpoints) onto our ViT
 //! with [`VitLayout::clip`]: class token, `pre_layrnorm`, a bias-free patch embedding and quick
 //! (or exact) GELU. CLIP's separate q/k/v projections become our fused `qkv`, the patch
-//! convolution our patch linear.
+//! convolution our patch linear. [`Vision`] also carries BLIP-2's tower, whose keys
+//! [`super::blip2`] maps.
 
 use candle_core::Tensor;
 
@@ -61,15 +62,26 @@ pub(crate) fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
         mlp_ratio: inter / width,
         layout: VitLayout::clip(act),
         stem: VitStem::Patch,
+        norm_eps: eps,
+        mlp_hidden: 0,
     })
 }
 
-/// A CLIP tower in a checkpoint: its config and the prefix of its `embeddings.*` /
-/// `encoder.layers.*` keys.
+/// Which tower's key layout a checkpoint has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TowerKind {
+    Clip,
+    /// See [`super::blip2`].
+    Blip2,
+}
+
+/// A vision tower in a checkpoint: its config, key layout and the prefix of its
+/// `embeddings.*` / `encoder.layers.*` keys.
 #[derive(Debug, Clone)]
 pub(crate) struct Vision {
     pub cfg: VisionConfig,
-    prefix: String,
+    pub prefix: String,
+    pub kind: TowerKind,
 }
 
 impl Vision {
@@ -85,7 +97,11 @@ impl Vision {
         let prefix = w
             .prefix_of(&prefixes, "embeddings.patch_embedding.weight")
             .ok_or_else(|| w.missing("vision_model.embeddings.patch_embedding.weight"))?;
-        Ok(Self { cfg, prefix })
+        Ok(Self {
+            cfg,
+            prefix,
+            kind: TowerKind::Clip,
+        })
     }
 
     /// Our ViT tensor `rest` (the name after `vision.`), or `None` if CLIP has no such tensor.
@@ -95,6 +111,9 @@ impl Vision {
         shape: &[usize],
         r: &mut Reader<'_>,
     ) -> Option<Result<Tensor, HfError>> {
+        if self.kind == TowerKind::Blip2 {
+            return super::blip2::fetch_vision(self, rest, shape, r);
+        }
         let p = &self.prefix;
         let w = self.cfg.width;
         match rest {

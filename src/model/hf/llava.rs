@@ -84,6 +84,7 @@ impl Family for Llava {
             text: Some(Text::locate(text, w)?),
             vision: Some(Vision::locate(vcfg, w)?),
             projector: Some(Projector { act, prefix }),
+            ..Parts::default()
         })
     }
 

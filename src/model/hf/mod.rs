@@ -11,18 +11,22 @@
 //! - [`opt`]: OPT decoders (`OPTForCausalLM`; BLIP-2's LM),
 //! - [`clip`]: CLIP vision towers (`CLIPVisionModel`),
 //! - [`llava`]: `LlavaForConditionalGeneration` (LLaVA-1.5 layout: CLIP tower + LLaMA/Phi-3 LM
-//!   + MLP projector), the only family a sweep accepts today.
+//!   + MLP projector), for any backbone of a sweep (the projector only for `llava`),
+//! - [`blip2`]: `Blip2ForConditionalGeneration` with an OPT LM (BLIP-2's tower, Q-Former,
+//!   `query_tokens`, `language_projection`), for `blip2` models only ([`Checkpoint::backbone`]).
 //!
 //! [`weights`] indexes the files and reads tensors through memory maps, one at a time.
 //! Adding a family means a file with a [`Family`] and a line in [`FAMILIES`].
 //!
 //! Rejected with an error naming the file and the key: other architectures, RoPE scaling other
 //! than LongRoPE, attention/MLP biases in LLaMA-family LMs, activations other than SiLU
-//! (LLaMA, Phi-3), ReLU (OPT) and quick/exact GELU (CLIP), a `head_dim` other than
+//! (LLaMA, Phi-3), ReLU (OPT), quick/exact GELU (CLIP) and exact GELU (BLIP-2's tower and
+//! Q-Former), BLIP-2 with a language model other than OPT (Flan-T5), a `head_dim` other than
 //! `hidden_size / heads`, CLIP LayerNorm eps other than 1e-5, post-LN OPT, other LLaVA feature
 //! layers or selection strategies. Weights of any float dtype are read as f32; a QLoRA model
 //! quantizes its frozen base as each tensor is read ([`fill_store`]).
 
+mod blip2;
 mod cfg;
 mod clip;
 mod llama;
@@ -87,6 +91,8 @@ pub(crate) struct Parts {
     text: Option<llama::Text>,
     vision: Option<clip::Vision>,
     projector: Option<llava::Projector>,
+    /// BLIP-2's Q-Former, queries and projection.
+    qformer: Option<blip2::Connector>,
 }
 
 /// One checkpoint family: detect (its `architectures[0]` class), configure (`config.json` ->
@@ -97,6 +103,12 @@ pub(crate) trait Family: Sync {
 
     /// Parses and validates `config.json` and locates each part in the weight files.
     fn configure(&self, c: &Cfg<'_>, w: &Weights) -> Result<Parts, HfError>;
+
+    /// The one backbone a model built on this checkpoint may have, if it fits only one (BLIP-2:
+    /// its tower hands the class token to its own Q-Former); `None`: any.
+    fn backbone(&self) -> Option<Backbone> {
+        None
+    }
 
     /// Whether the checkpoint's connector supplies our tensor `name` of a `backbone` model.
     fn provides_connector(&self, _name: &str, _backbone: Backbone) -> bool {
@@ -116,12 +128,13 @@ pub(crate) trait Family: Sync {
 }
 
 /// Every family this loader reads.
-const FAMILIES: [&dyn Family; 5] = [
+const FAMILIES: [&dyn Family; 6] = [
     &llama::FAMILY,
     &phi3::FAMILY,
     &opt::FAMILY,
     &clip::FAMILY,
     &llava::FAMILY,
+    &blip2::FAMILY,
 ];
 
 /// A checkpoint directory: its validated config and where each tensor lives.
@@ -188,6 +201,11 @@ impl Checkpoint {
     pub fn arch(&self) -> &'static str {
         self.family.architecture()
     }
+    /// The one backbone a model built on this checkpoint may have (`blip2` for BLIP-2), or
+    /// `None` if any will do.
+    pub fn backbone(&self) -> Option<Backbone> {
+        self.family.backbone()
+    }
     pub fn has_lm(&self) -> bool {
         self.parts.text.is_some()
     }
@@ -222,9 +240,9 @@ impl Checkpoint {
     }
 
     /// Lays this checkpoint over a preset's config `c`: the LM shape, vocabulary and token ids,
-    /// the encoder shape (if the checkpoint has a tower) and projector activation, and
-    /// `pretrained = true`; what the checkpoint lacks (Q-Former, HD grid, fusion knobs) stays
-    /// the preset's.
+    /// the encoder shape (if the checkpoint has a tower), projector activation, the Q-Former of a
+    /// BLIP-2 checkpoint, and `pretrained = true`; what the checkpoint lacks (a Q-Former, the HD
+    /// grid, fusion knobs) stays the preset's.
     pub fn configure(&self, c: &mut ModelConfig) -> Result<(), HfError> {
         let t = self.parts.text.as_ref().ok_or_else(|| HfError::Config {
             path: self.dir.join("config.json"),
@@ -239,6 +257,9 @@ impl Checkpoint {
         }
         if let Some(p) = &self.parts.projector {
             c.projector_act = p.act;
+        }
+        if let Some(q) = &self.parts.qformer {
+            c.qformer = q.cfg.clone();
         }
         c.pretrained = true;
         Ok(())
