@@ -326,6 +326,9 @@ fn cell_status(statuses: &[&str]) -> &'static str {
         "interrupted"
     } else if statuses.contains(&"skipped") {
         "skipped"
+    } else if statuses.contains(&"stopped") {
+        // A search trial successive halving stopped early.
+        "stopped"
     } else {
         "pending"
     }

@@ -828,7 +828,14 @@ impl Plots {
 
 /// Paths of the chart files (for cleaning a previous report's leftovers).
 pub fn is_chart_file(name: &str) -> bool {
-    let stem_ok = ["marginals", "heatmap-", "curves-", "pareto-", "compute"]
+    let stem_ok = [
+        "marginals",
+        "heatmap-",
+        "curves-",
+        "pareto-",
+        "compute",
+        "search",
+    ]
         .iter()
         .any(|p| name.starts_with(p));
     stem_ok && (name.ends_with(".png") || name.ends_with(".svg"))

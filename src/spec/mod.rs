@@ -7,6 +7,7 @@
 //! line and column. Downstream code (plan, stages) only ever sees validated
 //! cells.
 
+pub mod asha;
 pub mod checkpoint;
 mod error;
 pub mod grid;
