@@ -205,7 +205,10 @@ fn rungs_grow_by_eta_and_end_at_max_steps() {
     let asha = |t: serde_json::Value| Asha::of(&json!({ "asha": t })).expect("valid");
     let a = asha(json!({"metric": "cider_d", "min_steps": 20, "max_steps": 180}));
     assert_eq!(a.rungs(), [20, 60, 180]);
-    assert_eq!((a.eta, a.mode, a.stage.as_str()), (3, Mode::Max, "domain_adapt"));
+    assert_eq!(
+        (a.eta, a.mode, a.stage.as_str()),
+        (3, Mode::Max, "domain_adapt")
+    );
     let a = asha(json!({
         "metric": "loss", "min_steps": 30, "max_steps": 200, "reduction_factor": 2
     }));
@@ -213,6 +216,7 @@ fn rungs_grow_by_eta_and_end_at_max_steps() {
     assert_eq!(a.mode, Mode::Min, "a loss is minimised unless told");
     let a = asha(json!({"metric": "cider_d", "min_steps": 50, "max_steps": 50}));
     assert_eq!(a.rungs(), [50], "one rung: no halving");
-    assert!(Asha::of(&json!({"asha": {"metric": "cider_d", "min_steps": 0, "max_steps": 5}}))
-        .is_none());
+    assert!(
+        Asha::of(&json!({"asha": {"metric": "cider_d", "min_steps": 0, "max_steps": 5}})).is_none()
+    );
 }

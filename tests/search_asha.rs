@@ -270,7 +270,12 @@ fn a_search_halves_resumes_its_rungs_and_replays() {
         assert_eq!(a, b, "{cell}");
         let weights = |sweep: &str| {
             let key = stage_key(&runs, sweep, cell, "domain-adapt");
-            std::fs::read(runs.join("objects-v1").join(key).join("weights.safetensors")).unwrap()
+            std::fs::read(
+                runs.join("objects-v1")
+                    .join(key)
+                    .join("weights.safetensors"),
+            )
+            .unwrap()
         };
         assert!(weights("asha") == weights("full"), "{cell}: weights differ");
     }
@@ -297,4 +302,72 @@ fn a_search_halves_resumes_its_rungs_and_replays() {
             valid_metrics(&runs, "full", cell)
         );
     }
+}
+
+/// The same search through the local one-node Slurm cluster (`ECIC_SLURM=1`
+/// after `scripts/slurm-local.sh start`; otherwise not run): promotions are
+/// submitted as new jobs while the batch runs, and the results are the local
+/// executor's.
+#[test]
+fn a_search_on_slurm_promotes_as_locally() {
+    if std::env::var("ECIC_SLURM").map_or(true, |v| v != "1") {
+        eprintln!(
+            "slurm search test not run: set ECIC_SLURM=1 after `scripts/slurm-local.sh start`"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "asha.toml",
+        &format!("name = \"asha\"\n{BASE}{ASHA}"),
+    );
+    let (local, slurm) = (dir.path().join("local"), dir.path().join("slurm"));
+    sweep(&spec, &local);
+    let out = ecic()
+        .arg("sweep")
+        .arg(&spec)
+        .arg("--runs")
+        .arg(&slurm)
+        .args(["--executor", "slurm", "--no-report"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Which trials a rung promotes depends on the order results arrive in,
+    // which differs between executors; the rung results do not.
+    let results = |runs: &Path| -> BTreeMap<(String, i64), f64> {
+        let conn = db(runs);
+        let mut st = conn
+            .prepare(
+                "SELECT json_extract(detail, '$.cell'), json_extract(detail, '$.rung'),
+                        json_extract(detail, '$.value')
+                 FROM events WHERE what = 'asha-result'",
+            )
+            .unwrap();
+        st.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let (a, b) = (results(&local), results(&slurm));
+    assert_eq!(a.keys().filter(|(_, r)| *r == 0).count(), 4);
+    assert_eq!(b.keys().filter(|(_, r)| *r == 0).count(), 4);
+    for (k, v) in &b {
+        if let Some(w) = a.get(k) {
+            assert_eq!(v, w, "{k:?}");
+        }
+    }
+    assert!(
+        b.keys().any(|(_, r)| *r == 1),
+        "slurm promoted nobody: {b:?}"
+    );
+    let jobs = std::fs::read_to_string(slurm.join("slurm/asha.json")).unwrap();
+    assert!(
+        jobs.contains("r1@4"),
+        "the promotions were submitted: {jobs}"
+    );
 }

@@ -344,8 +344,10 @@ impl SlurmExecutor {
                     return Err(io_err(format!("removing {}", stale.display()), e));
                 }
             }
-            let deps: Vec<&(String, String, usize)> =
-                live.iter().filter(|(k, _, _)| job.deps.contains(k)).collect();
+            let deps: Vec<&(String, String, usize)> = live
+                .iter()
+                .filter(|(k, _, _)| job.deps.contains(k))
+                .collect();
             let dep_ids: Vec<&str> = deps.iter().map(|(_, id, _)| id.as_str()).collect();
             let dep_idx: Vec<usize> = deps.iter().map(|(_, _, i)| *i).collect();
             let job_id = self.sbatch(job, &dep_ids)?;

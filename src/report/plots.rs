@@ -836,8 +836,8 @@ pub fn is_chart_file(name: &str) -> bool {
         "compute",
         "search",
     ]
-        .iter()
-        .any(|p| name.starts_with(p));
+    .iter()
+    .any(|p| name.starts_with(p));
     stem_ok && (name.ends_with(".png") || name.ends_with(".svg"))
 }
 

@@ -334,7 +334,9 @@ impl Chart for SearchSection {
         let grey = RGBColor(150, 150, 150);
         let highlight = RGBColor(214, 39, 40);
         // The best trial last, drawn over the others.
-        let mut order: Vec<usize> = (0..self.trials.len()).filter(|&i| Some(i) != best).collect();
+        let mut order: Vec<usize> = (0..self.trials.len())
+            .filter(|&i| Some(i) != best)
+            .collect();
         order.extend(best);
         for i in order {
             let t = &self.trials[i];

@@ -345,7 +345,7 @@ pub fn train_ce(
             let b = batch(v, valid_prompts.as_deref(), &val_rows, &mut |_| 0, &mcfg)?;
             let l = model
                 .loss(&b.inputs, &b.input, &b.target, &b.mask, 0.0)
-                .and_then(|l| l.to_scalar::<f32>())
+                .and_then(|l| Ok(l.to_scalar::<f32>()?))
                 .map_err(StageError::ctx("validating the rung"))?;
             out.metric("valid", "loss", l as f64);
         }
@@ -549,11 +549,7 @@ impl RungBudget {
     /// Publish the trainer's state at the end of the rung into the stage's
     /// output, for the next rung (the top rung, at the schedule's end, has
     /// no next rung and publishes none).
-    pub fn publish(
-        &self,
-        trainer: &crate::train::Trainer,
-        out: &Path,
-    ) -> Result<(), StageError> {
+    pub fn publish(&self, trainer: &crate::train::Trainer, out: &Path) -> Result<(), StageError> {
         if trainer.step() >= trainer.config().steps {
             return Ok(());
         }

@@ -385,20 +385,21 @@ impl<'a> SearchRun<'a> {
             for (t, r) in b.halving.stopped() {
                 let c = &self.plan.cells[b.trials[t].cell];
                 let why = format!("stopped at rung {r} ({} steps)", c.rungs[r].steps);
-                // Said once: a search run again stops the same trials.
-                if said.contains(c.rungs[r].evaluate()) {
-                    continue;
+                // The event said once (a search run again stops the same
+                // trials); the stages' status again, as a new run of the
+                // sweep plans them afresh.
+                if !said.contains(c.rungs[r].evaluate()) {
+                    ops.push(StoreOp::Event {
+                        sweep,
+                        key: Some(c.rungs[r].evaluate().to_string()),
+                        what: STOPPED_EVENT.into(),
+                        detail: Some(
+                            serde_json::json!({"cell": c.cell.name, "rung": r, "why": why})
+                                .to_string(),
+                        ),
+                        at,
+                    });
                 }
-                ops.push(StoreOp::Event {
-                    sweep,
-                    key: Some(c.rungs[r].evaluate().to_string()),
-                    what: STOPPED_EVENT.into(),
-                    detail: Some(
-                        serde_json::json!({"cell": c.cell.name, "rung": r, "why": why})
-                            .to_string(),
-                    ),
-                    at,
-                });
                 for (_, key) in c.rungs[r + 1..].iter().flat_map(|x| &x.stages) {
                     ops.push(StoreOp::Ended {
                         key: key.clone(),
