@@ -147,6 +147,11 @@ fn bad_asha_settings_exit_2_naming_key_and_line() {
             "spec.toml:33",
             "`search.asha.stage`: cannot budget `evaluate`",
         ),
+        (
+            "metric = \"cider_d\"\nstage = \"cider_optimize\"\nmin_steps = 1\nmax_steps = 3\n",
+            "spec.toml:33",
+            "`search.asha.stage`: cider_optimize is budgeted but stages.cider_optimize.enabled is false",
+        ),
     ];
     for (asha, at, msg) in cases {
         let text = format!("name = \"bad\"\n{BASE}[search.asha]\n{asha}");

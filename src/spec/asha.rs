@@ -203,3 +203,22 @@ pub(super) fn parse(v: &Value, issues: &mut Issues) -> Option<Asha> {
         eta,
     })
 }
+
+/// What the cells make of `[search.asha]`: a budgeted stage the trials do
+/// not run (cider-optimize disabled) would silently train every trial to the
+/// end, so it is an error.
+pub(super) fn check_cells(base: &Value, cells: &[super::Cell], issues: &mut Issues) {
+    let Some(asha) = base.get("search").and_then(Asha::of) else {
+        return;
+    };
+    if asha.stage == "cider_optimize"
+        && cells
+            .iter()
+            .any(|c| !c.is_baseline() && !c.config.stages.cider_optimize.enabled)
+    {
+        issues.at(
+            "search.asha.stage",
+            "cider_optimize is budgeted but stages.cider_optimize.enabled is false",
+        );
+    }
+}

@@ -368,6 +368,11 @@ pub fn run_plan(
     let mut finished_done: Vec<String> = Vec::new();
     let running_since = crate::store::now();
     let mut on_event = |ev: Event| {
+        if let Event::Started { key, .. } | Event::Finished { key, .. } = &ev {
+            if let Some(node) = plan.get(key) {
+                sink.learn(key, &node.desc.label);
+            }
+        }
         sink.event(&ev);
         let at = crate::store::now();
         let op = match &ev {
