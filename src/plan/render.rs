@@ -1,4 +1,5 @@
-//! Printing a sealed plan: a table, Graphviz DOT, or JSON.
+//! Printing a sealed plan: a table, Graphviz DOT, or JSON. A search under
+//! successive halving adds a line with its trials and rung budgets.
 
 use std::fmt::Write as _;
 
