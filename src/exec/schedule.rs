@@ -511,6 +511,41 @@ mod tests {
     }
 
     #[test]
+    fn jobs_added_while_running_start_before_the_waiting_ones() {
+        // One slot; when `a` ends, a promotion `p` (after `a`) joins and
+        // starts before `b` and `c`, which were waiting; a job given twice
+        // is taken once.
+        let jobs = [job("a", &[]), job("b", &[]), job("c", &[])];
+        let mut ex = Scripted::new(1);
+        let mut out = std::collections::BTreeMap::new();
+        run_growing(
+            &mut ex,
+            &jobs,
+            &HashMap::new(),
+            true,
+            &mut |e| {
+                if let Event::Finished { key, outcome, .. } = e {
+                    assert!(out.insert(key, outcome).is_none(), "one end per job");
+                }
+            },
+            &mut |key| match key {
+                "a" => vec![job("p", &["a"]), job("b", &[])],
+                "p" => vec![job("fail-q", &["p"]), job("r", &["fail-q"])],
+                _ => Vec::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(ex.started, ["a", "p", "fail-q", "b", "c"]);
+        assert_eq!(out.len(), 6, "{out:?}");
+        assert_eq!(
+            out["r"],
+            Outcome::Skipped {
+                because_of: "fail-q".into()
+            }
+        );
+    }
+
+    #[test]
     fn a_backend_gets_every_job_at_once_and_each_end_is_reported_once() {
         let jobs = [job("a", &[]), job("b", &["a"])];
         let mut ex = Scripted::new(10);
