@@ -133,7 +133,8 @@ impl Plan<Sealed> {
         Some(format!(
             "successive halving: {n} trials, {} rungs of {} steps of {} (eta {}), promoting on \
              valid {} ({}); synchronous halving trains {sync} of the {full} steps of every \
-             trial run to max_steps ({:.0}%)",
+             trial run to max_steps ({:.0}%). The plan lists every rung; a sweep runs the first \
+             and those trials are promoted into",
             budgets.len(),
             budgets
                 .iter()
