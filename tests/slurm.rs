@@ -321,3 +321,47 @@ fn first_failure_cancels_unstarted_jobs_without_keep_going() {
     );
     assert!(!runs.join("logs/k3.log").exists());
 }
+
+/// A batch that grows while it runs (a search's promotions): the job added
+/// when `g1` ends waits, through Slurm, for `wait-g2`, still running then,
+/// and the batch's record gains it (so `--attach` would follow it).
+#[test]
+fn a_batch_grows_while_it_runs() {
+    let Some(fx) = cluster() else { return };
+    let mut ex = fx.executor().batch_name("grow").expect("batch name");
+    let jobs = [job("g1", &[]), job("wait-g2", &[])];
+    let mut events = Vec::new();
+    let release = fx.runs().join("release");
+    let mut grown = false;
+    ecic::exec::schedule::run_growing(
+        &mut ex,
+        &jobs,
+        &std::collections::HashMap::new(),
+        false,
+        &mut |e| {
+            // Let wait-g2 end only once g3 was submitted behind it.
+            if matches!(&e, Event::Finished { key, .. } if key == "g1") {
+                std::fs::write(&release, b"").expect("release");
+            }
+            events.push(e)
+        },
+        &mut |key| {
+            if key == "g1" && !grown {
+                grown = true;
+                vec![job("g3", &["g1", "wait-g2"])]
+            } else {
+                Vec::new()
+            }
+        },
+    )
+    .expect("run");
+    let out = outcomes(&events);
+    assert_eq!(out.len(), 3, "{events:?}");
+    assert!(out.values().all(|o| *o == Outcome::Done), "{out:?}");
+    assert!(
+        position(&events, finished("wait-g2")) < position(&events, started("g3")),
+        "{events:?}"
+    );
+    let record = read(&fx.runs().join("slurm/grow.json"));
+    assert!(record.contains("\"g3\""), "{record}");
+}

@@ -137,6 +137,13 @@ pub trait Executor {
         Ok(())
     }
 
+    /// [`Dependencies::Backend`]: take more jobs while the batch runs (a
+    /// search's promotions), each with its dependencies among the jobs
+    /// taken before. By default, [`start_all`](Self::start_all).
+    fn extend(&mut self, jobs: &[&StageJob]) -> Result<(), ExecError> {
+        self.start_all(jobs)
+    }
+
     /// Block until something happened to the jobs taken (or a short while
     /// has passed, so that the scheduler sees an interrupt), and say what.
     fn wait(&mut self) -> Result<Vec<Report>, ExecError>;

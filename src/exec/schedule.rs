@@ -11,6 +11,10 @@
 //! at once and reports the dependents it saw skipped itself; the scheduler
 //! still decides when to stop and what an unreported job's outcome is.
 //!
+//! A batch may grow while it runs ([`run_growing`]): a search's promotions
+//! are decided as results arrive and handed out as new jobs (to a backend
+//! through [`Executor::extend`]).
+//!
 //! The scheduler forwards each event to the caller exactly once: a second
 //! `Finished` for a job that already ended (a backend reporting a job the
 //! scheduler already settled) is dropped.
@@ -99,7 +103,22 @@ pub fn run_from<E: Executor + ?Sized>(
     keep_going: bool,
     events: &mut dyn FnMut(Event),
 ) -> Result<RunEnd, ExecError> {
-    let mut s = Schedule::new(jobs, keep_going);
+    run_growing(ex, jobs, ended, keep_going, events, &mut |_| Vec::new())
+}
+
+/// [`run_from`], for a batch that grows while it runs: after each job that
+/// ends done, `grow(key)` may return new jobs (a search's promotions), whose
+/// `deps` name jobs given before. New jobs start before the older jobs still
+/// waiting, so that a promoted trial goes on as soon as there is room.
+pub fn run_growing<E: Executor + ?Sized>(
+    ex: &mut E,
+    jobs: &[StageJob],
+    ended: &HashMap<String, Outcome>,
+    keep_going: bool,
+    events: &mut dyn FnMut(Event),
+    grow: &mut dyn FnMut(&str) -> Vec<StageJob>,
+) -> Result<RunEnd, ExecError> {
+    let mut s = Schedule::new(jobs.to_vec(), keep_going);
     for (key, outcome) in ended {
         if let Some(&i) = s.index.get(key.as_str()) {
             s.settle(i, outcome.clone());
@@ -113,8 +132,10 @@ pub fn run_from<E: Executor + ?Sized>(
             .map(|i| &jobs[i])
             .collect();
         ex.start_all(&todo)?;
-        for job in todo {
-            s.state[s.index[job.key.as_str()]] = State::HandedOut;
+        let keys: Vec<String> = todo.iter().map(|j| j.key.clone()).collect();
+        for key in keys {
+            let i = s.index[key.as_str()];
+            s.state[i] = State::HandedOut;
         }
     }
     if let Some(cause) = s.stop_cause.clone() {
@@ -130,7 +151,7 @@ pub fn run_from<E: Executor + ?Sized>(
             }
         }
         // A pending job below a failed one will never run.
-        for i in 0..jobs.len() {
+        for i in 0..s.jobs.len() {
             if s.state[i] == State::Pending {
                 if let Some(root) = s.failed_dependency(i) {
                     s.end(i, Outcome::Skipped { because_of: root }, events);
@@ -138,22 +159,23 @@ pub fn run_from<E: Executor + ?Sized>(
             }
         }
         if !s.stop_starting && !backend {
-            for i in 0..jobs.len() {
+            for o in 0..s.order.len() {
+                let i = s.order[o];
                 if s.state[i] != State::Pending || !s.deps_done(i) {
                     continue;
                 }
-                match ex.start(&jobs[i]) {
+                match ex.start(&s.jobs[i]) {
                     Ok(true) => s.state[i] = State::HandedOut,
                     Ok(false) => {}
                     // Could not be started at all (no process): failed.
                     Err(e) => {
                         s.state[i] = State::HandedOut;
                         let failed = Event::Finished {
-                            key: jobs[i].key.clone(),
+                            key: s.jobs[i].key.clone(),
                             outcome: Outcome::Failed(e.to_string()),
                             wall: Duration::ZERO,
                         };
-                        s.observe(ex, failed, events)?;
+                        s.observe(ex, failed, events, grow)?;
                     }
                 }
             }
@@ -162,14 +184,14 @@ pub fn run_from<E: Executor + ?Sized>(
             // Nothing running: pending jobs cannot start (stopped, or waiting
             // for nothing), unless starting is still allowed and some are ready.
             let startable = !s.stop_starting
-                && (0..jobs.len()).any(|i| s.state[i] == State::Pending && s.deps_done(i));
+                && (0..s.jobs.len()).any(|i| s.state[i] == State::Pending && s.deps_done(i));
             if !startable {
                 break;
             }
         }
         for report in ex.wait()? {
             match report {
-                Report::Event(ev) => s.observe(ex, ev, events)?,
+                Report::Event(ev) => s.observe(ex, ev, events, grow)?,
                 Report::Returned(key) => {
                     if let Some(&i) = s.index.get(key.as_str()) {
                         if s.state[i] == State::HandedOut {
@@ -183,7 +205,7 @@ pub fn run_from<E: Executor + ?Sized>(
     ex.wind_down()?;
     // Whatever was never handed out (stop after a failure, or interrupt).
     let interrupted = stopped_all;
-    for i in 0..jobs.len() {
+    for i in 0..s.jobs.len() {
         if s.state[i] != State::Pending {
             continue;
         }
@@ -204,42 +226,59 @@ pub fn run_from<E: Executor + ?Sized>(
 }
 
 /// Run state of one batch.
-struct Schedule<'a> {
-    jobs: &'a [StageJob],
-    index: HashMap<&'a str, usize>,
+struct Schedule {
+    jobs: Vec<StageJob>,
+    index: HashMap<String, usize>,
     deps: Vec<Vec<usize>>,
     state: Vec<State>,
+    /// The order ready jobs are started in: jobs added later first.
+    order: Vec<usize>,
     keep_going: bool,
     stop_starting: bool,
     /// The failure that stopped starting (without `keep_going`).
     stop_cause: Option<String>,
 }
 
-impl<'a> Schedule<'a> {
-    fn new(jobs: &'a [StageJob], keep_going: bool) -> Self {
-        let index: HashMap<&str, usize> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| (j.key.as_str(), i))
-            .collect();
-        let deps = jobs
-            .iter()
-            .map(|j| {
-                j.deps
-                    .iter()
-                    .filter_map(|d| index.get(d.as_str()).copied())
-                    .collect()
-            })
-            .collect();
-        Schedule {
-            jobs,
-            index,
-            deps,
-            state: vec![State::Pending; jobs.len()],
+impl Schedule {
+    fn new(jobs: Vec<StageJob>, keep_going: bool) -> Self {
+        let mut s = Schedule {
+            jobs: Vec::new(),
+            index: HashMap::new(),
+            deps: Vec::new(),
+            state: Vec::new(),
+            order: Vec::new(),
             keep_going,
             stop_starting: false,
             stop_cause: None,
+        };
+        s.add(jobs);
+        s
+    }
+
+    /// Take in more jobs (pending, started before the ones waiting); a job
+    /// whose key is known already is not taken twice. Returns the indices
+    /// of those taken.
+    fn add(&mut self, jobs: Vec<StageJob>) -> Vec<usize> {
+        let mut added = Vec::new();
+        for j in jobs {
+            if self.index.contains_key(&j.key) {
+                continue;
+            }
+            let i = self.jobs.len();
+            self.index.insert(j.key.clone(), i);
+            self.deps.push(
+                j.deps
+                    .iter()
+                    .filter_map(|d| self.index.get(d.as_str()).copied())
+                    .collect(),
+            );
+            self.state.push(State::Pending);
+            self.jobs.push(j);
+            added.push(i);
         }
+        let rest = std::mem::take(&mut self.order);
+        self.order = added.iter().copied().chain(rest).collect();
+        added
     }
 
     fn deps_done(&self, i: usize) -> bool {
@@ -288,6 +327,7 @@ impl<'a> Schedule<'a> {
         ex: &mut E,
         ev: Event,
         events: &mut dyn FnMut(Event),
+        grow: &mut dyn FnMut(&str) -> Vec<StageJob>,
     ) -> Result<(), ExecError> {
         let key = match &ev {
             Event::Started { key, .. }
@@ -305,6 +345,17 @@ impl<'a> Schedule<'a> {
         if let Event::Finished { outcome, .. } = &ev {
             let had_cause = self.stop_cause.is_some();
             self.settle(i, outcome.clone());
+            if *outcome == Outcome::Done && !self.stop_starting {
+                let key = self.jobs[i].key.clone();
+                let added = self.add(grow(&key));
+                if ex.dependencies() == Dependencies::Backend && !added.is_empty() {
+                    let new: Vec<&StageJob> = added.iter().map(|&a| &self.jobs[a]).collect();
+                    ex.extend(&new)?;
+                    for a in added {
+                        self.state[a] = State::HandedOut;
+                    }
+                }
+            }
             if !had_cause {
                 if let Some(cause) = self.stop_cause.clone() {
                     events(ev);
@@ -456,6 +507,41 @@ mod tests {
             [Stop::Unstarted {
                 because_of: "fail-a".into()
             }]
+        );
+    }
+
+    #[test]
+    fn jobs_added_while_running_start_before_the_waiting_ones() {
+        // One slot; when `a` ends, a promotion `p` (after `a`) joins and
+        // starts before `b` and `c`, which were waiting; a job given twice
+        // is taken once.
+        let jobs = [job("a", &[]), job("b", &[]), job("c", &[])];
+        let mut ex = Scripted::new(1);
+        let mut out = std::collections::BTreeMap::new();
+        run_growing(
+            &mut ex,
+            &jobs,
+            &HashMap::new(),
+            true,
+            &mut |e| {
+                if let Event::Finished { key, outcome, .. } = e {
+                    assert!(out.insert(key, outcome).is_none(), "one end per job");
+                }
+            },
+            &mut |key| match key {
+                "a" => vec![job("p", &["a"]), job("b", &[])],
+                "p" => vec![job("fail-q", &["p"]), job("r", &["fail-q"])],
+                _ => Vec::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(ex.started, ["a", "p", "fail-q", "b", "c"]);
+        assert_eq!(out.len(), 6, "{out:?}");
+        assert_eq!(
+            out["r"],
+            Outcome::Skipped {
+                because_of: "fail-q".into()
+            }
         );
     }
 

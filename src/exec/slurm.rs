@@ -6,7 +6,8 @@
 //! [`Dependencies::Backend`] to the scheduler, which then hands it every job
 //! at once and only decides when to stop); the job ids are recorded in
 //! `<runs>/slurm/<batch>.json` so [`SlurmExecutor::attach`] can follow the
-//! batch again later. Each job runs the same `ecic run-stage` as the local
+//! batch again later. A batch may grow while it is followed
+//! ([`SlurmExecutor::submit_more`]: a search's promotions). Each job runs the same `ecic run-stage` as the local
 //! executor; the orchestrator learns results from Slurm's state (`squeue`,
 //! `scontrol`, no accounting needed) and from the marker files the worker
 //! leaves, which win where the two disagree (see [`track`]).
@@ -301,27 +302,7 @@ impl SlurmExecutor {
                 .filter_map(|d| record.jobs.iter().find(|r| &r.key == d))
                 .map(|r| r.job_id.as_str())
                 .collect();
-            let (args, script) = sbatch_command(&self.worker, job, &dep_ids);
-            let submitted = self
-                .cli
-                .run("sbatch", &args, Some(&script))
-                .map_err(|e| e.into_exec("sbatch"))
-                .and_then(|out| {
-                    parse::parse_sbatch(&out).map_err(|message| ExecError::Scheduler {
-                        tool: "sbatch".into(),
-                        message,
-                    })
-                });
-            let job_id = match submitted {
-                Ok(id) => id,
-                Err(e) => {
-                    let _ = self.cancel_all();
-                    return Err(e);
-                }
-            };
-            if let Ok(mut ids) = self.submitted.ids.lock() {
-                ids.push(job_id.clone());
-            }
+            let job_id = self.sbatch(job, &dep_ids)?;
             record.jobs.push(RecordedJob {
                 key: job.key.clone(),
                 kind: job.kind.clone(),
@@ -333,6 +314,85 @@ impl SlurmExecutor {
         write_record(&record_path(&runs, &self.batch), &record)?;
         self.adopt(&record);
         Ok(record)
+    }
+
+    /// Submits `jobs` into the batch being followed (a search's promotions):
+    /// each depends on the jobs of the batch it names that have not ended
+    /// (one that ended done is no dependency any more, and Slurm may have
+    /// forgotten it). The batch's record gains them, so `--attach` follows
+    /// them too.
+    pub fn submit_more(&mut self, jobs: &[&StageJob]) -> Result<(), ExecError> {
+        let Some(tracker) = self.tracker.as_ref() else {
+            let owned: Vec<StageJob> = jobs.iter().map(|j| (*j).clone()).collect();
+            return self.submit(&owned).map(|_| ());
+        };
+        let runs = self.worker.runs.clone();
+        let path = record_path(&runs, &self.batch);
+        let mut record = read_record(&path)?;
+        let mut live: Vec<(String, String, usize)> = tracker
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.ended.is_none())
+            .map(|(i, t)| (t.key.clone(), t.job_id.clone(), i))
+            .collect();
+        for job in jobs {
+            // A failure marker from an earlier attempt must not speak for this one.
+            let stale = track::failed_marker_path(&runs, &job.key);
+            if let Err(e) = std::fs::remove_file(&stale) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(io_err(format!("removing {}", stale.display()), e));
+                }
+            }
+            let deps: Vec<&(String, String, usize)> = live
+                .iter()
+                .filter(|(k, _, _)| job.deps.contains(k))
+                .collect();
+            let dep_ids: Vec<&str> = deps.iter().map(|(_, id, _)| id.as_str()).collect();
+            let dep_idx: Vec<usize> = deps.iter().map(|(_, _, i)| *i).collect();
+            let job_id = self.sbatch(job, &dep_ids)?;
+            record.jobs.push(RecordedJob {
+                key: job.key.clone(),
+                kind: job.kind.clone(),
+                label: job.label.clone(),
+                job_id: job_id.clone(),
+                deps: job.deps.clone(),
+            });
+            self.batch_jobs.push((*job).clone());
+            let tracker = self.tracker.as_mut().expect("checked above");
+            live.push((job.key.clone(), job_id.clone(), tracker.jobs.len()));
+            tracker
+                .jobs
+                .push(Tracked::new(job.key.clone(), job_id, dep_idx));
+        }
+        write_record(&path, &record)
+    }
+
+    /// One `sbatch` of `job` after `dep_ids`; its id. On a failure every job
+    /// of the batch submitted so far is cancelled.
+    fn sbatch(&mut self, job: &StageJob, dep_ids: &[&str]) -> Result<String, ExecError> {
+        let (args, script) = sbatch_command(&self.worker, job, dep_ids);
+        let submitted = self
+            .cli
+            .run("sbatch", &args, Some(&script))
+            .map_err(|e| e.into_exec("sbatch"))
+            .and_then(|out| {
+                parse::parse_sbatch(&out).map_err(|message| ExecError::Scheduler {
+                    tool: "sbatch".into(),
+                    message,
+                })
+            });
+        let job_id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.cancel_all();
+                return Err(e);
+            }
+        };
+        if let Ok(mut ids) = self.submitted.ids.lock() {
+            ids.push(job_id.clone());
+        }
+        Ok(job_id)
     }
 
     /// Polls Slurm until every submitted job has an outcome, sending events,
@@ -418,6 +478,10 @@ impl Executor for SlurmExecutor {
         }
         let owned: Vec<StageJob> = jobs.iter().map(|j| (*j).clone()).collect();
         self.submit(&owned).map(|_| ())
+    }
+
+    fn extend(&mut self, jobs: &[&StageJob]) -> Result<(), ExecError> {
+        self.submit_more(jobs)
     }
 
     /// One `squeue` (and `scontrol` for ended jobs), a poll interval after the last.

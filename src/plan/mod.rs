@@ -4,11 +4,14 @@
 //! are one node, which is how cells share work (one pretrain-align serves every
 //! PEFT variant of a backbone x fusion pair). [`Plan::seal`] checks the graph
 //! is acyclic and fixes a topological order; only a sealed plan can be run or
-//! printed.
+//! printed. Under `[search.asha]` a trial's budgeted stage and those after
+//! it are planned once per rung ([`rungs`]); the sweep runs the rungs it
+//! promotes into, not the whole plan.
 
 mod fingerprint;
 pub mod kind;
 mod render;
+pub mod rungs;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -52,7 +55,22 @@ pub struct StageNode {
 #[derive(Debug, Clone)]
 pub struct CellPlan {
     pub cell: Cell,
+    /// With successive halving, the chain ends in the top rung's stages.
     pub stages: Vec<(StageKind, String)>,
+    /// A search trial under `[search.asha]`: every rung's stages (the
+    /// budgeted stage and those after it), lowest budget first. Empty
+    /// otherwise.
+    pub rungs: Vec<rungs::RungPlan>,
+}
+
+/// Where a cell's chain has got to while its stages are added.
+#[derive(Debug, Clone, Default)]
+struct Chain {
+    prev: Option<(StageKind, String)>,
+    preprocess: Option<String>,
+    foundations: Vec<(StageKind, String)>,
+    /// (rung, steps) once the chain is inside a rung.
+    rung: Option<(usize, u64)>,
 }
 
 pub struct Building;
@@ -87,18 +105,13 @@ impl Plan<Building> {
         }
     }
 
-    /// Add a cell's stages, sharing nodes whose keys already exist.
-    ///
-    /// Each stage reads the one before it in the cell's chain, except: the foundation stages
-    /// read their own preprocess node (the foundation corpus at the tower's resolution, not a
-    /// stage of the cell's chain), pretrain-align reads the cell's preprocess and both
-    /// foundations, and evaluate also reads the cell's preprocess.
+    /// Add a cell's stages, sharing nodes whose keys already exist (see
+    /// [`Plan::chain_node`] for what each stage reads). A search trial under
+    /// `[search.asha]` gets, from its budgeted stage on, one chain per rung
+    /// ([`rungs`]): every rung shares the stages above the budgeted one.
     pub fn add_cell(&mut self, cell: &Cell) {
         let cell_idx = self.cells.len();
         let mut stages = Vec::new();
-        let mut prev: Option<(StageKind, String)> = None;
-        let mut preprocess: Option<String> = None;
-        let mut foundations: Vec<(StageKind, String)> = Vec::new();
         let foundation_seed = cell.config.foundation.seed;
         let foundation_pre = kind::has_foundations(cell).then(|| {
             let params = kind::foundation_preprocess_params(cell);
@@ -113,56 +126,117 @@ impl Plan<Building> {
                 format!("preprocess foundation {size}px"),
             )
         });
-        for kind in kind::chain(cell) {
-            let (inputs, seed) = match kind {
-                StageKind::PretrainVision | StageKind::PretrainLm => {
-                    let pre = foundation_pre.clone().expect("chain has foundations");
-                    (vec![(StageKind::Preprocess, pre)], foundation_seed)
+        let chain = kind::chain(cell);
+        let asha = rungs::of(cell, &chain);
+        let split = asha
+            .as_ref()
+            .and_then(|a| chain.iter().position(|&k| k == a.kind))
+            .unwrap_or(chain.len());
+        let mut at = Chain::default();
+        for &kind in &chain[..split] {
+            let key = self.chain_node(cell_idx, cell, kind, &mut at, &foundation_pre, None);
+            stages.push((kind, key));
+        }
+        let mut rung_plans = Vec::new();
+        if let Some(a) = &asha {
+            let mut lower: Option<String> = None;
+            for (r, &steps) in a.budgets.iter().enumerate() {
+                let mut here = at.clone();
+                let mut rung_stages = Vec::new();
+                for &kind in &chain[split..] {
+                    let budget = (kind == a.kind).then(|| rungs::Budget {
+                        rung: r,
+                        steps,
+                        max_steps: a.max_steps,
+                        lower: lower.clone(),
+                    });
+                    let key =
+                        self.chain_node(cell_idx, cell, kind, &mut here, &foundation_pre, budget);
+                    if kind == a.kind {
+                        lower = Some(key.clone());
+                    }
+                    rung_stages.push((kind, key));
                 }
-                StageKind::PretrainAlign => {
-                    let mut v: Vec<(StageKind, String)> = preprocess
-                        .iter()
-                        .map(|p| (StageKind::Preprocess, p.clone()))
-                        .collect();
-                    v.extend(foundations.iter().cloned());
-                    (v, cell.seed)
-                }
-                StageKind::Evaluate if !cell.is_baseline() => {
-                    let mut v: Vec<(StageKind, String)> = prev.iter().cloned().collect();
-                    v.extend(
-                        preprocess
-                            .iter()
-                            .map(|p| (StageKind::Preprocess, p.clone())),
-                    );
-                    (v, cell.seed)
-                }
-                _ => (prev.iter().cloned().collect(), cell.seed),
-            };
-            let key = self.node(
-                cell_idx,
-                cell,
-                kind,
-                kind::params(kind, cell),
-                inputs,
-                seed,
-                label(kind, cell),
-            );
-            match kind {
-                StageKind::Preprocess => preprocess = Some(key.clone()),
-                StageKind::PretrainVision | StageKind::PretrainLm => {
-                    foundations.push((kind, key.clone()))
-                }
-                _ => {}
+                rung_plans.push(rungs::RungPlan {
+                    steps,
+                    stages: rung_stages,
+                });
             }
-            stages.push((kind, key.clone()));
-            // The foundation stages hang off their own preprocess: the next stage of the
-            // chain (pretrain-align) names its inputs itself.
-            prev = Some((kind, key));
+            // The cell's own chain ends in its top rung: the full budget.
+            stages.extend(rung_plans.last().expect("at least one rung").stages.clone());
         }
         self.cells.push(CellPlan {
             cell: cell.clone(),
             stages,
+            rungs: rung_plans,
         });
+    }
+
+    /// Add the chain's next stage, `kind`, for `cell`, after the chain so far
+    /// (`at`, advanced here). Each stage reads the one before it in the
+    /// chain, except: the foundation stages read their own preprocess node
+    /// (`foundation_pre`), pretrain-align reads the cell's preprocess and both
+    /// foundations, and evaluate also reads the cell's preprocess. A rung of
+    /// the budgeted stage (`budget`) also reads the rung below it.
+    fn chain_node(
+        &mut self,
+        cell_idx: usize,
+        cell: &Cell,
+        kind: StageKind,
+        at: &mut Chain,
+        foundation_pre: &Option<String>,
+        budget: Option<rungs::Budget>,
+    ) -> String {
+        let foundation_seed = cell.config.foundation.seed;
+        let (mut inputs, seed) = match kind {
+            StageKind::PretrainVision | StageKind::PretrainLm => {
+                let pre = foundation_pre.clone().expect("chain has foundations");
+                (vec![(StageKind::Preprocess, pre)], foundation_seed)
+            }
+            StageKind::PretrainAlign => {
+                let mut v: Vec<(StageKind, String)> = at
+                    .preprocess
+                    .iter()
+                    .map(|p| (StageKind::Preprocess, p.clone()))
+                    .collect();
+                v.extend(at.foundations.iter().cloned());
+                (v, cell.seed)
+            }
+            StageKind::Evaluate if !cell.is_baseline() => {
+                let mut v: Vec<(StageKind, String)> = at.prev.iter().cloned().collect();
+                v.extend(
+                    at.preprocess
+                        .iter()
+                        .map(|p| (StageKind::Preprocess, p.clone())),
+                );
+                (v, cell.seed)
+            }
+            _ => (at.prev.iter().cloned().collect(), cell.seed),
+        };
+        let mut params = kind::params(kind, cell);
+        let mut label = label(kind, cell);
+        if let Some(b) = &budget {
+            rungs::budget_params(kind, &mut params, b);
+            if let Some(lower) = &b.lower {
+                inputs.push((kind, lower.clone()));
+            }
+        }
+        if let Some(r) = at.rung.or(budget.as_ref().map(|b| (b.rung, b.steps))) {
+            label.push_str(&format!(" r{}@{}", r.0, r.1));
+            at.rung = Some(r);
+        }
+        let key = self.node(cell_idx, cell, kind, params, inputs, seed, label);
+        match kind {
+            StageKind::Preprocess => at.preprocess = Some(key.clone()),
+            StageKind::PretrainVision | StageKind::PretrainLm => {
+                at.foundations.push((kind, key.clone()))
+            }
+            _ => {}
+        }
+        // The foundation stages hang off their own preprocess: the next stage of the
+        // chain (pretrain-align) names its inputs itself.
+        at.prev = Some((kind, key.clone()));
+        key
     }
 
     /// The node with this description's key (added if new), used by cell `cell_idx`.

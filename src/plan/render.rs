@@ -1,4 +1,5 @@
-//! Printing a sealed plan: a table, Graphviz DOT, or JSON.
+//! Printing a sealed plan: a table, Graphviz DOT, or JSON. A search under
+//! successive halving adds a line with its trials and rung budgets.
 
 use std::fmt::Write as _;
 
@@ -105,7 +106,50 @@ impl Plan<Sealed> {
             row.push(keys.join(" > "));
             cells.add_row(row);
         }
-        format!("{cells}\n{t}\n{}\n", self.summary(cached))
+        let search = self
+            .search_summary()
+            .map(|l| format!("{l}\n"))
+            .unwrap_or_default();
+        format!("{cells}\n{t}\n{}\n{search}", self.summary(cached))
+    }
+
+    /// A search under `[search.asha]`: its trials, the rung budgets, and the
+    /// steps synchronous halving would train (asynchronous halving promotes
+    /// a little more) against every trial run to `max_steps`.
+    pub fn search_summary(&self) -> Option<String> {
+        let trials: Vec<&super::CellPlan> =
+            self.cells.iter().filter(|c| !c.rungs.is_empty()).collect();
+        let first = trials.first()?;
+        let asha = crate::spec::asha::Asha::of(&first.cell.config.search)?;
+        let budgets: Vec<u64> = first.rungs.iter().map(|r| r.steps).collect();
+        let n = trials.len() as u64;
+        let (mut sync, mut below, mut reach) = (0u64, 0u64, n);
+        for &b in &budgets {
+            sync += reach * (b - below);
+            below = b;
+            reach /= asha.eta;
+        }
+        let full = n * asha.max_steps;
+        Some(format!(
+            "successive halving: {n} trials, {} rungs of {} steps of {} (eta {}), promoting on \
+             valid {} ({}); synchronous halving trains {sync} of the {full} steps of every \
+             trial run to max_steps ({:.0}%). The plan lists every rung; a sweep runs the first \
+             and those trials are promoted into",
+            budgets.len(),
+            budgets
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" > "),
+            asha.stage.replace('_', "-"),
+            asha.eta,
+            asha.metric,
+            match asha.mode {
+                crate::spec::asha::Mode::Max => "max",
+                crate::spec::asha::Mode::Min => "min",
+            },
+            100.0 * sync as f64 / full.max(1) as f64
+        ))
     }
 
     fn render_dot(&self, cached: &dyn Fn(&str) -> bool) -> String {
@@ -153,6 +197,7 @@ impl Plan<Sealed> {
                 naive: self.naive_len(),
                 stages: self.len(),
                 to_run,
+                search: self.search_summary(),
             },
         };
         serde_json::to_writer_pretty(w, &doc)
@@ -173,6 +218,8 @@ struct JsonPlan<'a> {
 struct JsonSummary {
     cells: usize,
     naive: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    search: Option<String>,
     stages: usize,
     to_run: usize,
 }

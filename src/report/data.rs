@@ -1,6 +1,8 @@
 //! The report's model of one sweep, built from the store alone: cells with
 //! their headline numbers, cells grouped over seeds, stages and curves. The
-//! terminal tables, the plots and the HTML all read this, never SQL.
+//! terminal tables, the plots and the HTML all read this, never SQL (except
+//! the section of a search under successive halving, whose rung results are
+//! the store's events: [`super::search`] reads them).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -326,6 +328,9 @@ fn cell_status(statuses: &[&str]) -> &'static str {
         "interrupted"
     } else if statuses.contains(&"skipped") {
         "skipped"
+    } else if statuses.contains(&"stopped") {
+        // A search trial successive halving stopped early.
+        "stopped"
     } else {
         "pending"
     }

@@ -66,6 +66,8 @@ pub struct Page<'a> {
     /// The answer in sentences ([`super::findings`]).
     pub findings: &'a [String],
     pub gallery: &'a Gallery,
+    /// A search under successive halving.
+    pub search: Option<&'a super::search::SearchSection>,
     pub generated_at: f64,
     pub font_note: String,
 }
@@ -222,6 +224,9 @@ pub fn render(page: &Page) -> String {
     }
     o.push_str("<p>Red points are Pareto-optimal: no other configuration is both cheaper and better.</p>\n");
 
+    if let Some(s) = page.search {
+        s.html(&mut o);
+    }
     significance(&mut o, page.significance, d);
     scst(&mut o, d);
     compute(&mut o, page);

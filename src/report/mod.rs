@@ -3,7 +3,8 @@
 //! from SQLite; [`terminal`] prints it as comfy-tables (`ecic sweep`,
 //! `ecic status`, `ecic compare`); the HTML report (`ecic report`) adds
 //! plotters charts whose text, Chinese included, is drawn with a bundled
-//! CJK font.
+//! CJK font, and a section for a search under successive halving
+//! ([`search`]).
 
 mod backend;
 pub mod cmd;
@@ -15,6 +16,7 @@ pub mod font;
 pub mod gallery;
 pub mod html;
 pub mod plots;
+pub mod search;
 pub mod significance;
 pub mod stats;
 pub mod terminal;
@@ -111,6 +113,10 @@ pub fn write_report(
     let baseline_tests = significance::best_vs_baselines(store, &data)?;
     let findings = findings::findings(&data, &baseline_tests);
     let gallery = gallery::build(store, &data, dir)?;
+    let mut search = search::SearchSection::load(store, sweep_id)?;
+    if let Some(s) = search.as_mut() {
+        s.write_plot(dir, svg)?;
+    }
     let fonts = font::Fonts::shared();
     let font_note = match &fonts.fallback {
         Some(p) => format!(
@@ -125,6 +131,7 @@ pub fn write_report(
         significance: sig.as_ref(),
         findings: &findings,
         gallery: &gallery,
+        search: search.as_ref(),
         generated_at: crate::store::now(),
         font_note,
     };

@@ -828,9 +828,16 @@ impl Plots {
 
 /// Paths of the chart files (for cleaning a previous report's leftovers).
 pub fn is_chart_file(name: &str) -> bool {
-    let stem_ok = ["marginals", "heatmap-", "curves-", "pareto-", "compute"]
-        .iter()
-        .any(|p| name.starts_with(p));
+    let stem_ok = [
+        "marginals",
+        "heatmap-",
+        "curves-",
+        "pareto-",
+        "compute",
+        "search",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p));
     stem_ok && (name.ends_with(".png") || name.ends_with(".svg"))
 }
 

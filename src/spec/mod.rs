@@ -7,6 +7,7 @@
 //! line and column. Downstream code (plan, stages) only ever sees validated
 //! cells.
 
+pub mod asha;
 pub mod checkpoint;
 mod error;
 pub mod grid;
@@ -138,6 +139,9 @@ impl Spec {
         };
         let spec_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let result = grid::expand(&base, &spec_dir, &mut issues);
+        if let Some((_, _, cells)) = &result {
+            asha::check_cells(&base, cells, &mut issues);
+        }
         if !issues.is_empty() {
             return Err(fail(positioned(&text, issues)));
         }

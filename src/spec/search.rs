@@ -10,7 +10,8 @@
 //! "peft.lora.alpha" = { choice = [8.0, 16.0, 32.0] }
 //! ```
 //!
-//! Every key other than `method`, `trials` and `seed` is a dotted spec key
+//! Every key other than `method`, `trials`, `seed` and the `asha` table
+//! (successive halving of the trials, see [`super::asha`]) is a dotted spec key
 //! with one distribution: `uniform = [low, high]`, `loguniform = [low, high]`
 //! (low > 0), `int = [low, high]` (both ends included) or `choice = [v, ...]`.
 //! The `trials` samples are one zipped axis (named `trial`) that multiplies
@@ -28,7 +29,7 @@ use serde_json::Value;
 use super::error::Issues;
 
 /// The keys of `[search]` that are not distributions.
-const SETTINGS: &[&str] = &["method", "trials", "seed"];
+const SETTINGS: &[&str] = &["method", "trials", "seed", "asha"];
 const DISTRIBUTIONS: &[&str] = &["uniform", "loguniform", "int", "choice"];
 /// The most dimensions `sobol_burley` provides.
 const MAX_DIMS: usize = 256;
@@ -57,6 +58,8 @@ pub struct Search {
     /// (dotted spec key, distribution), in key order (the order of the
     /// sampled axes, whatever the order written).
     pub params: Vec<(String, Dist)>,
+    /// Successive halving of the trials (`[search.asha]`), if asked for.
+    pub asha: Option<super::asha::Asha>,
 }
 
 impl Dist {
@@ -167,6 +170,9 @@ pub(super) fn parse(v: Option<&Value>, issues: &mut Issues) -> Option<Search> {
             0
         }),
     };
+    let asha = table
+        .get("asha")
+        .and_then(|a| super::asha::parse(a, issues));
     let mut params = Vec::new();
     for (key, value) in table {
         if SETTINGS.contains(&key.as_str()) {
@@ -196,6 +202,7 @@ pub(super) fn parse(v: Option<&Value>, issues: &mut Issues) -> Option<Search> {
         trials,
         seed,
         params,
+        asha,
     })
 }
 

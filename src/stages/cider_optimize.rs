@@ -2,7 +2,8 @@
 //! the domain-adapt stage's trainable parameters. Reward: CIDEr-D of each
 //! sampled caption against its image's references, with document frequencies
 //! from the training references; baseline: the greedy caption's reward or the
-//! mean of the other samples.
+//! mean of the other samples. As a search's budgeted stage it trains a rung
+//! ([`training::RungBudget`]).
 
 use candle_core::Tensor;
 use rand::Rng;
@@ -194,10 +195,15 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
     };
     let seed = ctx.desc.fingerprint.seed;
     model.set_dropout_seed(seed ^ 0x5c57);
+    let rung = training::RungBudget::of(ctx);
+    let ckpt = ctx.scratch.join("ckpt");
+    if let Some(r) = &rung {
+        r.seed(&ckpt)?;
+    }
     let mut trainer =
         crate::train::Trainer::new(training::param_specs(&model), &cfg.train_config(), seed)
             .map_err(StageError::ctx("setting up SCST"))?
-            .with_checkpoints(ctx.scratch.join("ckpt"));
+            .with_checkpoints(ckpt);
     trainer
         .resume()
         .map_err(StageError::ctx("resuming from a checkpoint"))?;
@@ -214,10 +220,14 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             .record(|r: &crate::train::CurveRecord| log.append(r))
             .progress(|d, t| ctx.progress(d as u64, t as u64));
         let closure = crate::train::scst_closure(&mut policy, rows.len(), &cfg, reward);
+        let until = rung.as_ref().map_or(cfg.steps, |r| r.steps);
         trainer
-            .fit(closure, &mut hooks)
+            .fit_until(until, closure, &mut hooks)
             .map_err(StageError::ctx("self-critical training"))?
     };
+    if let Some(r) = &rung {
+        r.publish(&trainer, ctx.out)?;
+    }
     let mut out = Outputs::default();
     let records = log.all();
     training::record_curves(&records, &mut out);

@@ -3,6 +3,10 @@
 //! translation of spec settings into `train` configurations, and curve
 //! recording.
 //!
+//! A training stage that is a rung of a search (see [`RungBudget`]) trains
+//! to its budget only and also publishes the checkpoint the next rung
+//! resumes from.
+//!
 //! A training stage publishes `weights.safetensors` with only what it trained
 //! and `lineage.json`, naming the model configuration and, in order, the
 //! entries whose weights rebuild it: the pretrain-align base first, then the
@@ -260,9 +264,14 @@ pub fn train_ce(
     let cfg = train_config(spec);
     let seed = ctx.desc.fingerprint.seed;
     model.set_dropout_seed(seed ^ 0x5eed);
+    let rung = RungBudget::of(ctx);
+    let ckpt = ctx.scratch.join("ckpt");
+    if let Some(r) = &rung {
+        r.seed(&ckpt)?;
+    }
     let mut trainer = crate::train::Trainer::new(param_specs(model), &cfg, seed)
         .map_err(StageError::ctx("setting up training"))?
-        .with_checkpoints(ctx.scratch.join("ckpt"));
+        .with_checkpoints(ckpt);
     if let Some(step) = trainer
         .resume()
         .map_err(StageError::ctx("resuming from a checkpoint"))?
@@ -301,8 +310,10 @@ pub fn train_ce(
                 Ok(l.to_scalar::<f32>()? as f64)
             });
         }
+        let until = rung.as_ref().map_or(cfg.steps, |r| r.steps);
         trainer
-            .fit(
+            .fit_until(
+                until,
                 |sc| {
                     let rows: Vec<usize> = (0..bs).map(|_| sc.rng.gen_range(0..n)).collect();
                     let mut picks: Vec<usize> = Vec::with_capacity(bs);
@@ -326,6 +337,19 @@ pub fn train_ce(
             .map_err(StageError::ctx("training"))?
     };
     record_fit(&log, &summary, out);
+    if let Some(r) = &rung {
+        r.publish(&trainer, ctx.out)?;
+        // The rung's valid loss, which a search may promote on (`loss`):
+        // the loop validates on its own schedule, not at a rung's end.
+        if let Some(v) = valid.filter(|_| !val_rows.is_empty()) {
+            let b = batch(v, valid_prompts.as_deref(), &val_rows, &mut |_| 0, &mcfg)?;
+            let l = model
+                .loss(&b.inputs, &b.input, &b.target, &b.mask, 0.0)
+                .and_then(|l| Ok(l.to_scalar::<f32>()?))
+                .map_err(StageError::ctx("validating the rung"))?;
+            out.metric("valid", "loss", l as f64);
+        }
+    }
     if !summary.missing_grads.is_empty() {
         return Err(StageError::msg(format!(
             "{} trainable tensors received no gradient (e.g. {}): the model cuts its gradient somewhere",
@@ -468,4 +492,80 @@ pub fn publish_model(
         .save_trained(&ctx.out.join(WEIGHTS))
         .map_err(StageError::ctx("saving the trained weights"))?;
     lineage.write(ctx.out)
+}
+
+/// A rung of a budgeted stage under `[search.asha]` (docs/search.md): the
+/// stage's schedule spans its full `steps` (the search's `max_steps`), it
+/// trains only to `rung_steps`, and a rung above the first starts from the
+/// checkpoint the rung below it published, so that promoted training is
+/// continued, never repeated.
+#[derive(Debug, Clone)]
+pub struct RungBudget {
+    /// Steps completed when this rung ends.
+    pub steps: usize,
+    /// The entry of the rung below (an input of this stage's own kind).
+    pub lower: Option<PathBuf>,
+}
+
+/// Where a rung publishes the checkpoint the next rung resumes from.
+pub const RUNG_CKPT: &str = "ckpt";
+
+impl RungBudget {
+    /// The stage's rung budget, if it is a rung.
+    pub fn of(ctx: &StageCtx) -> Option<RungBudget> {
+        let steps = ctx.desc.fingerprint.params.get("rung_steps")?.as_u64()? as usize;
+        let lower = ctx.input(ctx.desc.kind).ok().map(Path::to_path_buf);
+        Some(RungBudget { steps, lower })
+    }
+
+    /// Copy the lower rung's checkpoint into `ckpt` (the trainer's
+    /// checkpoint directory), unless an earlier attempt of this rung left one
+    /// there already (it is at least as far on; the trainer resumes from the
+    /// newest).
+    pub fn seed(&self, ckpt: &Path) -> Result<(), StageError> {
+        let Some(lower) = &self.lower else {
+            return Ok(());
+        };
+        let have = crate::train::checkpoint::latest(ckpt)
+            .map_err(StageError::ctx("listing this rung's checkpoints"))?;
+        if have.is_some() {
+            return Ok(());
+        }
+        let from = lower.join(RUNG_CKPT);
+        std::fs::create_dir_all(ckpt)
+            .map_err(StageError::ctx(format!("creating {}", ckpt.display())))?;
+        let entries = std::fs::read_dir(&from).map_err(StageError::ctx(format!(
+            "reading the lower rung's checkpoint {}",
+            from.display()
+        )))?;
+        for e in entries.flatten() {
+            let to = ckpt.join(e.file_name());
+            std::fs::copy(e.path(), &to)
+                .map_err(StageError::ctx(format!("copying {}", e.path().display())))?;
+        }
+        Ok(())
+    }
+
+    /// Publish the trainer's state at the end of the rung into the stage's
+    /// output, for the next rung (the top rung, at the schedule's end, has
+    /// no next rung and publishes none).
+    pub fn publish(&self, trainer: &crate::train::Trainer, out: &Path) -> Result<(), StageError> {
+        if trainer.step() >= trainer.config().steps {
+            return Ok(());
+        }
+        let path = trainer
+            .save_checkpoint()
+            .map_err(StageError::ctx("checkpointing the rung"))?
+            .ok_or_else(|| StageError::msg("a rung trains with a checkpoint directory"))?;
+        let dir = out.join(RUNG_CKPT);
+        std::fs::create_dir_all(&dir)
+            .map_err(StageError::ctx(format!("creating {}", dir.display())))?;
+        let mut digest = path.as_os_str().to_os_string();
+        digest.push(".b3");
+        for p in [path.clone(), PathBuf::from(digest)] {
+            let to = dir.join(p.file_name().unwrap_or_default());
+            std::fs::copy(&p, &to).map_err(StageError::ctx(format!("copying {}", p.display())))?;
+        }
+        Ok(())
+    }
 }

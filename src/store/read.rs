@@ -217,6 +217,9 @@ impl Store {
                 "skipped"
             } else if statuses.contains("interrupted") {
                 "interrupted"
+            } else if statuses.contains("stopped") {
+                // A search trial successive halving stopped early.
+                "stopped"
             } else {
                 "pending"
             };

@@ -66,6 +66,14 @@ pub enum StoreOp {
     },
     /// The stage completed: its outputs, read from the cache.
     Ingest(Box<crate::cache::StageOutputs>),
+    /// A row of the sweep's event log (see [`Store::log_event`]).
+    Event {
+        sweep: i64,
+        key: Option<String>,
+        what: String,
+        detail: Option<String>,
+        at: f64,
+    },
 }
 
 impl Store {
@@ -309,6 +317,19 @@ fn apply_op(conn: &rusqlite::Connection, op: &StoreOp) -> rusqlite::Result<()> {
             at,
         } => ended(conn, key, status, error.as_deref(), *wall_s, *at),
         StoreOp::Ingest(out) => ingest(conn, out),
+        StoreOp::Event {
+            sweep,
+            key,
+            what,
+            detail,
+            at,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO events (sweep_id, at, key, what, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![sweep, at, key, what, detail])?;
+            Ok(())
+        }
     }
 }
 

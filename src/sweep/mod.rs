@@ -4,10 +4,14 @@
 //! executor, record every event, summarise and report. The command line only
 //! parses arguments and calls these two.
 //!
+//! A search under `[search.asha]` ([`asha`]) runs the first rung of every
+//! trial and adds the rungs its promotions decide while the batch runs.
+//!
 //! Run state belongs to the scheduler ([`crate::exec::schedule`]); the sinks
 //! here — the store's writer thread ([`record`]), progress bars or plain log
 //! lines ([`progress`]) — only record what the events say.
 
+pub mod asha;
 mod error;
 mod progress;
 mod record;
@@ -302,21 +306,37 @@ pub fn run_plan(
     tracing::debug!("sweep: store opened and sweep recorded");
 
     let local = opts.executor == ExecutorKind::Local;
+    // A search under successive halving runs the first rung of every trial;
+    // the rungs above are added as trials are promoted into them (the
+    // promotions the cache's results already decided are replayed first).
+    let mut search = asha::SearchRun::of(plan);
+    let (deferred, replayed) = match search.as_mut() {
+        Some(sr) => {
+            let (run, ops) = sr.replay(&store, cache, &cached, sweep_id)?;
+            if let Some(e) = store.apply(&ops).into_iter().next() {
+                return Err(e.into());
+            }
+            (sr.deferred(), run.into_iter().collect::<HashSet<String>>())
+        }
+        None => (HashSet::new(), HashSet::new()),
+    };
+    let job = |s: &crate::plan::StageNode| StageJob {
+        key: s.desc.key.clone(),
+        kind: s.desc.kind.name().to_string(),
+        label: s.desc.label.clone(),
+        deps: pending_ancestors(plan, &s.desc.key, &cached),
+        threads,
+        resources: s.resources.clone(),
+        // The local executor hands cheap stages to its pooled workers
+        // inline, which saves a file create and rename per stage.
+        desc: (local && crate::exec::pooled_kind(s.desc.kind.name()))
+            .then(|| serde_json::to_string(&s.desc).expect("stage descriptions serialize")),
+    };
     let to_run: Vec<StageJob> = plan
         .stages()
         .filter(|s| !cached.contains(&s.desc.key))
-        .map(|s| StageJob {
-            key: s.desc.key.clone(),
-            kind: s.desc.kind.name().to_string(),
-            label: s.desc.label.clone(),
-            deps: pending_ancestors(plan, &s.desc.key, &cached),
-            threads,
-            resources: s.resources.clone(),
-            // The local executor hands cheap stages to its pooled workers
-            // inline, which saves a file create and rename per stage.
-            desc: (local && crate::exec::pooled_kind(s.desc.kind.name()))
-                .then(|| serde_json::to_string(&s.desc).expect("stage descriptions serialize")),
-        })
+        .filter(|s| !deferred.contains(&s.desc.key) || replayed.contains(&s.desc.key))
+        .map(job)
         .collect();
     let mut written = 0;
     for job in to_run.iter().filter(|j| j.desc.is_none()) {
@@ -348,6 +368,11 @@ pub fn run_plan(
     let mut finished_done: Vec<String> = Vec::new();
     let running_since = crate::store::now();
     let mut on_event = |ev: Event| {
+        if let Event::Started { key, .. } | Event::Finished { key, .. } = &ev {
+            if let Some(node) = plan.get(key) {
+                sink.learn(key, &node.desc.label);
+            }
+        }
         sink.event(&ev);
         let at = crate::store::now();
         let op = match &ev {
@@ -392,15 +417,73 @@ pub fn run_plan(
         };
         recorder.record(op);
     };
-    let executed =
-        crate::exec::schedule::run(executor.as_mut(), &followed, opts.keep_going, &mut on_event);
+    // Promotions, decided as the rungs' results arrive.
+    let mut promoted_jobs = 0usize;
+    let mut search_errors: Vec<(String, String)> = Vec::new();
+    let mut grow = |key: &str| -> Vec<StageJob> {
+        let Some(sr) = search.as_mut() else {
+            return Vec::new();
+        };
+        if !search_errors.is_empty() {
+            return Vec::new();
+        }
+        let (keys, ops) = match sr.on_done(key, cache, sweep_id) {
+            Ok(x) => x,
+            Err(e) => {
+                search_errors.push((key.to_string(), e.to_string()));
+                return Vec::new();
+            }
+        };
+        for op in ops {
+            recorder.record(op);
+        }
+        let mut jobs = Vec::new();
+        for k in keys.iter().filter(|k| !cached.contains(*k)) {
+            let node = plan.get(k).expect("rung stages are planned");
+            let j = job(node);
+            if j.desc.is_none() {
+                if let Err(e) = cache.write_desc(&node.desc) {
+                    search_errors.push((k.clone(), e.to_string()));
+                    return Vec::new();
+                }
+            }
+            jobs.push(j);
+        }
+        promoted_jobs += jobs.len();
+        jobs
+    };
+    let executed = crate::exec::schedule::run_growing(
+        executor.as_mut(),
+        &followed,
+        &HashMap::new(),
+        opts.keep_going,
+        &mut on_event,
+        &mut grow,
+    );
     tracing::debug!("sweep: executor returned");
     // Whatever the executor did, what finished is recorded before returning.
     let (store, record_errors) = recorder.finish();
     tracing::debug!("sweep: store writer finished");
-    let store = store?;
+    let mut store = store?;
     executed?;
     sink.finish();
+    failures.extend(search_errors);
+    let interrupted_now = interrupted.load(Ordering::SeqCst);
+    if let Some(sr) = &search {
+        // Stopped trials are said only of a search that ran to its end.
+        if failures.is_empty() && !interrupted_now {
+            let ops = sr.stopped(&store, sweep_id)?;
+            if let Some(e) = store.apply(&ops).into_iter().next() {
+                return Err(e.into());
+            }
+        }
+        let (trained, full) = sr.steps();
+        eprintln!(
+            "search: {trained} of {full} training steps of the budgeted stage ({:.0}%) against \
+             every trial run to max_steps",
+            100.0 * trained as f64 / full.max(1) as f64
+        );
+    }
     let waited = finished_done
         .iter()
         .filter(|k| {
@@ -416,12 +499,12 @@ pub fn run_plan(
         .count();
     let summary = RunSummary {
         sweep_id,
-        ran: followed.len(),
+        ran: followed.len() + promoted_jobs,
         computed_elsewhere: waited,
         reused: cached.len(),
         failures,
         record_errors,
-        interrupted: interrupted.load(Ordering::SeqCst),
+        interrupted: interrupted_now,
         dry_run: false,
     };
     store.finish_sweep(sweep_id, summary.status())?;

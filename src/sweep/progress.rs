@@ -1,5 +1,6 @@
 //! What a sweep shows while it runs: progress bars on a terminal, one line
-//! per started and finished stage otherwise.
+//! per started and finished stage otherwise. Stages added while it runs (a
+//! search's promotions) are learnt from their first event.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -50,6 +51,17 @@ impl Progress {
             finished: 0,
             total: jobs.len(),
         }
+    }
+
+    /// A job added while the sweep runs (a search's promotion): counted
+    /// and shown by its label like the others.
+    pub(super) fn learn(&mut self, key: &str, label: &str) {
+        if self.labels.contains_key(key) {
+            return;
+        }
+        self.labels.insert(key.to_string(), label.to_string());
+        self.total += 1;
+        self.overall.inc_length(1);
     }
 
     pub(super) fn event(&mut self, ev: &Event) {
