@@ -26,7 +26,9 @@
 //! the vision encoder is frozen (or LoRA on its attention, `peft.vision = "lora"`), the connector
 //! (Q-Former / projectors / separators / level pooling / cross-attention) is always fully
 //! trained, the LM follows the method. `full` trains the LM fully; the encoder follows
-//! `peft.vision` for every method so the PEFT axis compares LM methods only.
+//! `peft.vision` for every method so the PEFT axis compares LM methods only. A LoRA linear on
+//! its frozen base runs as one op with its own backward ([`lora_linear`]), so that training
+//! keeps no output-wide intermediate of it for the backward.
 //!
 //! # Phases and checkpoints
 //! [`Phase::Align`] builds the base without PEFT parameters. With `pretrained = true` it trains
@@ -51,6 +53,7 @@ pub mod hf;
 pub mod kernels;
 pub mod linear;
 pub mod lm;
+pub mod lora_linear;
 pub mod ops;
 pub mod params;
 pub mod quant;
