@@ -10,9 +10,10 @@
 //! linear. Its attention scales queries after their bias, which equals our scaling of scores.
 //!
 //! Fusion hooks: decoder layers listed by [`ModelConfig::xattn_layers`] carry a cross-attention
-//! sublayer onto the visual tokens (connector component): plain for `late`, tanh-gated with the
-//! gate initialised to zero for `multilevel` (Flamingo-style), so training starts from the
-//! text-only decoder. Bottleneck adapters sit after the attention and MLP sublayers when the
+//! sublayer onto the visual tokens (connector component): tanh-gated with the gate initialised
+//! to zero for `multilevel` (Flamingo-style), so training starts from the text-only decoder;
+//! for `late` gated alike when the model is built on a checkpoint (`fusion_opts.late_gated`),
+//! so that the layers the checkpoint lacks leave it as it is, and plain for the tiny presets. Bottleneck adapters sit after the attention and MLP sublayers when the
 //! PEFT method asks for them.
 
 use candle_core::{Result as CResult, Tensor};
@@ -94,7 +95,8 @@ impl Norm {
 struct XAttn {
     norm: RmsNorm,
     attn: CrossAttention,
-    /// `multilevel` only: scalar gate, output scaled by tanh(gate), zero at init.
+    /// `multilevel`, and `late` on a checkpoint: scalar gate, output scaled by tanh(gate),
+    /// zero at init.
     gate: Option<Tensor>,
 }
 
@@ -152,7 +154,12 @@ impl Layer {
         let (w, h) = (cfg.lm.width, cfg.lm.mlp_hidden);
         let xattn = if xattn {
             let c = b.with_component(Component::Connector).pp("xattn");
-            let gate = if cfg.fusion == Fusion::Multilevel {
+            let gated = match cfg.fusion {
+                Fusion::Multilevel => true,
+                Fusion::Late => cfg.fusion_opts.late_gated,
+                Fusion::Early => false,
+            };
+            let gate = if gated {
                 Some(c.base("gate", &[1], Init::Zeros, false)?)
             } else {
                 None

@@ -14,7 +14,9 @@
 //!   HD tokens at the tiny preset, i.e. 4 merged tokens per view: 2x2 crops stitched into a
 //!   4x4 grid + 4 newlines, separator, 2x2 global + 2 newlines).
 //! - `late`: the text sequence alone goes through the decoder; only the top
-//!   `fusion_opts.late_layers` layers get a cross-attention sublayer onto the visual tokens.
+//!   `fusion_opts.late_layers` layers get a cross-attention sublayer onto the visual tokens
+//!   (on a checkpoint scaled by tanh(gate), gates zero at init, `fusion_opts.late_gated`: the
+//!   model starts equal to the checkpoint, which has no such layers).
 //! - `multilevel`: the connector reads several encoder depths (`fusion_opts.levels`, default
 //!   every block) pooled per patch token by learned attention weights over levels (for blip2 the
 //!   Q-Former attends to the pooled features, for phi3v each HD view is pooled before the merge),

@@ -222,9 +222,9 @@ impl Checkpoint {
     }
 
     /// Lays this checkpoint over a preset's config `c`: the LM shape, vocabulary and token ids,
-    /// the encoder shape (if the checkpoint has a tower) and projector activation, and
-    /// `pretrained = true`; what the checkpoint lacks (Q-Former, HD grid, fusion knobs) stays
-    /// the preset's.
+    /// the encoder shape (if the checkpoint has a tower) and projector activation, zero-gated
+    /// `late` cross-attention, and `pretrained = true`; what the checkpoint lacks (Q-Former, HD
+    /// grid, other fusion knobs) stays the preset's.
     pub fn configure(&self, c: &mut ModelConfig) -> Result<(), HfError> {
         let t = self.parts.text.as_ref().ok_or_else(|| HfError::Config {
             path: self.dir.join("config.json"),
@@ -240,6 +240,8 @@ impl Checkpoint {
         if let Some(p) = &self.parts.projector {
             c.projector_act = p.act;
         }
+        // Cross-attention layers are not in any checkpoint: gated at zero, they leave it as it is.
+        c.fusion_opts.late_gated = true;
         c.pretrained = true;
         Ok(())
     }
