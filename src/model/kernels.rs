@@ -12,7 +12,11 @@
 //! - [`linear`]: `y = x w^T (+ b)` for `x` of any rank; backward computes `dx` only when `x` is
 //!   tracked, `dw`/`db` only when the weight/bias is (a frozen base costs no weight gradient).
 //! - [`quant_linear`]: the same with a 4-bit weight (QLoRA's frozen base), dequantized for the
-//!   forward product and again for `dx`, so no f32 copy of it outlives one product.
+//!   forward product and again for `dx`, so no f32 copy of it outlives one product; a weight of
+//!   more than 4M values is dequantized and multiplied in blocks of output rows, so its whole
+//!   f32 form never exists at once (a real LM head's would be 260 MB).
+//! - The LoRA linear on a frozen base, built from these products, is its own op in
+//!   [`super::lora_linear`].
 //! - [`self_attention`]: from the fused `qkv` projection (B, T, 3W) straight to the merged-head
 //!   output (B, T, W): optional RoPE on q and k, scale, optional causal mask, softmax, weighted
 //!   sum; every (batch, head) pair is one task on the rayon pool (candle's batched matmul ran
