@@ -1153,3 +1153,56 @@ fn large_quantized_linear_is_multiplied_in_blocks() {
         ) > 1.0
     );
 }
+
+/// A QLoRA base holds its frozen token-embedding table in bf16 when every value is exactly a
+/// bf16 value (as a bf16 checkpoint's are): half the bytes, and the same lookups, so the same
+/// logits as the same model with that table as an f32 trained copy (`modules_to_save`). A table
+/// that is not exactly bf16 (the tiny presets' trained ones) stays f32.
+#[test]
+fn qlora_holds_an_exactly_bf16_embedding_table_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(Backbone::Llava, Fusion::Early);
+    let (_, base) = align_ckpt(&c, &dir);
+    let mut tensors = candle_core::safetensors::load(&base, &Device::Cpu).unwrap();
+    let key = "lm.embed_tokens.weight";
+    let table = &tensors[key];
+    let rounded = table
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    assert!(
+        max_abs_diff(&rounded, table) > 0.0,
+        "the f32 table was bf16 already"
+    );
+    tensors.insert(key.into(), rounded);
+    let bf16_base = dir.path().join("bf16-embed.safetensors");
+    candle_core::safetensors::save(&tensors, &bf16_base).unwrap();
+
+    let qlora = PeftConfig::qlora(4, 8.0);
+    let f32_table = adapt(&c, &qlora, &base);
+    let half_table = adapt(&c, &qlora, &bf16_base);
+    let table_elems = c.vocab_size * c.lm.width;
+    assert_eq!(
+        f32_table.counts().frozen_bytes - half_table.counts().frozen_bytes,
+        2 * table_elems,
+        "the exactly-bf16 table is held in 2 bytes a value, the other in 4"
+    );
+    let trained_copy = adapt(
+        &c,
+        &PeftConfig {
+            modules_to_save: vec!["embed_tokens".into()],
+            ..qlora.clone()
+        },
+        &bf16_base,
+    );
+    let img = images(&c, 2, 3);
+    let (inp, _, _) = batch(2, 5, 4);
+    let a = half_table.logits(&img, &inp).unwrap();
+    let b = trained_copy.logits(&img, &inp).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // An export or a later stage reads the table back in f32, with its values.
+    let merged = half_table.merged_tensors().unwrap();
+    assert_eq!(merged[key].dtype(), candle_core::DType::F32);
+    assert_eq!(max_abs_diff(&merged[key], &tensors[key]), 0.0);
+}

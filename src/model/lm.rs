@@ -9,6 +9,9 @@
 //! `gate_up_proj` / `down_proj` slots (so LoRA targets name it alike) and biases on every
 //! linear. Its attention scales queries after their bias, which equals our scaling of scores.
 //!
+//! The token-embedding table is read by rows and converted to f32: a QLoRA base may hold it
+//! in bf16 where that is exact (`Builder::base_lookup`).
+//!
 //! Fusion hooks: decoder layers listed by [`ModelConfig::xattn_layers`] carry a cross-attention
 //! sublayer onto the visual tokens (connector component): tanh-gated with the gate initialised
 //! to zero for `multilevel` (Flamingo-style), so training starts from the text-only decoder;
@@ -297,11 +300,10 @@ impl Lm {
             .collect::<Result<_, _>>()?;
         let dev = b.device();
         Ok(Self {
-            embed: b.pp("embed_tokens").base(
+            embed: b.pp("embed_tokens").base_lookup(
                 "weight",
                 &[cfg.vocab_size, w],
                 Init::Normal(0.02),
-                false,
             )?,
             embed_positions: match cfg.lm.layout {
                 LmLayout::Opt { positions } => Some(b.pp("embed_positions").base(
@@ -331,8 +333,10 @@ impl Lm {
     /// Token embeddings (B,T) u32 -> (B,T,D).
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let (b, t) = ids.dims2()?;
+        // A QLoRA base may hold the table in bf16 (exact values, see `Builder::base_lookup`).
         self.embed
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(candle_core::DType::F32)?
             .reshape((b, t, ()))
     }
 
