@@ -13,7 +13,7 @@
 //! qlora|lora [--save-embeddings]` builds the adapt-phase model, fills it from the checkpoint
 //! ([`ecic::model::Captioner::load_pretrained`]), takes one AdamW step on one image and a
 //! 16-token caption, and prints one JSON line with the peak RSS (`VmHWM`) after loading and
-//! after the step. By default `modules_to_save` is empty (the LoRA/QLoRA papers' setting);
+//! after the step, and the resident set (`VmRSS`) and peak after the forward and the backward. By default `modules_to_save` is empty (the LoRA/QLoRA papers' setting);
 //! `--save-embeddings` trains embeddings and head in full as the sweeps do by default.
 
 #[global_allocator]
@@ -295,9 +295,10 @@ fn measure(dir: &Path, mode: &str, save_embeddings: bool) -> Result<()> {
         .collect();
     let mut opt = AdamW::new(specs, &TrainConfig::default())?;
     let loss = model.loss(&images, &input, &target, &mask, 0.0)?;
-    let (forward_peak, _) = rss()?;
+    // Resident after the forward: the base plus what the graph keeps for the backward.
+    let (forward_peak, forward_rss) = rss()?;
     let grads = loss.backward()?;
-    let (backward_peak, _) = rss()?;
+    let (backward_peak, backward_rss) = rss()?;
     opt.accumulate(&grads, 1.0)?;
     drop(grads);
     let norm = opt.grad_norm();
@@ -315,7 +316,9 @@ fn measure(dir: &Path, mode: &str, save_embeddings: bool) -> Result<()> {
             "load_rss": load_rss,
             "load_s": load_s,
             "forward_peak_rss": forward_peak,
+            "forward_rss": forward_rss,
             "backward_peak_rss": backward_peak,
+            "backward_rss": backward_rss,
             "step_peak_rss": step_peak,
             "step_rss": step_rss,
             "step_s": t1.elapsed().as_secs_f64(),

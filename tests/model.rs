@@ -1040,3 +1040,169 @@ fn quantized_linear_matches_the_dense_linear_on_its_dequantized_weight() {
     // The quantization itself is visible: the test compares against the 4-bit weight.
     assert!(max_abs_diff(&wd, &w) > 1e-3);
 }
+
+/// The fused LoRA linear against its composed form (base product + scaled low-rank delta, as
+/// separate ops), on an f32 and on a 4-bit base, with and without bias: the same values and the
+/// same gradients for the input and both factors, to the bit (the op repeats the composed
+/// form's arithmetic step for step). A non-zero B, so that the low-rank path carries gradient.
+#[test]
+fn fused_lora_linear_matches_the_composed_form() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Var;
+    use ecic::model::kernels;
+    use ecic::model::lora_linear::{lora_linear, FrozenBase};
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let mut rand = |shape: &[usize]| -> Tensor {
+        let n = shape.iter().product();
+        let d: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(d, shape, &dev).unwrap()
+    };
+    let (inp, out, r, scale) = (64, 48, 4, 2.0);
+    let (x, w, b) = (rand(&[2, 5, inp]), rand(&[out, inp]), rand(&[out]));
+    let (a, bb, wy) = (rand(&[r, inp]), rand(&[out, r]), rand(&[2, 5, out]));
+    let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap());
+    for quant in [false, true] {
+        for bias in [false, true] {
+            let base = if quant {
+                FrozenBase::Quant(q.clone())
+            } else {
+                FrozenBase::Dense(w.clone())
+            };
+            let bias = bias.then_some(&b);
+            let run = |fused: bool| -> Vec<Tensor> {
+                let (xv, av, bv) = (
+                    Var::from_tensor(&x).unwrap(),
+                    Var::from_tensor(&a).unwrap(),
+                    Var::from_tensor(&bb).unwrap(),
+                );
+                let y = if fused {
+                    lora_linear(xv.as_tensor(), &base, bias, &av, &bv, scale).unwrap()
+                } else {
+                    let y = match &base {
+                        FrozenBase::Dense(w) => kernels::linear(&xv, w, bias).unwrap(),
+                        FrozenBase::Quant(q) => kernels::quant_linear(&xv, q, bias).unwrap(),
+                    };
+                    let h = kernels::linear(&xv, &av, None).unwrap();
+                    let d = kernels::linear(&h, &bv, None).unwrap();
+                    (y + (d * scale).unwrap()).unwrap()
+                };
+                let g = y.mul(&wy).unwrap().sum_all().unwrap().backward().unwrap();
+                vec![
+                    y,
+                    g.get(&xv).unwrap().clone(),
+                    g.get(&av).unwrap().clone(),
+                    g.get(&bv).unwrap().clone(),
+                ]
+            };
+            let (f, c) = (run(true), run(false));
+            for (i, what) in ["output", "dx", "dA", "dB"].iter().enumerate() {
+                let d = max_abs_diff(&f[i], &c[i]);
+                assert_eq!(
+                    d,
+                    0.0,
+                    "{what} (4-bit base {quant}, bias {}): diff {d}",
+                    bias.is_some()
+                );
+            }
+        }
+    }
+    // A trained base is refused: the op computes no gradient for it.
+    let wv = Var::from_tensor(&w).unwrap();
+    let e = lora_linear(
+        &x,
+        &FrozenBase::Dense(wv.as_tensor().clone()),
+        None,
+        &a,
+        &bb,
+        scale,
+    );
+    assert!(e.is_err());
+}
+
+/// A 4-bit weight larger than one dequantization block (4M values) is multiplied block by
+/// block of output rows, forward and backward; the result is the product with the whole
+/// dequantized weight up to the order of float additions.
+#[test]
+fn large_quantized_linear_is_multiplied_in_blocks() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use ecic::model::kernels;
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+    // 4,160 x 1,024 = 4.26M values: one block of 4,096 rows and one of 64.
+    let (out, inp) = (4160, 1024);
+    let w = Tensor::from_vec(rand(out * inp), (out, inp), &dev).unwrap();
+    let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap());
+    let wd = q.dequantize(&dev).unwrap();
+    let x = candle_core::Var::from_vec(rand(3 * inp), (3, inp), &dev).unwrap();
+    let g = Tensor::from_vec(rand(3 * out), (3, out), &dev).unwrap();
+    let run = |y: Tensor| -> (Tensor, Tensor) {
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, grads.get(x.as_tensor()).unwrap().clone())
+    };
+    let (yq, dq) = run(kernels::quant_linear(x.as_tensor(), &q, None).unwrap());
+    let (yd, dd) = run(kernels::linear(x.as_tensor(), &wd, None).unwrap());
+    // Values of magnitude ~10-30 (sums of 1,024 or 4,160 products).
+    assert!(max_abs_diff(&yq, &yd) < 1e-3, "{}", max_abs_diff(&yq, &yd));
+    assert!(max_abs_diff(&dq, &dd) < 1e-3, "{}", max_abs_diff(&dq, &dd));
+    assert!(
+        max_abs_diff(
+            &yd,
+            &Tensor::zeros((3, out), candle_core::DType::F32, &dev).unwrap()
+        ) > 1.0
+    );
+}
+
+/// A QLoRA base holds its frozen token-embedding table in bf16 when every value is exactly a
+/// bf16 value (as a bf16 checkpoint's are): half the bytes, and the same lookups, so the same
+/// logits as the same model with that table as an f32 trained copy (`modules_to_save`). A table
+/// that is not exactly bf16 (the tiny presets' trained ones) stays f32.
+#[test]
+fn qlora_holds_an_exactly_bf16_embedding_table_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(Backbone::Llava, Fusion::Early);
+    let (_, base) = align_ckpt(&c, &dir);
+    let mut tensors = candle_core::safetensors::load(&base, &Device::Cpu).unwrap();
+    let key = "lm.embed_tokens.weight";
+    let table = &tensors[key];
+    let rounded = table
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    assert!(
+        max_abs_diff(&rounded, table) > 0.0,
+        "the f32 table was bf16 already"
+    );
+    tensors.insert(key.into(), rounded);
+    let bf16_base = dir.path().join("bf16-embed.safetensors");
+    candle_core::safetensors::save(&tensors, &bf16_base).unwrap();
+
+    let qlora = PeftConfig::qlora(4, 8.0);
+    let f32_table = adapt(&c, &qlora, &base);
+    let half_table = adapt(&c, &qlora, &bf16_base);
+    let table_elems = c.vocab_size * c.lm.width;
+    assert_eq!(
+        f32_table.counts().frozen_bytes - half_table.counts().frozen_bytes,
+        2 * table_elems,
+        "the exactly-bf16 table is held in 2 bytes a value, the other in 4"
+    );
+    let trained_copy = adapt(
+        &c,
+        &PeftConfig {
+            modules_to_save: vec!["embed_tokens".into()],
+            ..qlora.clone()
+        },
+        &bf16_base,
+    );
+    let img = images(&c, 2, 3);
+    let (inp, _, _) = batch(2, 5, 4);
+    let a = half_table.logits(&img, &inp).unwrap();
+    let b = trained_copy.logits(&img, &inp).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // An export or a later stage reads the table back in f32, with its values.
+    let merged = half_table.merged_tensors().unwrap();
+    assert_eq!(merged[key].dtype(), candle_core::DType::F32);
+    assert_eq!(max_abs_diff(&merged[key], &tensors[key]), 0.0);
+}

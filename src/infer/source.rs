@@ -4,7 +4,9 @@
 //!
 //! A cell is rebuilt as its evaluate stage rebuilt it: the evaluate stage's recorded
 //! parameters give the decoding, its inputs the model entry (whose lineage names every
-//! weight file, base first) and the preprocess entry (tokenizer and image preparation).
+//! weight file, base first) and the preprocess entry (tokenizer and image preparation). A
+//! zero-shot cell on a whole checkpoint has no model entry: its evaluate entry holds the
+//! lineage, which names the checkpoint directory.
 
 use std::path::{Path, PathBuf};
 
@@ -229,6 +231,9 @@ fn cell_model(
             None => {}
         }
     }
+    // A zero-shot cell on a whole checkpoint has no trained input: its evaluate entry holds
+    // the lineage that names the checkpoint.
+    let trained = trained.or_else(|| pre.is_some().then(|| eval_key.clone()));
     let (Some(pre), Some(trained)) = (pre, trained) else {
         return Err(bad(
             model,

@@ -302,6 +302,12 @@ pub struct FusionConfig {
     pub levels: Vec<usize>,
     /// `multilevel`: decoder layers (0-based) with gated cross-attention; empty = every layer.
     pub inject: Vec<usize>,
+    /// `late`: scale the cross-attention by tanh(gate), the gate zero at init, as `multilevel`
+    /// always does. Set for checkpoints ([`super::hf::Checkpoint::configure`]): the layers the
+    /// checkpoint lacks then start as no-ops, so the model starts equal to the checkpoint.
+    /// Absent (false) for the tiny presets, whose documented results use the plain sublayer.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub late_gated: bool,
 }
 
 /// Everything that fixes the network's shape and initialisation.
@@ -396,6 +402,7 @@ impl ModelConfig {
                 late_layers: 1,
                 levels: Vec::new(),
                 inject: Vec::new(),
+                late_gated: false,
             },
             hd_grid: 2,
             vocab_size,

@@ -12,7 +12,11 @@
 //! - [`linear`]: `y = x w^T (+ b)` for `x` of any rank; backward computes `dx` only when `x` is
 //!   tracked, `dw`/`db` only when the weight/bias is (a frozen base costs no weight gradient).
 //! - [`quant_linear`]: the same with a 4-bit weight (QLoRA's frozen base), dequantized for the
-//!   forward product and again for `dx`, so no f32 copy of it outlives one product.
+//!   forward product and again for `dx`, so no f32 copy of it outlives one product; a weight of
+//!   more than 4M values is dequantized and multiplied in blocks of output rows, so its whole
+//!   f32 form never exists at once (a real LM head's would be 260 MB).
+//! - The LoRA linear on a frozen base, built from these products, is its own op in
+//!   [`super::lora_linear`].
 //! - [`self_attention`]: from the fused `qkv` projection (B, T, 3W) straight to the merged-head
 //!   output (B, T, W): optional RoPE on q and k, scale, optional causal mask, softmax, weighted
 //!   sum; every (batch, head) pair is one task on the rayon pool (candle's batched matmul ran
@@ -34,7 +38,7 @@ use rayon::prelude::*;
 use super::fused::slice;
 
 /// Runs `f` on the contiguous f32 data of `t` (copied first only if `t` is strided).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -44,7 +48,7 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 }
 
 /// Splits one gemm over the rayon pool only when it is large enough to gain from it.
-fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+pub(super) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     let threads = candle_core::utils::get_num_threads();
     if threads > 1 && m * n * k >= 1 << 18 {
         Parallelism::Rayon(threads)
@@ -55,7 +59,7 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 
 /// One strided operand: data, row stride, column stride.
 #[derive(Clone, Copy)]
-struct Mat<'a>(&'a [f32], usize, usize);
+pub(super) struct Mat<'a>(pub(super) &'a [f32], pub(super) usize, pub(super) usize);
 
 impl Mat<'_> {
     fn check(&self, rows: usize, cols: usize) {
@@ -69,7 +73,7 @@ impl Mat<'_> {
 }
 
 /// `dst (m x n, row stride dst_rs) = [dst +] a (m x k) . b (k x n)`.
-fn mm(
+pub(super) fn mm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -140,7 +144,12 @@ unsafe fn gemm_raw(
 /// `a (m x k) . b (k x n)` into a new `m x n` buffer (row stride n). The buffer is not
 /// zero-filled first: gemm overwrites every element (`read_dst` false), which saves a memset
 /// pass on the calling thread per linear forward and backward.
-fn mm_new((m, n, k): (usize, usize, usize), a: Mat<'_>, b: Mat<'_>, par: Parallelism) -> Vec<f32> {
+pub(super) fn mm_new(
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_>,
+    b: Mat<'_>,
+    par: Parallelism,
+) -> Vec<f32> {
     let len = m * n;
     if k == 0 || len == 0 {
         return vec![0f32; len];
@@ -160,7 +169,13 @@ fn mm_new((m, n, k): (usize, usize, usize), a: Mat<'_>, b: Mat<'_>, par: Paralle
 }
 
 /// `y (rows x out) = x (rows x in) . w^T [+ b]`.
-fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, inp: usize, out: usize) -> Vec<f32> {
+pub(super) fn linear_fwd(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
     let rows = x.len() / inp;
     let Some(b) = b else {
         return mm_new(
@@ -186,7 +201,7 @@ fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, inp: usize, out: usize) -
     y
 }
 
-fn out_shape(l: &Layout, out: usize) -> Shape {
+pub(super) fn out_shape(l: &Layout, out: usize) -> Shape {
     let mut d = l.dims().to_vec();
     if let Some(last) = d.last_mut() {
         *last = out;
@@ -195,9 +210,14 @@ fn out_shape(l: &Layout, out: usize) -> Shape {
 }
 
 /// Gradients of a linear: `(dx, dw, db)`, each only where the argument is tracked.
-type LinearGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub(super) type LinearGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Tensor) -> Result<LinearGrads> {
+pub(super) fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    g: &Tensor,
+) -> Result<LinearGrads> {
     let (out, inp) = w.dims2()?;
     let rows = x.elem_count() / inp;
     with_data(g, |gv| {
@@ -341,16 +361,106 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (out, inp) = self.0.shape().dims2()?;
-        let w = super::quant::dequantize(&self.0, &candle_core::Device::Cpu)?;
-        let y = with_data(&w, |wv| Ok(linear_fwd(slice(s, l)?, wv, None, inp, out)))?;
+        let (out, _) = self.0.shape().dims2()?;
+        let y = quant_fwd(slice(s, l)?, &self.0)?;
         Ok((CpuStorage::F32(y), out_shape(l, out)))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let w = super::quant::dequantize(&self.0, x.device())?;
-        Ok(linear_bwd(x, &w, None, g)?.0)
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let dx = with_data(g, |gv| quant_dx(gv, &self.0))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// Most f32 values of a 4-bit weight dequantized at once (16 MB). A larger weight is
+/// dequantized and multiplied in blocks of output rows, so that its f32 form never exists
+/// whole: a real LM head (32k x 2k) would otherwise add 260 MB to a step's peak, twice the
+/// head's 4-bit size, and an MLP projection 90 MB. Every weight of the tiny presets fits one
+/// block, which is then the single product it always was.
+const DEQUANT_BLOCK: usize = 1 << 22;
+
+/// Output rows of `q` (out, in) per dequantized block.
+fn quant_rows_per_block(q: &QTensor) -> Result<(usize, usize, usize)> {
+    let (out, inp) = q.shape().dims2()?;
+    Ok((out, inp, (DEQUANT_BLOCK / inp.max(1)).clamp(1, out.max(1))))
+}
+
+/// Rows `r0..r1` of the 4-bit weight `q` (out, in) as f32, row-major.
+fn dequantize_rows(q: &QTensor, inp: usize, r0: usize, r1: usize) -> Result<Vec<f32>> {
+    let (out, _) = q.shape().dims2()?;
+    if r0 == 0 && r1 == out {
+        let w = super::quant::dequantize(q, &candle_core::Device::Cpu)?;
+        return w.flatten_all()?.to_vec1::<f32>();
+    }
+    if q.dtype() != candle_core::quantized::GgmlDType::Q4_0 || !inp.is_multiple_of(32) {
+        // Other types only come whole from candle: slice the rows out of it.
+        let w = super::quant::dequantize(q, &candle_core::Device::Cpu)?;
+        return w.narrow(0, r0, r1 - r0)?.flatten_all()?.to_vec1::<f32>();
+    }
+    let data = q.data()?;
+    let row_bytes = inp / 32 * 18;
+    let mut w = vec![0f32; (r1 - r0) * inp];
+    super::quant::dequantize_q4_0(&data[r0 * row_bytes..r1 * row_bytes], &mut w);
+    Ok(w)
+}
+
+/// `x (rows x in) . dequantize(q)^T`, one block of output rows at a time.
+pub(super) fn quant_fwd(x: &[f32], q: &QTensor) -> Result<Vec<f32>> {
+    let (out, inp, block) = quant_rows_per_block(q)?;
+    if block >= out {
+        let w = dequantize_rows(q, inp, 0, out)?;
+        return Ok(linear_fwd(x, &w, None, inp, out));
+    }
+    let rows = x.len() / inp;
+    let mut y: Vec<f32> = vec![0f32; rows * out];
+    for r0 in (0..out).step_by(block) {
+        let r1 = (r0 + block).min(out);
+        let w = dequantize_rows(q, inp, r0, r1)?;
+        mm(
+            (rows, r1 - r0, inp),
+            &mut y[r0..],
+            out,
+            false,
+            Mat(x, inp, 1),
+            Mat(&w, 1, inp),
+            parallelism(rows, r1 - r0, inp),
+        );
+    }
+    Ok(y)
+}
+
+/// `g (rows x out) . dequantize(q)`: the input gradient of [`quant_fwd`], accumulated over
+/// the same blocks of output rows.
+pub(super) fn quant_dx(g: &[f32], q: &QTensor) -> Result<Vec<f32>> {
+    let (out, inp, block) = quant_rows_per_block(q)?;
+    let rows = g.len() / out;
+    if block >= out {
+        let w = dequantize_rows(q, inp, 0, out)?;
+        return Ok(mm_new(
+            (rows, inp, out),
+            Mat(g, out, 1),
+            Mat(&w, inp, 1),
+            parallelism(rows, inp, out),
+        ));
+    }
+    let mut dx = vec![0f32; rows * inp];
+    for r0 in (0..out).step_by(block) {
+        let r1 = (r0 + block).min(out);
+        let w = dequantize_rows(q, inp, r0, r1)?;
+        mm(
+            (rows, inp, r1 - r0),
+            &mut dx,
+            inp,
+            r0 > 0,
+            Mat(&g[r0..], out, 1),
+            Mat(&w, inp, 1),
+            parallelism(rows, inp, r1 - r0),
+        );
+    }
+    Ok(dx)
 }
 
 /// `x (..., in) . dequantize(w)^T + b` with `w` a 4-bit (out, in) weight, holding its f32 form

@@ -11,6 +11,10 @@
 //! measured. The dequantized copy lives only while its product runs: the backward dequantizes
 //! again rather than keeping it, so a training step holds the base in 4 bits (see
 //! docs/models.md, "QLoRA memory").
+//!
+//! A LoRA linear (on an f32 or a 4-bit base) runs as one op, [`super::lora_linear`], whose
+//! autograd node keeps only its input and the two factors: composed from separate ops it kept
+//! three more tensors as wide as its output until the backward.
 
 use std::sync::Arc;
 
@@ -18,6 +22,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Result as CResult, Tensor};
 
 use super::kernels;
+use super::lora_linear::{lora_linear, FrozenBase};
 use super::ops::{self, Fwd};
 use super::params::{Builder, Init};
 use super::ModelError;
@@ -46,7 +51,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+    /// The layer from separate ops: base product, then the LoRA delta added. Kept where the
+    /// fused op does not apply (dropout on the LoRA input, a trained base) and as the reference
+    /// the fused op is tested against.
+    pub fn composed(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
         let y = match &self.base {
             Base::Dense(w) => kernels::linear(x, w, self.bias.as_ref())?,
             Base::Quant(q) => kernels::quant_linear(x, q, self.bias.as_ref())?,
@@ -59,6 +67,27 @@ impl Linear {
             }
             None => Ok(y),
         }
+    }
+
+    /// The LoRA linear as one op ([`lora_linear`]) where it computes what [`Self::composed`]
+    /// does: no dropout mask to apply, and a frozen base.
+    pub fn forward(&self, x: &Tensor, fwd: Fwd<'_>) -> CResult<Tensor> {
+        let Some(l) = &self.lora else {
+            return self.composed(x, fwd);
+        };
+        let dropout = fwd.train && l.dropout > 0.0 && fwd.rng.is_some();
+        let frozen = match &self.base {
+            Base::Dense(w) => !w.track_op(),
+            Base::Quant(_) => true,
+        } && !self.bias.as_ref().is_some_and(Tensor::track_op);
+        if dropout || !frozen {
+            return self.composed(x, fwd);
+        }
+        let base = match &self.base {
+            Base::Dense(w) => FrozenBase::Dense(w.clone()),
+            Base::Quant(q) => FrozenBase::Quant(q.clone()),
+        };
+        lora_linear(x, &base, self.bias.as_ref(), &l.a, &l.b, l.scale)
     }
 
     /// Whether the base is held 4-bit.

@@ -9,10 +9,14 @@
 //! `gate_up_proj` / `down_proj` slots (so LoRA targets name it alike) and biases on every
 //! linear. Its attention scales queries after their bias, which equals our scaling of scores.
 //!
+//! The token-embedding table is read by rows and converted to f32: a QLoRA base may hold it
+//! in bf16 where that is exact (`Builder::base_lookup`).
+//!
 //! Fusion hooks: decoder layers listed by [`ModelConfig::xattn_layers`] carry a cross-attention
-//! sublayer onto the visual tokens (connector component): plain for `late`, tanh-gated with the
-//! gate initialised to zero for `multilevel` (Flamingo-style), so training starts from the
-//! text-only decoder. Bottleneck adapters sit after the attention and MLP sublayers when the
+//! sublayer onto the visual tokens (connector component): tanh-gated with the gate initialised
+//! to zero for `multilevel` (Flamingo-style), so training starts from the text-only decoder;
+//! for `late` gated alike when the model is built on a checkpoint (`fusion_opts.late_gated`),
+//! so that the layers the checkpoint lacks leave it as it is, and plain for the tiny presets. Bottleneck adapters sit after the attention and MLP sublayers when the
 //! PEFT method asks for them.
 
 use candle_core::{Result as CResult, Tensor};
@@ -94,7 +98,8 @@ impl Norm {
 struct XAttn {
     norm: RmsNorm,
     attn: CrossAttention,
-    /// `multilevel` only: scalar gate, output scaled by tanh(gate), zero at init.
+    /// `multilevel`, and `late` on a checkpoint: scalar gate, output scaled by tanh(gate),
+    /// zero at init.
     gate: Option<Tensor>,
 }
 
@@ -152,7 +157,12 @@ impl Layer {
         let (w, h) = (cfg.lm.width, cfg.lm.mlp_hidden);
         let xattn = if xattn {
             let c = b.with_component(Component::Connector).pp("xattn");
-            let gate = if cfg.fusion == Fusion::Multilevel {
+            let gated = match cfg.fusion {
+                Fusion::Multilevel => true,
+                Fusion::Late => cfg.fusion_opts.late_gated,
+                Fusion::Early => false,
+            };
+            let gate = if gated {
                 Some(c.base("gate", &[1], Init::Zeros, false)?)
             } else {
                 None
@@ -290,11 +300,10 @@ impl Lm {
             .collect::<Result<_, _>>()?;
         let dev = b.device();
         Ok(Self {
-            embed: b.pp("embed_tokens").base(
+            embed: b.pp("embed_tokens").base_lookup(
                 "weight",
                 &[cfg.vocab_size, w],
                 Init::Normal(0.02),
-                false,
             )?,
             embed_positions: match cfg.lm.layout {
                 LmLayout::Opt { positions } => Some(b.pp("embed_positions").base(
@@ -324,8 +333,10 @@ impl Lm {
     /// Token embeddings (B,T) u32 -> (B,T,D).
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let (b, t) = ids.dims2()?;
+        // A QLoRA base may hold the table in bf16 (exact values, see `Builder::base_lookup`).
         self.embed
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(candle_core::DType::F32)?
             .reshape((b, t, ()))
     }
 

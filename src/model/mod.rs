@@ -14,7 +14,9 @@
 //!   HD tokens at the tiny preset, i.e. 4 merged tokens per view: 2x2 crops stitched into a
 //!   4x4 grid + 4 newlines, separator, 2x2 global + 2 newlines).
 //! - `late`: the text sequence alone goes through the decoder; only the top
-//!   `fusion_opts.late_layers` layers get a cross-attention sublayer onto the visual tokens.
+//!   `fusion_opts.late_layers` layers get a cross-attention sublayer onto the visual tokens
+//!   (on a checkpoint scaled by tanh(gate), gates zero at init, `fusion_opts.late_gated`: the
+//!   model starts equal to the checkpoint, which has no such layers).
 //! - `multilevel`: the connector reads several encoder depths (`fusion_opts.levels`, default
 //!   every block) pooled per patch token by learned attention weights over levels (for blip2 the
 //!   Q-Former attends to the pooled features, for phi3v each HD view is pooled before the merge),
@@ -26,7 +28,9 @@
 //! the vision encoder is frozen (or LoRA on its attention, `peft.vision = "lora"`), the connector
 //! (Q-Former / projectors / separators / level pooling / cross-attention) is always fully
 //! trained, the LM follows the method. `full` trains the LM fully; the encoder follows
-//! `peft.vision` for every method so the PEFT axis compares LM methods only.
+//! `peft.vision` for every method so the PEFT axis compares LM methods only. A LoRA linear on
+//! its frozen base runs as one op with its own backward ([`lora_linear`]), so that training
+//! keeps no output-wide intermediate of it for the backward.
 //!
 //! # Phases and checkpoints
 //! [`Phase::Align`] builds the base without PEFT parameters. With `pretrained = true` it trains
@@ -51,6 +55,7 @@ pub mod hf;
 pub mod kernels;
 pub mod linear;
 pub mod lm;
+pub mod lora_linear;
 pub mod ops;
 pub mod params;
 pub mod qformer;

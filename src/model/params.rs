@@ -3,7 +3,9 @@
 //! Each tensor is named like a checkpoint key (`lm.layers.0.qkv_proj.weight`), tagged with the
 //! component it belongs to, and initialised deterministically from `(seed, name)`, so building
 //! the same config twice gives the same weights whatever the construction order. A trainable
-//! tensor is a `Var`; a frozen one is a plain tensor and never enters the gradient store.
+//! tensor is a `Var`; a frozen one is a plain tensor and never enters the gradient store. A
+//! QLoRA base holds its linears' weights in Q4_0 and its token-embedding table in bf16 where
+//! every value is exactly bf16 (a bf16 checkpoint's table), which keeps the values unchanged.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,10 @@ pub(crate) enum Slot {
     Const(Tensor),
     /// A frozen base weight held only in 4-bit form (QLoRA); the f32 copy is dropped.
     Quant(Arc<QTensor>),
+    /// A frozen lookup table of a QLoRA base held in bf16 because every one of its values is
+    /// exactly a bf16 value (a bf16 checkpoint's are): half the bytes, the same values
+    /// ([`Builder::base_lookup`]).
+    Half(Tensor),
 }
 
 #[derive(Debug, Clone)]
@@ -66,13 +72,14 @@ impl Entry {
             Slot::Var(v) => Ok(v.as_tensor().clone()),
             Slot::Const(t) => Ok(t.clone()),
             Slot::Quant(q) => q.dequantize(device),
+            Slot::Half(t) => t.to_dtype(DType::F32),
         }
     }
 
     pub fn elem_count(&self) -> usize {
         match &self.slot {
             Slot::Var(v) => v.elem_count(),
-            Slot::Const(t) => t.elem_count(),
+            Slot::Const(t) | Slot::Half(t) => t.elem_count(),
             Slot::Quant(q) => q.shape().elem_count(),
         }
     }
@@ -81,6 +88,7 @@ impl Entry {
     pub fn bytes(&self) -> usize {
         match &self.slot {
             Slot::Quant(q) => q.storage_size_in_bytes(),
+            Slot::Half(t) => 2 * t.elem_count(),
             _ => 4 * self.elem_count(),
         }
     }
@@ -95,7 +103,8 @@ impl Entry {
             Slot::Quant(_) => {
                 self.slot = Slot::Quant(Arc::new(QTensor::quantize(&t, QUANT)?));
             }
-            Slot::Const(_) => self.slot = Slot::Const(t),
+            // Held in f32 until the rebuild checks it again (`Builder::base_lookup`).
+            Slot::Const(_) | Slot::Half(_) => self.slot = Slot::Const(t),
         }
         Ok(())
     }
@@ -104,7 +113,7 @@ impl Entry {
     pub fn dims(&self) -> Vec<usize> {
         match &self.slot {
             Slot::Var(v) => v.dims().to_vec(),
-            Slot::Const(c) => c.dims().to_vec(),
+            Slot::Const(c) | Slot::Half(c) => c.dims().to_vec(),
             Slot::Quant(q) => q.shape().dims().to_vec(),
         }
     }
@@ -248,6 +257,17 @@ impl Policy {
     }
 }
 
+/// Whether every value of the f32 tensor `t` converts to bf16 and back unchanged.
+fn exactly_bf16(t: &Tensor) -> candle_core::Result<bool> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(c) = &*s else {
+        return Ok(false);
+    };
+    let v = super::fused::slice(c, l)?;
+    Ok(v.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x))
+}
+
 /// A path-prefixed handle on the store, like candle's `VarBuilder`, that also carries the
 /// component and the policy so the linear factory can decide how to wrap each layer.
 pub(crate) struct Builder<'a> {
@@ -356,7 +376,11 @@ impl<'a> Builder<'a> {
         let full = self.path(name);
         let mut store = self.lock();
         if let Some(e) = store.entries.get(&full) {
-            let t = e.tensor(&store.device)?;
+            // A bf16 table is handed out as held: only `base_lookup` builds on one.
+            let t = match &e.slot {
+                Slot::Half(t) => t.clone(),
+                _ => e.tensor(&store.device)?,
+            };
             if t.dims() != shape {
                 return Err(ModelError::Shape {
                     name: full,
@@ -384,6 +408,31 @@ impl<'a> Builder<'a> {
             },
         );
         Ok(out)
+    }
+
+    /// A base lookup table (token embeddings: rows are read, never multiplied whole), as
+    /// [`Builder::base`] gives it, except in a QLoRA base where it is frozen and every value is
+    /// exactly a bf16 value: then it is held in bf16 (checked on first use, or after a load
+    /// replaced it with f32 values), and the caller converts the rows it reads. A real
+    /// checkpoint's table is bf16 (260 MB instead of 520 MB f32 at 32k x 2k); the tiny presets'
+    /// trained f32 tables are not, and stay as they were.
+    pub fn base_lookup(
+        &self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> Result<Tensor, ModelError> {
+        let t = self.base(name, shape, init, false)?;
+        let frozen = self.policy.quantize(self.component)
+            && !self.policy.saved(self.component, &self.prefix);
+        if !frozen || t.dtype() != DType::F32 || !exactly_bf16(&t)? {
+            return Ok(t);
+        }
+        let half = t.to_dtype(DType::BF16)?;
+        if let Some(e) = self.lock().entries.get_mut(&self.path(name)) {
+            e.slot = Slot::Half(half.clone());
+        }
+        Ok(half)
     }
 
     /// A frozen base weight kept only in Q4_0 form: quantized on first use (or after a base

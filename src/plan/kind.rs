@@ -152,27 +152,10 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             })
         }
         StageKind::PretrainAlign => {
-            let mut v = json!({
-                "backbone": cell.backbone,
-                "fusion": cell.fusion,
-                "preset": c.model.preset,
-                "checkpoint": c.model.checkpoint,
-                "max_len": c.model.max_len,
-                "train": c.stages.pretrain_align,
-            });
-            // Only when not the default, so the keys of existing specs are unchanged.
-            if c.model.stem != "patch" {
-                v["stem"] = json!(c.model.stem);
-            }
-            if c.model.retrieve > 0 {
-                v["retrieve"] = json!(c.model.retrieve);
-            }
+            let mut v = model_params(cell);
+            v["train"] = json!(c.stages.pretrain_align);
             if !c.stages.pretrain_align.unfreeze.is_empty() {
                 v["unfreeze"] = json!(c.stages.pretrain_align.unfreeze);
-            }
-            // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
-            if let Some(d) = &c.model.checkpoint_digest {
-                v["checkpoint_digest"] = json!(d);
             }
             v
         }
@@ -208,6 +191,14 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             if cell.is_baseline() {
                 m.insert("baseline".into(), json!(cell.backbone));
             } else {
+                // Only for zero-shot cells, so every other evaluate key is unchanged.
+                if cell.is_zero_shot() {
+                    m.insert("zero_shot".into(), json!(true));
+                    // No training stage before it: the model is the checkpoint, named here.
+                    if !chain(cell).contains(&StageKind::PretrainAlign) {
+                        m.insert("model".into(), model_params(cell));
+                    }
+                }
                 m.insert("method".into(), json!(e.method));
                 m.insert("max_len".into(), json!(e.max_len));
                 m.insert("repetition_penalty".into(), json!(e.repetition_penalty));
@@ -276,9 +267,60 @@ pub fn foundation_preprocess_params(cell: &Cell) -> Value {
     v
 }
 
+/// What builds `cell`'s model before any training: backbone, fusion, preset, checkpoint (path and
+/// content digest), max_len, and stem / retrieve when not their defaults. Pretrain-align's key
+/// holds it (with its training settings); so does the evaluate key of a zero-shot cell that
+/// evaluates a checkpoint as it is.
+pub fn model_params(cell: &Cell) -> Value {
+    let c = &cell.config;
+    let mut v = json!({
+        "backbone": cell.backbone,
+        "fusion": cell.fusion,
+        "preset": c.model.preset,
+        "checkpoint": c.model.checkpoint,
+        "max_len": c.model.max_len,
+    });
+    // Only when not the default, so the keys of existing specs are unchanged.
+    if c.model.stem != "patch" {
+        v["stem"] = json!(c.model.stem);
+    }
+    if c.model.retrieve > 0 {
+        v["retrieve"] = json!(c.model.retrieve);
+    }
+    // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
+    if let Some(d) = &c.model.checkpoint_digest {
+        v["checkpoint_digest"] = json!(d);
+    }
+    // On a checkpoint, `late` cross-attention is zero-gated (model::lm): entries made before
+    // the gate existed hold another model.
+    if c.model.checkpoint.is_some() && cell.fusion == "late" {
+        v["late_gated"] = json!(true);
+    }
+    v
+}
+
+/// Whether `cell`'s checkpoint supplies its connector too: LLaVA's projector comes with a LLaVA
+/// checkpoint, BLIP-2's Q-Former and projection with a BLIP-2 checkpoint (which fits `blip2`
+/// cells only), while a `blip2` or `phi3v` cell on a LLaVA checkpoint takes its tower and LM and
+/// trains its connector from the seed in pretrain-align.
+pub fn checkpoint_has_connector(cell: &Cell) -> bool {
+    let Some(dir) = &cell.config.model.checkpoint else {
+        return false;
+    };
+    cell.backbone == "llava"
+        || crate::model::hf::Checkpoint::fixed_backbone(dir).is_some_and(|b| {
+            serde_json::to_value(b)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                == Some(cell.backbone.clone())
+        })
+}
+
 /// The kinds a cell runs, in order (baselines: preprocess then evaluate;
 /// the foundation stages unless a checkpoint supplies them; cider-optimize
-/// only when enabled).
+/// only when enabled). A zero-shot cell stops after pretrain-align, and runs
+/// no training at all when its checkpoint supplies the whole model: it then
+/// evaluates the checkpoint as it is.
 pub fn chain(cell: &Cell) -> Vec<StageKind> {
     if cell.is_baseline() {
         return vec![StageKind::Preprocess, StageKind::Evaluate];
@@ -286,6 +328,13 @@ pub fn chain(cell: &Cell) -> Vec<StageKind> {
     let mut v = vec![StageKind::Preprocess];
     if has_foundations(cell) {
         v.extend([StageKind::PretrainVision, StageKind::PretrainLm]);
+    }
+    if cell.is_zero_shot() {
+        if !checkpoint_has_connector(cell) {
+            v.push(StageKind::PretrainAlign);
+        }
+        v.push(StageKind::Evaluate);
+        return v;
     }
     v.extend([StageKind::PretrainAlign, StageKind::DomainAdapt]);
     if cell.config.stages.cider_optimize.enabled {

@@ -2,7 +2,8 @@
 //!
 //! A [`Plan<Building>`] takes cells one at a time; stages with identical keys
 //! are one node, which is how cells share work (one pretrain-align serves every
-//! PEFT variant of a backbone x fusion pair). [`Plan::seal`] checks the graph
+//! PEFT variant of a backbone x fusion pair, and the zero-shot cell of that pair
+//! evaluates it as it is). [`Plan::seal`] checks the graph
 //! is acyclic and fixes a topological order; only a sealed plan can be run or
 //! printed. Under `[search.asha]` a trial's budgeted stage and those after
 //! it are planned once per rung ([`rungs`]); the sweep runs the rungs it
@@ -203,7 +204,14 @@ impl Plan<Building> {
                 (v, cell.seed)
             }
             StageKind::Evaluate if !cell.is_baseline() => {
-                let mut v: Vec<(StageKind, String)> = at.prev.iter().cloned().collect();
+                // A zero-shot cell on a whole checkpoint has no model stage before
+                // evaluate: its one input is then the preprocess entry.
+                let mut v: Vec<(StageKind, String)> = at
+                    .prev
+                    .iter()
+                    .filter(|(k, _)| *k != StageKind::Preprocess)
+                    .cloned()
+                    .collect();
                 v.extend(
                     at.preprocess
                         .iter()
@@ -399,6 +407,7 @@ fn label(kind: StageKind, cell: &Cell) -> String {
             );
         }
         _ if cell.is_baseline() => cell.backbone.clone(),
+        _ if cell.is_zero_shot() => format!("{}/zero-shot/{}", cell.backbone, cell.fusion),
         _ => format!("{}/{}/{}", cell.backbone, cell.peft, cell.fusion),
     };
     let mut extra = String::new();

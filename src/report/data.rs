@@ -2,7 +2,9 @@
 //! their headline numbers, cells grouped over seeds, stages and curves. The
 //! terminal tables, the plots and the HTML all read this, never SQL (except
 //! the section of a search under successive halving, whose rung results are
-//! the store's events: [`super::search`] reads them).
+//! the store's events: [`super::search`] reads them). Zero-shot rows
+//! (`peft = "none"`) are groups like any other, marked by
+//! [`GroupResult::zero_shot`]: the report sets them beside the baselines.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -103,9 +105,47 @@ impl GroupResult {
             .filter(|&m| m > COLLAPSED_SHARE)
     }
 
-    /// Trained (not a baseline).
+    /// Fine-tuned: neither a baseline nor a zero-shot row.
     pub fn trained(&self) -> bool {
-        !crate::spec::params::BASELINES.contains(&self.backbone.as_str())
+        !crate::spec::params::BASELINES.contains(&self.backbone.as_str()) && !self.zero_shot()
+    }
+
+    /// The zero-shot row of a backbone and fusion (`peft = "none"`): the model before domain
+    /// adaptation, the baseline that fine-tuning is measured against.
+    pub fn zero_shot(&self) -> bool {
+        self.peft == crate::spec::params::ZERO_SHOT
+    }
+
+    /// Whether this row is a reference for `best` in the findings and their paired tests: a
+    /// baseline (`nn`, `mfc`), or the zero-shot row of `best`'s own backbone and fusion (the
+    /// other zero-shot rows are summarised, not tested one by one).
+    pub fn reference_for(&self, best: &GroupResult) -> bool {
+        if self.zero_shot() {
+            self.backbone == best.backbone
+                && self.fusion == best.fusion
+                && self.overrides == best.overrides
+                && self.name != best.name
+        } else {
+            !self.trained()
+        }
+    }
+
+    /// The row's name in tables, with zero-shot rows marked as such.
+    pub fn label(&self) -> String {
+        if self.zero_shot() {
+            format!("{} (zero-shot)", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// A PEFT level as the report names it: `zero-shot` for `none`.
+pub fn peft_label(peft: &str) -> &str {
+    if peft == crate::spec::params::ZERO_SHOT {
+        "zero-shot"
+    } else {
+        peft
     }
 }
 

@@ -1,5 +1,6 @@
 //! The report's answer in sentences, before any table: the best configuration against the
-//! baselines (with the paired test of the significance section), which axes of the grid move
+//! baselines and the zero-shot rows (with the paired test of the significance section: how much
+//! fine-tuning adds over the model as it was), which axes of the grid move
 //! the score by more than seed noise, which cells collapsed, and what SCST did.
 //!
 //! Seed noise: for every configuration run with several seeds, the sample variance of its
@@ -35,7 +36,7 @@ pub fn findings(d: &SweepData, tests: &[BaselineTest]) -> Vec<String> {
             ))
             .unwrap_or_default()
     ));
-    for g in d.groups.iter().filter(|g| !g.trained()) {
+    for g in d.groups.iter().filter(|g| g.reference_for(best)) {
         let (Some(b), Some(c)) = (cider(best), cider(g)) else {
             continue;
         };
@@ -57,11 +58,18 @@ pub fn findings(d: &SweepData, tests: &[BaselineTest]) -> Vec<String> {
         } else {
             format!("paired bootstrap per seed, {}", per_seed.join("; "))
         };
+        let what = if g.zero_shot() {
+            format!("the zero-shot {}", g.name)
+        } else {
+            format!("the {} baseline", g.name)
+        };
         out.push(format!(
-            "Against the {} baseline ({c:.2}): {:+.2} CIDEr-D ({detail}).",
-            g.name,
+            "Against {what} ({c:.2}): {:+.2} CIDEr-D ({detail}).",
             b - c
         ));
+    }
+    if let Some(s) = fine_tuning_gains(d) {
+        out.push(s);
     }
     out.extend(axis_effects(d));
     let collapsed: Vec<String> = d
@@ -105,7 +113,7 @@ fn seed_variance(d: &SweepData) -> Option<f64> {
     (dof > 0).then(|| num / dof as f64)
 }
 
-/// One sentence per grid axis with more than one level among trained cells.
+/// One sentence per grid axis with more than one level among fine-tuned cells.
 fn axis_effects(d: &SweepData) -> Vec<String> {
     let var = seed_variance(d);
     let mut out = Vec::new();
@@ -118,7 +126,11 @@ fn axis_effects(d: &SweepData) -> Vec<String> {
     for (axis, level) in axes {
         let mut by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for c in &d.cells {
-            if crate::spec::params::BASELINES.contains(&c.backbone.as_str()) {
+            // Baselines and zero-shot rows are what the axes are measured against, not
+            // levels of them.
+            if crate::spec::params::BASELINES.contains(&c.backbone.as_str())
+                || c.peft == crate::spec::params::ZERO_SHOT
+            {
                 continue;
             }
             if let Some(v) = c.metrics.get("cider_d") {
@@ -161,6 +173,44 @@ fn axis_effects(d: &SweepData) -> Vec<String> {
         out.push(format!("By {axis} (mean CIDEr-D): {list}; {verdict}."));
     }
     out
+}
+
+/// What fine-tuning added over each zero-shot row: the best fine-tuned configuration of the
+/// same backbone, fusion and other axes, minus the zero-shot row (mean CIDEr-D over seeds).
+fn fine_tuning_gains(d: &SweepData) -> Option<String> {
+    let cider = |g: &GroupResult| g.metric("cider_d").map(|s| s.mean * SCALE);
+    let gains: Vec<String> = d
+        .groups
+        .iter()
+        .filter(|z| z.zero_shot())
+        .filter_map(|z| {
+            let zero = cider(z)?;
+            let (best, score) = d
+                .groups
+                .iter()
+                .filter(|g| {
+                    g.trained()
+                        && g.backbone == z.backbone
+                        && g.fusion == z.fusion
+                        && g.overrides == z.overrides
+                })
+                .filter_map(|g| Some((g, cider(g)?)))
+                .max_by(|a, b| a.1.total_cmp(&b.1))?;
+            Some(format!(
+                "{} {zero:.1} -> {score:.1} ({:+.1}, {})",
+                z.name,
+                score - zero,
+                best.peft
+            ))
+        })
+        .collect();
+    (!gains.is_empty()).then(|| {
+        format!(
+            "Fine-tuning over the zero-shot rows (zero-shot -> best PEFT of the same backbone \
+             and fusion, mean CIDEr-D): {}.",
+            gains.join("; ")
+        )
+    })
 }
 
 /// How SCST moved valid CIDEr-D over its domain-adapt input, across the sweep's runs.

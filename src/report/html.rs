@@ -149,7 +149,7 @@ pub fn render(page: &Page) -> String {
             } else {
                 ""
             },
-            esc(&g.name),
+            esc(&g.label()),
             if g.overrides.is_empty() {
                 String::new()
             } else {

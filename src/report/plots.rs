@@ -2,6 +2,7 @@
 //! heatmaps, learning curves, Pareto scatters and compute. Each is drawn
 //! once against a generic backend, saved as PNG (text through the bundled
 //! CJK font) or SVG. Titles are bilingual: the audience reads MUGE's Chinese.
+//! Zero-shot rows appear as the PEFT level `zero-shot` (a heatmap column).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,12 +112,28 @@ pub struct Marginals {
 
 impl Marginals {
     /// Mean CIDEr-D of the configurations at each level of each named axis
-    /// (baselines, whose PEFT and fusion are `-`, only count for backbone).
+    /// (baselines, whose PEFT and fusion are `-`, only count for backbone; zero-shot rows
+    /// only for PEFT, as its `zero-shot` level, so that they do not pull the other axes'
+    /// means of fine-tuned models).
     pub fn new(data: &SweepData) -> Option<Marginals> {
         let axes: [(&str, &str, fn(&GroupResult) -> &str); 3] = [
-            ("backbone", "骨干网络", |g| &g.backbone),
-            ("PEFT", "参数高效微调", |g| &g.peft),
-            ("fusion", "融合方式", |g| &g.fusion),
+            ("backbone", "骨干网络", |g| {
+                if g.zero_shot() {
+                    "-"
+                } else {
+                    &g.backbone
+                }
+            }),
+            ("PEFT", "参数高效微调", |g| {
+                super::data::peft_label(&g.peft)
+            }),
+            ("fusion", "融合方式", |g| {
+                if g.zero_shot() {
+                    "-"
+                } else {
+                    &g.fusion
+                }
+            }),
         ];
         let mut panels = Vec::new();
         for (name, zh, get) in axes {
@@ -241,8 +258,9 @@ impl Heatmap {
                     if !backbones.contains(&g.backbone) {
                         backbones.push(g.backbone.clone());
                     }
-                    if !pefts.contains(&g.peft) {
-                        pefts.push(g.peft.clone());
+                    let p = super::data::peft_label(&g.peft).to_string();
+                    if !pefts.contains(&p) {
+                        pefts.push(p);
                     }
                 }
                 let values = backbones
@@ -255,7 +273,9 @@ impl Heatmap {
                                 // pair (other axes): average them
                                 let v: Vec<f64> = groups
                                     .iter()
-                                    .filter(|g| &g.backbone == b && &g.peft == p)
+                                    .filter(|g| {
+                                        &g.backbone == b && super::data::peft_label(&g.peft) == p
+                                    })
                                     .filter_map(|g| g.metric("cider_d").map(|s| s.mean * 100.0))
                                     .collect();
                                 Stat::of(&v).map(|s| s.mean)

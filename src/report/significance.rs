@@ -132,7 +132,8 @@ pub struct BaselineTest {
     pub p_value: f64,
 }
 
-/// For every seed, the best configuration ([`SweepData::best_group`]) against each baseline,
+/// For every seed, the best configuration ([`SweepData::best_group`]) against each baseline
+/// and the zero-shot row of its backbone and fusion ([`GroupResult::reference_for`]),
 /// paired over images on CIDEr-D: the claim a paper makes, tested per seed.
 pub fn best_vs_baselines(
     store: &Store,
@@ -147,7 +148,7 @@ pub fn best_vs_baselines(
         let Ok(bs) = image_scores(store, b, &data.split) else {
             continue;
         };
-        for g in data.groups.iter().filter(|g| !g.trained()) {
+        for g in data.groups.iter().filter(|g| g.reference_for(best)) {
             let Some(&oi) = g.cells.iter().find(|&&i| data.cells[i].seed == b.seed) else {
                 continue;
             };

@@ -96,7 +96,7 @@ pub fn summary_table(data: &SweepData) -> String {
     let mut t = new_table(header);
     let best = data.best_group();
     for (i, g) in data.groups.iter().enumerate() {
-        let mut name = g.name.clone();
+        let mut name = g.label();
         if Some(i) == best {
             name.push_str(" *");
         }

@@ -7,7 +7,8 @@
 //! drop the cells that match all of their keys. A `[search]` table adds its
 //! sampled trials as one more zipped group (see [`search`]). Baseline backbones (`nn`,
 //! `mfc`) have no PEFT or fusion: their cells carry `-` there and are
-//! deduplicated.
+//! deduplicated. `peft = "none"` makes a zero-shot cell ([`Cell::is_zero_shot`]): a model
+//! with no domain adaptation, whose cell keeps its fusion and shares every upstream stage.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,7 +16,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::error::{did_you_mean, Issues};
-use super::params::{Config, BACKBONES, BASELINES, FUSIONS, PEFTS};
+use super::params::{Config, BACKBONES, BASELINES, FUSIONS, PEFTS, ZERO_SHOT};
 use super::search;
 
 /// The axis that numbers a `[search]`'s sampled trials (0, 1, ...).
@@ -43,6 +44,12 @@ pub struct Cell {
 impl Cell {
     pub fn is_baseline(&self) -> bool {
         BASELINES.contains(&self.backbone.as_str())
+    }
+
+    /// A zero-shot cell (`peft = "none"`): evaluated as pretrain-align or the checkpoint left
+    /// the model, without domain-adapt or cider-optimize.
+    pub fn is_zero_shot(&self) -> bool {
+        !self.is_baseline() && self.peft == ZERO_SHOT
     }
 }
 
@@ -299,14 +306,22 @@ fn check_axis<'a>(
         for v in values {
             match v.as_str() {
                 Some(s) if allowed.contains(&s) => {}
-                Some(s) => issues.at(
-                    format!("{section}.{axis}"),
-                    format!(
-                        "unknown {axis} `{s}`{}; expected one of {}",
-                        did_you_mean(s, allowed.iter().copied()).unwrap_or_default(),
-                        allowed.join(", ")
-                    ),
-                ),
+                Some(s) => {
+                    let zero_shot = axis == "peft"
+                        && s.to_ascii_lowercase().replace(['-', '_', ' '], "") == "zeroshot";
+                    let hint = if zero_shot {
+                        format!(" (a zero-shot row is peft `{ZERO_SHOT}`)")
+                    } else {
+                        did_you_mean(s, allowed.iter().copied()).unwrap_or_default()
+                    };
+                    issues.at(
+                        format!("{section}.{axis}"),
+                        format!(
+                            "unknown {axis} `{s}`{hint}; expected one of {}",
+                            allowed.join(", ")
+                        ),
+                    )
+                }
                 None => issues.at(
                     format!("{section}.{axis}"),
                     format!("{axis} values must be strings, got {v}"),

@@ -52,7 +52,11 @@ fn default_seeds() -> Vec<u64> {
 }
 pub const BACKBONES: &[&str] = &["blip2", "llava", "phi3v", "nn", "mfc"];
 pub const BASELINES: &[&str] = &["nn", "mfc"];
-pub const PEFTS: &[&str] = &["full", "lora", "qlora", "adapter"];
+/// `none` is the zero-shot row: the model as pretrain-align (or the checkpoint) left it, with no
+/// domain-adapt and no cider-optimize (docs/models.md, "Zero-shot rows").
+pub const PEFTS: &[&str] = &["full", "lora", "qlora", "adapter", ZERO_SHOT];
+/// The `peft` value of a zero-shot cell.
+pub const ZERO_SHOT: &str = "none";
 pub const FUSIONS: &[&str] = &["early", "late", "multilevel"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

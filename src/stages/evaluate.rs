@@ -2,7 +2,9 @@
 //! model (or baseline), score it with pycocoevalcap-exact metrics, and write
 //! the test split's predictions as a MUGE submission file
 //! (`caption_gen.jsonl`). Decoding settings are this stage's parameters only,
-//! so a decoding grid reuses every trained stage.
+//! so a decoding grid reuses every trained stage. A zero-shot cell's model is
+//! its pretrain-align entry's or, on a whole checkpoint, the checkpoint itself
+//! (named in this stage's parameters, with no training input).
 
 use std::time::Instant;
 
@@ -35,6 +37,11 @@ struct Params {
     temperature: Option<f64>,
     /// `rerank`: weight of the consensus score beside the model's log-probability.
     rerank_weight: Option<f64>,
+    /// A zero-shot cell: the model as pretrain-align (or the checkpoint) left it.
+    #[serde(default)]
+    zero_shot: bool,
+    /// A zero-shot cell on a whole checkpoint: what builds the model, which no stage trained.
+    model: Option<serde_json::Value>,
 }
 
 /// Something that captions a split.
@@ -115,6 +122,35 @@ impl Captioner<'_> {
             }
         }
     }
+}
+
+/// The lineage of a zero-shot cell's checkpoint, evaluated as it is: no stage trained it, so
+/// the model is built from the checkpoint directory alone. The lineage is written beside the
+/// captions, so `ecic predict` of the cell rebuilds the same model.
+fn checkpoint_lineage(ctx: &StageCtx, model: &serde_json::Value) -> Result<Lineage, StageError> {
+    let m: super::pretrain_align::ModelParams = serde_json::from_value(model.clone())
+        .map_err(|e| StageError::msg(format!("evaluate model parameters: {e}")))?;
+    let pre = ctx.input(StageKind::Preprocess)?;
+    let (cfg, ck) = super::pretrain_align::model_config(&m, pre, ctx.desc.fingerprint.seed)?;
+    let ck = ck.ok_or_else(|| {
+        StageError::msg("a zero-shot evaluate without a training input needs model.checkpoint")
+    })?;
+    let preprocess = ctx
+        .desc
+        .inputs
+        .iter()
+        .find(|(k, _)| *k == StageKind::Preprocess)
+        .map(|(_, key)| key.clone())
+        .ok_or_else(|| StageError::msg("evaluate has no preprocess input"))?;
+    let lineage = Lineage {
+        model: cfg,
+        peft: crate::model::PeftConfig::default(),
+        preprocess,
+        weights: Vec::new(),
+        checkpoint: Some(ck.dir().to_path_buf()),
+    };
+    lineage.write(ctx.out)?;
+    Ok(lineage)
 }
 
 /// Keep one row per image (the clean view).
@@ -204,14 +240,26 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         }
         Some(other) => return Err(StageError::msg(format!("unknown baseline `{other}`"))),
         None => {
-            let model_entry = ctx
-                .inputs
-                .iter()
-                .find(|(k, _)| *k != StageKind::Preprocess)
-                .map(|(_, p)| p.clone())
-                .ok_or_else(|| StageError::msg("evaluate has no trained input"))?;
-            let lineage = Lineage::read(&model_entry)?;
-            let model = lineage.build(ctx, Phase::Adapt)?;
+            let lineage = match &p.model {
+                Some(m) => checkpoint_lineage(ctx, m)?,
+                None => {
+                    let model_entry = ctx
+                        .inputs
+                        .iter()
+                        .find(|(k, _)| *k != StageKind::Preprocess)
+                        .map(|(_, p)| p.clone())
+                        .ok_or_else(|| StageError::msg("evaluate has no trained input"))?;
+                    Lineage::read(&model_entry)?
+                }
+            };
+            // A zero-shot model is built as pretrain-align built it: no PEFT tensors, so its
+            // parameter counts are the aligned model's.
+            let phase = if p.zero_shot {
+                Phase::Align
+            } else {
+                Phase::Adapt
+            };
+            let model = lineage.build(ctx, phase)?;
             report = training::counts(&model, &mut out);
             let tok = training::load_tokenizer(&pre)?;
             let Decoding {

@@ -4,7 +4,9 @@
 //! tower of `pretrain-vision`, the LM of `pretrain-lm`). The connector trains,
 //! and whatever `stages.pretrain_align.unfreeze` names; the whole base is
 //! published, so later stages rebuild the model from this entry alone. One
-//! pretrain-align serves every PEFT variant of its backbone x fusion pair.
+//! pretrain-align serves every PEFT variant of its backbone x fusion pair, and is
+//! what a zero-shot cell of the pair evaluates. [`model_config`] is also how a
+//! zero-shot evaluate builds a whole checkpoint that no stage trained.
 
 use serde::Deserialize;
 
@@ -15,28 +17,40 @@ use crate::spec::params::TrainSpec;
 use super::training::{self, Lineage};
 use super::{Outputs, StageCtx, StageError, StageReport};
 
+/// What builds the model before training ([`crate::plan::kind::model_params`]): pretrain-align's
+/// parameters without its training settings, and a zero-shot evaluate's on a whole checkpoint.
 #[derive(Debug, Deserialize)]
-struct Params {
+pub(super) struct ModelParams {
     backbone: Backbone,
     fusion: Fusion,
     preset: String,
     checkpoint: Option<std::path::PathBuf>,
     max_len: usize,
-    train: TrainSpec,
     /// `conv`: the ViT's convolutional stem (absent: the patch embedding).
     #[serde(default)]
     stem: Option<String>,
     /// Retrieved captions per image (absent: none).
     #[serde(default)]
     retrieve: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    #[serde(flatten)]
+    model: ModelParams,
+    train: TrainSpec,
     /// Pretrained components trained beside the connector (absent: none).
     #[serde(default)]
     unfreeze: Vec<crate::model::Component>,
 }
 
-pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
-    let p: Params = ctx.params()?;
-    let pre = ctx.input(StageKind::Preprocess)?;
+/// The model configuration `p` describes for the tokenizer of preprocess entry `pre`, and the
+/// opened checkpoint if it names one (which then fixes the shapes and sets `pretrained`).
+pub(super) fn model_config(
+    p: &ModelParams,
+    pre: &std::path::Path,
+    seed: u64,
+) -> Result<(ModelConfig, Option<crate::model::hf::Checkpoint>), StageError> {
     let tok = training::load_tokenizer(pre)?;
     let (v, pad, bos, eos) = (tok.vocab_size(), tok.pad_id(), tok.bos_id(), tok.eos_id());
     // A real checkpoint (model::hf) fixes the shapes and the vocabulary; the caption
@@ -63,6 +77,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
             )));
         }
         (cfg.pad_id, cfg.bos_id, cfg.eos_id) = (pad, bos, eos);
+        cfg.pretrained = true;
     }
     cfg.max_caption_len = p.max_len;
     if let Some(stem) = &p.stem {
@@ -73,7 +88,14 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         })?;
     }
     cfg.retrieved = p.retrieve;
-    cfg.seed = ctx.desc.fingerprint.seed;
+    cfg.seed = seed;
+    Ok((cfg, ck))
+}
+
+pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
+    let p: Params = ctx.params()?;
+    let pre = ctx.input(StageKind::Preprocess)?;
+    let (mut cfg, ck) = model_config(&p.model, pre, ctx.desc.fingerprint.seed)?;
     let vision_f = ctx
         .inputs
         .iter()
@@ -99,6 +121,7 @@ pub fn run(ctx: &StageCtx) -> Result<StageReport, StageError> {
         peft: PeftConfig::default(),
         preprocess: ctx.desc.inputs[0].1.clone(),
         weights: vec![ctx.desc.key.clone()],
+        checkpoint: None,
     };
     let mut model = crate::model::Captioner::new(
         &lineage.model,

@@ -10,7 +10,8 @@
 //! A training stage publishes `weights.safetensors` with only what it trained
 //! and `lineage.json`, naming the model configuration and, in order, the
 //! entries whose weights rebuild it: the pretrain-align base first, then the
-//! PEFT stages' deltas.
+//! PEFT stages' deltas. A zero-shot evaluate of a whole checkpoint writes a
+//! lineage naming the checkpoint directory and no entries.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,10 @@ pub struct Lineage {
     pub preprocess: String,
     /// Keys of the entries whose `weights.safetensors` rebuild the model, base first.
     pub weights: Vec<String>,
+    /// A model with no training stage (a zero-shot cell on a whole checkpoint): the
+    /// `model.checkpoint` directory its weights are read from, and `weights` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl Lineage {
@@ -64,6 +69,13 @@ impl Lineage {
     pub fn build_in(&self, objects: &Path, phase: Phase) -> Result<Captioner, StageError> {
         let mut model = Captioner::new(&self.model, &self.peft, phase, &Device::Cpu)
             .map_err(StageError::ctx("building the model"))?;
+        if let Some(dir) = &self.checkpoint {
+            let ck = crate::model::hf::Checkpoint::open(dir)
+                .map_err(StageError::ctx("opening model.checkpoint"))?;
+            model
+                .load_pretrained(&ck)
+                .map_err(StageError::ctx("loading model.checkpoint"))?;
+        }
         for (i, key) in self.weights.iter().enumerate() {
             let path = objects.join(key).join(WEIGHTS);
             if i == 0 {

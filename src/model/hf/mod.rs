@@ -194,6 +194,18 @@ impl Checkpoint {
         })
     }
 
+    /// The one backbone a checkpoint in `dir` fits, from `config.json`'s class alone (no weight
+    /// file is opened): `None` for an unreadable config, an unknown class or a family that fits
+    /// any backbone. The plan asks it to know whether a zero-shot cell needs pretrain-align.
+    pub fn fixed_backbone(dir: &Path) -> Option<Backbone> {
+        let v = read_json(&dir.join("config.json")).ok()?;
+        let name = v.get("architectures")?.as_array()?.first()?.as_str()?;
+        FAMILIES
+            .iter()
+            .find(|f| f.architecture() == name)
+            .and_then(|f| f.backbone())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -241,8 +253,8 @@ impl Checkpoint {
 
     /// Lays this checkpoint over a preset's config `c`: the LM shape, vocabulary and token ids,
     /// the encoder shape (if the checkpoint has a tower), projector activation, the Q-Former of a
-    /// BLIP-2 checkpoint, and `pretrained = true`; what the checkpoint lacks (a Q-Former, the HD
-    /// grid, fusion knobs) stays the preset's.
+    /// BLIP-2 checkpoint, zero-gated `late` cross-attention, and `pretrained = true`; what the
+    /// checkpoint lacks (a Q-Former, the HD grid, other fusion knobs) stays the preset's.
     pub fn configure(&self, c: &mut ModelConfig) -> Result<(), HfError> {
         let t = self.parts.text.as_ref().ok_or_else(|| HfError::Config {
             path: self.dir.join("config.json"),
@@ -261,6 +273,8 @@ impl Checkpoint {
         if let Some(q) = &self.parts.qformer {
             c.qformer = q.cfg.clone();
         }
+        // Cross-attention layers are not in any checkpoint: gated at zero, they leave it as it is.
+        c.fusion_opts.late_gated = true;
         c.pretrained = true;
         Ok(())
     }
