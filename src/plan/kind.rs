@@ -170,6 +170,12 @@ pub fn params(kind: StageKind, cell: &Cell) -> Value {
             if !c.stages.pretrain_align.unfreeze.is_empty() {
                 v["unfreeze"] = json!(c.stages.pretrain_align.unfreeze);
             }
+            // The phi3v connector in Phi-3-Vision's published layout (separators in the merged
+            // feature space before the projector, penultimate block, bicubic global view):
+            // other versions trained another network, so phi3v cells alone get new keys.
+            if cell.backbone == "phi3v" {
+                v["phi3v_connector"] = json!(2);
+            }
             // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
             if let Some(d) = &c.model.checkpoint_digest {
                 v["checkpoint_digest"] = json!(d);

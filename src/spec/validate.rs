@@ -313,8 +313,9 @@ fn modules_to_save(issues: &mut Issues, at: &str, mods: &[String]) {
     }
 }
 
-/// `model.checkpoint` names a directory: it must hold a supported LLaVA checkpoint (vision
-/// tower and LM) with a tokenizer, and a set `stages.preprocess.image_size` must be its input.
+/// `model.checkpoint` names a directory: it must hold a supported vision-language checkpoint
+/// (vision tower and LM: LLaVA or Phi-3-Vision) that serves the cell's backbone, with a
+/// tokenizer, and a set `stages.preprocess.image_size` must be its input.
 fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
     let ck = match crate::model::hf::Checkpoint::open(dir) {
         Ok(ck) => ck,
@@ -328,7 +329,8 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
             "model.checkpoint",
             format!(
                 "{}: a {} checkpoint has no {}; a sweep needs a \
-                 LlavaForConditionalGeneration (vision tower and language model)",
+                 LlavaForConditionalGeneration or Phi3VForCausalLM (vision tower and \
+                 language model)",
                 dir.display(),
                 ck.arch(),
                 if ck.has_lm() {
@@ -339,6 +341,24 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
             ),
         );
         return;
+    }
+    // Baselines ("nn", "mfc") and the base spec ("") build no model.
+    let b = serde_json::from_value::<crate::model::Backbone>(serde_json::json!(backbone));
+    if let (Ok(b), Some(only)) = (b, ck.only_backbone()) {
+        if b != only {
+            let only = serde_json::to_value(only).unwrap_or_default();
+            issues.at(
+                "model.checkpoint",
+                format!(
+                    "{}: a {} checkpoint holds the connector of backbone {} only; backbone \
+                     {backbone} cannot be built on it",
+                    dir.display(),
+                    ck.arch(),
+                    only.as_str().unwrap_or("?"),
+                ),
+            );
+            return;
+        }
     }
     if c.stages.preprocess.tokenizer.is_none() && !dir.join("tokenizer.json").is_file() {
         issues.at(

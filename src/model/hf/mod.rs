@@ -11,7 +11,11 @@
 //! - [`opt`]: OPT decoders (`OPTForCausalLM`; BLIP-2's LM),
 //! - [`clip`]: CLIP vision towers (`CLIPVisionModel`),
 //! - [`llava`]: `LlavaForConditionalGeneration` (LLaVA-1.5 layout: CLIP tower + LLaMA/Phi-3 LM
-//!   + MLP projector), the only family a sweep accepts today.
+//!   + MLP projector),
+//! - [`phi3v`]: `Phi3VForCausalLM` (Phi-3-Vision: CLIP tower + Phi-3 LM + HD connector with its
+//!   separators), which only `phi3v` models take ([`Family::only_backbone`]).
+//!
+//! A sweep accepts the families with both a tower and an LM (LLaVA, Phi-3-Vision).
 //!
 //! [`weights`] indexes the files and reads tensors through memory maps, one at a time.
 //! Adding a family means a file with a [`Family`] and a line in [`FAMILIES`].
@@ -20,7 +24,8 @@
 //! than LongRoPE, attention/MLP biases in LLaMA-family LMs, activations other than SiLU
 //! (LLaMA, Phi-3), ReLU (OPT) and quick/exact GELU (CLIP), a `head_dim` other than
 //! `hidden_size / heads`, CLIP LayerNorm eps other than 1e-5, post-LN OPT, other LLaVA feature
-//! layers or selection strategies. Weights of any float dtype are read as f32; a QLoRA model
+//! layers or selection strategies, Phi-3-Vision options other than its published HD layout
+//! (see [`phi3v`]). Weights of any float dtype are read as f32; a QLoRA model
 //! quantizes its frozen base as each tensor is read ([`fill_store`]).
 
 mod cfg;
@@ -29,6 +34,7 @@ mod llama;
 mod llava;
 mod opt;
 mod phi3;
+mod phi3v;
 pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +104,12 @@ pub(crate) trait Family: Sync {
     /// Parses and validates `config.json` and locates each part in the weight files.
     fn configure(&self, c: &Cfg<'_>, w: &Weights) -> Result<Parts, HfError>;
 
+    /// The one backbone a model built on this checkpoint may have, if the family's connector
+    /// ties it to one (every backbone can take a tower and an LM).
+    fn only_backbone(&self) -> Option<Backbone> {
+        None
+    }
+
     /// Whether the checkpoint's connector supplies our tensor `name` of a `backbone` model.
     fn provides_connector(&self, _name: &str, _backbone: Backbone) -> bool {
         false
@@ -116,12 +128,13 @@ pub(crate) trait Family: Sync {
 }
 
 /// Every family this loader reads.
-const FAMILIES: [&dyn Family; 5] = [
+const FAMILIES: [&dyn Family; 6] = [
     &llama::FAMILY,
     &phi3::FAMILY,
     &opt::FAMILY,
     &clip::FAMILY,
     &llava::FAMILY,
+    &phi3v::FAMILY,
 ];
 
 /// A checkpoint directory: its validated config and where each tensor lives.
@@ -193,6 +206,11 @@ impl Checkpoint {
     }
     pub fn has_vision(&self) -> bool {
         self.parts.vision.is_some()
+    }
+    /// The one backbone a model built on this checkpoint may have, if any (`phi3v` for a
+    /// Phi-3-Vision checkpoint, whose connector it holds).
+    pub fn only_backbone(&self) -> Option<Backbone> {
+        self.family.only_backbone()
     }
     pub fn vocab_size(&self) -> Option<usize> {
         self.parts.text.as_ref().map(|t| t.cfg.vocab)
