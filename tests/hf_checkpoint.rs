@@ -793,18 +793,80 @@ fn phi3v_checkpoints_refuse_what_they_do_not_support() {
     edit_phi3v_weights(no_sep.path(), "model.vision_embed_tokens.sub_GN", |_| None);
     let e = Checkpoint::open(no_sep.path()).unwrap_err().to_string();
     assert!(e.contains("model.vision_embed_tokens.sub_GN"), "{e}");
-    let glb_sub = copy_fixture("phi3v");
-    edit_config(glb_sub.path(), |v| {
-        v["embd_layer"]["hd_transform_order"] = "glb_sub".into()
+    let cases: [(&str, serde_json::Value, &str); 7] = [
+        (
+            "/embd_layer/hd_transform_order",
+            "glb_sub".into(),
+            "embd_layer.hd_transform_order",
+        ),
+        (
+            "/embd_layer/use_hd_transform",
+            false.into(),
+            "embd_layer.use_hd_transform",
+        ),
+        (
+            "/embd_layer/projection_cls",
+            "linear".into(),
+            "embd_layer.projection_cls",
+        ),
+        (
+            "/img_processor/layer_idx",
+            (-1).into(),
+            "img_processor.layer_idx",
+        ),
+        (
+            "/img_processor/num_img_tokens",
+            16.into(),
+            "img_processor.num_img_tokens",
+        ),
+        (
+            "/img_processor/image_dim_out",
+            64.into(),
+            "img_processor.image_dim_out",
+        ),
+        ("/img_processor/name", "siglip".into(), "img_processor.name"),
+    ];
+    for (at, val, key) in cases {
+        let tmp = copy_fixture("phi3v");
+        edit_config(tmp.path(), |v| *v.pointer_mut(at).unwrap() = val);
+        let e = Checkpoint::open(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains(key), "{at}: {e}");
+    }
+    // Without a tower description only the published code's tower is known.
+    let other = copy_fixture("phi3v");
+    edit_config(other.path(), |v| {
+        let ip = v["img_processor"].as_object_mut().unwrap();
+        ip.remove("vision_config");
+        ip.insert("model_name".into(), "openai/clip-vit-base-patch16".into());
     });
-    let e = Checkpoint::open(glb_sub.path()).unwrap_err().to_string();
-    assert!(
-        e.contains("config.json") && e.contains("embd_layer.hd_transform_order"),
-        "{e}"
-    );
+    let e = Checkpoint::open(other.path()).unwrap_err().to_string();
+    assert!(e.contains("img_processor.model_name"), "{e}");
     let ck = Checkpoint::open(&fixture("phi3v")).unwrap();
     assert_eq!(ck.only_backbone(), Some(Backbone::Phi3v));
     assert!(ck.has_lm() && ck.has_vision());
+}
+
+/// microsoft/Phi-3-vision-128k-instruct's `config.json` describes no tower: its code builds
+/// CLIP ViT-L/14 at 336 px, and so do we; the LM is the top level, with LongRoPE ("su").
+#[test]
+fn the_published_phi3v_config_means_vit_l_336() {
+    let tmp = copy_fixture("phi3v");
+    edit_config(tmp.path(), |v| {
+        v["img_processor"] = serde_json::json!({
+            "image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model", "num_img_tokens": 144});
+    });
+    let ck = Checkpoint::open(tmp.path()).unwrap();
+    let v = ck.vision_config().unwrap();
+    assert_eq!(
+        (v.image_size, v.patch_size, v.width, v.depth, v.heads),
+        (336, 14, 1024, 24, 16)
+    );
+    let c = ck.model_config(Backbone::Phi3v, Fusion::Early).unwrap();
+    let rs = c.lm.rope_scaling.as_ref().expect("LongRoPE");
+    assert_eq!(rs.original_max_position_embeddings, 128);
+    assert!((rs.attention_factor - (1.0 + 4f64.ln() / 128f64.ln()).sqrt()).abs() < 1e-12);
+    assert_eq!(c.input_size(), 336 * c.hd_grid);
 }
 
 #[test]

@@ -162,7 +162,6 @@ pub struct Visual {
     levels: Vec<usize>,
     image_size: usize,
     grid: usize,
-    lm_width: usize,
     /// Projector activation (`ModelConfig::projector_act`).
     act: Activation,
 }
@@ -217,7 +216,6 @@ impl Visual {
             levels,
             image_size: cfg.vision.image_size,
             grid: cfg.hd_grid,
-            lm_width: dl,
             act: cfg.projector_act,
         })
     }
