@@ -225,8 +225,13 @@ def main():
     # model.vision_embed_tokens (its `wte` is the LM's embed_tokens and is not stored).
     state = {k: v for k, v in lm.state_dict().items()}
     for k, v in emb.state_dict().items():
-        if not k.startswith("wte."):
-            state[f"model.vision_embed_tokens.{k}"] = v
+        if k.startswith("wte."):
+            continue
+        # transformers 5 has no `vision_model.` level in CLIPVisionModel's keys; the published
+        # checkpoint (written by transformers 4.38) has it.
+        if k.startswith("img_processor.") and not k.startswith("img_processor.vision_model."):
+            k = "img_processor.vision_model." + k[len("img_processor."):]
+        state[f"model.vision_embed_tokens.{k}"] = v
     state = {k: v.contiguous() for k, v in state.items()}
     out.mkdir(parents=True, exist_ok=True)
     # Two shards, as published: the embeddings and the image module in the first.

@@ -793,44 +793,21 @@ fn phi3v_checkpoints_refuse_what_they_do_not_support() {
     edit_phi3v_weights(no_sep.path(), "model.vision_embed_tokens.sub_GN", |_| None);
     let e = Checkpoint::open(no_sep.path()).unwrap_err().to_string();
     assert!(e.contains("model.vision_embed_tokens.sub_GN"), "{e}");
-    let cases: [(&str, serde_json::Value, &str); 7] = [
-        (
-            "/embd_layer/hd_transform_order",
-            "glb_sub".into(),
-            "embd_layer.hd_transform_order",
-        ),
-        (
-            "/embd_layer/use_hd_transform",
-            false.into(),
-            "embd_layer.use_hd_transform",
-        ),
-        (
-            "/embd_layer/projection_cls",
-            "linear".into(),
-            "embd_layer.projection_cls",
-        ),
-        (
-            "/img_processor/layer_idx",
-            (-1).into(),
-            "img_processor.layer_idx",
-        ),
-        (
-            "/img_processor/num_img_tokens",
-            16.into(),
-            "img_processor.num_img_tokens",
-        ),
-        (
-            "/img_processor/image_dim_out",
-            64.into(),
-            "img_processor.image_dim_out",
-        ),
-        ("/img_processor/name", "siglip".into(), "img_processor.name"),
+    let cases: [(&str, &str, serde_json::Value); 7] = [
+        ("embd_layer", "hd_transform_order", "glb_sub".into()),
+        ("embd_layer", "use_hd_transform", false.into()),
+        ("embd_layer", "projection_cls", "linear".into()),
+        ("img_processor", "layer_idx", (-1).into()),
+        ("img_processor", "num_img_tokens", 16.into()),
+        ("img_processor", "image_dim_out", 64.into()),
+        ("img_processor", "name", "siglip".into()),
     ];
-    for (at, val, key) in cases {
+    for (obj, k, val) in cases {
         let tmp = copy_fixture("phi3v");
-        edit_config(tmp.path(), |v| *v.pointer_mut(at).unwrap() = val);
+        edit_config(tmp.path(), |v| v[obj][k] = val);
         let e = Checkpoint::open(tmp.path()).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains(key), "{at}: {e}");
+        let key = format!("{obj}.{k}");
+        assert!(e.contains("config.json") && e.contains(&key), "{key}: {e}");
     }
     // Without a tower description only the published code's tower is known.
     let other = copy_fixture("phi3v");
