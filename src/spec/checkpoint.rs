@@ -1,6 +1,7 @@
 //! `model.checkpoint`: what a real pretrained checkpoint fixes in each cell once the plan is
 //! built. Validation (`validate::semantics`) has already checked the directory holds a
-//! supported LLaVA checkpoint; here every cell gets
+//! supported vision-language checkpoint (LLaVA, or Phi-3-Vision for `phi3v` cells); here every
+//! cell gets
 //! - the directory as an absolute path (the stage reads it from its parameters),
 //! - a content digest of its files (`config.json`, the index, the shards, `tokenizer.json`),
 //!   memoised by (path, size, mtime) like data digests, so swapping the weights re-runs
