@@ -1,7 +1,8 @@
 //! Real checkpoints in Hugging Face layout (`ecic::model::hf`) against transformers itself:
 //! tests/fixtures/hf holds tiny random LLaMA (grouped-query attention), Phi-3 (sharded), Phi-3
 //! with LongRoPE, OPT, CLIP vision, LLaVA and BLIP-2 (OPT) checkpoints with transformers'
-//! outputs on fixed inputs (5.25; the script reproduces the 5.24 fixtures exactly), made by
+//! outputs on fixed inputs (5.25; the script reproduces the 5.24 fixtures exactly), and a
+//! Phi-3-Vision one with the outputs of its published model code, made by
 //! scripts/make-hf-fixtures.sh. Tolerance: max abs error 1e-4 on outputs of magnitude ~1-5;
 //! BLIP-2's greedy captions must be token-identical to transformers' `generate`.
 
@@ -447,10 +448,18 @@ fn bad_checkpoints_exit_2_naming_model_checkpoint() {
     edit_config(small_vocab.path(), |v| {
         v["text_config"]["vocab_size"] = 32.into()
     });
-    let cases: [(PathBuf, &str); 6] = [
+    let cases: [(PathBuf, &str); 7] = [
         (tmp.path().join("nowhere"), "is not a directory"),
         // The spec's cells are llava and phi3v: BLIP-2's connector is only blip2's.
-        (fixture("blip2"), "serves backbone = \"blip2\" only"),
+        (
+            fixture("blip2"),
+            "holds the connector of backbone blip2 only; backbone llava cannot be built on it",
+        ),
+        // The spec's llava cell on a Phi-3-Vision checkpoint.
+        (
+            fixture("phi3v"),
+            "holds the connector of backbone phi3v only; backbone llava cannot be built on it",
+        ),
         (fixture("llama"), "has no vision tower"),
         (no_tok.path().to_path_buf(), "no tokenizer.json"),
         (
@@ -896,4 +905,202 @@ fn sweep_on_a_blip2_checkpoint_runs_lora_qlora_and_adapter() {
         )
         .unwrap();
     assert_eq!(cells, 3, "valid CIDEr-D of the three cells");
+}
+
+// ---- Phi-3-Vision (`Phi3VForCausalLM`) ----
+// Reference outputs from the published image_embedding_phi3_v.py (its 336-px constants made the
+// tiny tower's) and transformers' Phi3ForCausalLM with LongRoPE: scripts/phi3v_fixture.py.
+
+#[test]
+fn phi3v_tower_hd_embeddings_and_logits_match_the_reference() {
+    let exp = expected("phi3v");
+    // The tower on the views the image processor stacks (global view, then the crops):
+    // hidden_states[-2] without the class token.
+    let tower = VisionTower::load(&fixture("phi3v"), &Device::Cpu).unwrap();
+    let hs = tower.hidden_states(&exp["views"]).unwrap();
+    assert_eq!(hs.len(), 4, "embeddings + 3 layers");
+    let f = &hs[hs.len() - 2];
+    let f = f.narrow(1, 1, f.dim(1).unwrap() - 1).unwrap();
+    let err = max_abs_diff(&f, &exp["img_features"]);
+    eprintln!("phi3v: tower features max abs err {err:e}");
+    assert!(err < TOL, "phi3v: tower features max abs err {err}");
+    // From the HD image: our global view, crops, merge, separators and projector against the
+    // reference's hd_feature_transform.
+    let m = pretrained(&fixture("phi3v"), Backbone::Phi3v, Fusion::Early);
+    assert_eq!(m.num_visual_tokens(), 27);
+    let hd = m.visual_tokens(&exp["pixel_values"], false).unwrap();
+    let err = max_abs_diff(&hd, &exp["hd_embeds"]);
+    eprintln!("phi3v: HD image embeddings max abs err {err:e}");
+    assert!(err < TOL, "phi3v: HD image embeddings max abs err {err}");
+    // The image's tokens first, then BOS and the caption: logits at the caption positions.
+    let logits = m
+        .logits(&exp["pixel_values"], &ids(&exp["input_ids"]))
+        .unwrap();
+    let err = max_abs_diff(&logits, &exp["logits"]);
+    eprintln!("phi3v: text logits max abs err {err:e}");
+    assert!(err < TOL, "phi3v: logits max abs err {err}");
+    // The connector (separators included) is the checkpoint's; pretrain-align trains it alone.
+    let trainable = m.trainable_vars();
+    assert!(!trainable.is_empty());
+    assert!(trainable
+        .iter()
+        .all(|t| t.component == Component::Connector));
+}
+
+/// The fixture's weights with one tensor changed through `edit` (both shards rewritten).
+fn edit_phi3v_weights(dir: &Path, key: &str, edit: impl FnOnce(&Tensor) -> Option<Tensor>) {
+    let mut edit = Some(edit);
+    for name in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        let f = dir.join(name);
+        let mut m = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+        if let Some(t) = m.get(key).cloned() {
+            match (edit.take().unwrap())(&t) {
+                Some(t) => m.insert(key.to_string(), t),
+                None => m.remove(key),
+            };
+            candle_core::safetensors::save(&m, &f).unwrap();
+        }
+    }
+    assert!(edit.is_none(), "{key} not in the fixture");
+}
+
+/// A Phi-3-Vision checkpoint holds the phi3v connector; the separators must be there, and the
+/// published options we do not implement are refused naming config.json and the key.
+#[test]
+fn phi3v_checkpoints_refuse_what_they_do_not_support() {
+    let no_sep = copy_fixture("phi3v");
+    edit_phi3v_weights(no_sep.path(), "model.vision_embed_tokens.sub_GN", |_| None);
+    let e = Checkpoint::open(no_sep.path()).unwrap_err().to_string();
+    assert!(e.contains("model.vision_embed_tokens.sub_GN"), "{e}");
+    let cases: [(&str, &str, serde_json::Value); 7] = [
+        ("embd_layer", "hd_transform_order", "glb_sub".into()),
+        ("embd_layer", "use_hd_transform", false.into()),
+        ("embd_layer", "projection_cls", "linear".into()),
+        ("img_processor", "layer_idx", (-1).into()),
+        ("img_processor", "num_img_tokens", 16.into()),
+        ("img_processor", "image_dim_out", 64.into()),
+        ("img_processor", "name", "siglip".into()),
+    ];
+    for (obj, k, val) in cases {
+        let tmp = copy_fixture("phi3v");
+        edit_config(tmp.path(), |v| v[obj][k] = val);
+        let e = Checkpoint::open(tmp.path()).unwrap_err().to_string();
+        let key = format!("{obj}.{k}");
+        assert!(e.contains("config.json") && e.contains(&key), "{key}: {e}");
+    }
+    // Without a tower description only the published code's tower is known.
+    let other = copy_fixture("phi3v");
+    edit_config(other.path(), |v| {
+        let ip = v["img_processor"].as_object_mut().unwrap();
+        ip.remove("vision_config");
+        ip.insert("model_name".into(), "openai/clip-vit-base-patch16".into());
+    });
+    let e = Checkpoint::open(other.path()).unwrap_err().to_string();
+    assert!(e.contains("img_processor.model_name"), "{e}");
+    let ck = Checkpoint::open(&fixture("phi3v")).unwrap();
+    assert_eq!(ck.backbone(), Some(Backbone::Phi3v));
+    assert!(ck.has_lm() && ck.has_vision());
+}
+
+/// microsoft/Phi-3-vision-128k-instruct's `config.json` describes no tower: its code builds
+/// CLIP ViT-L/14 at 336 px, and so do we; the LM is the top level, with LongRoPE ("su").
+#[test]
+fn the_published_phi3v_config_means_vit_l_336() {
+    let tmp = copy_fixture("phi3v");
+    edit_config(tmp.path(), |v| {
+        v["img_processor"] = serde_json::json!({
+            "image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model", "num_img_tokens": 144});
+    });
+    let ck = Checkpoint::open(tmp.path()).unwrap();
+    let v = ck.vision_config().unwrap();
+    assert_eq!(
+        (v.image_size, v.patch_size, v.width, v.depth, v.heads),
+        (336, 14, 1024, 24, 16)
+    );
+    let c = ck.model_config(Backbone::Phi3v, Fusion::Early).unwrap();
+    let rs = c.lm.rope_scaling.as_ref().expect("LongRoPE");
+    assert_eq!(rs.original_max_position_embeddings, 128);
+    assert!((rs.attention_factor - (1.0 + 4f64.ln() / 128f64.ln()).sqrt()).abs() < 1e-12);
+    assert_eq!(c.input_size(), 336 * c.hd_grid);
+}
+
+#[test]
+fn sweep_on_a_phi3v_checkpoint_trains_lora_qlora_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("phi3v");
+    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(
+            r#"backbone = ["llava", "phi3v"]"#,
+            r#"backbone = ["phi3v"]"#,
+        )
+        .replace(
+            r#"peft = ["lora"]"#,
+            r#"peft = ["lora", "qlora", "adapter"]"#,
+        );
+    std::fs::write(&spec, text).unwrap();
+    let runs = tmp.path().join("runs");
+    let out = sweep(&spec, &runs);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // One preprocess (2x2 crops of 32 px) and one pretrain-align serve the three cells.
+    let done = computed(&runs);
+    let count = |kind: &str| done.iter().filter(|s| s.starts_with(kind)).count();
+    assert_eq!(
+        (
+            count("preprocess"),
+            count("pretrain-align"),
+            count("evaluate")
+        ),
+        (1, 1, 3),
+        "{done:?}"
+    );
+    // The align base keeps the checkpoint's LM and tower; its connector started from the
+    // checkpoint's and was trained.
+    let align = done
+        .iter()
+        .find_map(|s| s.strip_prefix("pretrain-align "))
+        .unwrap();
+    let w = candle_core::safetensors::load(
+        runs.join("objects-v1")
+            .join(align)
+            .join("weights.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let shard = |n: &str| candle_core::safetensors::load(ck.path().join(n), &Device::Cpu).unwrap();
+    let (s1, s2) = (
+        shard("model-00001-of-00002.safetensors"),
+        shard("model-00002-of-00002.safetensors"),
+    );
+    assert_eq!(
+        max_abs_diff(&w["lm.norm.weight"], &s2["model.norm.weight"]),
+        0.0
+    );
+    let pos =
+        "model.vision_embed_tokens.img_processor.vision_model.embeddings.position_embedding.weight";
+    assert_eq!(max_abs_diff(&w["vision.pos_embed"], &s1[pos]), 0.0);
+    let sep = s1["model.vision_embed_tokens.sub_GN"]
+        .flatten_all()
+        .unwrap();
+    let moved = max_abs_diff(&w["connector.sub_sep"], &sep);
+    assert!(moved > 0.0 && moved < 0.1, "sub_GN moved by {moved}");
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let cells: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT peft) FROM results WHERE stage = 'evaluate' \
+             AND split = 'valid' AND metric = 'cider_d' AND backbone = 'phi3v'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        cells, 3,
+        "valid CIDEr-D of the lora, qlora and adapter cells"
+    );
 }

@@ -354,8 +354,8 @@ fn is_zero(n: &usize) -> bool {
 impl ModelConfig {
     /// The CPU preset the sweeps train: ViT 64 px / patch 16 (a 4x4 grid: 16 tokens per view),
     /// width 96, depth 2; LM width 128, 2 layers, 4 heads. `phi3v` reads a 128 px image (global
-    /// view = 64 px, 2x2 crops of 64 px); each view's 16 tokens are 2x2-merged to 4, so the HD
-    /// sequence is 27 tokens. Patch 16 rather than 8: on 64 px synthetic images the 64-token
+    /// view = 64 px, 2x2 crops of 64 px); each view's 16 tokens (penultimate block, as
+    /// Phi-3-Vision) are 2x2-merged to 4, so the HD sequence is 27 tokens. Patch 16 rather than 8: on 64 px synthetic images the 64-token
     /// grid cost 2-4x the training time without helping the model (measured in
     /// `scripts/bench-model.sh`); every backbone keeps its architecture.
     pub fn tiny(

@@ -6,11 +6,18 @@
 //!   [`super::qformer`].
 //! - `llava`: 2-layer GELU MLP on the penultimate block's patch tokens (Liu et al., "Improved
 //!   Baselines with Visual Instruction Tuning", 2023).
-//! - `phi3v`: HD transform (Phi-3-Vision): the input image is cut into a `hd_grid`² grid of
-//!   local crops plus a global view resized to one crop; each view is encoded, 2x2 neighbouring
-//!   tokens are concatenated (4x fewer tokens), the local crops are stitched back into one grid
-//!   and a learned newline token ends every row; then `[local rows][glb_sep][global rows]`
-//!   goes through the 2-layer projector.
+//! - `phi3v`: HD transform, laid out as Phi-3-Vision's published checkpoint (Abdin et al.,
+//!   "Phi-3 Technical Report", 2024), so that one loads into it ([`super::hf`]): the input image
+//!   is cut into a `hd_grid`² grid of local crops, plus a global view resized to one crop by
+//!   bicubic interpolation (PyTorch's `interpolate(mode="bicubic")`, as its image processor
+//!   makes it); each view is encoded and its penultimate block read (patch tokens); 2x2
+//!   neighbouring tokens are concatenated (4x fewer tokens, 4x the width, the 2x2 offset
+//!   outermost in the channels); the local crops are stitched back into one grid. In that
+//!   merged feature space a learned newline (`sub_sep`) ends every row of both grids and a
+//!   learned separator (`glb_sep`) sits between them, crops first:
+//!   `[local rows][glb_sep][global rows]` (the checkpoint's `hd_transform_order = "sub_glb"`,
+//!   the only order its reference code implements). Then every token, separators included,
+//!   goes through the 2-layer projector into the LM's width.
 //! - `multilevel` fusion replaces the single feature layer by [`LevelPool`]: per patch token,
 //!   softmax weights over the chosen encoder depths (a learned score of each level's
 //!   normalised feature) pool the levels into one feature that then feeds the connector.
@@ -181,7 +188,6 @@ pub struct Visual {
     levels: Vec<usize>,
     image_size: usize,
     grid: usize,
-    lm_width: usize,
     /// Projector activation (`ModelConfig::projector_act`).
     act: Activation,
 }
@@ -195,9 +201,11 @@ impl Visual {
     ) -> Result<Self, ModelError> {
         let dv = cfg.vision.width;
         let dl = cfg.lm.width;
+        // LLaVA and Phi-3-Vision read the penultimate block (their `vision_feature_layer` /
+        // `layer_idx` -2); the Q-Former reads the last.
         let levels = match (cfg.fusion, cfg.backbone) {
             (Fusion::Multilevel, _) => cfg.levels(),
-            (_, Backbone::Llava) => vec![cfg.vision.depth - 1],
+            (_, Backbone::Llava | Backbone::Phi3v) => vec![cfg.vision.depth - 1],
             _ => vec![cfg.vision.depth],
         };
         let vit = Vit::new(
@@ -222,8 +230,8 @@ impl Visual {
             Backbone::Phi3v => Head::Phi3v {
                 fc1: conn.pp("projector").linear("fc1", 4 * dv, dl, true)?,
                 fc2: conn.pp("projector").linear("fc2", dl, dl, true)?,
-                sub_sep: conn.base("sub_sep", &[dl], Init::Normal(0.02), false)?,
-                glb_sep: conn.base("glb_sep", &[dl], Init::Normal(0.02), false)?,
+                sub_sep: conn.base("sub_sep", &[4 * dv], Init::Normal(0.02), false)?,
+                glb_sep: conn.base("glb_sep", &[4 * dv], Init::Normal(0.02), false)?,
             },
         };
         Ok(Self {
@@ -234,7 +242,6 @@ impl Visual {
             levels,
             image_size: cfg.vision.image_size,
             grid: cfg.hd_grid,
-            lm_width: dl,
             act: cfg.projector_act,
         })
     }
@@ -284,9 +291,10 @@ impl Visual {
                 if h != s * g {
                     candle_core::bail!("phi3v expects {}x{} images, got {h}", s * g, s * g);
                 }
-                // Views: the global image (average-pooled to one crop) then the g*g crops, row-major.
+                // Views: the global image (bicubic, resized to one crop) then the g*g crops,
+                // row-major, as Phi-3-Vision's image processor stacks them.
                 let global = if g > 1 {
-                    images.avg_pool2d(g)?
+                    bicubic_resize(images, s)?
                 } else {
                     images.clone()
                 };
@@ -299,31 +307,92 @@ impl Visual {
                 let side = s / self.vit_patch();
                 let m = side / 2;
                 let dv = f.dim(2)?;
-                // 2x2 token merge: (V, side, side, dv) -> (V, m, m, 4dv).
+                let dm = 4 * dv;
+                // 2x2 token merge: (V, side, side, dv) -> (V, m, m, 4dv), channel (dy*2+dx)*dv + c.
                 let merged = f
                     .reshape((f.dim(0)?, m, 2, m, 2, dv))?
                     .permute((0, 1, 3, 2, 4, 5))?
-                    .reshape((f.dim(0)?, m, m, 4 * dv))?;
-                let tok = fc2.forward(&activate(self.act, &fc1.forward(&merged, fwd)?)?, fwd)?; // (V, m, m, dl)
-                let dl = self.lm_width;
-                let glb = tok.narrow(0, 0, bsz)?;
-                let loc = tok
+                    .reshape((f.dim(0)?, m, m, dm))?;
+                let glb = merged.narrow(0, 0, bsz)?;
+                let loc = merged
                     .narrow(0, bsz, bsz * g * g)?
-                    .reshape((bsz, g, g, m, m, dl))?
+                    .reshape((bsz, g, g, m, m, dm))?
                     .permute((0, 1, 3, 2, 4, 5))?
-                    .reshape((bsz, g * m, g * m, dl))?;
+                    .reshape((bsz, g * m, g * m, dm))?;
                 let rows = |x: &Tensor| -> CResult<Tensor> {
                     let (b, r, cc, d) = x.dims4()?;
                     let nl = sub_sep.reshape((1, 1, 1, d))?.broadcast_as((b, r, 1, d))?;
                     Tensor::cat(&[x, &nl], 2)?.reshape((b, r * (cc + 1), d))
                 };
-                let sep = glb_sep.reshape((1, 1, dl))?.broadcast_as((bsz, 1, dl))?;
-                Tensor::cat(&[rows(&loc)?, sep, rows(&glb)?], 1)
+                let sep = glb_sep.reshape((1, 1, dm))?.broadcast_as((bsz, 1, dm))?;
+                let hd = Tensor::cat(&[rows(&loc)?, sep, rows(&glb)?], 1)?;
+                fc2.forward(&activate(self.act, &fc1.forward(&hd, fwd)?)?, fwd)
             }
         }
     }
 
     fn vit_patch(&self) -> usize {
         (self.image_size as f64 / (self.vit.tokens() as f64).sqrt()).round() as usize
+    }
+}
+
+/// Bicubic resize of square images (B,C,H,H) to (B,C,out,out) as PyTorch's
+/// `interpolate(mode="bicubic", align_corners=False)` without antialiasing: cubic convolution
+/// with a = -0.75 at source position `(i + 0.5) * H / out - 0.5`, borders clamped. Separable,
+/// so one (out, H) matrix applied to rows and columns.
+pub(crate) fn bicubic_resize(images: &Tensor, out: usize) -> CResult<Tensor> {
+    let (_, _, h, w) = images.dims4()?;
+    if h != w {
+        candle_core::bail!("bicubic_resize expects square images, got {h}x{w}");
+    }
+    let m = Tensor::from_vec(bicubic_weights(h, out), (out, h), images.device())?
+        .to_dtype(images.dtype())?;
+    // Columns: x (.., H, W) @ mᵀ (W, out); rows: m (out, H) @ that.
+    let cols = images.broadcast_matmul(&m.t()?)?;
+    m.broadcast_matmul(&cols)
+}
+
+/// The (out, inp) matrix of [`bicubic_resize`]: row i holds the four taps of output pixel i.
+fn bicubic_weights(inp: usize, out: usize) -> Vec<f32> {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = inp as f64 / out as f64;
+    let mut m = vec![0f32; out * inp];
+    for i in 0..out {
+        let src = (i as f64 + 0.5) * scale - 0.5;
+        let x0 = src.floor();
+        let t = src - x0;
+        let taps = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, wk) in taps.iter().enumerate() {
+            let j = (x0 as i64 - 1 + k as i64).clamp(0, inp as i64 - 1) as usize;
+            m[i * inp + j] += *wk as f32;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// PyTorch's `interpolate(arange(8.).reshape(1,1,1,8), size=(1,4), mode="bicubic")` gives
+    /// [0.40625, 2.5, 4.5, 6.59375] (taps clamped at the borders); a constant stays constant.
+    #[test]
+    fn bicubic_weights_match_pytorch() {
+        let m = bicubic_weights(8, 4);
+        let row = |i: usize| -> f32 { (0..8).map(|j| m[i * 8 + j] * j as f32).sum() };
+        let want = [0.40625f32, 2.5, 4.5, 6.59375];
+        for (i, w) in want.iter().enumerate() {
+            assert!((row(i) - w).abs() < 1e-6, "{i}: {} vs {w}", row(i));
+            let sum: f32 = m[i * 8..(i + 1) * 8].iter().sum();
+            assert!((sum - 1.0).abs() < 1e-6);
+        }
+        let x = Tensor::ones((1, 2, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = bicubic_resize(&x, 4).unwrap();
+        assert_eq!(y.dims(), &[1, 2, 4, 4]);
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|v| (v - 1.0).abs() < 1e-6));
     }
 }

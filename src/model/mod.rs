@@ -4,8 +4,9 @@
 //! # Three independent axes
 //!
 //! **Backbone** (see [`connector`]): `blip2` (ViT -> Q-Former -> linear), `llava` (ViT
-//! penultimate block -> 2-layer MLP), `phi3v` (HD transform: global view + 2x2 local crops with
-//! newline / global separator tokens -> 2x2 token merge -> projector). Each yields visual tokens
+//! penultimate block -> 2-layer MLP), `phi3v` (HD transform as Phi-3-Vision: global view + 2x2
+//! local crops, penultimate block -> 2x2 token merge -> newline / global separator tokens in
+//! the merged feature space -> projector). Each yields visual tokens
 //! in the LM's width.
 //!
 //! **Fusion** (where those tokens enter the causal LM, [`lm`]):

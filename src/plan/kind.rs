@@ -287,6 +287,12 @@ pub fn model_params(cell: &Cell) -> Value {
     if c.model.retrieve > 0 {
         v["retrieve"] = json!(c.model.retrieve);
     }
+    // The phi3v connector in Phi-3-Vision's published layout (separators in the merged feature
+    // space before the projector, penultimate block, bicubic global view): earlier versions
+    // trained another network, so phi3v cells alone get new keys.
+    if cell.backbone == "phi3v" {
+        v["phi3v_connector"] = json!(2);
+    }
     // Content digest of the checkpoint's files (spec::checkpoint): new weights re-run.
     if let Some(d) = &c.model.checkpoint_digest {
         v["checkpoint_digest"] = json!(d);

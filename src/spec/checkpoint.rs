@@ -1,6 +1,7 @@
 //! `model.checkpoint`: what a real pretrained checkpoint fixes in each cell once the plan is
 //! built. Validation (`validate::semantics`) has already checked the directory holds a
-//! supported LLaVA or BLIP-2 checkpoint that fits the cell's backbone; here every cell gets
+//! supported vision-language checkpoint that fits the cell's backbone (LLaVA; BLIP-2 for `blip2`
+//! cells, Phi-3-Vision for `phi3v` cells); here every cell gets
 //! - the directory as an absolute path (the stage reads it from its parameters),
 //! - a content digest of its files (`config.json`, the index, the shards, `tokenizer.json`),
 //!   memoised by (path, size, mtime) like data digests, so swapping the weights re-runs

@@ -314,8 +314,9 @@ fn modules_to_save(issues: &mut Issues, at: &str, mods: &[String]) {
 }
 
 /// `model.checkpoint` names a directory: it must hold a supported vision-language checkpoint
-/// (LLaVA or BLIP-2: vision tower and LM) with a tokenizer, fit the cell's backbone (BLIP-2
-/// only `blip2`), and a set `stages.preprocess.image_size` must be its input.
+/// (vision tower and LM: LLaVA, BLIP-2 or Phi-3-Vision) that serves the cell's backbone (BLIP-2
+/// only `blip2`, Phi-3-Vision only `phi3v`), with a tokenizer, and a set
+/// `stages.preprocess.image_size` must be its input.
 fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
     let ck = match crate::model::hf::Checkpoint::open(dir) {
         Ok(ck) => ck,
@@ -329,8 +330,8 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
             "model.checkpoint",
             format!(
                 "{}: a {} checkpoint has no {}; a sweep needs a \
-                 LlavaForConditionalGeneration or Blip2ForConditionalGeneration (vision tower \
-                 and language model)",
+                 LlavaForConditionalGeneration, Blip2ForConditionalGeneration or \
+                 Phi3VForCausalLM (vision tower and language model)",
                 dir.display(),
                 ck.arch(),
                 if ck.has_lm() {
@@ -342,23 +343,22 @@ fn checkpoint(c: &Config, dir: &Path, backbone: &str, issues: &mut Issues) {
         );
         return;
     }
-    let cell: Option<crate::model::Backbone> =
-        serde_json::from_value(serde_json::json!(backbone)).ok();
-    if let (Some(want), Some(b)) = (ck.backbone(), cell) {
-        if want != b {
+    // Baselines ("nn", "mfc") and the base spec ("") build no model.
+    let b = serde_json::from_value::<crate::model::Backbone>(serde_json::json!(backbone));
+    if let (Ok(b), Some(only)) = (b, ck.backbone()) {
+        if b != only {
+            let only = serde_json::to_value(only).unwrap_or_default();
             issues.at(
                 "model.checkpoint",
                 format!(
-                    "{}: a {} checkpoint serves backbone = \"{}\" only (its connector is the \
-                     checkpoint's), not \"{backbone}\"",
+                    "{}: a {} checkpoint holds the connector of backbone {} only; backbone \
+                     {backbone} cannot be built on it",
                     dir.display(),
                     ck.arch(),
-                    serde_json::to_value(want)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    only.as_str().unwrap_or("?"),
                 ),
             );
+            return;
         }
     }
     if c.stages.preprocess.tokenizer.is_none() && !dir.join("tokenizer.json").is_file() {

@@ -93,6 +93,8 @@ impl Vision {
             "vision_tower.vision_model.",
             "model.vision_tower.",
             "model.vision_tower.vision_model.",
+            // Phi-3-Vision (`super::phi3v`).
+            "model.vision_embed_tokens.img_processor.vision_model.",
         ];
         let prefix = w
             .prefix_of(&prefixes, "embeddings.patch_embedding.weight")

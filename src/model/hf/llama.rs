@@ -31,7 +31,8 @@ impl TextKind {
     fn from_model_type(t: &str) -> Option<Self> {
         match t {
             "llama" => Some(TextKind::Llama),
-            "phi3" => Some(TextKind::Phi3),
+            // Phi-3-Vision's top level describes its Phi-3 LM (see `super::phi3v`).
+            "phi3" | "phi3_v" => Some(TextKind::Phi3),
             _ => None,
         }
     }

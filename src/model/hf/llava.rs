@@ -18,7 +18,7 @@ use crate::model::config::{Activation, Backbone};
 #[derive(Debug, Clone)]
 pub(crate) struct Projector {
     pub act: Activation,
-    prefix: String,
+    pub prefix: String,
 }
 
 fn projector_act(c: &Cfg<'_>) -> Result<Activation, HfError> {

@@ -13,7 +13,11 @@
 //! - [`llava`]: `LlavaForConditionalGeneration` (LLaVA-1.5 layout: CLIP tower + LLaMA/Phi-3 LM
 //!   + MLP projector), for any backbone of a sweep (the projector only for `llava`),
 //! - [`blip2`]: `Blip2ForConditionalGeneration` with an OPT LM (BLIP-2's tower, Q-Former,
-//!   `query_tokens`, `language_projection`), for `blip2` models only ([`Checkpoint::backbone`]).
+//!   `query_tokens`, `language_projection`), for `blip2` models only ([`Checkpoint::backbone`]),
+//! - [`phi3v`]: `Phi3VForCausalLM` (Phi-3-Vision: CLIP tower + Phi-3 LM + HD connector with its
+//!   separators), for `phi3v` models only.
+//!
+//! A sweep accepts the families with both a tower and an LM (LLaVA, BLIP-2, Phi-3-Vision).
 //!
 //! [`weights`] indexes the files and reads tensors through memory maps, one at a time.
 //! Adding a family means a file with a [`Family`] and a line in [`FAMILIES`].
@@ -23,7 +27,8 @@
 //! (LLaMA, Phi-3), ReLU (OPT), quick/exact GELU (CLIP) and exact GELU (BLIP-2's tower and
 //! Q-Former), BLIP-2 with a language model other than OPT (Flan-T5), a `head_dim` other than
 //! `hidden_size / heads`, CLIP LayerNorm eps other than 1e-5, post-LN OPT, other LLaVA feature
-//! layers or selection strategies. Weights of any float dtype are read as f32; a QLoRA model
+//! layers or selection strategies, Phi-3-Vision options other than its published HD layout
+//! (see [`phi3v`]). Weights of any float dtype are read as f32; a QLoRA model
 //! quantizes its frozen base as each tensor is read ([`fill_store`]).
 
 mod blip2;
@@ -33,6 +38,7 @@ mod llama;
 mod llava;
 mod opt;
 mod phi3;
+mod phi3v;
 pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
@@ -104,8 +110,9 @@ pub(crate) trait Family: Sync {
     /// Parses and validates `config.json` and locates each part in the weight files.
     fn configure(&self, c: &Cfg<'_>, w: &Weights) -> Result<Parts, HfError>;
 
-    /// The one backbone a model built on this checkpoint may have, if it fits only one (BLIP-2:
-    /// its tower hands the class token to its own Q-Former); `None`: any.
+    /// The one backbone a model built on this checkpoint may have, if the family's connector
+    /// ties it to one (BLIP-2: its tower hands the class token to its own Q-Former; Phi-3-Vision:
+    /// its HD projector); `None`: any (every backbone can take a tower and an LM).
     fn backbone(&self) -> Option<Backbone> {
         None
     }
@@ -128,13 +135,14 @@ pub(crate) trait Family: Sync {
 }
 
 /// Every family this loader reads.
-const FAMILIES: [&dyn Family; 6] = [
+const FAMILIES: [&dyn Family; 7] = [
     &llama::FAMILY,
     &phi3::FAMILY,
     &opt::FAMILY,
     &clip::FAMILY,
     &llava::FAMILY,
     &blip2::FAMILY,
+    &phi3v::FAMILY,
 ];
 
 /// A checkpoint directory: its validated config and where each tensor lives.
@@ -213,8 +221,8 @@ impl Checkpoint {
     pub fn arch(&self) -> &'static str {
         self.family.architecture()
     }
-    /// The one backbone a model built on this checkpoint may have (`blip2` for BLIP-2), or
-    /// `None` if any will do.
+    /// The one backbone a model built on this checkpoint may have (`blip2` for BLIP-2, `phi3v`
+    /// for Phi-3-Vision: the connector it holds), or `None` if any will do.
     pub fn backbone(&self) -> Option<Backbone> {
         self.family.backbone()
     }
