@@ -293,7 +293,7 @@ fn cache_reruns_kill_and_determinism() {
     // process groups, so find them by their runs directory).
     // SAFETY: signalling processes this test started.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-    kill_all_with_arg(&b);
+    common::kill_stages_of(&b);
     let _ = child.wait();
     // Nothing half-written looks complete.
     for e in std::fs::read_dir(b.join("objects-v1")).unwrap().flatten() {
@@ -321,21 +321,6 @@ fn cache_reruns_kill_and_determinism() {
     let rb = results(&b);
     let ra_first: Vec<_> = ra.clone();
     assert_eq!(ra_first, rb);
-}
-
-fn kill_all_with_arg(runs: &Path) {
-    let needle = runs.display().to_string();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("run-stage") && cmd.contains(&needle) {
-            // SAFETY: a stage process of this test.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 #[test]

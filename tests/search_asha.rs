@@ -4,12 +4,16 @@
 //! half of its first rung, records the rest as stopped, and runs again fully
 //! cached; a promoted trial's top rung (resumed from its first rung's
 //! checkpoint) equals the same trial trained uninterrupted; a search whose
-//! top rungs were lost (a kill) resumes them and nothing else.
+//! top rungs were lost resumes them and nothing else; a search killed (kill -9,
+//! sweep and stage processes) once its first promotion ran finishes with the
+//! uninterrupted search's promotions and numbers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
+
+mod common;
 
 fn ecic() -> Command {
     let mut c = Command::cargo_bin("ecic").unwrap();
@@ -307,6 +311,84 @@ fn a_search_halves_resumes_its_rungs_and_replays() {
             valid_metrics(&runs, "full", cell)
         );
     }
+}
+
+/// Which cells were promoted, sorted.
+fn promoted(runs: &Path) -> Vec<String> {
+    let mut v: Vec<String> = events(runs)
+        .into_iter()
+        .filter(|(w, _, _)| w == "asha-promoted")
+        .map(|(_, c, _)| c)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[test]
+fn a_killed_search_resumes_with_the_same_promotions() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "asha.toml",
+        &format!("name = \"asha\"\n{BASE}{ASHA}"),
+    );
+    // The uninterrupted search.
+    let whole = dir.path().join("whole");
+    sweep(&spec, &whole);
+    let want = promoted(&whole);
+    assert!(!want.is_empty());
+
+    // The same search, killed with everything it started as soon as a rung-1 stage has begun
+    // (its log names the rung), so some rung results are recorded and some are not.
+    let runs = dir.path().join("runs");
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("ecic"));
+        c.arg("sweep")
+            .arg(&spec)
+            .arg("--runs")
+            .arg(&runs)
+            .args(["--jobs", "1", "--no-report"])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0);
+        c.spawn().unwrap()
+    };
+    let rung1_started = loop {
+        let seen = std::fs::read_dir(runs.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|l| l.contains(" r1@4")));
+        if seen {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::yield_now();
+    };
+    assert!(
+        rung1_started,
+        "the search ended before a rung-1 stage began"
+    );
+    // SAFETY: signalling the process group this test started.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    common::kill_stages_of(&runs);
+    let _ = child.wait();
+
+    let err = sweep(&spec, &runs);
+    assert!(err.contains("search: "), "{err}");
+    assert_eq!(promoted(&runs), want);
+    for cell in &want {
+        let a = valid_metrics(&runs, "asha", cell);
+        assert!(a.contains_key("cider_d"), "{cell}: {a:?}");
+        assert_eq!(a, valid_metrics(&whole, "asha", cell), "{cell}");
+    }
+    // Finished: run again, nothing to do.
+    assert!(sweep(&spec, &runs).contains("0 stages run"));
 }
 
 /// The same search through the local one-node Slurm cluster (`ECIC_SLURM=1`

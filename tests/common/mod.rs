@@ -34,3 +34,20 @@ pub fn jsonl_captions(path: &std::path::Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// SIGKILL every `ecic run-stage` process working in `runs` (they run in their own process
+/// groups, so killing a sweep's group leaves them): what a kill -9 of a whole sweep does.
+pub fn kill_stages_of(runs: &std::path::Path) {
+    let needle = runs.display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("run-stage") && cmd.contains(&needle) {
+            // SAFETY: a stage process of the calling test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
