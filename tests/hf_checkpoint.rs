@@ -844,32 +844,85 @@ fn blip2_separate_q_and_v_biases_load_alike() {
     assert!(err < TOL, "q_bias/v_bias: {err}");
 }
 
-/// A BLIP-2 checkpoint trains with every PEFT method: one pretrain-align (the checkpoint's
-/// connector fine-tuned) serves LoRA, QLoRA and adapter cells, each evaluated.
-#[test]
-fn sweep_on_a_blip2_checkpoint_runs_lora_qlora_and_adapter() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ck = copy_fixture("blip2");
-    let spec = spec_with_checkpoint(tmp.path(), ck.path());
+/// A checkpoint whose family holds the backbone's connector, in a sweep of every PEFT method and
+/// the zero-shot row: one pretrain-align (the checkpoint's connector fine-tuned) serves the LoRA,
+/// QLoRA and adapter cells; the zero-shot cell evaluates the checkpoint as it is (its evaluate
+/// reads the preprocess entry alone); all four land in the store with a valid CIDEr-D. Returns
+/// the fixture's copy, the runs directory and the stages computed.
+fn sweep_every_peft(
+    tmp: &Path,
+    fixture: &str,
+    backbone: &str,
+) -> (tempfile::TempDir, PathBuf, Vec<String>) {
+    let ck = copy_fixture(fixture);
+    let spec = spec_with_checkpoint(tmp, ck.path());
     let text = std::fs::read_to_string(&spec)
         .unwrap()
         .replace(
             r#"backbone = ["llava", "phi3v"]"#,
-            r#"backbone = ["blip2"]"#,
+            &format!(r#"backbone = ["{backbone}"]"#),
         )
         .replace(
             r#"peft = ["lora"]"#,
-            r#"peft = ["lora", "qlora", "adapter"]"#,
+            r#"peft = ["none", "lora", "qlora", "adapter"]"#,
         );
     std::fs::write(&spec, text).unwrap();
-    let runs = tmp.path().join("runs");
+    let runs = tmp.join("runs");
     let out = sweep(&spec, &runs);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(0), "{err}");
     let done = computed(&runs);
     let count = |kind: &str| done.iter().filter(|s| s.starts_with(kind)).count();
-    assert_eq!(count("pretrain-align"), 1, "{done:?}");
-    assert_eq!(count("domain-adapt"), 3, "{done:?}");
+    assert_eq!(
+        (
+            count("preprocess"),
+            count("pretrain-align"),
+            count("domain-adapt"),
+            count("evaluate")
+        ),
+        (1, 1, 3, 4),
+        "{done:?}"
+    );
+    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
+    let pefts: Vec<String> = conn
+        .prepare(
+            "SELECT DISTINCT peft FROM results WHERE stage = 'evaluate' AND split = 'valid' \
+             AND metric = 'cider_d' AND backbone = ?1 ORDER BY peft",
+        )
+        .unwrap()
+        .query_map([backbone], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(pefts, ["adapter", "lora", "none", "qlora"]);
+    let zero_shot_inputs: String = conn
+        .query_row(
+            "SELECT cs.key FROM cell_stages cs JOIN cells c ON c.id = cs.cell_id \
+             WHERE c.name = ?1 AND cs.kind = 'evaluate'",
+            [format!("{backbone}-none-early-s0")],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let manifest = std::fs::read_to_string(
+        runs.join("objects-v1")
+            .join(&zero_shot_inputs)
+            .join("manifest.json"),
+    )
+    .unwrap();
+    let preprocess = done
+        .iter()
+        .find_map(|s| s.strip_prefix("preprocess "))
+        .unwrap();
+    assert!(manifest.contains(preprocess), "{manifest}");
+    assert!(!done.iter().any(|s| s.starts_with("pretrain-align")
+        && manifest.contains(s.trim_start_matches("pretrain-align "))));
+    (ck, runs, done)
+}
+
+#[test]
+fn sweep_on_a_blip2_checkpoint_runs_every_peft_and_the_zero_shot_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ck, runs, done) = sweep_every_peft(tmp.path(), "blip2", "blip2");
     let align = done
         .iter()
         .find_map(|s| s.strip_prefix("pretrain-align "))
@@ -895,16 +948,6 @@ fn sweep_on_a_blip2_checkpoint_runs_lora_qlora_and_adapter() {
         ),
         0.0
     );
-    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
-    let cells: i64 = conn
-        .query_row(
-            "SELECT count(DISTINCT cell) FROM results WHERE stage = 'evaluate' \
-             AND split = 'valid' AND metric = 'cider_d'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(cells, 3, "valid CIDEr-D of the three cells");
 }
 
 // ---- Phi-3-Vision (`Phi3VForCausalLM`) ----
@@ -1029,37 +1072,10 @@ fn the_published_phi3v_config_means_vit_l_336() {
 }
 
 #[test]
-fn sweep_on_a_phi3v_checkpoint_trains_lora_qlora_and_adapter() {
+fn sweep_on_a_phi3v_checkpoint_runs_every_peft_and_the_zero_shot_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let ck = copy_fixture("phi3v");
-    let spec = spec_with_checkpoint(tmp.path(), ck.path());
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace(
-            r#"backbone = ["llava", "phi3v"]"#,
-            r#"backbone = ["phi3v"]"#,
-        )
-        .replace(
-            r#"peft = ["lora"]"#,
-            r#"peft = ["lora", "qlora", "adapter"]"#,
-        );
-    std::fs::write(&spec, text).unwrap();
-    let runs = tmp.path().join("runs");
-    let out = sweep(&spec, &runs);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    // One preprocess (2x2 crops of 32 px) and one pretrain-align serve the three cells.
-    let done = computed(&runs);
-    let count = |kind: &str| done.iter().filter(|s| s.starts_with(kind)).count();
-    assert_eq!(
-        (
-            count("preprocess"),
-            count("pretrain-align"),
-            count("evaluate")
-        ),
-        (1, 1, 3),
-        "{done:?}"
-    );
+    // One preprocess (2x2 crops of 32 px) and one pretrain-align serve the trained cells.
+    let (ck, runs, done) = sweep_every_peft(tmp.path(), "phi3v", "phi3v");
     // The align base keeps the checkpoint's LM and tower; its connector started from the
     // checkpoint's and was trained.
     let align = done
@@ -1090,17 +1106,4 @@ fn sweep_on_a_phi3v_checkpoint_trains_lora_qlora_and_adapter() {
         .unwrap();
     let moved = max_abs_diff(&w["connector.sub_sep"], &sep);
     assert!(moved > 0.0 && moved < 0.1, "sub_GN moved by {moved}");
-    let conn = rusqlite::Connection::open(runs.join("ecic.sqlite")).unwrap();
-    let cells: i64 = conn
-        .query_row(
-            "SELECT count(DISTINCT peft) FROM results WHERE stage = 'evaluate' \
-             AND split = 'valid' AND metric = 'cider_d' AND backbone = 'phi3v'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(
-        cells, 3,
-        "valid CIDEr-D of the lora, qlora and adapter cells"
-    );
 }
