@@ -3,6 +3,8 @@
 //! ephemeral loopback port. One tiny sweep (llava with LoRA, QLoRA and adapters) serves
 //! every test of this file.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -55,20 +57,6 @@ fn ecic() -> Command {
     c
 }
 
-fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find(&p, name) {
-                return Some(f);
-            }
-        } else if p.file_name().is_some_and(|n| n == name) {
-            return Some(p);
-        }
-    }
-    None
-}
-
 /// The sweep, run once for the whole file.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
@@ -91,7 +79,8 @@ fn fixture() -> &'static Fixture {
             "sweep failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let valid_tsv = find(&runs.join("data"), "IC_valid.tsv").expect("the synthetic data");
+        let valid_tsv =
+            common::find_file(&runs.join("data"), "IC_valid.tsv").expect("the synthetic data");
         Fixture {
             _dir: dir,
             root,

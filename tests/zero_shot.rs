@@ -395,7 +395,7 @@ fn a_checkpoint_sweep_evaluates_the_checkpoint_as_it_is() {
     );
 
     // The evaluate entry holds the lineage naming the checkpoint, which `ecic predict` reads.
-    let tsv = find(&runs.join("data"), "IC_valid.tsv").expect("the synthetic data");
+    let tsv = common::find_file(&runs.join("data"), "IC_valid.tsv").expect("the synthetic data");
     let cell = "llava-none-early-s0";
     let pred = dir.path().join("pred.jsonl");
     let out = ecic()
@@ -440,20 +440,6 @@ fn a_checkpoint_sweep_evaluates_the_checkpoint_as_it_is() {
         .collect();
     assert_eq!(evaluated.len(), 8);
     assert_eq!(predicted, evaluated);
-}
-
-fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find(&p, name) {
-                return Some(f);
-            }
-        } else if p.file_name().is_some_and(|n| n == name) {
-            return Some(p);
-        }
-    }
-    None
 }
 
 // ---- fusion layers a checkpoint lacks start gated shut ----

@@ -51,3 +51,19 @@ pub fn kill_stages_of(runs: &std::path::Path) {
         }
     }
 }
+
+/// The first file named `name` under `dir`, depth first (e.g. the synthetic data's
+/// `IC_valid.tsv` under a runs directory's `data/`).
+pub fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}

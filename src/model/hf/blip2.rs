@@ -18,7 +18,7 @@
 //!   `intermediate_query.dense` / `output_query.{dense,LayerNorm}` -> `mlp.{fc1,fc2,norm}`;
 //!   `query_tokens` [1, Q, W] -> our [Q, W]; `language_projection` as is.
 //!
-//! Where the visual tokens go: transformers puts `num_query_tokens` image placeholders before
+//! Where the visual tokens go: transformers puts `num_query_tokens` image-token ids before
 //! BOS and overwrites their embeddings with the projected queries (its `generate` starts from
 //! exactly those ids), so OPT's learned positions count the queries first. Our decoder reads the
 //! visual tokens as a prefix, then BOS and the caption, and counts positions from the first
