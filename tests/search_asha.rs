@@ -244,6 +244,27 @@ fn a_search_halves_resumes_its_rungs_and_replays() {
         .unwrap();
     assert_eq!(failed, 0);
     assert!(err.contains("search: "), "{err}");
+    // `ecic status` counts as run what ran: the stopped rung stages were never started.
+    let status = ecic()
+        .args(["status", "--runs"])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let row: Vec<String> = status
+        .lines()
+        .find(|l| l.contains(" asha "))
+        .unwrap_or_else(|| panic!("{status}"))
+        .split(['│', '┆'])
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let (stages, run): (usize, usize) = (row[5].parse().unwrap(), row[6].parse().unwrap());
+    assert_eq!(stages - run, 2 * (4 - promoted), "{status}");
+    assert!(
+        err.contains(&format!("{run} stages run")),
+        "{status}\n{err}"
+    );
 
     // Run again: fully cached, the same decisions.
     let again = sweep(&spec, &runs);

@@ -167,6 +167,12 @@ pub fn status(store: &Store) -> Result<String, ReportError> {
         let done = data.cells.iter().filter(|c| c.status == "done").count();
         let failed = data.cells.iter().filter(|c| c.status == "failed").count();
         let reused = data.stages.iter().filter(|st| st.reused).count();
+        // A search's stopped rung stages were planned but never run (docs/search.md).
+        let run = data
+            .stages
+            .iter()
+            .filter(|st| !st.reused && st.status != "stopped")
+            .count();
         let wall: f64 = data
             .stages
             .iter()
@@ -184,7 +190,7 @@ pub fn status(store: &Store) -> Result<String, ReportError> {
             done.to_string(),
             failed.to_string(),
             data.stages.len().to_string(),
-            (data.stages.len() - reused).to_string(),
+            run.to_string(),
             reused.to_string(),
             wall,
             time_of_day(s.started_at),
