@@ -42,18 +42,13 @@ use crate::model::config::{
 /// Parses BLIP-2's `vision_config`; omitted keys take `Blip2VisionConfig()`'s defaults
 /// (EVA ViT-g/14 at 224 px, LayerNorm eps 1e-6).
 pub(crate) fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
-    let ty = c.str_or("model_type", "blip_2_vision_model")?;
-    if ty != "blip_2_vision_model" {
-        return Err(c.unsupported(
-            "model_type",
-            format!("{ty:?}"),
-            "the vision tower must be \"blip_2_vision_model\"",
-        ));
-    }
-    let act = c.str_or("hidden_act", "gelu")?;
-    if act != "gelu" {
-        return Err(c.unsupported("hidden_act", format!("{act:?}"), "gelu (exact) only"));
-    }
+    c.require_str(
+        "model_type",
+        "blip_2_vision_model",
+        "blip_2_vision_model",
+        "the vision tower must be \"blip_2_vision_model\"",
+    )?;
+    c.require_str("hidden_act", "gelu", "gelu", "gelu (exact) only")?;
     if !c.bool_or("qkv_bias", true)? {
         return Err(c.unsupported("qkv_bias", false, "our tower's attention has a q/k/v bias"));
     }
@@ -95,18 +90,13 @@ pub(crate) fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
 /// Parses `qformer_config` with `queries` learned queries; omitted keys take
 /// `Blip2QFormerConfig()`'s defaults (BERT-base: 768 wide, 12 layers).
 pub(crate) fn qformer_config(c: &Cfg<'_>, queries: usize) -> Result<QFormerConfig, HfError> {
-    let ty = c.str_or("model_type", "blip_2_qformer")?;
-    if ty != "blip_2_qformer" {
-        return Err(c.unsupported(
-            "model_type",
-            format!("{ty:?}"),
-            "the Q-Former must be \"blip_2_qformer\"",
-        ));
-    }
-    let act = c.str_or("hidden_act", "gelu")?;
-    if act != "gelu" {
-        return Err(c.unsupported("hidden_act", format!("{act:?}"), "gelu (exact) only"));
-    }
+    c.require_str(
+        "model_type",
+        "blip_2_qformer",
+        "blip_2_qformer",
+        "the Q-Former must be \"blip_2_qformer\"",
+    )?;
+    c.require_str("hidden_act", "gelu", "gelu", "gelu (exact) only")?;
     let width = c.usize_or("hidden_size", 768)?;
     let heads = c.usize_or("num_attention_heads", 12)?;
     if heads == 0 || !width.is_multiple_of(heads) {

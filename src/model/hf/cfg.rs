@@ -73,6 +73,22 @@ impl<'a> Cfg<'a> {
                 .ok_or_else(|| self.err(format!("{} is not a string", self.key(k)))),
         }
     }
+    /// Key `k` (or `default` when absent) must read `want`; anything else is refused as
+    /// unsupported, saying `why`.
+    pub fn require_str(
+        &self,
+        k: &str,
+        default: &'a str,
+        want: &str,
+        why: &str,
+    ) -> Result<(), HfError> {
+        let found = self.str_or(k, default)?;
+        if found == want {
+            Ok(())
+        } else {
+            Err(self.unsupported(k, format!("{found:?}"), why))
+        }
+    }
     pub fn bool_or(&self, k: &str, default: bool) -> Result<bool, HfError> {
         match self.get(k) {
             None => Ok(default),

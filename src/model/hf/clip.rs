@@ -13,14 +13,12 @@ use crate::model::config::{Activation, VisionConfig, VitLayout, VitStem};
 
 /// Parses a CLIP vision config (a `CLIPVisionModel`'s top level or a VLM's `vision_config`).
 pub(crate) fn vision_config(c: &Cfg<'_>) -> Result<VisionConfig, HfError> {
-    let ty = c.str_or("model_type", "clip_vision_model")?;
-    if ty != "clip_vision_model" {
-        return Err(c.unsupported(
-            "model_type",
-            format!("{ty:?}"),
-            "the vision tower must be \"clip_vision_model\"",
-        ));
-    }
+    c.require_str(
+        "model_type",
+        "clip_vision_model",
+        "clip_vision_model",
+        "the vision tower must be \"clip_vision_model\"",
+    )?;
     let act = match c.str_or("hidden_act", "quick_gelu")? {
         "quick_gelu" => Activation::QuickGelu,
         "gelu" => Activation::Gelu,

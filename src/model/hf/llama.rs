@@ -126,14 +126,7 @@ pub(crate) fn text_config(c: &Cfg<'_>, top: Option<&Cfg<'_>>) -> Result<TextCfg,
             ));
         }
     }
-    let act = c.str_or("hidden_act", "silu")?;
-    if act != "silu" {
-        return Err(c.unsupported(
-            "hidden_act",
-            format!("{act:?}"),
-            "the LM MLP is SwiGLU (silu)",
-        ));
-    }
+    c.require_str("hidden_act", "silu", "silu", "the LM MLP is SwiGLU (silu)")?;
     for k in ["attention_bias", "mlp_bias"] {
         if c.bool_or(k, false)? {
             return Err(c.unsupported(k, true, "our decoder's linears have no bias"));

@@ -21,10 +21,7 @@ use crate::model::config::{LmConfig, LmLayout};
 /// Parses an OPT config: a causal LM's top level, or BLIP-2's `text_config`. Omitted keys take
 /// `OPTConfig()`'s defaults (OPT-125m).
 pub(crate) fn text_config(c: &Cfg<'_>) -> Result<TextCfg, HfError> {
-    let ty = c.str_or("model_type", "opt")?;
-    if ty != "opt" {
-        return Err(c.unsupported("model_type", format!("{ty:?}"), "the LM must be \"opt\""));
-    }
+    c.require_str("model_type", "opt", "opt", "the LM must be \"opt\"")?;
     let width = c.usize_or("hidden_size", 768)?;
     let heads = c.usize_or("num_attention_heads", 12)?;
     if heads == 0 || !width.is_multiple_of(heads) {
@@ -49,10 +46,7 @@ pub(crate) fn text_config(c: &Cfg<'_>) -> Result<TextCfg, HfError> {
             &format!("project_in/out are not supported; must equal hidden_size = {width}"),
         ));
     }
-    let act = c.str_or("activation_function", "relu")?;
-    if act != "relu" {
-        return Err(c.unsupported("activation_function", format!("{act:?}"), "relu only"));
-    }
+    c.require_str("activation_function", "relu", "relu", "relu only")?;
     for (k, why) in [
         ("enable_bias", "our OPT linears have biases"),
         (

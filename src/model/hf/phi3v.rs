@@ -49,14 +49,12 @@ fn reference_tower(path: &std::path::Path) -> Result<VisionConfig, HfError> {
 
 /// The tower of `img_processor`: its `vision_config` if it has one, else the reference's.
 fn tower(ip: &Cfg<'_>) -> Result<VisionConfig, HfError> {
-    let name = ip.str_or("name", "")?;
-    if name != "clip_vision_model" {
-        return Err(ip.unsupported(
-            "name",
-            format!("{name:?}"),
-            "the image encoder must be a CLIP tower (\"clip_vision_model\")",
-        ));
-    }
+    ip.require_str(
+        "name",
+        "",
+        "clip_vision_model",
+        "the image encoder must be a CLIP tower (\"clip_vision_model\")",
+    )?;
     if ip.get("vision_config").is_some() {
         return clip::vision_config(&ip.child("vision_config")?);
     }
@@ -84,14 +82,12 @@ fn check_features(ip: &Cfg<'_>, v: &VisionConfig) -> Result<(), HfError> {
             "our phi3v connector reads the penultimate block (-2)",
         ));
     }
-    let ty = ip.str_or("type_feature", "patch")?;
-    if ty != "patch" {
-        return Err(ip.unsupported(
-            "type_feature",
-            format!("{ty:?}"),
-            "our connectors read the patch tokens without the class token (\"patch\")",
-        ));
-    }
+    ip.require_str(
+        "type_feature",
+        "patch",
+        "patch",
+        "our connectors read the patch tokens without the class token (\"patch\")",
+    )?;
     let dim = ip.usize("image_dim_out")?;
     if dim != v.width {
         return Err(ip.unsupported(
@@ -125,10 +121,7 @@ fn check_features(ip: &Cfg<'_>, v: &VisionConfig) -> Result<(), HfError> {
 /// Checks `embd_layer`: the HD transform with learnable separators, crops first, and the
 /// 2-layer MLP projector (what our `phi3v` connector is).
 fn check_embedding(e: &Cfg<'_>) -> Result<(), HfError> {
-    let cls = e.str_or("embedding_cls", "image")?;
-    if cls != "image" {
-        return Err(e.unsupported("embedding_cls", format!("{cls:?}"), "\"image\" only"));
-    }
+    e.require_str("embedding_cls", "image", "image", "\"image\" only")?;
     for k in ["use_hd_transform", "with_learnable_separator"] {
         if !e.bool_or(k, false)? {
             return Err(e.unsupported(
@@ -138,14 +131,12 @@ fn check_embedding(e: &Cfg<'_>) -> Result<(), HfError> {
             ));
         }
     }
-    let proj = e.str_or("projection_cls", "linear")?;
-    if proj != "mlp" {
-        return Err(e.unsupported(
-            "projection_cls",
-            format!("{proj:?}"),
-            "our phi3v projector is the 2-layer MLP (\"mlp\")",
-        ));
-    }
+    e.require_str(
+        "projection_cls",
+        "linear",
+        "mlp",
+        "our phi3v projector is the 2-layer MLP (\"mlp\")",
+    )?;
     let order = e.str_or("hd_transform_order", "glb_sub")?;
     if order != "sub_glb" {
         return Err(e.unsupported(
